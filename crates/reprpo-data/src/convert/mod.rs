@@ -1,0 +1,122 @@
+//! Converters: rows of a known dataset layout into [`PreferencePair`]s and/or [`McItem`]s.
+//!
+//! Each converter is named (the name recipes use) and works on a [`Table`], so it serves every
+//! container format alike. Errors name the file, row and field.
+
+use std::str::FromStr;
+
+use crate::error::{DataError, Result};
+use crate::read::Table;
+use crate::types::{McItem, PreferencePair};
+
+/// HelpSteer binarisation schemes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelpSteerScheme {
+    /// (a) chosen = best, rejected = worst by mean(helpfulness, correctness).
+    BestWorst,
+    /// (b) score = 2 * mean(helpfulness+1, correctness+1, coherence+1, complexity+1, 4-verbosity);
+    /// chosen = best, rejected = a seeded random response with a strictly lower score.
+    ScoreRandom,
+}
+
+/// Which TruthfulQA target set becomes the MC item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TqaTarget {
+    /// `mc1_targets`: one correct answer.
+    Mc1,
+    /// `mc2_targets`: several correct answers.
+    Mc2,
+}
+
+/// A named converter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Converter {
+    /// `pairs`: our own serialised [`PreferencePair`] rows (`id` optional, `prompt`, `chosen`, `rejected`).
+    Pairs,
+    /// `mc`: our own serialised [`McItem`] rows (`id` optional, `prompt`, `choices`, `correct`).
+    Mc,
+    /// `helpsteer` / `helpsteer-best-worst` and `helpsteer-score-random`: raw HelpSteer(2) rows.
+    HelpSteer(HelpSteerScheme),
+    /// `helpsteer2-dpo`: prompt, chosen_response, rejected_response.
+    HelpSteer2Dpo,
+    /// `hh-rlhf`: full chosen/rejected transcripts; prompt = shared prefix up to the last "\n\nAssistant:".
+    HhRlhf,
+    /// `shp`: Stanford Human Preferences (history, human_ref_A/B, labels).
+    Shp,
+    /// `genies`: prompt + responses {text: score} with exactly one 1.0; MC items and their pairs.
+    Genies,
+    /// `truthfulqa-mc1` / `truthfulqa-mc2`: `mc_task.json` layout or the hub parquet layout.
+    TruthfulQa(TqaTarget),
+    /// `sycophancy`: Anthropic evals JSONL (prompt, corrects, incorrects).
+    Sycophancy,
+}
+
+impl Converter {
+    /// Every accepted name, for error messages and `--help`.
+    pub const NAMES: &'static [&'static str] = &[
+        "pairs",
+        "mc",
+        "helpsteer",
+        "helpsteer-best-worst",
+        "helpsteer-score-random",
+        "helpsteer2-dpo",
+        "hh-rlhf",
+        "shp",
+        "genies",
+        "truthfulqa-mc1",
+        "truthfulqa-mc2",
+        "sycophancy",
+    ];
+}
+
+impl FromStr for Converter {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "pairs" => Converter::Pairs,
+            "mc" => Converter::Mc,
+            "helpsteer" | "helpsteer-best-worst" => Converter::HelpSteer(HelpSteerScheme::BestWorst),
+            "helpsteer-score-random" => Converter::HelpSteer(HelpSteerScheme::ScoreRandom),
+            "helpsteer2-dpo" => Converter::HelpSteer2Dpo,
+            "hh-rlhf" | "hh" => Converter::HhRlhf,
+            "shp" => Converter::Shp,
+            "genies" => Converter::Genies,
+            "truthfulqa-mc1" | "truthfulqa" => Converter::TruthfulQa(TqaTarget::Mc1),
+            "truthfulqa-mc2" => Converter::TruthfulQa(TqaTarget::Mc2),
+            "sycophancy" => Converter::Sycophancy,
+            other => {
+                return Err(DataError::Invalid(format!(
+                    "unknown converter `{other}` (known: {})",
+                    Converter::NAMES.join(", ")
+                )));
+            }
+        })
+    }
+}
+
+/// Options every converter receives.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Name used as the id prefix and `source.dataset` (e.g. the recipe name or file stem).
+    pub dataset: String,
+    /// Seed for converters that draw at random (HelpSteer scheme b).
+    pub seed: u64,
+}
+
+/// What a converter produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Converted {
+    /// Preference pairs (empty for MC-only sources such as TruthfulQA, where pairs can be
+    /// derived with [`McItem::to_pairs`]).
+    pub pairs: Vec<PreferencePair>,
+    /// Multiple-choice items (empty for pair-only sources).
+    pub mc: Vec<McItem>,
+    /// Groups or rows skipped on purpose (e.g. HelpSteer prompts whose responses all tie).
+    pub skipped: usize,
+}
+
+/// Run `converter` on `table`.
+pub fn convert(converter: Converter, table: &Table, opts: &ConvertOptions) -> Result<Converted> {
+    let _ = (converter, table, opts);
+    Err(DataError::Invalid("converters are not written yet".into()))
+}

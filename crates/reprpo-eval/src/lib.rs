@@ -1,0 +1,1 @@
+//! The evaluation suite behind `cargo xtask eval` (issue 6: not yet written).
