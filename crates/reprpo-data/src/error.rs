@@ -89,14 +89,14 @@ pub enum DataError {
     /// The chat template could not be rendered.
     #[error("chat template: {0}")]
     Template(String),
-    /// A prompt that no completion token fits beside under the configured limits.
-    #[error("{}, row {row}, field `prompt`: {tokens} prompt tokens leave no room for the completion (max_length = {max_length})", file.display())]
+    /// A prompt that leaves no room for any completion token under the configured limits.
+    #[error("{dataset}, row {row}, field `prompt`: {tokens} prompt tokens leave no room for the completion (max_length = {max_length}); shorten it, raise max_length or set drop_too_long")]
     TooLong {
-        /// The file the pair came from.
-        file: PathBuf,
-        /// 1-based record number.
+        /// The dataset (or file) the pair came from.
+        dataset: String,
+        /// 1-based record number in it.
         row: usize,
-        /// Length of the prompt in tokens after prompt truncation.
+        /// Length of the prompt in tokens.
         tokens: usize,
         /// The configured `max_length`.
         max_length: usize,
