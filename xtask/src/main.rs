@@ -1,1 +1,329 @@
-fn main(){}
+//! The reprpo command line: `cargo xtask train | eval | data | bench`.
+//!
+//! A thin layer over the library crates: it parses arguments, resolves paths against the workspace
+//! root, and prints results. `key=value` overrides are merged over the defaults (and over a config
+//! file where one is given) with figment, so an unknown or mistyped key is an error that names it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use figment::Figment;
+use figment::providers::{Format as _, Serialized, Toml};
+use reprpo_data::recipe::{self, Recipe};
+use reprpo_data::tokenize::{self, TokenizeConfig};
+use reprpo_data::{ConvertOptions, Converted, Converter, Tok, default_data, hub, stats, write};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "reprpo: preference fine-tuning with ReprPO and the DPO family")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train an adapter (embedded default without arguments).
+    Train(JobArgs),
+    /// Evaluate base and adapters on the eval suite (embedded default without arguments).
+    Eval(JobArgs),
+    /// Convert, binarise, inspect and generate data.
+    #[command(subcommand)]
+    Data(DataCmd),
+    /// Side-by-side measurements (see docs/perf.md).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// A TOML config file; `key=value` overrides follow it.
+    #[arg(value_name = "CONFIG | key=value")]
+    args: Vec<String>,
+}
+
+/// Where the rows come from: named recipes, or one file with a converter.
+#[derive(Args, Clone)]
+struct InputArgs {
+    /// Recipe names from `datasets/*.toml`, comma-separated (e.g. `hh,shp`).
+    #[arg(long, value_delimiter = ',', conflicts_with = "input")]
+    recipe: Vec<String>,
+    /// An input file (.jsonl, .json, .csv, .parquet, optionally .gz).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// The converter for `--input` (see `Converter::NAMES`).
+    #[arg(long, default_value = "pairs")]
+    converter: String,
+    /// Seed for converters that draw at random and for mixing recipes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Convert / binarise into our JSONL or Parquet format (written atomically).
+    Prepare {
+        #[command(flatten)]
+        input: InputArgs,
+        /// Output file for the pairs (.jsonl or .parquet).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Output file for the multiple-choice items (.jsonl or .parquet).
+        #[arg(long)]
+        out_mc: Option<PathBuf>,
+    },
+    /// Token-length distribution per field and how many rows the limits truncate.
+    Stats {
+        #[command(flatten)]
+        input: InputArgs,
+        /// Tokenizer folder (tokenizer.json [+ tokenizer_config.json]); default: the built-in byte-level one.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Tokenisation overrides, e.g. `tokenization=trl-current max_length=1024`.
+        #[arg(value_name = "key=value")]
+        overrides: Vec<String>,
+    },
+    /// Regenerate the embedded default data in `datasets/default/`.
+    GenDefault {
+        /// Seed (the committed files use the default).
+        #[arg(long, default_value_t = default_data::DEFAULT_SEED)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time tokenising + collating pairs (the Rust side of tests/reference/bench_tokenize.py).
+    Tokenize {
+        #[command(flatten)]
+        input: InputArgs,
+        /// Tokenizer folder.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Pairs per batch for collation.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Timed repetitions (the best is reported, after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+        /// Tokenisation overrides.
+        #[arg(value_name = "key=value")]
+        overrides: Vec<String>,
+    },
+}
+
+/// The workspace root: `REPRPO_ROOT`, else the folder this binary was built from.
+fn root() -> PathBuf {
+    std::env::var_os("REPRPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
+/// Merge `key=value` overrides (values parsed as TOML, else taken as strings) over `base`.
+fn with_overrides<T>(base: T, file: Option<&Path>, overrides: &[String]) -> Result<T>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let mut fig = Figment::from(Serialized::defaults(base));
+    if let Some(f) = file {
+        fig = fig.merge(Toml::file_exact(f));
+    }
+    for kv in overrides {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("`{kv}` is not key=value"))?;
+        let value: toml::Value = format!("x = {v}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("x"))
+            .unwrap_or_else(|| toml::Value::String(v.to_string()));
+        fig = fig.merge(Serialized::global(k.trim(), value));
+    }
+    fig.extract().map_err(|e| {
+        let msgs: Vec<String> = e
+            .into_iter()
+            .map(|e| {
+                let key = match &e.kind {
+                    figment::error::Kind::UnknownField(k, _) => k.clone(),
+                    _ => e.path.join("."),
+                };
+                format!("config key `{key}`: {}", e.kind)
+            })
+            .collect();
+        anyhow::anyhow!("invalid configuration: {}", msgs.join("; "))
+    })
+}
+
+fn load_input(input: &InputArgs) -> Result<Converted> {
+    let root = root();
+    if !input.recipe.is_empty() {
+        let recipes: Vec<Recipe> = recipe::resolve(&input.recipe, &root.join("datasets"))?;
+        return Ok(recipe::load_mixture(&recipes, &root, &hub::dataset_files)?);
+    }
+    let Some(path) = &input.input else {
+        bail!("give --recipe NAME[,NAME...] or --input FILE [--converter NAME]");
+    };
+    let converter: Converter = input.converter.parse()?;
+    let table = reprpo_data::read_table(path)?;
+    let dataset = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(reprpo_data::convert(
+        converter,
+        &table,
+        &ConvertOptions {
+            dataset,
+            seed: input.seed,
+        },
+    )?)
+}
+
+fn not_yet(job: &str, issue: u32, args: &JobArgs) -> Result<()> {
+    let data = default_data::embedded()?;
+    println!(
+        "`cargo xtask {job}` is not implemented yet (issue {issue}); nothing was trained or written.\n\
+         What exists today: the embedded default data ({} train / {} test / {} ood pairs, {} MC items) \
+         and the data tooling: `cargo xtask data prepare|stats|gen-default`.",
+        data.train.len(),
+        data.test.len(),
+        data.ood.len(),
+        data.mc.len()
+    );
+    if !args.args.is_empty() {
+        println!("(arguments given and ignored: {})", args.args.join(" "));
+    }
+    Ok(())
+}
+
+fn print_stats(s: &stats::PairStats) {
+    println!(
+        "{:<10} {:>6} {:>9} {:>9} {:>6} {:>8} {:>8} {:>8} {:>6}",
+        "field", "count", "mean", "std", "min", "q1", "median", "q3", "max"
+    );
+    for (name, v) in [
+        ("prompt", &s.prompt),
+        ("chosen", &s.chosen),
+        ("rejected", &s.rejected),
+        ("longest", &s.total),
+    ] {
+        println!(
+            "{:<10} {:>6} {:>9.1} {:>9.1} {:>6} {:>8.1} {:>8.1} {:>8.1} {:>6}",
+            name, v.count, v.mean, v.std, v.min, v.q1, v.median, v.q3, v.max
+        );
+    }
+    println!(
+        "rows truncated by the limits: {}; rows dropped (prompt fills max_length): {}",
+        s.truncated, s.dropped
+    );
+}
+
+fn tokenizer(dir: Option<&Path>) -> Result<Tok> {
+    Ok(match dir {
+        Some(d) => Tok::from_dir(d)?,
+        None => Tok::byte_level()?,
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Train(a) => not_yet("train", 5, &a),
+        Cmd::Eval(a) => not_yet("eval", 6, &a),
+        Cmd::Data(DataCmd::Prepare { input, out, out_mc }) => {
+            if out.is_none() && out_mc.is_none() {
+                bail!("give --out FILE (pairs) and/or --out-mc FILE (multiple-choice items)");
+            }
+            let c = load_input(&input)?;
+            if let Some(out) = &out {
+                if c.pairs.is_empty() {
+                    bail!("the input gives no preference pairs (use --out-mc for multiple-choice sources)");
+                }
+                write::write_pairs(out, &c.pairs)?;
+                println!("wrote {} pairs to {}", c.pairs.len(), out.display());
+            }
+            if let Some(out) = &out_mc {
+                if c.mc.is_empty() {
+                    bail!("the input gives no multiple-choice items");
+                }
+                write::write_mc(out, &c.mc)?;
+                println!("wrote {} multiple-choice items to {}", c.mc.len(), out.display());
+            }
+            if c.skipped > 0 {
+                println!("skipped {} groups (e.g. HelpSteer prompts whose responses all tie)", c.skipped);
+            }
+            Ok(())
+        }
+        Cmd::Data(DataCmd::Stats {
+            input,
+            tokenizer: tok_dir,
+            json,
+            overrides,
+        }) => {
+            let cfg: TokenizeConfig = with_overrides(TokenizeConfig::default(), None, &overrides)?;
+            let c = load_input(&input)?;
+            let mut pairs = c.pairs;
+            if pairs.is_empty() {
+                pairs = c.mc.iter().flat_map(|m| m.to_pairs()).collect();
+            }
+            let tok = tokenizer(tok_dir.as_deref())?;
+            let s = stats::pair_stats(&tok, &pairs, &cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("{} pairs; tokenization = {:?}, max_length = {:?}, max_prompt_length = {:?}",
+                    pairs.len(), cfg.tokenization, cfg.max_length, cfg.max_prompt_length);
+                print_stats(&s);
+            }
+            Ok(())
+        }
+        Cmd::Data(DataCmd::GenDefault { seed }) => {
+            let dir = root().join("datasets/default");
+            default_data::write_all(&dir, seed)?;
+            println!("wrote {}", dir.display());
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Tokenize {
+            input,
+            tokenizer: tok_dir,
+            batch_size,
+            repeat,
+            overrides,
+        }) => {
+            let cfg: TokenizeConfig = with_overrides(TokenizeConfig::default(), None, &overrides)?;
+            let pairs = load_input(&input)?.pairs;
+            let tok = tokenizer(Some(&tok_dir))?;
+            let mut best = f64::INFINITY;
+            let mut checksum = 0u64;
+            for i in 0..=repeat {
+                let t0 = Instant::now();
+                let tp = tokenize::tokenize_pairs(&tok, &pairs, &cfg)?;
+                checksum = 0;
+                for chunk in tp.pairs.chunks(batch_size.max(1)) {
+                    let refs: Vec<_> = chunk.iter().collect();
+                    let b = tokenize::collate_pairs(&refs, tok.pad, tokenize::Layout::Right)?;
+                    checksum += b.input_ids.iter().map(|&x| u64::from(x)).sum::<u64>();
+                }
+                let dt = t0.elapsed().as_secs_f64();
+                if i > 0 {
+                    best = best.min(dt);
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({"pairs": pairs.len(), "seconds": best, "pairs_per_second": pairs.len() as f64 / best, "checksum": checksum})
+            );
+            Ok(())
+        }
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

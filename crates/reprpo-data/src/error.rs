@@ -12,7 +12,7 @@ pub type Result<T> = std::result::Result<T, DataError>;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The file could not be opened or read.
-    #[error("{}: cannot read: {source}", file.display())]
+    #[error("{}: cannot read", file.display())]
     Io {
         /// The file.
         file: PathBuf,
@@ -20,7 +20,7 @@ pub enum DataError {
         source: std::io::Error,
     },
     /// The file could not be written (output of `data prepare`, fixtures).
-    #[error("{}: cannot write: {source}", file.display())]
+    #[error("{}: cannot write", file.display())]
     Write {
         /// The file.
         file: PathBuf,

@@ -22,3 +22,6 @@ pub mod default_data;
 pub use default_data::DefaultData;
 pub mod recipe;
 pub use recipe::{HubSource, Recipe, Source, load_dir, load_mixture, resolve};
+pub mod hub;
+pub mod stats;
+pub mod write;
