@@ -15,8 +15,16 @@ use reprpo_data::recipe::{self, Recipe};
 use reprpo_data::tokenize::{self, TokenizeConfig};
 use reprpo_data::{ConvertOptions, Converted, Converter, Tok, default_data, hub, stats, write};
 
+/// mimalloc: tokenisation is dominated by small allocations inside `tokenizers`, where glibc's
+/// malloc costs about half the time (perf); see docs/perf.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "reprpo: preference fine-tuning with ReprPO and the DPO family")]
+#[command(
+    name = "cargo xtask",
+    about = "reprpo: preference fine-tuning with ReprPO and the DPO family"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -162,7 +170,12 @@ fn load_input(input: &InputArgs) -> Result<Converted> {
     let root = root();
     if !input.recipe.is_empty() {
         let recipes: Vec<Recipe> = recipe::resolve(&input.recipe, &root.join("datasets"))?;
-        return Ok(recipe::load_mixture(&recipes, &root, &hub::dataset_files)?);
+        return Ok(recipe::load_mixture_seeded(
+            &recipes,
+            &root,
+            &hub::dataset_files,
+            input.seed,
+        )?);
     }
     let Some(path) = &input.input else {
         bail!("give --recipe NAME[,NAME...] or --input FILE [--converter NAME]");
@@ -240,7 +253,9 @@ fn run(cli: Cli) -> Result<()> {
             let c = load_input(&input)?;
             if let Some(out) = &out {
                 if c.pairs.is_empty() {
-                    bail!("the input gives no preference pairs (use --out-mc for multiple-choice sources)");
+                    bail!(
+                        "the input gives no preference pairs (use --out-mc for multiple-choice sources)"
+                    );
                 }
                 write::write_pairs(out, &c.pairs)?;
                 println!("wrote {} pairs to {}", c.pairs.len(), out.display());
@@ -250,10 +265,17 @@ fn run(cli: Cli) -> Result<()> {
                     bail!("the input gives no multiple-choice items");
                 }
                 write::write_mc(out, &c.mc)?;
-                println!("wrote {} multiple-choice items to {}", c.mc.len(), out.display());
+                println!(
+                    "wrote {} multiple-choice items to {}",
+                    c.mc.len(),
+                    out.display()
+                );
             }
             if c.skipped > 0 {
-                println!("skipped {} groups (e.g. HelpSteer prompts whose responses all tie)", c.skipped);
+                println!(
+                    "skipped {} groups (e.g. HelpSteer prompts whose responses all tie)",
+                    c.skipped
+                );
             }
             Ok(())
         }
@@ -274,8 +296,13 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("{} pairs; tokenization = {:?}, max_length = {:?}, max_prompt_length = {:?}",
-                    pairs.len(), cfg.tokenization, cfg.max_length, cfg.max_prompt_length);
+                println!(
+                    "{} pairs; tokenization = {:?}, max_length = {:?}, max_prompt_length = {:?}",
+                    pairs.len(),
+                    cfg.tokenization,
+                    cfg.max_length,
+                    cfg.max_prompt_length
+                );
                 print_stats(&s);
             }
             Ok(())

@@ -88,11 +88,18 @@ impl ChatTemplate {
     /// TRL's conversational split of a prompt and a completion into text: the prompt rendered with
     /// the generation prompt, and the completion as the rest of the rendered full conversation.
     /// Errors when the full rendering does not start with the prompt rendering.
-    pub fn split_prompt_completion(&self, prompt: &str, completion: &str) -> Result<(String, String)> {
+    pub fn split_prompt_completion(
+        &self,
+        prompt: &str,
+        completion: &str,
+    ) -> Result<(String, String)> {
         let user = [Message::new("user", prompt)];
         let p = self.render(&user, true)?;
         let full = self.render(
-            &[Message::new("user", prompt), Message::new("assistant", completion)],
+            &[
+                Message::new("user", prompt),
+                Message::new("assistant", completion),
+            ],
             false,
         )?;
         match full.strip_prefix(p.as_str()) {

@@ -90,7 +90,9 @@ pub enum DataError {
     #[error("chat template: {0}")]
     Template(String),
     /// A prompt that leaves no room for any completion token under the configured limits.
-    #[error("{dataset}, row {row}, field `prompt`: {tokens} prompt tokens leave no room for the completion (max_length = {max_length}); shorten it, raise max_length or set drop_too_long")]
+    #[error(
+        "{dataset}, row {row}, field `prompt`: {tokens} prompt tokens leave no room for the completion (max_length = {max_length}); shorten it, raise max_length or set drop_too_long"
+    )]
     TooLong {
         /// The dataset (or file) the pair came from.
         dataset: String,

@@ -16,7 +16,12 @@ pub const PARQUET_REVISION: &str = "refs/convert/parquet";
 /// Whether `HF_HUB_OFFLINE` asks for offline mode ("1", "true", "yes", "on").
 pub fn offline_from_env() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -79,7 +84,10 @@ pub fn dataset_files_with(src: &HubSource, cache: &Cache, offline: bool) -> Resu
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(hub_err(src, "the Parquet conversion has no file for this config and split"));
+        return Err(hub_err(
+            src,
+            "the Parquet conversion has no file for this config and split",
+        ));
     }
     files
         .iter()
@@ -148,13 +156,45 @@ mod tests {
 
     #[test]
     fn split_file_layouts() {
-        assert!(is_split_file("default/train/0000.parquet", "default", "train"));
-        assert!(is_split_file("multiple_choice/validation/0000.parquet", "multiple_choice", "validation"));
-        assert!(!is_split_file("default/test/0000.parquet", "default", "train"));
-        assert!(!is_split_file("other/train/0000.parquet", "default", "train"));
-        assert!(is_split_file("default/hh-rlhf-train.parquet", "default", "train"));
-        assert!(is_split_file("default/hh-rlhf-train-00001-of-00002.parquet", "default", "train"));
-        assert!(!is_split_file("default/hh-rlhf-test.parquet", "default", "train"));
-        assert!(!is_split_file("default/train/0000.json", "default", "train"));
+        assert!(is_split_file(
+            "default/train/0000.parquet",
+            "default",
+            "train"
+        ));
+        assert!(is_split_file(
+            "multiple_choice/validation/0000.parquet",
+            "multiple_choice",
+            "validation"
+        ));
+        assert!(!is_split_file(
+            "default/test/0000.parquet",
+            "default",
+            "train"
+        ));
+        assert!(!is_split_file(
+            "other/train/0000.parquet",
+            "default",
+            "train"
+        ));
+        assert!(is_split_file(
+            "default/hh-rlhf-train.parquet",
+            "default",
+            "train"
+        ));
+        assert!(is_split_file(
+            "default/hh-rlhf-train-00001-of-00002.parquet",
+            "default",
+            "train"
+        ));
+        assert!(!is_split_file(
+            "default/hh-rlhf-test.parquet",
+            "default",
+            "train"
+        ));
+        assert!(!is_split_file(
+            "default/train/0000.json",
+            "default",
+            "train"
+        ));
     }
 }

@@ -313,7 +313,12 @@ fn parse_json(path: &Path, bytes: &[u8]) -> Result<Vec<Record>> {
                 if let Value::Object(m) = item {
                     for (k, v) in m {
                         if v.to_string().contains('\u{FFFD}') {
-                            return Err(DataError::field(path, i + 1, k.clone(), "not valid UTF-8"));
+                            return Err(DataError::field(
+                                path,
+                                i + 1,
+                                k.clone(),
+                                "not valid UTF-8",
+                            ));
                         }
                     }
                 }
@@ -421,8 +426,9 @@ fn read_parquet(path: &Path) -> Result<Table> {
             let mut fields = Map::new();
             for (c, col) in batch.columns().iter().enumerate() {
                 let name = schema.field(c).name();
-                let v = arrow_value(col.as_ref(), i)
-                    .map_err(|problem| DataError::field(path, base + i + 1, name.clone(), problem))?;
+                let v = arrow_value(col.as_ref(), i).map_err(|problem| {
+                    DataError::field(path, base + i + 1, name.clone(), problem)
+                })?;
                 fields.insert(name.clone(), v);
             }
             records.push(Record {

@@ -88,7 +88,8 @@ pub fn pair_stats(tok: &Tok, pairs: &[PreferencePair], cfg: &TokenizeConfig) -> 
         ..cfg.clone()
     };
     let raw = tokenize::tokenize_pairs(tok, pairs, &unlimited)?;
-    let field = |f: &dyn Fn(&tokenize::Group) -> usize| -> Vec<usize> { raw.pairs.iter().map(f).collect() };
+    let field =
+        |f: &dyn Fn(&tokenize::Group) -> usize| -> Vec<usize> { raw.pairs.iter().map(f).collect() };
     let prompt = field(&|g| g.prompt.len());
     let chosen = field(&|g| g.seqs[0].completion.len());
     let rejected = field(&|g| g.seqs[1].completion.len());

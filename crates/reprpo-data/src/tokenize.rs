@@ -129,12 +129,12 @@ impl TokenizeConfig {
             return Err(DataError::Invalid("max_length must be positive".into()));
         }
         if self.tokenization == TokenizationMode::Classic {
-            if let (Some(l), Some(p)) = (self.max_length, self.max_prompt_length) {
-                if p >= l {
-                    return Err(DataError::Invalid(format!(
-                        "max_prompt_length ({p}) must be smaller than max_length ({l})"
-                    )));
-                }
+            if let (Some(l), Some(p)) = (self.max_length, self.max_prompt_length)
+                && p >= l
+            {
+                return Err(DataError::Invalid(format!(
+                    "max_prompt_length ({p}) must be smaller than max_length ({l})"
+                )));
             }
             if self.max_length.is_some() && self.max_prompt_length.is_none() {
                 return Err(DataError::Invalid(
@@ -193,10 +193,17 @@ struct Texts {
     fulls: Vec<String>,
 }
 
-fn prepare_texts(tok: &Tok, prompt: &str, completions: &[&str], cfg: &TokenizeConfig) -> Result<Texts> {
+fn prepare_texts(
+    tok: &Tok,
+    prompt: &str,
+    completions: &[&str],
+    cfg: &TokenizeConfig,
+) -> Result<Texts> {
     if cfg.chat_template {
         let tmpl = tok.chat_template.as_ref().ok_or_else(|| {
-            DataError::Template("chat_template = true but the tokenizer has no chat template".into())
+            DataError::Template(
+                "chat_template = true but the tokenizer has no chat template".into(),
+            )
         })?;
         let mut p = String::new();
         let mut fulls = Vec::with_capacity(completions.len());
@@ -434,7 +441,11 @@ pub struct TokenizedPairs {
 }
 
 /// Tokenise preference pairs (chosen, rejected) with EOS appended to both.
-pub fn tokenize_pairs(tok: &Tok, pairs: &[PreferencePair], cfg: &TokenizeConfig) -> Result<TokenizedPairs> {
+pub fn tokenize_pairs(
+    tok: &Tok,
+    pairs: &[PreferencePair],
+    cfg: &TokenizeConfig,
+) -> Result<TokenizedPairs> {
     let items: Vec<_> = pairs
         .iter()
         .map(|p| {
@@ -461,7 +472,11 @@ pub fn tokenize_pairs(tok: &Tok, pairs: &[PreferencePair], cfg: &TokenizeConfig)
 
 /// Tokenise multiple-choice items: one group per item, one sequence per choice (EOS only with
 /// `cfg.mc_eos`).
-pub fn tokenize_mc(tok: &Tok, items: &[McItem], cfg: &TokenizeConfig) -> Result<Vec<Option<Group>>> {
+pub fn tokenize_mc(
+    tok: &Tok,
+    items: &[McItem],
+    cfg: &TokenizeConfig,
+) -> Result<Vec<Option<Group>>> {
     let groups: Vec<_> = items
         .iter()
         .map(|it| {

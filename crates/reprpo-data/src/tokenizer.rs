@@ -114,7 +114,10 @@ impl Tok {
             key: "eos_token".into(),
             problem: "no end-of-sequence token configured or found".into(),
         })?;
-        let bos = bos_text.as_deref().map(|t| id_of("bos_token", t)).transpose()?;
+        let bos = bos_text
+            .as_deref()
+            .map(|t| id_of("bos_token", t))
+            .transpose()?;
         let eos = id_of("eos_token", &eos_text)?;
         let pad = match special(&cfg, "pad_token") {
             Some(t) => id_of("pad_token", &t)?,

@@ -40,10 +40,12 @@ pub fn atomic_write(
         source,
     })?;
     fill(tmp.as_file_mut())?;
-    tmp.as_file_mut().sync_all().map_err(|source| DataError::Write {
-        file: path.to_path_buf(),
-        source,
-    })?;
+    tmp.as_file_mut()
+        .sync_all()
+        .map_err(|source| DataError::Write {
+            file: path.to_path_buf(),
+            source,
+        })?;
     tmp.persist(path).map_err(|e| DataError::Write {
         file: path.to_path_buf(),
         source: e.error,
@@ -86,22 +88,37 @@ pub fn write_pairs(path: &Path, pairs: &[PreferencePair]) -> Result<()> {
                 ("id", strings(pairs.iter().map(|p| p.id.as_str()))),
                 ("prompt", strings(pairs.iter().map(|p| p.prompt.as_str()))),
                 ("chosen", strings(pairs.iter().map(|p| p.chosen.as_str()))),
-                ("rejected", strings(pairs.iter().map(|p| p.rejected.as_str()))),
-                ("dataset", strings(pairs.iter().map(|p| p.source.dataset.as_str()))),
+                (
+                    "rejected",
+                    strings(pairs.iter().map(|p| p.rejected.as_str())),
+                ),
+                (
+                    "dataset",
+                    strings(pairs.iter().map(|p| p.source.dataset.as_str())),
+                ),
                 (
                     "row",
-                    Arc::new(UInt64Array::from_iter_values(pairs.iter().map(|p| p.source.row as u64))),
+                    Arc::new(UInt64Array::from_iter_values(
+                        pairs.iter().map(|p| p.source.row as u64),
+                    )),
                 ),
                 (
                     "chosen_score",
-                    Arc::new(Float64Array::from_iter(pairs.iter().map(|p| p.source.chosen_score))),
+                    Arc::new(Float64Array::from_iter(
+                        pairs.iter().map(|p| p.source.chosen_score),
+                    )),
                 ),
                 (
                     "rejected_score",
-                    Arc::new(Float64Array::from_iter(pairs.iter().map(|p| p.source.rejected_score))),
+                    Arc::new(Float64Array::from_iter(
+                        pairs.iter().map(|p| p.source.rejected_score),
+                    )),
                 ),
             ];
-            write_batch(path, RecordBatch::try_from_iter(cols).map_err(|e| werr(path, e))?)
+            write_batch(
+                path,
+                RecordBatch::try_from_iter(cols).map_err(|e| werr(path, e))?,
+            )
         }
         _ => Err(DataError::UnknownFormat {
             file: path.to_path_buf(),
@@ -132,13 +149,21 @@ pub fn write_mc(path: &Path, items: &[McItem]) -> Result<()> {
                 ("prompt", strings(items.iter().map(|p| p.prompt.as_str()))),
                 ("choices", Arc::new(choices.finish())),
                 ("correct", Arc::new(correct.finish())),
-                ("dataset", strings(items.iter().map(|p| p.source.dataset.as_str()))),
+                (
+                    "dataset",
+                    strings(items.iter().map(|p| p.source.dataset.as_str())),
+                ),
                 (
                     "row",
-                    Arc::new(UInt64Array::from_iter_values(items.iter().map(|p| p.source.row as u64))),
+                    Arc::new(UInt64Array::from_iter_values(
+                        items.iter().map(|p| p.source.row as u64),
+                    )),
                 ),
             ];
-            write_batch(path, RecordBatch::try_from_iter(cols).map_err(|e| werr(path, e))?)
+            write_batch(
+                path,
+                RecordBatch::try_from_iter(cols).map_err(|e| werr(path, e))?,
+            )
         }
         _ => Err(DataError::UnknownFormat {
             file: path.to_path_buf(),

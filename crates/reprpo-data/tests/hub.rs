@@ -2,6 +2,8 @@
 //! here exactly as `hf-hub` writes it; a split that is not cached gives an error that says so.
 //! (Tests never touch the network.)
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,9 +18,18 @@ fn write_parquet(path: &Path, prompts: &[&str]) {
     let n = prompts.len();
     let cols: Vec<(&str, ArrayRef)> = vec![
         ("prompt", Arc::new(StringArray::from(prompts.to_vec()))),
-        ("chosen_response", Arc::new(StringArray::from(vec![" good"; n]))),
-        ("rejected_response", Arc::new(StringArray::from(vec![" bad"; n]))),
-        ("n", Arc::new(Int32Array::from((0..n as i32).collect::<Vec<_>>()))),
+        (
+            "chosen_response",
+            Arc::new(StringArray::from(vec![" good"; n])),
+        ),
+        (
+            "rejected_response",
+            Arc::new(StringArray::from(vec![" bad"; n])),
+        ),
+        (
+            "n",
+            Arc::new(Int32Array::from((0..n as i32).collect::<Vec<_>>())),
+        ),
     ];
     let batch = RecordBatch::try_from_iter(cols).unwrap();
     let file = std::fs::File::create(path).unwrap();
@@ -54,7 +65,12 @@ fn offline_finds_cached_split_files_in_order() {
     let files = dataset_files_with(&src, &cache, true).unwrap();
     let names: Vec<String> = files
         .iter()
-        .map(|f| f.strip_prefix(dir.path()).unwrap().to_string_lossy().replace('\\', "/"))
+        .map(|f| {
+            f.strip_prefix(dir.path())
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/")
+        })
         .collect();
     assert_eq!(
         names,
@@ -90,7 +106,9 @@ fn offline_missing_split_or_repo_is_a_clear_error() {
         config: "default".into(),
         split: "validation".into(),
     };
-    let err = dataset_files_with(&missing_split, &cache, true).unwrap_err().to_string();
+    let err = dataset_files_with(&missing_split, &cache, true)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("org/prefs"), "{err}");
     assert!(err.contains("validation"), "{err}");
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
@@ -99,7 +117,9 @@ fn offline_missing_split_or_repo_is_a_clear_error() {
         config: "default".into(),
         split: "train".into(),
     };
-    let err = dataset_files_with(&missing_repo, &cache, true).unwrap_err().to_string();
+    let err = dataset_files_with(&missing_repo, &cache, true)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not cached"), "{err}");
     assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
 }

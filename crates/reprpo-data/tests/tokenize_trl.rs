@@ -2,6 +2,8 @@
 //! (`tests/reference/gen_tokenize_fixtures.py`: TRL 0.9.6 for `classic`, TRL 1.16.0 for
 //! `trl-current`, transformers for chat templates), on two tokenizers trained by that script.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 
 use reprpo_data::chat::Message;
@@ -31,7 +33,11 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn ints(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
 }
 
 fn pairs(cases: &Value) -> Vec<PreferencePair> {
@@ -90,14 +96,22 @@ fn classic_matches_trl_0_9() {
         let rows = run["rows"].as_array().unwrap();
         assert_eq!(got.pairs.len(), rows.len());
         for (i, (g, want)) in got.pairs.iter().zip(rows).enumerate() {
-            assert_eq!(g.prompt, ids(&want["prompt_input_ids"]), "{name} row {i} prompt");
+            assert_eq!(
+                g.prompt,
+                ids(&want["prompt_input_ids"]),
+                "{name} row {i} prompt"
+            );
             for (k, key) in ["chosen", "rejected"].iter().enumerate() {
                 let full = ids(&want[format!("{key}_input_ids")]);
                 let labels = ints(&want[format!("{key}_labels")]);
                 let n_prompt = labels.iter().filter(|&&l| l == -100).count();
                 let s = &g.seqs[k];
                 assert_eq!(s.prompt, full[..n_prompt], "{name} row {i} {key} prompt");
-                assert_eq!(s.completion, full[n_prompt..], "{name} row {i} {key} completion");
+                assert_eq!(
+                    s.completion,
+                    full[n_prompt..],
+                    "{name} row {i} {key} completion"
+                );
                 if s.prompt.len() != g.prompt.len() {
                     merged_prompts += 1;
                 }
@@ -108,22 +122,36 @@ fn classic_matches_trl_0_9() {
         let first: Vec<_> = got.pairs.iter().take(4).collect();
         let b = tokenize::collate_pairs(&first, tk.pad, Layout::Right).unwrap();
         let want = &run["batch_of_first_4"];
-        let want_ids: Vec<Vec<u32>> = want["input_ids"].as_array().unwrap().iter().map(ids).collect();
+        let want_ids: Vec<Vec<u32>> = want["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         assert_eq!(b.rows, 8);
         assert_eq!(b.seq_len, want_ids[0].len(), "{name} batch width");
         for r in 0..8 {
             assert_eq!(b.row_ids(r), want_ids[r].as_slice(), "{name} batch row {r}");
             let am = ints(&want["attention_mask"][r]);
-            let lm: Vec<i64> = ints(&want["labels"][r]).iter().map(|&l| i64::from(l != -100)).collect();
+            let lm: Vec<i64> = ints(&want["labels"][r])
+                .iter()
+                .map(|&l| i64::from(l != -100))
+                .collect();
             let row = r * b.seq_len..(r + 1) * b.seq_len;
-            let got_am: Vec<i64> = b.attention_mask[row.clone()].iter().map(|&x| i64::from(x)).collect();
+            let got_am: Vec<i64> = b.attention_mask[row.clone()]
+                .iter()
+                .map(|&x| i64::from(x))
+                .collect();
             let got_lm: Vec<i64> = b.loss_mask[row].iter().map(|&x| i64::from(x)).collect();
             assert_eq!(got_am, am, "{name} attention row {r}");
             assert_eq!(got_lm, lm, "{name} loss mask row {r}");
         }
     }
     // The fixture must exercise the merge rule and truncation, or this test proves little.
-    assert!(merged_prompts > 0, "no case where a prompt token merged into the completion");
+    assert!(
+        merged_prompts > 0,
+        "no case where a prompt token merged into the completion"
+    );
     assert!(truncated > 0, "no case was truncated");
 }
 
@@ -147,7 +175,10 @@ fn current_matches_trl_1_16() {
         let name = format!("{} {}", run["tokenizer"], c["name"]);
         let got = tokenize::tokenize_pairs(&tk, &pairs, &cfg).unwrap();
         let rows = run["rows"].as_array().unwrap();
-        let kept: Vec<usize> = rows.iter().map(|r| r["idx"].as_u64().unwrap() as usize).collect();
+        let kept: Vec<usize> = rows
+            .iter()
+            .map(|r| r["idx"].as_u64().unwrap() as usize)
+            .collect();
         let want_dropped: Vec<String> = (0..pairs.len())
             .filter(|i| !kept.contains(i))
             .map(|i| pairs[i].id.clone())
@@ -164,24 +195,51 @@ fn current_matches_trl_1_16() {
         for (want, &i) in rows.iter().zip(&kept) {
             let g = &full.pairs[i];
             assert_eq!(g.prompt, ids(&want["prompt_ids"]), "{name} row {i} prompt");
-            assert_eq!(g.seqs[0].completion, ids(&want["chosen_ids"]), "{name} row {i} chosen");
-            assert_eq!(g.seqs[1].completion, ids(&want["rejected_ids"]), "{name} row {i} rejected");
+            assert_eq!(
+                g.seqs[0].completion,
+                ids(&want["chosen_ids"]),
+                "{name} row {i} chosen"
+            );
+            assert_eq!(
+                g.seqs[1].completion,
+                ids(&want["rejected_ids"]),
+                "{name} row {i} rejected"
+            );
         }
         let first: Vec<_> = got.pairs.iter().take(4).collect();
         let b = tokenize::collate_pairs(&first, tk.pad, Layout::Right).unwrap();
         let want = &run["batch_of_first_4"];
-        let want_ids: Vec<Vec<u32>> = want["input_ids"].as_array().unwrap().iter().map(ids).collect();
+        let want_ids: Vec<Vec<u32>> = want["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         assert_eq!(b.seq_len, want_ids[0].len(), "{name} batch width");
         for r in 0..8 {
             assert_eq!(b.row_ids(r), want_ids[r].as_slice(), "{name} batch row {r}");
             let row = r * b.seq_len..(r + 1) * b.seq_len;
-            let am: Vec<i64> = b.attention_mask[row.clone()].iter().map(|&x| i64::from(x)).collect();
+            let am: Vec<i64> = b.attention_mask[row.clone()]
+                .iter()
+                .map(|&x| i64::from(x))
+                .collect();
             let lm: Vec<i64> = b.loss_mask[row].iter().map(|&x| i64::from(x)).collect();
-            assert_eq!(am, ints(&want["attention_mask"][r]), "{name} attention row {r}");
-            assert_eq!(lm, ints(&want["completion_mask"][r]), "{name} completion row {r}");
+            assert_eq!(
+                am,
+                ints(&want["attention_mask"][r]),
+                "{name} attention row {r}"
+            );
+            assert_eq!(
+                lm,
+                ints(&want["completion_mask"][r]),
+                "{name} completion row {r}"
+            );
         }
     }
-    assert!(dropped_total > 0, "the fixture must include prompts that fill max_length");
+    assert!(
+        dropped_total > 0,
+        "the fixture must include prompts that fill max_length"
+    );
 }
 
 /// Without `drop_too_long`, a prompt that fills `max_length` is an error naming dataset, row, field.
@@ -194,7 +252,9 @@ fn current_too_long_prompt_is_an_error_naming_the_row() {
         max_length: Some(40),
         ..TokenizeConfig::trl_current()
     };
-    let err = tokenize::tokenize_pairs(&tk, &pairs, &cfg).unwrap_err().to_string();
+    let err = tokenize::tokenize_pairs(&tk, &pairs, &cfg)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("fixture, row 1"), "{err}");
     assert!(err.contains("`prompt`"), "{err}");
     assert!(err.contains("max_length = 40"), "{err}");
@@ -218,10 +278,19 @@ fn prompt_left_layout_aligns_completions() {
         let start = left.prompt_cols - s.prompt.len();
         assert!(row[..start].iter().all(|&t| t == tk.pad));
         assert_eq!(&row[start..left.prompt_cols], s.prompt.as_slice());
-        assert_eq!(&row[left.prompt_cols..left.prompt_cols + s.completion.len()], s.completion.as_slice());
+        assert_eq!(
+            &row[left.prompt_cols..left.prompt_cols + s.completion.len()],
+            s.completion.as_slice()
+        );
         let lm = &left.loss_mask[r * left.seq_len..(r + 1) * left.seq_len];
-        assert_eq!(lm.iter().map(|&x| x as usize).sum::<usize>(), s.completion.len());
-        assert_eq!(lm[left.prompt_cols], 1, "the first completion token is at prompt_cols");
+        assert_eq!(
+            lm.iter().map(|&x| x as usize).sum::<usize>(),
+            s.completion.len()
+        );
+        assert_eq!(
+            lm[left.prompt_cols], 1,
+            "the first completion token is at prompt_cols"
+        );
         let am = &left.attention_mask[r * left.seq_len..(r + 1) * left.seq_len];
         assert_eq!(am.iter().map(|&x| x as usize).sum::<usize>(), s.len());
         // Same real tokens as the right-padded row.
@@ -246,7 +315,9 @@ fn chat_templates_match_transformers() {
             .iter()
             .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
-        let got = tmpl.render(&msgs, c["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        let got = tmpl
+            .render(&msgs, c["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
         assert_eq!(got, c["text"].as_str().unwrap(), "{c}");
     }
 }
@@ -276,7 +347,10 @@ fn byte_level_tokenizer_is_one_token_per_byte() {
     assert_eq!(without, want);
     assert_eq!(tk.decode(&without, true).unwrap(), text);
     // EOS as text is the EOS token.
-    assert_eq!(tk.encode("a</s>", false).unwrap(), vec![u32::from(b'a') + 3, 2]);
+    assert_eq!(
+        tk.encode("a</s>", false).unwrap(),
+        vec![u32::from(b'a') + 3, 2]
+    );
     // Saved and reloaded, it is the same tokenizer.
     let dir = tempfile::tempdir().unwrap();
     tk.save_dir(dir.path()).unwrap();

@@ -7,7 +7,15 @@ use std::str::FromStr;
 
 use crate::error::{DataError, Result};
 use crate::read::Table;
-use crate::types::{McItem, PreferencePair};
+use crate::types::{McItem, PreferencePair, SourceMeta};
+
+pub mod genies;
+pub mod helpsteer;
+pub mod hh;
+pub mod native;
+pub mod shp;
+pub mod sycophancy;
+pub mod truthfulqa;
 
 /// HelpSteer binarisation schemes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +83,9 @@ impl FromStr for Converter {
         Ok(match s {
             "pairs" => Converter::Pairs,
             "mc" => Converter::Mc,
-            "helpsteer" | "helpsteer-best-worst" => Converter::HelpSteer(HelpSteerScheme::BestWorst),
+            "helpsteer" | "helpsteer-best-worst" => {
+                Converter::HelpSteer(HelpSteerScheme::BestWorst)
+            }
             "helpsteer-score-random" => Converter::HelpSteer(HelpSteerScheme::ScoreRandom),
             "helpsteer2-dpo" => Converter::HelpSteer2Dpo,
             "hh-rlhf" | "hh" => Converter::HhRlhf,
@@ -116,7 +126,43 @@ pub struct Converted {
 }
 
 /// Run `converter` on `table`.
+///
+/// Every converter reads the rows in file order, names the file, row and field in its errors,
+/// and gives ids `<opts.dataset>/<row>` (pairs derived from an MC item get `/<k>` appended, as
+/// [`McItem::to_pairs`] does). See each converter module for the exact source schema.
 pub fn convert(converter: Converter, table: &Table, opts: &ConvertOptions) -> Result<Converted> {
-    let _ = (converter, table, opts);
-    Err(DataError::Invalid("converters are not written yet".into()))
+    match converter {
+        Converter::Pairs => native::pairs(table, opts),
+        Converter::Mc => native::mc(table, opts),
+        Converter::HelpSteer(scheme) => helpsteer::helpsteer(table, opts, scheme),
+        Converter::HelpSteer2Dpo => helpsteer::helpsteer2_dpo(table, opts),
+        Converter::HhRlhf => hh::hh_rlhf(table, opts),
+        Converter::Shp => shp::shp(table, opts),
+        Converter::Genies => genies::genies(table, opts),
+        Converter::TruthfulQa(target) => truthfulqa::truthfulqa(table, opts, target),
+        Converter::Sycophancy => sycophancy::sycophancy(table, opts),
+    }
+}
+
+/// The id `<dataset>/<row>` and the provenance of an item from `row` without scores.
+fn id_and_meta(opts: &ConvertOptions, row: usize) -> (String, SourceMeta) {
+    (
+        format!("{}/{row}", opts.dataset),
+        SourceMeta {
+            dataset: opts.dataset.clone(),
+            row,
+            chosen_score: None,
+            rejected_score: None,
+        },
+    )
+}
+
+/// An MC item together with its pairs ([`McItem::to_pairs`]), for sources that give both.
+fn with_pairs(items: Vec<McItem>, skipped: usize) -> Converted {
+    let pairs = items.iter().flat_map(McItem::to_pairs).collect();
+    Converted {
+        pairs,
+        mc: items,
+        skipped,
+    }
 }
