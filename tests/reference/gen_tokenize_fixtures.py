@@ -193,6 +193,32 @@ def gen_classic():
             t.label_pad_token_id = -100
             t.padding_value = pad
             rows = [t.tokenize_row(dict(c)) for c in out["cases"]]
+            if cfg["name"] == "classic-default":
+                # Chat template: the user renders the conversation before TRL 0.9 (which applied none),
+                # as TRL's later `maybe_apply_chat_template` does: prompt with the generation prompt,
+                # completion = the rest of the rendered full conversation.
+                chat_rows = []
+                for c in out["cases"]:
+                    p = tok.apply_chat_template([{"role": "user", "content": c["prompt"]}], tokenize=False, add_generation_prompt=True)
+                    r = {"prompt": p}
+                    for k in ("chosen", "rejected"):
+                        full = tok.apply_chat_template(
+                            [{"role": "user", "content": c["prompt"]}, {"role": "assistant", "content": c[k]}], tokenize=False
+                        )
+                        assert full.startswith(p)
+                        r[k] = full[len(p) :]
+                    chat_rows.append(t.tokenize_row(r))
+                out["runs"].append(
+                    {
+                        "tokenizer": tname,
+                        "config": dict(cfg, name="classic-chat", chat_template=True),
+                        "pad": pad,
+                        "rows": [
+                            {k: r[k] for k in ("prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
+                            for r in chat_rows
+                        ],
+                    }
+                )
             collator = DPODataCollatorWithPadding(pad_token_id=pad, label_pad_token_id=-100, is_encoder_decoder=False)
             batch = collator([dict(r) for r in rows[:4]])
             cat = DPOTrainer.concatenated_inputs(batch, is_encoder_decoder=False, label_pad_token_id=-100, padding_value=pad, device="cpu")
@@ -263,6 +289,34 @@ def gen_current(chat=False):
                     },
                 }
             )
+    # Conversational format: TRL applies the chat template itself (no EOS text is appended).
+    for tname in ["bytelevel", "metaspace"]:
+        tok = load_tok(tname)
+        t = DPOTrainer.__new__(DPOTrainer)
+        t._tokenizer = tok
+        t._is_vision_dataset = False
+        args = DPOConfig(output_dir=tempfile.mkdtemp(), max_length=1024, report_to=[], use_cpu=True, bf16=False)
+        conv = [
+            {
+                "prompt": [{"role": "user", "content": c["prompt"]}],
+                "chosen": [{"role": "assistant", "content": c["chosen"]}],
+                "rejected": [{"role": "assistant", "content": c["rejected"]}],
+                "idx": i,
+            }
+            for i, c in enumerate(cs)
+        ]
+        kept = list(t._prepare_dataset(Dataset.from_list(conv), tok, args, "train"))
+        out["runs"].append(
+            {
+                "tokenizer": tname,
+                "config": {"name": "current-chat", "max_length": 1024, "truncation_mode": "keep_start", "chat_template": True},
+                "pad": tok.pad_token_id,
+                "rows": [
+                    {"idx": r["idx"], "prompt_ids": r["prompt_ids"], "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]}
+                    for r in kept
+                ],
+            }
+        )
     write("current.json", out)
 
 

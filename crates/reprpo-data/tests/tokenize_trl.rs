@@ -76,7 +76,8 @@ fn classic_matches_trl_0_9() {
     assert_eq!(fx["trl"], "0.9.6");
     let pairs = pairs(&fx["cases"]);
     let runs = fx["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 6);
+    assert_eq!(runs.len(), 8);
+    let mut chat_runs = 0;
     let mut merged_prompts = 0;
     let mut truncated = 0;
     for run in runs {
@@ -87,9 +88,11 @@ fn classic_matches_trl_0_9() {
             max_length: Some(c["max_length"].as_u64().unwrap() as usize),
             max_prompt_length: Some(c["max_prompt_length"].as_u64().unwrap() as usize),
             truncation_mode: truncation(&c["truncation_mode"]),
+            chat_template: c["chat_template"].as_bool().unwrap_or(false),
             ..Default::default()
         };
         let name = format!("{} {}", run["tokenizer"], c["name"]);
+        chat_runs += usize::from(cfg.chat_template);
         assert_eq!(tk.pad, run["pad"].as_u64().unwrap() as u32, "{name}");
         let got = tokenize::tokenize_pairs(&tk, &pairs, &cfg).unwrap();
         assert!(got.dropped.is_empty());
@@ -117,6 +120,9 @@ fn classic_matches_trl_0_9() {
                 }
             }
             truncated += usize::from(g.truncated);
+        }
+        if cfg.chat_template {
+            continue;
         }
         // The collated batch of the first four pairs, TRL's model input.
         let first: Vec<_> = got.pairs.iter().take(4).collect();
@@ -153,6 +159,7 @@ fn classic_matches_trl_0_9() {
         "no case where a prompt token merged into the completion"
     );
     assert!(truncated > 0, "no case was truncated");
+    assert_eq!(chat_runs, 2, "one chat-template run per tokenizer");
 }
 
 /// TRL 1.16.0 `DPOTrainer._prepare_dataset` rows (dropped rows absent) and
@@ -163,6 +170,7 @@ fn current_matches_trl_1_16() {
     assert_eq!(fx["trl"], "1.16.0");
     let pairs = pairs(&fx["cases"]);
     let mut dropped_total = 0;
+    let mut chat_runs = 0;
     for run in fx["runs"].as_array().unwrap() {
         let tk = tok(run["tokenizer"].as_str().unwrap());
         let c = &run["config"];
@@ -170,9 +178,11 @@ fn current_matches_trl_1_16() {
             max_length: Some(c["max_length"].as_u64().unwrap() as usize),
             truncation_mode: truncation(&c["truncation_mode"]),
             drop_too_long: true,
+            chat_template: c["chat_template"].as_bool().unwrap_or(false),
             ..TokenizeConfig::trl_current()
         };
         let name = format!("{} {}", run["tokenizer"], c["name"]);
+        chat_runs += usize::from(cfg.chat_template);
         let got = tokenize::tokenize_pairs(&tk, &pairs, &cfg).unwrap();
         let rows = run["rows"].as_array().unwrap();
         let kept: Vec<usize> = rows
@@ -205,6 +215,9 @@ fn current_matches_trl_1_16() {
                 ids(&want["rejected_ids"]),
                 "{name} row {i} rejected"
             );
+        }
+        if cfg.chat_template {
+            continue;
         }
         let first: Vec<_> = got.pairs.iter().take(4).collect();
         let b = tokenize::collate_pairs(&first, tk.pad, Layout::Right).unwrap();
@@ -240,6 +253,7 @@ fn current_matches_trl_1_16() {
         dropped_total > 0,
         "the fixture must include prompts that fill max_length"
     );
+    assert_eq!(chat_runs, 2, "one conversational run per tokenizer");
 }
 
 /// Without `drop_too_long`, a prompt that fills `max_length` is an error naming dataset, row, field.
