@@ -57,21 +57,45 @@ fn hub_err(src: &HubSource, message: impl Into<String>) -> DataError {
     }
 }
 
-/// The local paths of the Parquet files of `src`, downloading them unless `HF_HUB_OFFLINE` is set.
-pub fn dataset_files(src: &HubSource) -> Result<Vec<PathBuf>> {
-    dataset_files_with(src, &Cache::from_env(), offline_from_env())
+/// Where and how to reach the hub.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// The cache folder (`$HF_HOME/hub` by default).
+    pub cache: Cache,
+    /// Never download; use only what the cache holds (`HF_HUB_OFFLINE=1`).
+    pub offline: bool,
+    /// The hub's address (`HF_ENDPOINT`; `None`: the public hub).
+    pub endpoint: Option<String>,
 }
 
-/// [`dataset_files`] with an explicit cache and mode (tests use a cache folder they build).
-pub fn dataset_files_with(src: &HubSource, cache: &Cache, offline: bool) -> Result<Vec<PathBuf>> {
-    let repo = Repo::with_revision(src.repo.clone(), RepoType::Dataset, PARQUET_REVISION.into());
-    if offline {
-        return cached_files(src, cache, &repo);
+impl HubOptions {
+    /// From `HF_HOME`, `HF_HUB_OFFLINE` and `HF_ENDPOINT`, as the Python libraries read them.
+    pub fn from_env() -> Self {
+        HubOptions {
+            cache: Cache::from_env(),
+            offline: offline_from_env(),
+            endpoint: std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()),
+        }
     }
-    let api = ApiBuilder::from_cache(cache.clone())
-        .with_progress(false)
-        .build()
-        .map_err(|e| hub_err(src, e.to_string()))?;
+}
+
+/// The local paths of the Parquet files of `src`, downloading them unless `HF_HUB_OFFLINE` is set.
+pub fn dataset_files(src: &HubSource) -> Result<Vec<PathBuf>> {
+    dataset_files_with(src, &HubOptions::from_env())
+}
+
+/// [`dataset_files`] with explicit options (tests use a cache folder and a loopback endpoint).
+/// Files already in the cache are not downloaded again.
+pub fn dataset_files_with(src: &HubSource, opts: &HubOptions) -> Result<Vec<PathBuf>> {
+    let repo = Repo::with_revision(src.repo.clone(), RepoType::Dataset, PARQUET_REVISION.into());
+    if opts.offline {
+        return cached_files(src, &opts.cache, &repo);
+    }
+    let mut builder = ApiBuilder::from_cache(opts.cache.clone()).with_progress(false);
+    if let Some(e) = &opts.endpoint {
+        builder = builder.with_endpoint(e.clone());
+    }
+    let api = builder.build().map_err(|e| hub_err(src, e.to_string()))?;
     let api_repo = api.repo(repo);
     let info = api_repo
         .info()
