@@ -42,6 +42,26 @@ enum Cmd {
     /// Side-by-side measurements (see docs/perf.md).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Convert other model formats into a Hugging Face folder.
+    #[command(subcommand)]
+    Convert(ConvertCmd),
+}
+
+#[derive(Subcommand)]
+enum ConvertCmd {
+    /// A llama2.c checkpoint and tokenizer (e.g. stories260K) into config.json,
+    /// model.safetensors and tokenizer.json.
+    Llama2c {
+        /// The llama2.c checkpoint (`.bin`, version 0 format).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The llama2.c tokenizer (`tokenizer.bin` / `tok512.bin`).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Output folder (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -311,6 +331,15 @@ fn run(cli: Cli) -> Result<()> {
             let dir = root().join("datasets/default");
             default_data::write_all(&dir, seed)?;
             println!("wrote {}", dir.display());
+            Ok(())
+        }
+        Cmd::Convert(ConvertCmd::Llama2c {
+            checkpoint,
+            tokenizer,
+            out,
+        }) => {
+            let report = reprpo_models::llama2c::convert(&checkpoint, &tokenizer, &out)?;
+            println!("{report}");
             Ok(())
         }
         Cmd::Bench(BenchCmd::Tokenize {

@@ -137,3 +137,40 @@ fn train_and_eval_say_not_yet_clearly() {
     assert!(ok);
     assert!(out.contains("not implemented yet (issue 6)"), "{out}");
 }
+
+#[test]
+fn convert_llama2c_writes_a_hugging_face_folder() {
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/stories260K");
+    if !src.join("stories260K.bin").exists() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI always has ../shared/data"
+        );
+        println!("skipped: ../shared/data not present");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories");
+    let (ok, stdout, err) = xtask(&[
+        "convert",
+        "llama2c",
+        "--checkpoint",
+        src.join("stories260K.bin").to_str().unwrap(),
+        "--tokenizer",
+        src.join("tok512.bin").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("layers 5"), "{stdout}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+}

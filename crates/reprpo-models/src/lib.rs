@@ -1,1 +1,14 @@
-//! Llama and Phi-3 on candle with full-sequence logits, hidden states and adapters (issue 3: not yet written).
+//! reprpo-models: Llama (and, later, Phi-3) on candle, written for training: full-sequence
+//! logits, hidden states of chosen layers in `transformers`' `output_hidden_states` convention,
+//! padding-aware attention masks, early exit, and (next) adapters whose weights alone are
+//! trainable.
+
+pub mod error;
+
+pub use error::{ModelError, Result};
+pub mod config;
+pub mod llama;
+pub use config::LlamaConfig;
+pub use llama::{ForwardSpec, KvCache, Llama, Output};
+pub mod generate;
+pub mod llama2c;

@@ -1,0 +1,528 @@
+//! Llama (2, 3, 3.1, 3.2) on candle for training: one forward gives logits for every position
+//! and the hidden states of the layers asked for, honours left and right padding, and can stop
+//! after the deepest layer a hidden-state loss needs.
+//!
+//! Only differentiable candle ops are used (see `../shared/docs/candle-notes.md`): RMSNorm,
+//! softmax and RoPE are written out, and masks use a large finite negative value (never `-inf`,
+//! which turns fully masked rows into NaN).
+//!
+//! # Hidden-state convention (as `transformers`' `output_hidden_states`)
+//! There are `L + 1` states: index 0 is the token embeddings, index `i` (1..L-1) the output of
+//! layer `i`, and index `L` the output of the last layer after the final norm.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+
+/// The additive mask value for disallowed attention: finite, so fully masked rows stay finite.
+pub const MASK_VALUE: f32 = -1e30;
+
+/// A frozen linear layer `y = x W^T` (no bias, as in Llama).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Weight `[out, in]`.
+    pub weight: Tensor,
+}
+
+impl Linear {
+    /// Apply to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (rows, inp) = (
+            dims[..dims.len() - 1].iter().product::<usize>(),
+            dims[dims.len() - 1],
+        );
+        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// RMSNorm as `transformers` computes it: in f32, then cast back and scaled.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed.to_dtype(dt)?.broadcast_mul(weight)?)
+}
+
+/// `rotate_half`: `[x1, x2] -> [-x2, x1]` on the last dimension.
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+/// Apply RoPE with `cos`, `sin` of shape `[B, 1, T, D]` to `x` of shape `[B, H, T, D]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct Block {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// What a forward should return.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardSpec {
+    /// Hidden-state indices to return (0..=L, see the module docs); negative counts from L+1.
+    pub hidden_layers: Vec<isize>,
+    /// Whether to compute logits (false: stop after the deepest requested layer).
+    pub logits: bool,
+}
+
+impl ForwardSpec {
+    /// Logits only.
+    pub fn logits() -> Self {
+        ForwardSpec {
+            hidden_layers: vec![],
+            logits: true,
+        }
+    }
+}
+
+/// What a forward returned.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// `[B, T, vocab]` when asked for.
+    pub logits: Option<Tensor>,
+    /// `(index, [B, T, hidden])` in the order asked for.
+    pub hidden: Vec<(usize, Tensor)>,
+}
+
+/// Per-layer key/value cache for generation.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens already in the cache.
+    pub len: usize,
+}
+
+/// A Llama model with frozen base weights.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    /// The validated config.
+    pub config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+fn take(
+    map: &mut HashMap<String, Tensor>,
+    name: &str,
+    shape: &[usize],
+    file: &Path,
+    dtype: DType,
+) -> Result<Tensor> {
+    let t = map.remove(name).ok_or_else(|| ModelError::Weight {
+        file: file.to_path_buf(),
+        name: name.into(),
+        problem: "missing".into(),
+    })?;
+    if t.dims() != shape {
+        return Err(ModelError::Weight {
+            file: file.to_path_buf(),
+            name: name.into(),
+            problem: format!("shape {:?}, expected {shape:?}", t.dims()),
+        });
+    }
+    Ok(t.to_dtype(dtype)?)
+}
+
+/// Read every tensor of a model folder: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub fn load_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<std::path::PathBuf> = if single.exists() {
+        vec![single]
+    } else if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            file: index.clone(),
+            source,
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Format {
+            file: index.clone(),
+            problem: e.to_string(),
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Config {
+                file: index.clone(),
+                key: "weight_map".into(),
+                problem: "missing or not an object".into(),
+            })?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards.into_iter().map(|s| dir.join(s)).collect()
+    } else {
+        return Err(ModelError::Io {
+            file: single,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors(.index.json)",
+            ),
+        });
+    };
+    let mut out = HashMap::new();
+    for f in files {
+        let part = candle_core::safetensors::load(&f, device).map_err(|e| ModelError::Format {
+            file: f.clone(),
+            problem: e.to_string(),
+        })?;
+        out.extend(part);
+    }
+    Ok(out)
+}
+
+impl Llama {
+    /// Load `dir/config.json` and the safetensors weights, cast to `dtype`, on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let tensors = load_safetensors(dir, device)?;
+        Self::from_tensors(config, tensors, dir, dtype, device)
+    }
+
+    /// Build from named tensors (HF names, `model.` prefix).
+    pub fn from_tensors(
+        config: LlamaConfig,
+        mut t: HashMap<String, Tensor>,
+        file: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = &config;
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let embed = take(
+            &mut t,
+            "model.embed_tokens.weight",
+            &[c.vocab_size, h],
+            file,
+            dtype,
+        )?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+                Ok(Linear {
+                    weight: take(
+                        &mut t,
+                        &format!("{p}.{name}.weight"),
+                        &[out, inp],
+                        file,
+                        dtype,
+                    )?,
+                })
+            };
+            let q = lin("self_attn.q_proj", c.num_heads * hd, h)?;
+            let k = lin("self_attn.k_proj", c.num_kv_heads * hd, h)?;
+            let v = lin("self_attn.v_proj", c.num_kv_heads * hd, h)?;
+            let o = lin("self_attn.o_proj", h, c.num_heads * hd)?;
+            let gate = lin("mlp.gate_proj", i, h)?;
+            let up = lin("mlp.up_proj", i, h)?;
+            let down = lin("mlp.down_proj", h, i)?;
+            layers.push(Block {
+                input_norm: take(
+                    &mut t,
+                    &format!("{p}.input_layernorm.weight"),
+                    &[h],
+                    file,
+                    dtype,
+                )?,
+                post_norm: take(
+                    &mut t,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                    file,
+                    dtype,
+                )?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = take(&mut t, "model.norm.weight", &[h], file, dtype)?;
+        let lm_head = if c.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take(&mut t, "lm_head.weight", &[c.vocab_size, h], file, dtype)?
+        };
+        let inv: Vec<f32> = c.inv_freq().into_iter().map(|x| x as f32).collect();
+        let n = inv.len();
+        let inv_freq = Tensor::from_vec(inv, (1, 1, n), device)?;
+        Ok(Llama {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `cos`, `sin` of shape `[B, 1, T, head_dim]` for positions `[B, T]`.
+    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((
+            emb.cos()?.to_dtype(self.dtype)?,
+            emb.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    /// Resolve requested hidden indices (negative from the end) into 0..=L.
+    fn resolve_layers(&self, spec: &ForwardSpec) -> Result<Vec<usize>> {
+        let n = self.config.num_layers as isize + 1;
+        spec.hidden_layers
+            .iter()
+            .map(|&i| {
+                let j = if i < 0 { n + i } else { i };
+                if (0..n).contains(&j) {
+                    Ok(j as usize)
+                } else {
+                    Err(ModelError::Invalid(format!(
+                        "hidden layer {i} out of range for {} states",
+                        n
+                    )))
+                }
+            })
+            .collect()
+    }
+
+    /// A forward over a padded batch.
+    ///
+    /// `input_ids`: `[B, T]` u32. `attention_mask`: `[B, T]`, 1 on real tokens (any numeric dtype;
+    /// `None` = all real). `position_ids`: `[B, T]`; `None` = `0..T` for every row, which is what a
+    /// plain `transformers` forward uses whatever the padding.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        spec: &ForwardSpec,
+    ) -> Result<Output> {
+        let (b, t) = input_ids.dims2()?;
+        let wanted = self.resolve_layers(spec)?;
+        let last_layer = self.config.num_layers;
+        // Deepest state needed; index L needs every layer plus the final norm.
+        let deepest = if spec.logits {
+            last_layer
+        } else {
+            wanted.iter().copied().max().unwrap_or(0)
+        };
+        let positions = match position_ids {
+            Some(p) => p.clone(),
+            None => Tensor::arange(0u32, t as u32, &self.device)?
+                .unsqueeze(0)?
+                .broadcast_as((b, t))?
+                .contiguous()?,
+        };
+        let (cos, sin) = self.rope_tables(&positions)?;
+        let mask = self.mask(b, t, attention_mask)?;
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let mut states: Vec<Option<Tensor>> = vec![None; last_layer + 1];
+        if wanted.contains(&0) {
+            states[0] = Some(x.clone());
+        }
+        for (l, block) in self.layers.iter().enumerate().take(deepest) {
+            x = self.block(block, &x, &cos, &sin, &mask, None)?;
+            let idx = l + 1;
+            if idx < last_layer && wanted.contains(&idx) {
+                states[idx] = Some(x.clone());
+            }
+        }
+        let mut logits = None;
+        if deepest == last_layer {
+            let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+            if wanted.contains(&last_layer) {
+                states[last_layer] = Some(normed.clone());
+            }
+            if spec.logits {
+                logits = Some(
+                    Linear {
+                        weight: self.lm_head.clone(),
+                    }
+                    .forward(&normed)?,
+                );
+            }
+        }
+        let hidden = wanted
+            .iter()
+            .map(|&i| {
+                states[i].clone().map(|s| (i, s)).ok_or_else(|| {
+                    ModelError::Invalid(format!("hidden state {i} was not computed"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Output { logits, hidden })
+    }
+
+    /// Additive mask `[B, 1, T, T]` in f32: 0 where query i may attend key j (j <= i and key j
+    /// is real), [`MASK_VALUE`] elsewhere.
+    fn mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 1.0 } else { 0.0 }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, t, t), &self.device)?;
+        let allowed = match attention_mask {
+            Some(am) => causal.broadcast_mul(&am.to_dtype(DType::F32)?.reshape((b, 1, t))?)?,
+            None => causal.broadcast_as((b, t, t))?.contiguous()?,
+        };
+        Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
+    }
+
+    fn block(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
+        let q = blk
+            .q
+            .forward(&h)?
+            .reshape((b, t, c.num_heads, c.head_dim))?
+            .transpose(1, 2)?;
+        let k = blk
+            .k
+            .forward(&h)?
+            .reshape((b, t, c.num_kv_heads, c.head_dim))?
+            .transpose(1, 2)?;
+        let v = blk
+            .v
+            .forward(&h)?
+            .reshape((b, t, c.num_kv_heads, c.head_dim))?
+            .transpose(1, 2)?;
+        let q = apply_rope(&q.contiguous()?, cos, sin)?;
+        let mut k = apply_rope(&k.contiguous()?, cos, sin)?;
+        let mut v = v.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let rep = c.num_heads / c.num_kv_heads;
+        let kv_len = k.dim(2)?;
+        let (k, v) = if rep > 1 {
+            let expand = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?
+                    .broadcast_as((b, c.num_kv_heads, rep, kv_len, c.head_dim))?
+                    .reshape((b, c.num_heads, kv_len, c.head_dim))?)
+            };
+            (expand(&k)?, expand(&v)?)
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            * scale)?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+        let attn = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, c.num_heads * c.head_dim))?;
+        let x = (x + blk.o.forward(&attn)?)?;
+        let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
+        let gate = blk.gate.forward(&h)?;
+        let act = (gate.clone() * candle_nn::ops::sigmoid(&gate)?)?;
+        let mlp = blk.down.forward(&(act * blk.up.forward(&h)?)?)?;
+        Ok((x + mlp)?)
+    }
+
+    /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
+    /// updates the cache. No padding: for generation.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, n) = ids.dims2()?;
+        if cache.kv.len() != self.layers.len() {
+            cache.kv = vec![None; self.layers.len()];
+            cache.len = 0;
+        }
+        let start = cache.len as u32;
+        let positions = Tensor::arange(start, start + n as u32, &self.device)?
+            .unsqueeze(0)?
+            .broadcast_as((b, n))?
+            .contiguous()?;
+        let (cos, sin) = self.rope_tables(&positions)?;
+        // Query i (absolute start+i) sees keys 0..=start+i.
+        let total = cache.len + n;
+        let first = cache.len;
+        let m: Vec<f32> = (0..n)
+            .flat_map(|i| (0..total).map(move |j| if j <= first + i { 0.0 } else { MASK_VALUE }))
+            .collect();
+        let mask = Tensor::from_vec(m, (1, 1, n, total), &self.device)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            n,
+            self.config.hidden_size,
+        ))?;
+        for (blk, slot) in self.layers.iter().zip(cache.kv.iter_mut()) {
+            x = self.block(blk, &x, &cos, &sin, &mask, Some(slot))?;
+        }
+        cache.len = total;
+        let last = x.i((.., n - 1..n, ..))?;
+        let normed = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+        Ok(Linear {
+            weight: self.lm_head.clone(),
+        }
+        .forward(&normed)?
+        .squeeze(1)?)
+    }
+}

@@ -1,0 +1,224 @@
+//! The Llama forward against `transformers` 5.23 (eager attention, f32), from fixtures written by
+//! `tests/reference/gen_model_fixtures.py`: logits at every real position and all L+1 hidden
+//! states, on a batch with full, left-padded and right-padded rows; GQA with llama3 RoPE scaling,
+//! and tied embeddings; both `config.json` layouts (5.x `rope_parameters`, 4.x `rope_scaling`);
+//! explicit `position_ids`; early exit; and bf16 within a stated tolerance.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use reprpo_models::{ForwardSpec, Llama, LlamaConfig};
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn load(name: &str, file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir(name).join(file), &Device::Cpu).unwrap()
+}
+
+/// Max |a - b| / (1 + |b|) over positions where `mask` ([B, T]) is 1; a, b: [B, T, ...].
+fn max_rel_err(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let (bs, t) = mask.dims2().unwrap();
+    let mask: Vec<Vec<i64>> = mask.to_dtype(DType::I64).unwrap().to_vec2().unwrap();
+    let mut worst = 0f32;
+    for i in 0..bs {
+        for j in 0..t {
+            if mask[i][j] == 0 {
+                continue;
+            }
+            let x: Vec<f32> = a
+                .get(i)
+                .unwrap()
+                .get(j)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let y: Vec<f32> = b
+                .get(i)
+                .unwrap()
+                .get(j)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (p, q) in x.iter().zip(&y) {
+                worst = worst.max((p - q).abs() / (1.0 + q.abs()));
+            }
+        }
+    }
+    worst
+}
+
+fn check_model(name: &str, config_file: Option<&str>) {
+    let inputs = load(name, "inputs.safetensors");
+    let expected = load(name, "expected.safetensors");
+    let model = match config_file {
+        None => Llama::load(&dir(name), DType::F32, &Device::Cpu).unwrap(),
+        Some(cfg) => {
+            let path = dir(name).join(cfg);
+            let config = reprpo_models::config::HfLlamaConfig::load(&path)
+                .unwrap()
+                .validate(&path)
+                .unwrap();
+            let tensors = reprpo_models::llama::load_safetensors(&dir(name), &Device::Cpu).unwrap();
+            Llama::from_tensors(config, tensors, &dir(name), DType::F32, &Device::Cpu).unwrap()
+        }
+    };
+    let ids = inputs["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = &inputs["attention_mask"];
+    let hs = &expected["hidden_states"];
+    let n_states = hs.dim(0).unwrap();
+    assert_eq!(n_states, model.config.num_layers + 1);
+    let spec = ForwardSpec {
+        hidden_layers: (0..n_states as isize).collect(),
+        logits: true,
+    };
+    let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
+    let err = max_rel_err(out.logits.as_ref().unwrap(), &expected["logits"], mask);
+    assert!(err < 1e-4, "{name}: logits rel err {err}");
+    for (i, h) in &out.hidden {
+        let err = max_rel_err(h, &hs.get(*i).unwrap(), mask);
+        assert!(err < 1e-4, "{name}: hidden state {i} rel err {err}");
+    }
+    // Explicit position ids (cumsum - 1, what generation uses with left padding).
+    let pos = inputs["position_ids_cumsum"].to_dtype(DType::U32).unwrap();
+    let out = model
+        .forward(&ids, Some(mask), Some(&pos), &ForwardSpec::logits())
+        .unwrap();
+    let err = max_rel_err(
+        out.logits.as_ref().unwrap(),
+        &expected["logits_cumsum_pos"],
+        mask,
+    );
+    assert!(
+        err < 1e-4,
+        "{name}: logits with cumsum positions rel err {err}"
+    );
+}
+
+#[test]
+fn llama_gqa_llama3_rope_matches_transformers() {
+    check_model("llama_gqa_rope3", None);
+}
+
+#[test]
+fn llama_tied_matches_transformers() {
+    check_model("llama_tied", None);
+}
+
+#[test]
+fn legacy_config_layout_gives_the_same_model() {
+    check_model("llama_gqa_rope3", Some("config_legacy.json"));
+    let a = LlamaConfig::from_dir(&dir("llama_gqa_rope3")).unwrap();
+    let path = dir("llama_gqa_rope3").join("config_legacy.json");
+    let b = reprpo_models::config::HfLlamaConfig::load(&path)
+        .unwrap()
+        .validate(&path)
+        .unwrap();
+    assert_eq!(a, b);
+}
+
+/// The llama3-scaled inverse frequencies equal transformers' (computed there in f32).
+#[test]
+fn rope_inv_freq_matches_transformers() {
+    let cfg = LlamaConfig::from_dir(&dir("llama_gqa_rope3")).unwrap();
+    let want: Vec<f32> = load("llama_gqa_rope3", "expected.safetensors")["rope_inv_freq"]
+        .to_vec1()
+        .unwrap();
+    let got = cfg.inv_freq();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            ((*g as f32) - w).abs() <= 1e-6 * w.abs().max(1e-3),
+            "{g} vs {w}"
+        );
+    }
+    // The scaling must actually change something at this config, or the test proves little.
+    let plain = LlamaConfig {
+        rope_scaling: reprpo_models::config::RopeScaling::None,
+        ..cfg.clone()
+    };
+    assert!(
+        plain
+            .inv_freq()
+            .iter()
+            .zip(&got)
+            .any(|(a, b)| (a - b).abs() > 1e-3)
+    );
+}
+
+/// Early exit: hidden states without logits stop after the deepest layer asked for, and agree
+/// with the full forward.
+#[test]
+fn early_exit_returns_the_same_states() {
+    let name = "llama_gqa_rope3";
+    let inputs = load(name, "inputs.safetensors");
+    let expected = load(name, "expected.safetensors");
+    let model = Llama::load(&dir(name), DType::F32, &Device::Cpu).unwrap();
+    let ids = inputs["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = &inputs["attention_mask"];
+    let spec = ForwardSpec {
+        hidden_layers: vec![2, 1, -2],
+        logits: false,
+    };
+    let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
+    assert!(out.logits.is_none());
+    let idx: Vec<usize> = out.hidden.iter().map(|(i, _)| *i).collect();
+    assert_eq!(idx, vec![2, 1, 2]);
+    for (i, h) in &out.hidden {
+        let err = max_rel_err(h, &expected["hidden_states"].get(*i).unwrap(), mask);
+        assert!(err < 1e-4, "hidden state {i} rel err {err}");
+    }
+    let bad = ForwardSpec {
+        hidden_layers: vec![4],
+        logits: false,
+    };
+    assert!(model.forward(&ids, Some(mask), None, &bad).is_err());
+}
+
+/// bf16 weights and activations: logits within 0.1 absolute + 5% relative of the f32 reference.
+/// bf16 keeps 8 bits of mantissa (relative precision 2^-8 ~ 0.4%); errors compound over 3 layers
+/// of matmuls with 64-96-wide reductions, so a few percent on logits of magnitude ~1-10 is the
+/// expected scale; a wrong mask, RoPE or norm would be off by far more (order 1-10).
+#[test]
+fn bf16_is_close_to_f32_reference() {
+    let name = "llama_gqa_rope3";
+    let inputs = load(name, "inputs.safetensors");
+    let expected = load(name, "expected.safetensors");
+    let model = Llama::load(&dir(name), DType::BF16, &Device::Cpu).unwrap();
+    let ids = inputs["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = &inputs["attention_mask"];
+    let out = model
+        .forward(&ids, Some(mask), None, &ForwardSpec::logits())
+        .unwrap();
+    let logits = out.logits.unwrap();
+    assert_eq!(logits.dtype(), DType::BF16);
+    let got = logits.to_dtype(DType::F32).unwrap();
+    let want = &expected["logits"];
+    let diff = (got - want).unwrap().abs().unwrap();
+    let tol = ((want.abs().unwrap() * 0.05).unwrap() + 0.1).unwrap();
+    let over = diff.gt(&tol).unwrap().to_dtype(DType::F32).unwrap();
+    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    let n_over: f32 = over
+        .broadcast_mul(&m)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(
+        n_over, 0.0,
+        "bf16 logits outside tolerance at {n_over} entries"
+    );
+}
