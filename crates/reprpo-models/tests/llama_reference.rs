@@ -26,12 +26,11 @@ fn load(name: &str, file: &str) -> HashMap<String, Tensor> {
 fn max_rel_err(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    let (bs, t) = mask.dims2().unwrap();
     let mask: Vec<Vec<i64>> = mask.to_dtype(DType::I64).unwrap().to_vec2().unwrap();
     let mut worst = 0f32;
-    for i in 0..bs {
-        for j in 0..t {
-            if mask[i][j] == 0 {
+    for (i, row) in mask.iter().enumerate() {
+        for (j, &m) in row.iter().enumerate() {
+            if m == 0 {
                 continue;
             }
             let x: Vec<f32> = a
