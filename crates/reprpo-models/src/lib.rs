@@ -10,5 +10,8 @@ pub mod config;
 pub mod llama;
 pub use config::LlamaConfig;
 pub use llama::{ForwardSpec, KvCache, Llama, Output};
+pub mod adapter;
 pub mod generate;
 pub mod llama2c;
+pub mod orth;
+pub mod peft;

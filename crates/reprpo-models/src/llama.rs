@@ -15,34 +15,12 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 
+use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 
 /// The additive mask value for disallowed attention: finite, so fully masked rows stay finite.
 pub const MASK_VALUE: f32 = -1e30;
-
-/// A frozen linear layer `y = x W^T` (no bias, as in Llama).
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// Weight `[out, in]`.
-    pub weight: Tensor,
-}
-
-impl Linear {
-    /// Apply to `x` of shape `[..., in]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (rows, inp) = (
-            dims[..dims.len() - 1].iter().product::<usize>(),
-            dims[dims.len() - 1],
-        );
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = self.weight.dim(0)?;
-        Ok(y.reshape(out)?)
-    }
-}
 
 /// RMSNorm as `transformers` computes it: in f32, then cast back and scaled.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -87,14 +65,18 @@ pub struct ForwardSpec {
     pub hidden_layers: Vec<isize>,
     /// Whether to compute logits (false: stop after the deepest requested layer).
     pub logits: bool,
+    /// Run with adapters off (the reference model), whatever adapter is active.
+    pub adapters_off: bool,
+    /// Training mode (adapter dropout).
+    pub train: bool,
 }
 
 impl ForwardSpec {
     /// Logits only.
     pub fn logits() -> Self {
         ForwardSpec {
-            hidden_layers: vec![],
             logits: true,
+            ..Default::default()
         }
     }
 }
@@ -128,6 +110,8 @@ pub struct Llama {
     inv_freq: Tensor,
     dtype: DType,
     device: Device,
+    /// Registered adapters.
+    pub adapters: AdapterSet,
 }
 
 fn take(
@@ -232,15 +216,16 @@ impl Llama {
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
             let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-                Ok(Linear {
-                    weight: take(
+                Ok(Linear::new(
+                    format!("{p}.{name}"),
+                    take(
                         &mut t,
                         &format!("{p}.{name}.weight"),
                         &[out, inp],
                         file,
                         dtype,
                     )?,
-                })
+                ))
             };
             let q = lin("self_attn.q_proj", c.num_heads * hd, h)?;
             let k = lin("self_attn.k_proj", c.num_kv_heads * hd, h)?;
@@ -291,6 +276,7 @@ impl Llama {
             inv_freq,
             dtype,
             device: device.clone(),
+            adapters: AdapterSet::default(),
         })
     }
 
@@ -364,6 +350,14 @@ impl Llama {
         };
         let (cos, sin) = self.rope_tables(&positions)?;
         let mask = self.mask(b, t, attention_mask)?;
+        let ctx = Ctx {
+            adapter: if spec.adapters_off {
+                None
+            } else {
+                self.adapters.active
+            },
+            train: spec.train,
+        };
         let mut x = self
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
@@ -373,7 +367,7 @@ impl Llama {
             states[0] = Some(x.clone());
         }
         for (l, block) in self.layers.iter().enumerate().take(deepest) {
-            x = self.block(block, &x, &cos, &sin, &mask, None)?;
+            x = self.block(block, &x, &cos, &sin, &mask, &ctx, None)?;
             let idx = l + 1;
             if idx < last_layer && wanted.contains(&idx) {
                 states[idx] = Some(x.clone());
@@ -386,12 +380,7 @@ impl Llama {
                 states[last_layer] = Some(normed.clone());
             }
             if spec.logits {
-                logits = Some(
-                    Linear {
-                        weight: self.lm_head.clone(),
-                    }
-                    .forward(&normed)?,
-                );
+                logits = Some(head(&normed, &self.lm_head)?);
             }
         }
         let hidden = wanted
@@ -419,6 +408,7 @@ impl Llama {
         Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         blk: &Block,
@@ -426,6 +416,7 @@ impl Llama {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
+        ctx: &Ctx,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -433,17 +424,17 @@ impl Llama {
         let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
         let q = blk
             .q
-            .forward(&h)?
+            .forward(&h, ctx)?
             .reshape((b, t, c.num_heads, c.head_dim))?
             .transpose(1, 2)?;
         let k = blk
             .k
-            .forward(&h)?
+            .forward(&h, ctx)?
             .reshape((b, t, c.num_kv_heads, c.head_dim))?
             .transpose(1, 2)?;
         let v = blk
             .v
-            .forward(&h)?
+            .forward(&h, ctx)?
             .reshape((b, t, c.num_kv_heads, c.head_dim))?
             .transpose(1, 2)?;
         let q = apply_rope(&q.contiguous()?, cos, sin)?;
@@ -479,11 +470,11 @@ impl Llama {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, c.num_heads * c.head_dim))?;
-        let x = (x + blk.o.forward(&attn)?)?;
+        let x = (x + blk.o.forward(&attn, ctx)?)?;
         let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
-        let gate = blk.gate.forward(&h)?;
+        let gate = blk.gate.forward(&h, ctx)?;
         let act = (gate.clone() * candle_nn::ops::sigmoid(&gate)?)?;
-        let mlp = blk.down.forward(&(act * blk.up.forward(&h)?)?)?;
+        let mlp = blk.down.forward(&(act * blk.up.forward(&h, ctx)?)?, ctx)?;
         Ok((x + mlp)?)
     }
 
@@ -513,16 +504,65 @@ impl Llama {
             n,
             self.config.hidden_size,
         ))?;
+        let ctx = Ctx {
+            adapter: self.adapters.active,
+            train: false,
+        };
         for (blk, slot) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            x = self.block(blk, &x, &cos, &sin, &mask, Some(slot))?;
+            x = self.block(blk, &x, &cos, &sin, &mask, &ctx, Some(slot))?;
         }
         cache.len = total;
         let last = x.i((.., n - 1..n, ..))?;
         let normed = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
-        Ok(Linear {
-            weight: self.lm_head.clone(),
-        }
-        .forward(&normed)?
-        .squeeze(1)?)
+        Ok(head(&normed, &self.lm_head)?.squeeze(1)?)
+    }
+}
+
+/// The output head `x W^T` (never adapted).
+fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, t, h) = x.dims3()?;
+    Ok(x.reshape((b * t, h))?
+        .matmul(&w.t()?)?
+        .reshape((b, t, w.dim(0)?))?)
+}
+
+impl Block {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
+impl AdapterHost for Llama {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|b| b.linears_mut())
+            .collect()
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        self.layers.iter().flat_map(|b| b.linears()).collect()
+    }
+
+    fn adapter_set(&self) -> &AdapterSet {
+        &self.adapters
+    }
+
+    fn adapter_set_mut(&mut self) -> &mut AdapterSet {
+        &mut self.adapters
     }
 }

@@ -1,0 +1,270 @@
+//! Adapters on linear layers, one mechanism for every kind: a [`Linear`] holds its frozen base
+//! weight and, per named adapter, a [`ModuleAdapter`] whose parameters are candle `Var`s (the only
+//! trainable tensors). Which adapter is active, whether adapters are off (the reference model is
+//! the same weights with the adapter off), and train mode travel in a [`Ctx`] with each forward.
+//!
+//! # Formulas (x: input `[N, in]`, W: base weight `[out, in]`)
+//! - base: `y = x W^T`
+//! - LoRA: `y = x W^T + s * dropout(x) A^T B^T`, A `[r, in]`, B `[out, r]`, s = alpha / r, or
+//!   alpha / sqrt(r) with rsLoRA. Only the adapter branch is scaled.
+//! - DoRA (PEFT): `W' = W + s B A`, `n = ||W'||` per output row (L2 over `in`), **detached**;
+//!   `y = (m / n) * (x W^T + s * dropout(x) A^T B^T)` with magnitude m `[out]` (when dropout is
+//!   off this is `x (m / n * W')^T`).
+//! - Orthogonal kinds (BOFT, OFT, HRA): `y = x (R W)^T`-style transforms, see `orth.rs`.
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{ModelError, Result};
+
+/// Per-forward adapter state.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ctx {
+    /// Index of the adapter to apply; `None`: base weights only.
+    pub adapter: Option<usize>,
+    /// Training mode (adapter dropout on).
+    pub train: bool,
+}
+
+/// LoRA / DoRA parameters of one linear layer.
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    /// `[r, in]`.
+    pub a: Var,
+    /// `[out, r]`.
+    pub b: Var,
+    /// DoRA magnitude `[out]`, when DoRA.
+    pub magnitude: Option<Var>,
+    /// alpha / r (or alpha / sqrt(r)).
+    pub scale: f64,
+    /// Dropout probability on the adapter input (training only).
+    pub dropout: f64,
+}
+
+/// One adapter on one linear layer.
+#[derive(Debug, Clone)]
+pub enum ModuleAdapter {
+    /// LoRA or DoRA.
+    Lora(LoraModule),
+    /// A weight transform (BOFT, OFT, HRA): the adapted weight is a function of the base weight.
+    Transform(std::sync::Arc<dyn WeightTransform>),
+}
+
+/// An adapter that replaces the base weight by a transformed one (orthogonal fine-tuning).
+pub trait WeightTransform: std::fmt::Debug + Send + Sync {
+    /// The adapted weight `[out, in]` from the base weight `w` (in the compute dtype).
+    fn weight(&self, w: &Tensor, train: bool) -> Result<Tensor>;
+    /// The trainable parameters with their PEFT key suffix (e.g. `boft_R`, `hra_u`).
+    fn params(&self) -> Vec<(String, Var)>;
+}
+
+impl ModuleAdapter {
+    /// Trainable parameters with their PEFT key suffix (`lora_A.weight`, ...).
+    pub fn params(&self) -> Vec<(String, Var)> {
+        match self {
+            ModuleAdapter::Lora(m) => {
+                let mut v = vec![
+                    ("lora_A.weight".to_string(), m.a.clone()),
+                    ("lora_B.weight".to_string(), m.b.clone()),
+                ];
+                if let Some(mag) = &m.magnitude {
+                    v.push(("lora_magnitude_vector".to_string(), mag.clone()));
+                }
+                v
+            }
+            ModuleAdapter::Transform(t) => t.params(),
+        }
+    }
+}
+
+/// A linear layer `y = x W^T` (no bias) with optional adapters.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Module path in Hugging Face naming (`model.layers.0.self_attn.q_proj`).
+    pub name: String,
+    /// Frozen base weight `[out, in]`.
+    pub weight: Tensor,
+    /// Adapter slot per registered adapter index (`None`: this adapter does not target it).
+    pub adapters: Vec<Option<ModuleAdapter>>,
+    /// When an adapter is merged into `weight`: its index and the original weight, restored
+    /// exactly by [`Linear::unmerge`].
+    pub merged: Option<(usize, Tensor)>,
+}
+
+fn flat(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims().to_vec();
+    let inp = dims[dims.len() - 1];
+    let rows = x.elem_count() / inp.max(1);
+    Ok((x.reshape((rows, inp))?, dims))
+}
+
+fn unflat(y: Tensor, mut dims: Vec<usize>, out: usize) -> Result<Tensor> {
+    let last = dims.len() - 1;
+    dims[last] = out;
+    Ok(y.reshape(dims)?)
+}
+
+/// `x` with entries zeroed with probability `p` and the rest scaled by 1/(1-p).
+fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = x.rand_like(0.0, 1.0)?.ge(p)?.to_dtype(x.dtype())?;
+    Ok((x * keep)?.affine(1.0 / (1.0 - p), 0.0)?)
+}
+
+impl Linear {
+    /// A layer without adapters.
+    pub fn new(name: String, weight: Tensor) -> Self {
+        Linear {
+            name,
+            weight,
+            adapters: vec![],
+            merged: None,
+        }
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Input features.
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    fn adapter(&self, ctx: &Ctx) -> Option<&ModuleAdapter> {
+        let i = ctx.adapter?;
+        if matches!(&self.merged, Some((j, _)) if *j == i) {
+            return None;
+        }
+        self.adapters.get(i)?.as_ref()
+    }
+
+    /// Apply to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let (x2, dims) = flat(x)?;
+        let out = self.out_dim();
+        let y = match self.adapter(ctx) {
+            None => x2.matmul(&self.weight.t()?)?,
+            Some(ModuleAdapter::Lora(m)) => {
+                let dt = x2.dtype();
+                let a = m.a.as_tensor().to_dtype(dt)?;
+                let b = m.b.as_tensor().to_dtype(dt)?;
+                let xin = if ctx.train {
+                    dropout(&x2, m.dropout)?
+                } else {
+                    x2.clone()
+                };
+                let base = x2.matmul(&self.weight.t()?)?;
+                let lora = (xin.matmul(&a.t()?)?.matmul(&b.t()?)? * m.scale)?;
+                match &m.magnitude {
+                    None => (base + lora)?,
+                    Some(mag) => {
+                        // PEFT: the norm of the adapted weight is detached (no gradient).
+                        let w = (self.weight.to_dtype(DType::F32)?
+                            + (m.b.as_tensor().matmul(m.a.as_tensor())? * m.scale)?)?;
+                        let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?.detach().squeeze(1)?;
+                        let factor = mag.as_tensor().div(&norm)?.to_dtype(dt)?.unsqueeze(0)?;
+                        (base + lora)?.broadcast_mul(&factor)?
+                    }
+                }
+            }
+            Some(ModuleAdapter::Transform(t)) => {
+                let w = t.weight(&self.weight, ctx.train)?;
+                x2.matmul(&w.t()?)?
+            }
+        };
+        unflat(y, dims, out)
+    }
+
+    /// The effective weight with adapter `i` applied (for merging and checks).
+    pub fn adapted_weight(&self, i: usize) -> Result<Tensor> {
+        let Some(Some(a)) = self.adapters.get(i) else {
+            return Ok(self.weight.clone());
+        };
+        let dt = self.weight.dtype();
+        Ok(match a {
+            ModuleAdapter::Lora(m) => {
+                let delta = (m.b.as_tensor().matmul(m.a.as_tensor())? * m.scale)?;
+                let w = (self.weight.to_dtype(DType::F32)? + delta)?;
+                match &m.magnitude {
+                    None => w.to_dtype(dt)?,
+                    Some(mag) => {
+                        let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+                        w.broadcast_mul(&mag.as_tensor().unsqueeze(1)?.div(&norm)?)?
+                            .to_dtype(dt)?
+                    }
+                }
+            }
+            ModuleAdapter::Transform(t) => t.weight(&self.weight, false)?,
+        })
+    }
+
+    /// Merge adapter `i` into the base weight (the forward then skips it). Merging while another
+    /// adapter is merged is an error. Returns whether anything was merged.
+    pub fn merge(&mut self, i: usize) -> Result<bool> {
+        if self.adapters.get(i).and_then(Option::as_ref).is_none() {
+            return Ok(false);
+        }
+        match &self.merged {
+            Some((j, _)) if *j == i => return Ok(false),
+            Some(_) => {
+                return Err(ModelError::Invalid(format!(
+                    "{}: another adapter is already merged; unmerge it first",
+                    self.name
+                )));
+            }
+            None => {}
+        }
+        let adapted = self.adapted_weight(i)?;
+        let original = std::mem::replace(&mut self.weight, adapted);
+        self.merged = Some((i, original));
+        Ok(true)
+    }
+
+    /// Restore the exact base weight if an adapter is merged.
+    pub fn unmerge(&mut self) {
+        if let Some((_, w)) = self.merged.take() {
+            self.weight = w;
+        }
+    }
+
+    /// The base weight without any merged adapter.
+    pub fn base_weight(&self) -> &Tensor {
+        match &self.merged {
+            Some((_, w)) => w,
+            None => &self.weight,
+        }
+    }
+}
+
+/// The adapters registered on a model: names, which one is active, and their configs.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterSet {
+    /// Adapter names by index.
+    pub names: Vec<String>,
+    /// Their configs.
+    pub configs: Vec<crate::peft::AdapterConfig>,
+    /// The active adapter (applied unless a forward turns adapters off).
+    pub active: Option<usize>,
+}
+
+impl AdapterSet {
+    /// Index of adapter `name`.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+}
+
+/// A model whose linear layers can carry adapters (one implementation per architecture).
+pub trait AdapterHost {
+    /// Every adaptable linear layer (not `lm_head`), in a fixed order, with its module path.
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
+    /// Every adaptable linear layer, read-only.
+    fn linears(&self) -> Vec<&Linear>;
+    /// The registry.
+    fn adapter_set(&self) -> &AdapterSet;
+    /// The registry, mutable.
+    fn adapter_set_mut(&mut self) -> &mut AdapterSet;
+}
