@@ -82,6 +82,7 @@ fn check_model(name: &str, config_file: Option<&str>) {
     let spec = ForwardSpec {
         hidden_layers: (0..n_states as isize).collect(),
         logits: true,
+        ..Default::default()
     };
     let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
     let err = max_rel_err(out.logits.as_ref().unwrap(), &expected["logits"], mask);
@@ -170,6 +171,7 @@ fn early_exit_returns_the_same_states() {
     let spec = ForwardSpec {
         hidden_layers: vec![2, 1, -2],
         logits: false,
+        ..Default::default()
     };
     let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
     assert!(out.logits.is_none());
@@ -182,6 +184,7 @@ fn early_exit_returns_the_same_states() {
     let bad = ForwardSpec {
         hidden_layers: vec![4],
         logits: false,
+        ..Default::default()
     };
     assert!(model.forward(&ids, Some(mask), None, &bad).is_err());
 }
