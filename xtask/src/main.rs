@@ -125,6 +125,23 @@ enum DataCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Time a forward + backward (LoRA gradients) of a randomly initialised Llama
+    /// (the Rust side of tests/reference/bench_step.py).
+    Step {
+        /// Shape: `tiny` (vocab 512, hidden 128, 4 layers) or `small` (vocab 32000, hidden 512, 8 layers),
+        /// as in ../shared/anchors/pytorch_anchor.py.
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        /// Sequences (2 x pairs).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        /// Timed steps (median reported, after 2 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
     /// Time tokenising + collating pairs (the Rust side of tests/reference/bench_tokenize.py).
     Tokenize {
         #[command(flatten)]
@@ -342,6 +359,12 @@ fn run(cli: Cli) -> Result<()> {
             println!("{report}");
             Ok(())
         }
+        Cmd::Bench(BenchCmd::Step {
+            preset,
+            batch,
+            seq,
+            steps,
+        }) => bench_step(&preset, batch, seq, steps),
         Cmd::Bench(BenchCmd::Tokenize {
             input,
             tokenizer: tok_dir,
@@ -375,6 +398,119 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB, where /proc has it.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn bench_step(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use reprpo_models::{ForwardSpec, Llama, peft};
+    let (vocab, h, inter, layers, heads, kv) = match preset {
+        "tiny" => (512, 128, 384, 4, 4, 2),
+        "small" => (32000, 512, 1408, 8, 8, 4),
+        other => bail!("unknown preset `{other}` (tiny, small)"),
+    };
+    let dev = Device::Cpu;
+    let hd = h / heads;
+    let cfg = reprpo_models::LlamaConfig {
+        hidden_size: h,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim: hd,
+        vocab_size: vocab,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        rope_scaling: reprpo_models::config::RopeScaling::None,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: true,
+    };
+    let mut t = std::collections::HashMap::new();
+    let rnd = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev);
+    t.insert("model.embed_tokens.weight".to_string(), rnd(&[vocab, h])?);
+    t.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(h, DType::F32, &dev)?,
+    );
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (n, o, i) in [
+            ("self_attn.q_proj", heads * hd, h),
+            ("self_attn.k_proj", kv * hd, h),
+            ("self_attn.v_proj", kv * hd, h),
+            ("self_attn.o_proj", h, heads * hd),
+            ("mlp.gate_proj", inter, h),
+            ("mlp.up_proj", inter, h),
+            ("mlp.down_proj", h, inter),
+        ] {
+            t.insert(format!("{p}.{n}.weight"), rnd(&[o, i])?);
+        }
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &dev)?,
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &dev)?,
+        );
+    }
+    let mut model = Llama::from_tensors(cfg, t, Path::new("random"), DType::F32, &dev)?;
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    peft::add_adapter(
+        &mut model,
+        "default",
+        peft::AdapterConfig::lora(16, 16.0, &targets),
+        None,
+        0,
+    )?;
+    let params = peft::adapter_params(&model, 0);
+    let ids = Tensor::rand(0f32, vocab as f32, (batch, seq), &dev)?.to_dtype(DType::U32)?;
+    let weight = Tensor::randn(0f32, 1.0, (batch, seq, vocab), &dev)?;
+    let mut times = Vec::new();
+    for i in 0..steps + 2 {
+        let t0 = Instant::now();
+        let out = model.forward(&ids, None, None, &ForwardSpec::logits())?;
+        let logits = out.logits.context("no logits")?;
+        let s = (logits * &weight)?.sum_all()?;
+        let grads = s.backward()?;
+        let n = params
+            .iter()
+            .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+            .count();
+        if n != params.len() {
+            bail!(
+                "only {n} of {} adapter parameters got a gradient",
+                params.len()
+            );
+        }
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({"preset": preset, "batch": batch, "seq": seq, "median_s": median,
+            "tokens_per_s": (batch * seq) as f64 / median, "peak_rss_mib": peak_rss_mib(),
+            "adapter_params": params.len()})
+    );
+    Ok(())
 }
 
 fn main() {

@@ -146,7 +146,7 @@ impl Linear {
         let (x2, dims) = flat(x)?;
         let out = self.out_dim();
         let y = match self.adapter(ctx) {
-            None => x2.matmul(&self.weight.t()?)?,
+            None => crate::frozen::frozen_matmul(&x2, &self.weight)?,
             Some(ModuleAdapter::Lora(m)) => {
                 let dt = x2.dtype();
                 let a = m.a.as_tensor().to_dtype(dt)?;
@@ -156,7 +156,7 @@ impl Linear {
                 } else {
                     x2.clone()
                 };
-                let base = x2.matmul(&self.weight.t()?)?;
+                let base = crate::frozen::frozen_matmul(&x2, &self.weight)?;
                 let lora = (xin.matmul(&a.t()?)?.matmul(&b.t()?)? * m.scale)?;
                 match &m.magnitude {
                     None => (base + lora)?,

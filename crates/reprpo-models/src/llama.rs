@@ -32,7 +32,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// `rotate_half`: `[x1, x2] -> [-x2, x1]` on the last dimension.
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -93,7 +93,7 @@ pub struct Output {
 /// Per-layer key/value cache for generation.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) kv: Vec<Option<(Tensor, Tensor)>>,
     /// Tokens already in the cache.
     pub len: usize,
 }
@@ -114,7 +114,7 @@ pub struct Llama {
     pub adapters: AdapterSet,
 }
 
-fn take(
+pub(crate) fn take(
     map: &mut HashMap<String, Tensor>,
     name: &str,
     shape: &[usize],
@@ -519,7 +519,7 @@ impl Llama {
 }
 
 /// The output head `x W^T` (never adapted).
-fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, t, h) = x.dims3()?;
     Ok(x.reshape((b * t, h))?
         .matmul(&w.t()?)?

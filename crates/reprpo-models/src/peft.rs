@@ -273,14 +273,18 @@ impl AdapterConfig {
                 None => return Err(cfg_err(file, k, "unknown key")),
             }
         }
-        Ok(AdapterConfig {
+        let config = AdapterConfig {
             peft_type,
             kind,
             target,
             layers_to_transform,
             layers_pattern,
             raw,
-        })
+        };
+        if matches!(config.kind, AdapterKind::Orth(_)) {
+            crate::orth::validate(&config, file)?;
+        }
+        Ok(config)
     }
 
     /// Read `dir/adapter_config.json`.

@@ -1,0 +1,887 @@
+//! The Phi-3 forward against `transformers` 5.23 (eager attention, f32) and PEFT 0.21.2, from
+//! fixtures written by `tests/reference/gen_model_fixtures.py`: logits and all L+1 hidden states
+//! at real positions of a padded batch, plain RoPE and LongRoPE (short factors, long factors and
+//! the per-batch choice between them), both `config.json` layouts, the RoPE tables, LoRA and BOFT
+//! adapters on the fused `qkv_proj` / `gate_up_proj` layers (outputs and gradients), the KV cache,
+//! sliding-window attention and partial rotary embeddings (against values computed with
+//! transformers, see [`SLIDING_WINDOW_5`]), and config errors that name the key.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use reprpo_models::phi3::{HfPhi3Config, Phi3Rope};
+use reprpo_models::{ForwardSpec, KvCache, Phi3, Phi3Config, peft};
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn load(name: &str, file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir(name).join(file), &Device::Cpu).unwrap()
+}
+
+fn config_json(name: &str, file: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(name).join(file)).unwrap()).unwrap()
+}
+
+fn validate(v: serde_json::Value) -> reprpo_models::Result<Phi3Config> {
+    let cfg: HfPhi3Config = serde_json::from_value(v).unwrap();
+    cfg.validate(std::path::Path::new("config.json"))
+}
+
+/// The model `name` with the config from `config` (a possibly edited `config.json`).
+fn model_with(name: &str, config: serde_json::Value, dtype: DType) -> Phi3 {
+    let config = validate(config).unwrap();
+    let tensors = reprpo_models::llama::load_safetensors(&dir(name), &Device::Cpu).unwrap();
+    Phi3::from_tensors(config, tensors, &dir(name), dtype, &Device::Cpu).unwrap()
+}
+
+/// Max |a - b| / (1 + |b|) over positions where `mask` ([B, T]) is 1; a, b: [B, T, ...].
+fn max_rel_err(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let mask: Vec<Vec<i64>> = mask.to_dtype(DType::I64).unwrap().to_vec2().unwrap();
+    let mut worst = 0f32;
+    for (i, row) in mask.iter().enumerate() {
+        for (j, &m) in row.iter().enumerate() {
+            if m == 0 {
+                continue;
+            }
+            let x: Vec<f32> = a
+                .get(i)
+                .unwrap()
+                .get(j)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let y: Vec<f32> = b
+                .get(i)
+                .unwrap()
+                .get(j)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (p, q) in x.iter().zip(&y) {
+                worst = worst.max((p - q).abs() / (1.0 + q.abs()));
+            }
+        }
+    }
+    worst
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn u32s(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
+}
+
+/// Logits and every hidden state of the plain forward (`position_ids` = None), and logits with the
+/// cumsum positions, at real positions.
+fn check_model(name: &str, config_file: &str) {
+    let inputs = load(name, "inputs.safetensors");
+    let expected = load(name, "expected.safetensors");
+    let model = model_with(name, config_json(name, config_file), DType::F32);
+    let ids = u32s(&inputs["input_ids"]);
+    let mask = &inputs["attention_mask"];
+    let hs = &expected["hidden_states"];
+    let n_states = hs.dim(0).unwrap();
+    assert_eq!(n_states, model.config.num_layers + 1);
+    let spec = ForwardSpec {
+        hidden_layers: (0..n_states as isize).collect(),
+        logits: true,
+        ..Default::default()
+    };
+    let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
+    let err = max_rel_err(out.logits.as_ref().unwrap(), &expected["logits"], mask);
+    eprintln!("{name} ({config_file}): logits rel err {err:.2e}");
+    assert!(err < 1e-4, "{name}: logits rel err {err}");
+    assert_eq!(out.hidden.len(), n_states);
+    for (i, h) in &out.hidden {
+        let err = max_rel_err(h, &hs.get(*i).unwrap(), mask);
+        eprintln!("{name} ({config_file}): hidden state {i} rel err {err:.2e}");
+        assert!(err < 1e-4, "{name}: hidden state {i} rel err {err}");
+    }
+    // The explicit plain positions give the same; the cumsum ones give `logits_cumsum_pos`.
+    let pos = u32s(&inputs["position_ids"]);
+    let out2 = model
+        .forward(&ids, Some(mask), Some(&pos), &ForwardSpec::logits())
+        .unwrap();
+    assert_eq!(
+        max_abs(out2.logits.as_ref().unwrap(), out.logits.as_ref().unwrap()),
+        0.0
+    );
+    let pos = u32s(&inputs["position_ids_cumsum"]);
+    let out = model
+        .forward(&ids, Some(mask), Some(&pos), &ForwardSpec::logits())
+        .unwrap();
+    let err = max_rel_err(
+        out.logits.as_ref().unwrap(),
+        &expected["logits_cumsum_pos"],
+        mask,
+    );
+    eprintln!("{name} ({config_file}): cumsum-position logits rel err {err:.2e}");
+    assert!(err < 1e-4, "{name}: cumsum-position logits rel err {err}");
+}
+
+#[test]
+fn phi3_mini_matches_transformers() {
+    check_model("phi3_mini", "config.json");
+}
+
+#[test]
+fn phi3_longrope_matches_transformers() {
+    check_model("phi3_longrope", "config.json");
+}
+
+/// The 4.x layout (`rope_theta`, `rope_scaling` with `type`) gives the same config and outputs.
+#[test]
+fn legacy_config_layout_gives_the_same_model() {
+    for name in ["phi3_mini", "phi3_longrope"] {
+        check_model(name, "config_legacy.json");
+        let a = Phi3Config::from_dir(&dir(name)).unwrap();
+        let b = Phi3Config::from_file(&dir(name).join("config_legacy.json")).unwrap();
+        assert_eq!(a, b, "{name}");
+    }
+    let cfg = Phi3Config::from_dir(&dir("phi3_longrope")).unwrap();
+    match &cfg.rope {
+        Phi3Rope::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } => {
+            assert_eq!(*original_max_position_embeddings, 16);
+            // sqrt(1 + ln(64 / 16) / ln(16)) = sqrt(1.5)
+            assert!((attention_factor - 1.5f64.sqrt()).abs() < 1e-12);
+        }
+        other => panic!("expected LongRoPE, got {other:?}"),
+    }
+}
+
+/// `cos`, `sin` (attention factor included) and `inv_freq` equal transformers' for positions
+/// 0..19 (long factors on phi3_longrope: 20 > 16) and 0..11 (short factors).
+#[test]
+fn rope_tables_match_transformers() {
+    let check = |name: &str, t: usize, prefix: &str, long: bool| {
+        let model = Phi3::load(&dir(name), DType::F32, &Device::Cpu).unwrap();
+        let expected = load(name, "expected.safetensors");
+        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let (cos, sin) = model.rope_tables(&pos).unwrap();
+        let cos = cos.squeeze(0).unwrap().squeeze(0).unwrap();
+        let sin = sin.squeeze(0).unwrap().squeeze(0).unwrap();
+        let ec = max_abs(&cos, &expected[&format!("{prefix}rope_cos")]);
+        let es = max_abs(&sin, &expected[&format!("{prefix}rope_sin")]);
+        let want: Vec<f32> = expected[&format!("{prefix}rope_inv_freq")]
+            .to_vec1()
+            .unwrap();
+        let got = model.config.inv_freq(long);
+        assert_eq!(got.len(), want.len());
+        let ef = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs() / w.abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name} {prefix}: cos {ec:.2e}, sin {es:.2e} max abs err; inv_freq rel {ef:.2e}");
+        assert!(
+            ec < 1e-5 && es < 1e-5,
+            "{name} {prefix}: cos {ec}, sin {es}"
+        );
+        assert!(ef < 1e-6, "{name} {prefix}: inv_freq rel err {ef}");
+    };
+    check("phi3_mini", 20, "", false);
+    check("phi3_longrope", 20, "", true);
+    check("phi3_longrope", 12, "short_", false);
+    // The two factor sets really differ, so the choice is tested.
+    let cfg = Phi3Config::from_dir(&dir("phi3_longrope")).unwrap();
+    assert!(
+        cfg.inv_freq(true)
+            .iter()
+            .zip(cfg.inv_freq(false))
+            .any(|(a, b)| (a - b).abs() > 1e-3 * b)
+    );
+    assert!(!cfg.uses_long_factors(16) && cfg.uses_long_factors(17));
+}
+
+/// T = 12 (max position 11 <= 16): the short factors; logits and hidden states.
+#[test]
+fn longrope_short_batch_uses_short_factors() {
+    let name = "phi3_longrope";
+    let inputs = load(name, "inputs.safetensors");
+    let expected = load(name, "expected.safetensors");
+    let model = Phi3::load(&dir(name), DType::F32, &Device::Cpu).unwrap();
+    let ids = u32s(&inputs["short_input_ids"]);
+    let mask = &inputs["short_attention_mask"];
+    let pos = u32s(&inputs["short_position_ids"]);
+    let spec = ForwardSpec {
+        hidden_layers: vec![0, 1, 2],
+        logits: true,
+        ..Default::default()
+    };
+    for p in [None, Some(&pos)] {
+        let out = model.forward(&ids, Some(mask), p, &spec).unwrap();
+        let err = max_rel_err(
+            out.logits.as_ref().unwrap(),
+            &expected["short_logits"],
+            mask,
+        );
+        eprintln!("short batch: logits rel err {err:.2e}");
+        assert!(err < 1e-4, "short logits rel err {err}");
+        for (i, h) in &out.hidden {
+            let err = max_rel_err(h, &expected["short_hidden_states"].get(*i).unwrap(), mask);
+            eprintln!("short batch: hidden state {i} rel err {err:.2e}");
+            assert!(err < 1e-4, "short hidden state {i} rel err {err}");
+        }
+    }
+}
+
+/// All rows left-padded: plain positions (max 19) use the long factors, cumsum positions (max 15)
+/// the short ones, and the valid logits really differ between the two.
+#[test]
+fn longrope_factor_choice_follows_the_batch_positions() {
+    let name = "phi3_longrope";
+    let inputs = load(name, "inputs.safetensors");
+    let expected = load(name, "expected.safetensors");
+    let model = Phi3::load(&dir(name), DType::F32, &Device::Cpu).unwrap();
+    let ids = u32s(&inputs["allleft_input_ids"]);
+    let mask = &inputs["allleft_attention_mask"];
+    let plain = model
+        .forward(&ids, Some(mask), None, &ForwardSpec::logits())
+        .unwrap()
+        .logits
+        .unwrap();
+    let err = max_rel_err(&plain, &expected["allleft_logits"], mask);
+    eprintln!("all-left, plain positions (long factors): logits rel err {err:.2e}");
+    assert!(err < 1e-4, "all-left plain logits rel err {err}");
+    let pos = u32s(&inputs["allleft_position_ids"]);
+    let again = model
+        .forward(&ids, Some(mask), Some(&pos), &ForwardSpec::logits())
+        .unwrap()
+        .logits
+        .unwrap();
+    assert_eq!(max_abs(&again, &plain), 0.0);
+    let pos = u32s(&inputs["allleft_position_ids_cumsum"]);
+    let cumsum = model
+        .forward(&ids, Some(mask), Some(&pos), &ForwardSpec::logits())
+        .unwrap()
+        .logits
+        .unwrap();
+    let err = max_rel_err(&cumsum, &expected["allleft_logits_cumsum_pos"], mask);
+    eprintln!("all-left, cumsum positions (short factors): logits rel err {err:.2e}");
+    assert!(err < 1e-4, "all-left cumsum logits rel err {err}");
+    let apart = max_rel_err(
+        &expected["allleft_logits"],
+        &expected["allleft_logits_cumsum_pos"],
+        mask,
+    );
+    assert!(
+        apart > 1e-2,
+        "the two factor sets give the same logits ({apart})"
+    );
+}
+
+/// Early exit: hidden states without logits stop after the deepest layer asked for.
+#[test]
+fn early_exit_returns_the_same_states() {
+    let name = "phi3_mini";
+    let inputs = load(name, "inputs.safetensors");
+    let expected = load(name, "expected.safetensors");
+    let model = Phi3::load(&dir(name), DType::F32, &Device::Cpu).unwrap();
+    let ids = u32s(&inputs["input_ids"]);
+    let mask = &inputs["attention_mask"];
+    let spec = ForwardSpec {
+        hidden_layers: vec![1, -2, 0],
+        logits: false,
+        ..Default::default()
+    };
+    let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
+    assert!(out.logits.is_none());
+    let idx: Vec<usize> = out.hidden.iter().map(|(i, _)| *i).collect();
+    assert_eq!(idx, vec![1, 1, 0]);
+    for (i, h) in &out.hidden {
+        let err = max_rel_err(h, &expected["hidden_states"].get(*i).unwrap(), mask);
+        assert!(err < 1e-4, "hidden state {i} rel err {err}");
+    }
+    let bad = ForwardSpec {
+        hidden_layers: vec![3],
+        ..Default::default()
+    };
+    assert!(model.forward(&ids, Some(mask), None, &bad).is_err());
+}
+
+/// bf16: logits within 0.1 absolute + 5% relative of the f32 reference (as for Llama: 8 bits of
+/// mantissa compounded over the layers; a wrong mask, RoPE or attention factor is off by far more).
+#[test]
+fn bf16_is_close_to_f32_reference() {
+    let name = "phi3_longrope";
+    let inputs = load(name, "inputs.safetensors");
+    let expected = load(name, "expected.safetensors");
+    let model = Phi3::load(&dir(name), DType::BF16, &Device::Cpu).unwrap();
+    let ids = u32s(&inputs["input_ids"]);
+    let mask = &inputs["attention_mask"];
+    let logits = model
+        .forward(&ids, Some(mask), None, &ForwardSpec::logits())
+        .unwrap()
+        .logits
+        .unwrap();
+    assert_eq!(logits.dtype(), DType::BF16);
+    let got = logits.to_dtype(DType::F32).unwrap();
+    let want = &expected["logits"];
+    let diff = (got - want).unwrap().abs().unwrap();
+    let tol = ((want.abs().unwrap() * 0.05).unwrap() + 0.1).unwrap();
+    let over = diff.gt(&tol).unwrap().to_dtype(DType::F32).unwrap();
+    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    let n_over: f32 = over
+        .broadcast_mul(&m)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(
+        n_over, 0.0,
+        "bf16 logits outside tolerance at {n_over} entries"
+    );
+}
+
+/// Max |a - b| over positions where `mask` is 1, divided by max |b| there (normwise relative).
+fn rel_err_masked(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().broadcast_mul(&m).unwrap();
+    let scale = b.abs().unwrap().broadcast_mul(&m).unwrap();
+    let d: f32 = diff
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let s: f32 = scale
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    d / s.max(1e-12)
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let s: f32 = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    max_abs(a, b) / s.max(1e-12)
+}
+
+/// Load `adapter` on phi3_mini; compare outputs and gradients with PEFT's (as
+/// `adapters_reference.rs`).
+fn check_adapter(adapter: &str) {
+    let dir = dir("phi3_mini");
+    let adir = dir.join("adapters").join(adapter);
+    let st = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let inputs = st(dir.join("adapters/inputs.safetensors"));
+    let expected = st(adir.join("expected.safetensors"));
+    let want_grads = st(adir.join("gradients.safetensors"));
+    let mut model = Phi3::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    peft::load_adapter(&mut model, &adir, "default").unwrap();
+    let ids = u32s(&inputs["input_ids"]);
+    let mask = &inputs["attention_mask"];
+    let pos = u32s(&inputs["position_ids"]);
+    let spec = ForwardSpec {
+        hidden_layers: vec![1, 2],
+        logits: true,
+        ..Default::default()
+    };
+    let out = model.forward(&ids, Some(mask), Some(&pos), &spec).unwrap();
+    let logits = out.logits.unwrap();
+    let e = rel_err_masked(&logits, &expected["logits"], mask);
+    eprintln!("{adapter}: logits rel err {e:.2e}");
+    assert!(e < 1e-4, "{adapter}: logits rel err {e}");
+    for (i, h) in &out.hidden {
+        let e = rel_err_masked(h, &expected[&format!("hidden_states_{i}")], mask);
+        eprintln!("{adapter}: hidden {i} rel err {e:.2e}");
+        assert!(e < 1e-4, "{adapter}: hidden {i} rel err {e}");
+    }
+    let off = ForwardSpec {
+        adapters_off: true,
+        ..ForwardSpec::logits()
+    };
+    let base_logits = model
+        .forward(&ids, Some(mask), Some(&pos), &off)
+        .unwrap()
+        .logits
+        .unwrap();
+    let e = rel_err_masked(&base_logits, &inputs["logits_base"], mask);
+    eprintln!("{adapter}: adapter-off logits rel err {e:.2e}");
+    assert!(e < 1e-4, "{adapter}: adapter-off logits rel err {e}");
+    assert!(
+        rel_err_masked(&logits, &base_logits, mask) > 1e-3,
+        "{adapter}: the adapter changes nothing"
+    );
+    let s = (&logits * &inputs["grad_weight"])
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let want_s: Vec<f32> = expected["objective"].to_vec1().unwrap();
+    let got_s: f32 = s.to_scalar().unwrap();
+    assert!(
+        (got_s - want_s[0]).abs() < 1e-3,
+        "{adapter}: objective {got_s} vs {}",
+        want_s[0]
+    );
+    let grads = s.backward().unwrap();
+    let params = peft::adapter_params(&model, 0);
+    assert_eq!(params.len(), want_grads.len(), "{adapter}: parameter count");
+    let mut worst = 0f32;
+    for (name, var) in &params {
+        let want = want_grads
+            .get(name)
+            .unwrap_or_else(|| panic!("{adapter}: PEFT has no gradient named {name}"));
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{adapter}: no gradient reached {name}"));
+        assert_eq!(got.dims(), want.dims(), "{adapter}: {name} shape");
+        let zero = Tensor::zeros_like(want).unwrap();
+        assert!(
+            max_abs(got, &zero) > 0.0 || max_abs(want, &zero) == 0.0,
+            "{adapter}: zero gradient at {name}"
+        );
+        let e = rel_err(got, want);
+        worst = worst.max(e);
+        assert!(e < 1e-4, "{adapter}: gradient {name} rel err {e}");
+    }
+    eprintln!(
+        "{adapter}: {} gradients, worst rel err {worst:.2e}",
+        params.len()
+    );
+}
+
+#[test]
+fn lora_on_fused_layers_matches_peft() {
+    check_adapter("lora_r4");
+}
+
+#[test]
+fn boft_on_fused_layers_matches_peft() {
+    check_adapter("boft_factor1");
+}
+
+/// Logits of a cached forward (4 tokens, then one at a time) equal the full forward's.
+fn cached_matches_full(model: &Phi3, ids: &[u32]) -> f32 {
+    let row = |xs: &[u32]| Tensor::new(xs, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let full = model
+        .forward(&row(ids), None, None, &ForwardSpec::logits())
+        .unwrap()
+        .logits
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let mut cache = KvCache::default();
+    let mut got = vec![model.forward_cached(&row(&ids[..4]), &mut cache).unwrap()];
+    for &t in &ids[4..] {
+        got.push(model.forward_cached(&row(&[t]), &mut cache).unwrap());
+    }
+    assert_eq!(cache.len, ids.len());
+    let mut worst = 0f32;
+    for (k, g) in got.iter().enumerate() {
+        let p = 3 + k;
+        let d = max_abs(&g.squeeze(0).unwrap(), &full.get(p).unwrap());
+        worst = worst.max(d);
+    }
+    worst
+}
+
+#[test]
+fn cached_and_full_forward_agree() {
+    let inputs = load("phi3_mini", "inputs.safetensors");
+    let ids: Vec<u32> = u32s(&inputs["input_ids"])
+        .get(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let model = Phi3::load(&dir("phi3_mini"), DType::F32, &Device::Cpu).unwrap();
+    let worst = cached_matches_full(&model, &ids);
+    eprintln!("phi3_mini: cached vs full max abs diff {worst:.2e}");
+    assert!(worst < 1e-4, "cached vs full: {worst}");
+}
+
+/// LongRoPE with a cache: below the switch point the cached logits equal a full forward over the
+/// prefix (short factors); the step that crosses it is refused until the cache is refilled, and
+/// after the refill (long factors for everything, as transformers' generation does) the cached
+/// logits equal the full forward again.
+#[test]
+fn longrope_cache_refills_at_the_switch_point() {
+    let name = "phi3_longrope";
+    let inputs = load(name, "inputs.safetensors");
+    let ids: Vec<u32> = u32s(&inputs["input_ids"])
+        .get(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let model = Phi3::load(&dir(name), DType::F32, &Device::Cpu).unwrap();
+    let row = |xs: &[u32]| Tensor::new(xs, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let last_of_full = |xs: &[u32]| {
+        let l = model
+            .forward(&row(xs), None, None, &ForwardSpec::logits())
+            .unwrap()
+            .logits
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        l.get(xs.len() - 1).unwrap()
+    };
+    let mut cache = KvCache::default();
+    let mut worst = 0f32;
+    let first = model.forward_cached(&row(&ids[..4]), &mut cache).unwrap();
+    worst = worst.max(max_abs(
+        &first.squeeze(0).unwrap(),
+        &last_of_full(&ids[..4]),
+    ));
+    for p in 4..ids.len() {
+        if model.cache_needs_refill(&cache, 1) {
+            assert_eq!(p, 16, "the switch comes when the 17th token arrives");
+            let err = model
+                .forward_cached(&row(&[ids[p]]), &mut cache)
+                .unwrap_err();
+            assert!(err.to_string().contains("reset the cache"), "{err}");
+            cache = KvCache::default();
+            let g = model.forward_cached(&row(&ids[..=p]), &mut cache).unwrap();
+            worst = worst.max(max_abs(&g.squeeze(0).unwrap(), &last_of_full(&ids[..=p])));
+            continue;
+        }
+        let g = model.forward_cached(&row(&[ids[p]]), &mut cache).unwrap();
+        worst = worst.max(max_abs(&g.squeeze(0).unwrap(), &last_of_full(&ids[..=p])));
+    }
+    assert_eq!(cache.len, ids.len());
+    eprintln!("phi3_longrope: cached vs full-prefix max abs diff {worst:.2e}");
+    assert!(worst < 1e-4, "cached vs full prefix: {worst}");
+    // The whole 20-token sequence at once (long factors) agrees with the last cached step, and
+    // an early position of it differs from the short-factor prefix forward: the switch matters.
+    let full = model
+        .forward(&row(&ids), None, None, &ForwardSpec::logits())
+        .unwrap()
+        .logits
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert!(max_abs(&full.get(10).unwrap(), &last_of_full(&ids[..11])) > 1e-3);
+}
+
+/// phi3_mini's logits with `sliding_window = 5` from transformers 5.23 (eager, f32) on the
+/// fixture batch, `logits[b, t, :8]` at (b, t) = (0, 19), (1, 12), (2, 9), (3, 17). Computed with
+/// `Phi3Config(**config_json, sliding_window=5)`, the fixture weights, `attention_mask` and no
+/// `position_ids` (`/work/venvs/models`, a one-off script). Every listed position lies past the
+/// window, and these logits differ from the window-free ones by up to 3.9.
+const SLIDING_WINDOW_5: [((usize, usize), [f32; 8]); 4] = [
+    (
+        (0, 19),
+        [
+            1.490141e+00,
+            -1.080231e-01,
+            9.888641e-01,
+            4.701864e-01,
+            -5.129514e-03,
+            -3.399529e-01,
+            9.526123e-02,
+            -4.464933e-01,
+        ],
+    ),
+    (
+        (1, 12),
+        [
+            -5.199972e-02,
+            5.821342e-01,
+            -7.790987e-01,
+            -8.389901e-01,
+            3.531244e-01,
+            -5.609987e-01,
+            2.575996e-01,
+            -8.621668e-01,
+        ],
+    ),
+    (
+        (2, 9),
+        [
+            1.955973e+00,
+            4.292292e-01,
+            5.398737e-01,
+            -7.022727e-01,
+            2.242712e-01,
+            5.047444e-01,
+            4.6091e-01,
+            -8.428323e-02,
+        ],
+    ),
+    (
+        (3, 17),
+        [
+            7.96223e-01,
+            2.756087e-02,
+            -1.262291e+00,
+            -1.580207e-01,
+            -5.277923e-01,
+            -4.613422e-01,
+            -7.250186e-01,
+            2.52652e-01,
+        ],
+    ),
+];
+
+/// As [`SLIDING_WINDOW_5`], with `rope_parameters.partial_rotary_factor = 0.5` (8 of 16 features
+/// rotated) and no sliding window; they differ from the full-rotary logits by up to 2.1.
+const PARTIAL_ROTARY_HALF: [((usize, usize), [f32; 8]); 4] = [
+    (
+        (0, 19),
+        [
+            1.126122e+00,
+            1.700545e+00,
+            6.895525e-02,
+            7.092035e-01,
+            -2.096157e-01,
+            -1.718958e-01,
+            6.706185e-01,
+            5.96076e-01,
+        ],
+    ),
+    (
+        (1, 12),
+        [
+            -2.342649e-01,
+            1.406828e+00,
+            -7.338259e-01,
+            -7.315664e-01,
+            -2.236807e-01,
+            1.643686e-01,
+            4.934238e-01,
+            -6.535695e-02,
+        ],
+    ),
+    (
+        (2, 9),
+        [
+            1.053979e+00,
+            1.140717e+00,
+            -4.048051e-02,
+            -1.3763e+00,
+            -3.761491e-02,
+            5.608724e-01,
+            4.388205e-01,
+            -1.839366e-01,
+        ],
+    ),
+    (
+        (3, 17),
+        [
+            3.849801e-01,
+            -1.588892e-01,
+            -1.960525e-01,
+            6.555934e-01,
+            -2.091849e-01,
+            1.233054e+00,
+            -6.257104e-01,
+            3.385361e-02,
+        ],
+    ),
+];
+
+fn check_values(model: &Phi3, want: &[((usize, usize), [f32; 8])], what: &str) {
+    let inputs = load("phi3_mini", "inputs.safetensors");
+    let ids = u32s(&inputs["input_ids"]);
+    let logits = model
+        .forward(
+            &ids,
+            Some(&inputs["attention_mask"]),
+            None,
+            &ForwardSpec::logits(),
+        )
+        .unwrap()
+        .logits
+        .unwrap();
+    let mut worst = 0f32;
+    for ((b, t), w) in want {
+        let got: Vec<f32> = logits.get(*b).unwrap().get(*t).unwrap().to_vec1().unwrap();
+        for (g, w) in got.iter().zip(w) {
+            worst = worst.max((g - w).abs() / (1.0 + w.abs()));
+        }
+    }
+    eprintln!("{what}: rel err vs transformers {worst:.2e}");
+    assert!(worst < 1e-4, "{what}: rel err {worst}");
+}
+
+#[test]
+fn sliding_window_matches_transformers() {
+    let mut cfg = config_json("phi3_mini", "config.json");
+    cfg["sliding_window"] = serde_json::json!(5);
+    let model = model_with("phi3_mini", cfg.clone(), DType::F32);
+    assert_eq!(model.config.sliding_window, Some(5));
+    check_values(&model, &SLIDING_WINDOW_5, "sliding window 5");
+    // With the window, the cache still agrees with the full forward.
+    let inputs = load("phi3_mini", "inputs.safetensors");
+    let ids: Vec<u32> = u32s(&inputs["input_ids"])
+        .get(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = cached_matches_full(&model, &ids);
+    assert!(worst < 1e-4, "sliding window: cached vs full {worst}");
+    // A window as long as the sequence changes nothing.
+    cfg["sliding_window"] = serde_json::json!(20);
+    let wide = model_with("phi3_mini", cfg, DType::F32);
+    let plain = Phi3::load(&dir("phi3_mini"), DType::F32, &Device::Cpu).unwrap();
+    let run = |m: &Phi3| {
+        m.forward(
+            &u32s(&inputs["input_ids"]),
+            Some(&inputs["attention_mask"]),
+            None,
+            &ForwardSpec::logits(),
+        )
+        .unwrap()
+        .logits
+        .unwrap()
+    };
+    assert_eq!(max_abs(&run(&wide), &run(&plain)), 0.0);
+}
+
+#[test]
+fn partial_rotary_matches_transformers() {
+    let mut cfg = config_json("phi3_mini", "config.json");
+    cfg["rope_parameters"]["partial_rotary_factor"] = serde_json::json!(0.5);
+    let model = model_with("phi3_mini", cfg, DType::F32);
+    assert_eq!(model.config.rotary_dim, 8);
+    check_values(&model, &PARTIAL_ROTARY_HALF, "partial rotary 0.5");
+    // The 4.x layout with a top-level partial_rotary_factor means the same.
+    let mut legacy = config_json("phi3_mini", "config_legacy.json");
+    legacy["partial_rotary_factor"] = serde_json::json!(0.5);
+    assert_eq!(validate(legacy).unwrap(), model.config);
+}
+
+/// `su` (the old name) is LongRoPE; unsupported values and unknown keys are errors naming the key.
+#[test]
+fn unsupported_config_values_are_errors_naming_the_key() {
+    let base = config_json("phi3_longrope", "config.json");
+    let legacy = config_json("phi3_longrope", "config_legacy.json");
+    let want = validate(base.clone()).unwrap();
+    let mut su = legacy.clone();
+    su["rope_scaling"]["type"] = serde_json::json!("su");
+    assert_eq!(validate(su).unwrap(), want);
+
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, serde_json::Value, Edit, &str, &str); 10] = [
+        (
+            "5.x",
+            base.clone(),
+            |c| c["rope_parameters"]["rope_type"] = "dynamic".into(),
+            "rope_parameters.rope_type",
+            "unsupported rope type",
+        ),
+        (
+            "4.x",
+            legacy.clone(),
+            |c| c["rope_scaling"]["type"] = "linear".into(),
+            "rope_scaling.type",
+            "unsupported rope type",
+        ),
+        (
+            "5.x",
+            base.clone(),
+            |c| c["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0]),
+            "rope_parameters.long_factor",
+            "expected rotary_dim / 2 = 8",
+        ),
+        (
+            "4.x",
+            legacy.clone(),
+            |c| {
+                c["rope_scaling"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("short_factor");
+            },
+            "rope_scaling.short_factor",
+            "missing",
+        ),
+        (
+            "5.x",
+            base.clone(),
+            |c| c["rope_parameters"]["mscale"] = serde_json::json!(1.0),
+            "rope_parameters.mscale",
+            "unknown RoPE key",
+        ),
+        (
+            "5.x",
+            base.clone(),
+            |c| c["rope_parameters"]["partial_rotary_factor"] = serde_json::json!(0.1875),
+            "partial_rotary_factor",
+            "even",
+        ),
+        (
+            "5.x",
+            base.clone(),
+            |c| c["hidden_act"] = "gelu_new".into(),
+            "hidden_act",
+            "unsupported activation",
+        ),
+        (
+            "5.x",
+            base.clone(),
+            |c| c["resid_pdrop"] = serde_json::json!(0.1),
+            "resid_pdrop",
+            "not supported",
+        ),
+        (
+            "5.x",
+            base.clone(),
+            |c| c["model_type"] = "phi3small".into(),
+            "model_type",
+            "not phi3",
+        ),
+        (
+            "5.x",
+            base.clone(),
+            |c| c["sliding_window"] = serde_json::json!(0),
+            "sliding_window",
+            "positive",
+        ),
+    ];
+    for (layout, cfg, edit, key, msg) in cases {
+        let mut c = cfg;
+        edit(&mut c);
+        let err = validate(c).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("key `{key}`")) && err.contains(msg),
+            "{layout} {key}: {err}"
+        );
+    }
+    // The default rope type rejects LongRoPE-only keys rather than ignoring them.
+    let mut c = config_json("phi3_mini", "config.json");
+    c["rope_parameters"]["long_factor"] = serde_json::json!(vec![1.0; 8]);
+    let err = validate(c).unwrap_err().to_string();
+    assert!(err.contains("key `rope_parameters.long_factor`"), "{err}");
+}
