@@ -1,12 +1,48 @@
 //! Generation with a KV cache: greedy (first maximum on ties, as llama2.c) and sampled
 //! (temperature, nucleus top-p, seeded).
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::Result;
 use crate::llama::{KvCache, Llama};
+use crate::phi3::Phi3;
+
+/// A causal LM that generation can drive.
+pub trait CausalLm {
+    /// Last-position logits `[1, vocab]` for `ids` after the cached tokens; updates the cache.
+    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// The device.
+    fn device(&self) -> &Device;
+    /// Whether feeding `new_tokens` more tokens needs the cache rebuilt from the whole sequence
+    /// (Phi-3 LongRoPE switches RoPE factors when the sequence passes its original context).
+    fn cache_needs_refill(&self, cache: &KvCache, new_tokens: usize) -> bool {
+        let _ = (cache, new_tokens);
+        false
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Llama::forward_cached(self, ids, cache)
+    }
+    fn device(&self) -> &Device {
+        Llama::device(self)
+    }
+}
+
+impl CausalLm for Phi3 {
+    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Phi3::forward_cached(self, ids, cache)
+    }
+    fn device(&self) -> &Device {
+        Phi3::device(self)
+    }
+    fn cache_needs_refill(&self, cache: &KvCache, new_tokens: usize) -> bool {
+        Phi3::cache_needs_refill(self, cache, new_tokens)
+    }
+}
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,8 +69,8 @@ pub struct StopAt {
 }
 
 /// Generate up to `max_new` tokens after `prompt` (batch of one). Returns the new tokens only.
-pub fn generate(
-    model: &Llama,
+pub fn generate<M: CausalLm + ?Sized>(
+    model: &M,
     prompt: &[u32],
     max_new: usize,
     sampling: &Sampling,
@@ -47,7 +83,12 @@ pub fn generate(
     };
     let mut out = Vec::with_capacity(max_new);
     let mut input = prompt.to_vec();
+    let mut all = prompt.to_vec();
     for _ in 0..max_new {
+        if model.cache_needs_refill(&cache, input.len()) {
+            cache = KvCache::default();
+            input = all.clone();
+        }
         let ids = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
         let logits = model.forward_cached(&ids, &mut cache)?;
         let logits: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -64,6 +105,7 @@ pub fn generate(
             break;
         }
         out.push(next);
+        all.push(next);
         input = vec![next];
     }
     Ok(out)
