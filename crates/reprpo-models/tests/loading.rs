@@ -224,3 +224,49 @@ fn lora_initialisations() {
         }
     }
 }
+
+/// `"all-linear"` targets every linear layer but the output head (PEFT's rule): 7 per Llama layer.
+#[test]
+fn all_linear_targets_every_projection() {
+    let mut m = Llama::load(&fixture("llama_gqa_rope3"), DType::F32, &Device::Cpu).unwrap();
+    let mut raw = peft::AdapterConfig::lora(2, 4.0, &["q_proj"]).raw;
+    raw.insert("target_modules".into(), serde_json::json!("all-linear"));
+    let cfg =
+        peft::AdapterConfig::from_json(raw, std::path::Path::new("adapter_config.json")).unwrap();
+    peft::add_adapter(&mut m, "all", cfg, None, 0).unwrap();
+    let params = peft::adapter_params(&m, 0);
+    assert_eq!(params.len(), 3 * 7 * 2);
+    assert!(params.iter().all(|(k, _)| !k.contains("lm_head")));
+}
+
+/// f16 weights: logits close to f32 (f16 has 11 bits of mantissa, finer than bf16's 8; the same
+/// reasoning as the bf16 test gives 2% + 0.05).
+#[test]
+fn f16_is_close_to_f32() {
+    let dir = fixture("llama_gqa_rope3");
+    let ids = Tensor::new(&[[3u32, 7, 11, 2, 5, 9, 1, 4]], &Device::Cpu).unwrap();
+    let a = logits(
+        &Llama::load(&dir, DType::F32, &Device::Cpu).unwrap(),
+        &ids,
+        &ForwardSpec::logits(),
+    );
+    let b = logits(
+        &Llama::load(&dir, DType::F16, &Device::Cpu).unwrap(),
+        &ids,
+        &ForwardSpec::logits(),
+    );
+    assert_eq!(b.dtype(), DType::F16);
+    let b = b.to_dtype(DType::F32).unwrap();
+    let diff = (&b - &a).unwrap().abs().unwrap();
+    let tol = ((a.abs().unwrap() * 0.02).unwrap() + 0.05).unwrap();
+    let over: f32 = diff
+        .gt(&tol)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(over, 0.0);
+}
