@@ -1,48 +1,13 @@
 //! Generation with a KV cache: greedy (first maximum on ties, as llama2.c) and sampled
 //! (temperature, nucleus top-p, seeded).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::Result;
-use crate::llama::{KvCache, Llama};
-use crate::phi3::Phi3;
-
-/// A causal LM that generation can drive.
-pub trait CausalLm {
-    /// Last-position logits `[1, vocab]` for `ids` after the cached tokens; updates the cache.
-    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
-    /// The device.
-    fn device(&self) -> &Device;
-    /// Whether feeding `new_tokens` more tokens needs the cache rebuilt from the whole sequence
-    /// (Phi-3 LongRoPE switches RoPE factors when the sequence passes its original context).
-    fn cache_needs_refill(&self, cache: &KvCache, new_tokens: usize) -> bool {
-        let _ = (cache, new_tokens);
-        false
-    }
-}
-
-impl CausalLm for Llama {
-    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Llama::forward_cached(self, ids, cache)
-    }
-    fn device(&self) -> &Device {
-        Llama::device(self)
-    }
-}
-
-impl CausalLm for Phi3 {
-    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        Phi3::forward_cached(self, ids, cache)
-    }
-    fn device(&self) -> &Device {
-        Phi3::device(self)
-    }
-    fn cache_needs_refill(&self, cache: &KvCache, new_tokens: usize) -> bool {
-        Phi3::cache_needs_refill(self, cache, new_tokens)
-    }
-}
+use crate::llama::KvCache;
+use crate::model::CausalLm;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]

@@ -20,3 +20,5 @@ pub mod phi3;
 pub use phi3::{Phi3, Phi3Config};
 pub mod frozen;
 pub mod linalg;
+pub mod model;
+pub use model::CausalLm;

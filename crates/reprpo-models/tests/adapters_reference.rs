@@ -5,148 +5,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use reprpo_models::{ForwardSpec, Llama, peft};
 
-fn base_dir(base: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(base)
-}
+mod common;
 
-fn st(path: PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
+use common::{check_adapter, fixture as base_dir, peft_load, rel_err, rel_err_masked, st};
 
-/// Max |a - b| over positions where `mask` is 1, divided by max |b| there (normwise relative).
-fn rel_err_masked(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
-    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-    let diff = (a - b).unwrap().abs().unwrap().broadcast_mul(&m).unwrap();
-    let scale = b.abs().unwrap().broadcast_mul(&m).unwrap();
-    let d: f32 = diff
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let s: f32 = scale
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    d / s.max(1e-12)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let d: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let s: f32 = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    d / s.max(1e-12)
-}
-
-/// Load `adapter` on `base`, compare outputs and gradients with PEFT's.
 fn check(base: &str, adapter: &str, last_hidden: usize) {
-    let dir = base_dir(base);
-    let adir = dir.join("adapters").join(adapter);
-    let inputs = st(dir.join("adapters/inputs.safetensors"));
-    let expected = st(adir.join("expected.safetensors"));
-    let want_grads = st(adir.join("gradients.safetensors"));
-    let mut model = Llama::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    peft::load_adapter(&mut model, &adir, "default").unwrap();
-    let ids = inputs["input_ids"].to_dtype(DType::U32).unwrap();
-    let mask = &inputs["attention_mask"];
-    let pos = inputs["position_ids"].to_dtype(DType::U32).unwrap();
-    let spec = ForwardSpec {
-        hidden_layers: vec![1, last_hidden as isize],
-        logits: true,
-        ..Default::default()
-    };
-    let out = model.forward(&ids, Some(mask), Some(&pos), &spec).unwrap();
-    let logits = out.logits.unwrap();
-    let e = rel_err_masked(&logits, &expected["logits"], mask);
-    assert!(e < 1e-4, "{adapter}: logits rel err {e}");
-    for (i, h) in &out.hidden {
-        let e = rel_err_masked(h, &expected[&format!("hidden_states_{i}")], mask);
-        assert!(e < 1e-4, "{adapter}: hidden {i} rel err {e}");
-    }
-    // The reference model: the same weights with the adapter off.
-    let off = ForwardSpec {
-        adapters_off: true,
-        ..ForwardSpec::logits()
-    };
-    let base_logits = model
-        .forward(&ids, Some(mask), Some(&pos), &off)
-        .unwrap()
-        .logits
-        .unwrap();
-    let e = rel_err_masked(&base_logits, &inputs["logits_base"], mask);
-    assert!(e < 1e-4, "{adapter}: adapter-off logits rel err {e}");
-    assert!(
-        rel_err_masked(&logits, &base_logits, mask) > 1e-3,
-        "{adapter}: the adapter changes nothing"
-    );
-    // Gradients of s = sum(logits * W) w.r.t. every adapter parameter.
-    let s = (&logits * &inputs["grad_weight"])
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let grads = s.backward().unwrap();
-    let params = peft::adapter_params(&model, 0);
-    assert_eq!(params.len(), want_grads.len(), "{adapter}: parameter count");
-    for (name, var) in &params {
-        let want = want_grads
-            .get(name)
-            .unwrap_or_else(|| panic!("{adapter}: PEFT has no gradient named {name}"));
-        let got = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{adapter}: no gradient reached {name}"));
-        let norm: f32 = got
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let want_norm: f32 = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(
-            norm > 0.0 || want_norm == 0.0,
-            "{adapter}: zero gradient at {name}"
-        );
-        let e = rel_err(got, want);
-        assert!(e < 1e-4, "{adapter}: gradient {name} rel err {e}");
-    }
+    let model = Llama::load(&base_dir(base), DType::F32, &Device::Cpu).unwrap();
+    check_adapter(model, base, adapter, last_hidden, peft_load);
 }
 
 #[test]

@@ -7,56 +7,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use reprpo_models::{ForwardSpec, Llama, LlamaConfig};
 
-fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
+mod common;
+
+use common::{fixture as dir, max_rel_err};
 
 fn load(name: &str, file: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir(name).join(file), &Device::Cpu).unwrap()
-}
-
-/// Max |a - b| / (1 + |b|) over positions where `mask` ([B, T]) is 1; a, b: [B, T, ...].
-fn max_rel_err(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let mask: Vec<Vec<i64>> = mask.to_dtype(DType::I64).unwrap().to_vec2().unwrap();
-    let mut worst = 0f32;
-    for (i, row) in mask.iter().enumerate() {
-        for (j, &m) in row.iter().enumerate() {
-            if m == 0 {
-                continue;
-            }
-            let x: Vec<f32> = a
-                .get(i)
-                .unwrap()
-                .get(j)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let y: Vec<f32> = b
-                .get(i)
-                .unwrap()
-                .get(j)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (p, q) in x.iter().zip(&y) {
-                worst = worst.max((p - q).abs() / (1.0 + q.abs()));
-            }
-        }
-    }
-    worst
+    common::st(dir(name).join(file))
 }
 
 fn check_model(name: &str, config_file: Option<&str>) {

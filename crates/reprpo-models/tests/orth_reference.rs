@@ -16,45 +16,14 @@ use reprpo_models::adapter::{AdapterHost, WeightTransform};
 use reprpo_models::{ForwardSpec, Llama, orth, peft};
 use serde_json::{Map, Value};
 
-const BASE: &str = "llama_gqa_rope3";
+mod common;
 
-fn base_dir(base: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(base)
-}
+use common::{fixture as base_dir, max_abs, rel_err, rel_err_masked, st};
+
+const BASE: &str = "llama_gqa_rope3";
 
 fn adapter_dir(name: &str) -> PathBuf {
     base_dir(BASE).join("adapters").join(name)
-}
-
-fn st(path: PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-/// Max |a - b| over positions where `mask` is 1, divided by max |b| there (normwise relative).
-fn rel_err_masked(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
-    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-    let diff = (a - b).unwrap().abs().unwrap().broadcast_mul(&m).unwrap();
-    let scale = b.abs().unwrap().broadcast_mul(&m).unwrap();
-    max_abs(&diff) / max_abs(&scale).max(1e-12)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12)
 }
 
 struct Inputs {
@@ -91,77 +60,10 @@ fn logits(model: &Llama, inp: &Inputs, adapters_off: bool) -> Tensor {
 }
 
 /// Load `adapter` with `load` (PEFT's loader or the BOFT CPU-fallback opt-in) and compare
-/// outputs and gradients with PEFT's. Returns the worst relative errors seen (logits, hidden,
-/// gradients) for the record.
-fn check_with(
-    adapter: &str,
-    load: fn(&mut Llama, &Path, &str) -> reprpo_models::Result<usize>,
-) -> (f32, f32, f32) {
-    let adir = adapter_dir(adapter);
-    let inp = inputs();
-    let expected = st(adir.join("expected.safetensors"));
-    let want_grads = st(adir.join("gradients.safetensors"));
-    let mut model = base_model();
-    load(&mut model, &adir, "default").unwrap();
-    let spec = ForwardSpec {
-        hidden_layers: vec![1, 3],
-        logits: true,
-        ..Default::default()
-    };
-    let out = model
-        .forward(&inp.ids, Some(&inp.mask), Some(&inp.pos), &spec)
-        .unwrap();
-    let lg = out.logits.unwrap();
-    let e_logits = rel_err_masked(&lg, &expected["logits"], &inp.mask);
-    assert!(e_logits < 1e-4, "{adapter}: logits rel err {e_logits}");
-    let mut e_hidden = 0f32;
-    assert_eq!(out.hidden.len(), 2);
-    for (i, h) in &out.hidden {
-        let e = rel_err_masked(h, &expected[&format!("hidden_states_{i}")], &inp.mask);
-        assert!(e < 1e-4, "{adapter}: hidden {i} rel err {e}");
-        e_hidden = e_hidden.max(e);
-    }
-    let base = logits(&model, &inp, true);
-    let e = rel_err_masked(&base, &inp.all["logits_base"], &inp.mask);
-    assert!(e < 1e-4, "{adapter}: adapter-off logits rel err {e}");
-    assert!(
-        rel_err_masked(&lg, &base, &inp.mask) > 1e-3,
-        "{adapter}: the adapter changes nothing"
-    );
-    let s = (&lg * &inp.all["grad_weight"]).unwrap().sum_all().unwrap();
-    let want_s: Vec<f32> = expected["objective"].to_vec1().unwrap();
-    let got_s: f32 = s.to_scalar().unwrap();
-    assert!(
-        (got_s - want_s[0]).abs() < 1e-3,
-        "{adapter}: objective {got_s} vs PEFT {}",
-        want_s[0]
-    );
-    let grads = s.backward().unwrap();
-    let params = peft::adapter_params(&model, 0);
-    assert_eq!(params.len(), want_grads.len(), "{adapter}: parameter count");
-    let mut e_grad = 0f32;
-    for (name, var) in &params {
-        let want = want_grads
-            .get(name)
-            .unwrap_or_else(|| panic!("{adapter}: PEFT has no gradient named {name}"));
-        let got = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{adapter}: no gradient reached {name}"));
-        assert_eq!(got.dims(), want.dims(), "{adapter}: {name} shape");
-        assert!(
-            max_abs(got) > 0.0 || max_abs(want) == 0.0,
-            "{adapter}: zero gradient at {name}"
-        );
-        let e = rel_err(got, want);
-        assert!(e < 1e-4, "{adapter}: gradient {name} rel err {e}");
-        e_grad = e_grad.max(e);
-    }
-    eprintln!(
-        "{adapter}: logits {e_logits:.2e}, hidden {e_hidden:.2e}, gradients {e_grad:.2e} \
-         ({} params)",
-        params.len()
-    );
-    (e_logits, e_hidden, e_grad)
+/// outputs and gradients with PEFT's (`common::check_adapter`). Returns the worst relative errors
+/// seen (logits, hidden, gradients) for the record.
+fn check_with(adapter: &str, load: common::Loader<Llama>) -> (f32, f32, f32) {
+    common::check_adapter(base_model(), BASE, adapter, 3, load)
 }
 
 fn peft_load(m: &mut Llama, dir: &Path, name: &str) -> reprpo_models::Result<usize> {

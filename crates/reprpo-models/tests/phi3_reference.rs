@@ -9,20 +9,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use reprpo_models::phi3::{HfPhi3Config, Phi3Rope};
-use reprpo_models::{ForwardSpec, KvCache, Phi3, Phi3Config, peft};
+use reprpo_models::{ForwardSpec, KvCache, Phi3, Phi3Config};
 
-fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
+mod common;
+
+use common::{fixture as dir, max_rel_err};
 
 fn load(name: &str, file: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir(name).join(file), &Device::Cpu).unwrap()
+    common::st(dir(name).join(file))
 }
 
 fn config_json(name: &str, file: &str) -> serde_json::Value {
@@ -39,43 +36,6 @@ fn model_with(name: &str, config: serde_json::Value, dtype: DType) -> Phi3 {
     let config = validate(config).unwrap();
     let tensors = reprpo_models::llama::load_safetensors(&dir(name), &Device::Cpu).unwrap();
     Phi3::from_tensors(config, tensors, &dir(name), dtype, &Device::Cpu).unwrap()
-}
-
-/// Max |a - b| / (1 + |b|) over positions where `mask` ([B, T]) is 1; a, b: [B, T, ...].
-fn max_rel_err(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let mask: Vec<Vec<i64>> = mask.to_dtype(DType::I64).unwrap().to_vec2().unwrap();
-    let mut worst = 0f32;
-    for (i, row) in mask.iter().enumerate() {
-        for (j, &m) in row.iter().enumerate() {
-            if m == 0 {
-                continue;
-            }
-            let x: Vec<f32> = a
-                .get(i)
-                .unwrap()
-                .get(j)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let y: Vec<f32> = b
-                .get(i)
-                .unwrap()
-                .get(j)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            for (p, q) in x.iter().zip(&y) {
-                worst = worst.max((p - q).abs() / (1.0 + q.abs()));
-            }
-        }
-    }
-    worst
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
@@ -365,122 +325,10 @@ fn bf16_is_close_to_f32_reference() {
     );
 }
 
-/// Max |a - b| over positions where `mask` is 1, divided by max |b| there (normwise relative).
-fn rel_err_masked(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
-    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-    let diff = (a - b).unwrap().abs().unwrap().broadcast_mul(&m).unwrap();
-    let scale = b.abs().unwrap().broadcast_mul(&m).unwrap();
-    let d: f32 = diff
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let s: f32 = scale
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    d / s.max(1e-12)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let s: f32 = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    max_abs(a, b) / s.max(1e-12)
-}
-
-/// Load `adapter` on phi3_mini; compare outputs and gradients with PEFT's (as
-/// `adapters_reference.rs`).
+/// Load `adapter` on phi3_mini; compare outputs and gradients with PEFT's (`common::check_adapter`).
 fn check_adapter(adapter: &str) {
-    let dir = dir("phi3_mini");
-    let adir = dir.join("adapters").join(adapter);
-    let st = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
-    let inputs = st(dir.join("adapters/inputs.safetensors"));
-    let expected = st(adir.join("expected.safetensors"));
-    let want_grads = st(adir.join("gradients.safetensors"));
-    let mut model = Phi3::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    peft::load_adapter(&mut model, &adir, "default").unwrap();
-    let ids = u32s(&inputs["input_ids"]);
-    let mask = &inputs["attention_mask"];
-    let pos = u32s(&inputs["position_ids"]);
-    let spec = ForwardSpec {
-        hidden_layers: vec![1, 2],
-        logits: true,
-        ..Default::default()
-    };
-    let out = model.forward(&ids, Some(mask), Some(&pos), &spec).unwrap();
-    let logits = out.logits.unwrap();
-    let e = rel_err_masked(&logits, &expected["logits"], mask);
-    eprintln!("{adapter}: logits rel err {e:.2e}");
-    assert!(e < 1e-4, "{adapter}: logits rel err {e}");
-    for (i, h) in &out.hidden {
-        let e = rel_err_masked(h, &expected[&format!("hidden_states_{i}")], mask);
-        eprintln!("{adapter}: hidden {i} rel err {e:.2e}");
-        assert!(e < 1e-4, "{adapter}: hidden {i} rel err {e}");
-    }
-    let off = ForwardSpec {
-        adapters_off: true,
-        ..ForwardSpec::logits()
-    };
-    let base_logits = model
-        .forward(&ids, Some(mask), Some(&pos), &off)
-        .unwrap()
-        .logits
-        .unwrap();
-    let e = rel_err_masked(&base_logits, &inputs["logits_base"], mask);
-    eprintln!("{adapter}: adapter-off logits rel err {e:.2e}");
-    assert!(e < 1e-4, "{adapter}: adapter-off logits rel err {e}");
-    assert!(
-        rel_err_masked(&logits, &base_logits, mask) > 1e-3,
-        "{adapter}: the adapter changes nothing"
-    );
-    let s = (&logits * &inputs["grad_weight"])
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let want_s: Vec<f32> = expected["objective"].to_vec1().unwrap();
-    let got_s: f32 = s.to_scalar().unwrap();
-    assert!(
-        (got_s - want_s[0]).abs() < 1e-3,
-        "{adapter}: objective {got_s} vs {}",
-        want_s[0]
-    );
-    let grads = s.backward().unwrap();
-    let params = peft::adapter_params(&model, 0);
-    assert_eq!(params.len(), want_grads.len(), "{adapter}: parameter count");
-    let mut worst = 0f32;
-    for (name, var) in &params {
-        let want = want_grads
-            .get(name)
-            .unwrap_or_else(|| panic!("{adapter}: PEFT has no gradient named {name}"));
-        let got = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{adapter}: no gradient reached {name}"));
-        assert_eq!(got.dims(), want.dims(), "{adapter}: {name} shape");
-        let zero = Tensor::zeros_like(want).unwrap();
-        assert!(
-            max_abs(got, &zero) > 0.0 || max_abs(want, &zero) == 0.0,
-            "{adapter}: zero gradient at {name}"
-        );
-        let e = rel_err(got, want);
-        worst = worst.max(e);
-        assert!(e < 1e-4, "{adapter}: gradient {name} rel err {e}");
-    }
-    eprintln!(
-        "{adapter}: {} gradients, worst rel err {worst:.2e}",
-        params.len()
-    );
+    let model = Phi3::load(&dir("phi3_mini"), DType::F32, &Device::Cpu).unwrap();
+    common::check_adapter(model, "phi3_mini", adapter, 2, common::peft_load);
 }
 
 #[test]

@@ -1,0 +1,77 @@
+//! `CausalLm`: what every architecture offers to training, evaluation and generation, so that
+//! code above the models crate is written once (Llama and Phi-3 implement it).
+
+use candle_core::{Device, Tensor};
+
+use crate::error::Result;
+use crate::llama::{ForwardSpec, KvCache, Llama, Output};
+use crate::phi3::Phi3;
+
+/// A causal language model with the forward this project needs.
+pub trait CausalLm {
+    /// Full-sequence forward over a padded batch (see [`Llama::forward`]).
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        spec: &ForwardSpec,
+    ) -> Result<Output>;
+    /// Last-position logits `[1, vocab]` for `ids` after the cached tokens; updates the cache.
+    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// The device.
+    fn device(&self) -> &Device;
+    /// Decoder layers (hidden states are indexed 0..=layers).
+    fn num_layers(&self) -> usize;
+    /// Whether feeding `new_tokens` more tokens needs the cache rebuilt from the whole sequence
+    /// (Phi-3 LongRoPE switches RoPE factors when the sequence passes its original context).
+    fn cache_needs_refill(&self, cache: &KvCache, new_tokens: usize) -> bool {
+        let _ = (cache, new_tokens);
+        false
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        spec: &ForwardSpec,
+    ) -> Result<Output> {
+        Llama::forward(self, ids, mask, pos, spec)
+    }
+    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Llama::forward_cached(self, ids, cache)
+    }
+    fn device(&self) -> &Device {
+        Llama::device(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+}
+
+impl CausalLm for Phi3 {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        pos: Option<&Tensor>,
+        spec: &ForwardSpec,
+    ) -> Result<Output> {
+        Phi3::forward(self, ids, mask, pos, spec)
+    }
+    fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        Phi3::forward_cached(self, ids, cache)
+    }
+    fn device(&self) -> &Device {
+        Phi3::device(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+    fn cache_needs_refill(&self, cache: &KvCache, new_tokens: usize) -> bool {
+        Phi3::cache_needs_refill(self, cache, new_tokens)
+    }
+}

@@ -1,0 +1,176 @@
+//! Helpers shared by the reference tests: fixture paths, safetensors loading, masked relative
+//! errors, and the one adapter check (outputs, adapter-off base, objective and every gradient
+//! against PEFT's fixture) used for every architecture and adapter kind.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use reprpo_models::adapter::AdapterHost;
+use reprpo_models::{CausalLm, ForwardSpec, peft};
+
+/// `tests/fixtures/models/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+/// All tensors of a safetensors file, on the CPU.
+pub fn st(path: PathBuf) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Max |x| of a tensor.
+pub fn max_abs(x: &Tensor) -> f32 {
+    x.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Max |a - b| / max |b|, both over the positions where `mask` (`[B, T]`) is 1.
+pub fn rel_err_masked(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let diff = (&a - &b).unwrap().abs().unwrap().broadcast_mul(&m).unwrap();
+    let scale = b.abs().unwrap().broadcast_mul(&m).unwrap();
+    max_abs(&diff) / max_abs(&scale).max(1e-12)
+}
+
+/// Max |a - b| / max |b|.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12)
+}
+
+/// Pointwise max |a - b| / (1 + |b|) over positions where `mask` is 1 (a, b: `[B, T, ...]`).
+pub fn max_rel_err(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let m = mask.to_dtype(DType::F32).unwrap();
+    let extra = a.rank() - 2;
+    let mut m = m;
+    for _ in 0..extra {
+        m = m.unsqueeze(m.rank()).unwrap();
+    }
+    let err = ((&a - &b).unwrap().abs().unwrap() / (b.abs().unwrap() + 1.0).unwrap()).unwrap();
+    max_abs(&err.broadcast_mul(&m).unwrap())
+}
+
+/// How an adapter folder is loaded (PEFT's loader or an opt-in variant).
+pub type Loader<M> = fn(&mut M, &Path, &str) -> reprpo_models::Result<usize>;
+
+/// PEFT's loader for any model.
+pub fn peft_load<M: AdapterHost>(
+    m: &mut M,
+    dir: &Path,
+    name: &str,
+) -> reprpo_models::Result<usize> {
+    peft::load_adapter(m, dir, name)
+}
+
+/// Load `adapter` of the `base` fixture into `model` with `load`, and compare with PEFT: logits and
+/// hidden states `1` and `last_hidden` (masked relative error < 1e-4), adapter-off logits equal to
+/// the base's, the adapter changes the logits, the objective sum(logits * W) within 1e-3, and the
+/// gradient of every adapter parameter (relative error < 1e-4, non-zero unless PEFT's is zero).
+/// Returns the worst errors (logits, hidden, gradients).
+pub fn check_adapter<M: CausalLm + AdapterHost>(
+    mut model: M,
+    base: &str,
+    adapter: &str,
+    last_hidden: usize,
+    load: Loader<M>,
+) -> (f32, f32, f32) {
+    let dir = fixture(base);
+    let adir = dir.join("adapters").join(adapter);
+    let inputs = st(dir.join("adapters/inputs.safetensors"));
+    let expected = st(adir.join("expected.safetensors"));
+    let want_grads = st(adir.join("gradients.safetensors"));
+    load(&mut model, &adir, "default").unwrap();
+    let ids = inputs["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = &inputs["attention_mask"];
+    let pos = inputs["position_ids"].to_dtype(DType::U32).unwrap();
+    let spec = ForwardSpec {
+        hidden_layers: vec![1, last_hidden as isize],
+        logits: true,
+        ..Default::default()
+    };
+    let out = model.forward(&ids, Some(mask), Some(&pos), &spec).unwrap();
+    let logits = out.logits.unwrap();
+    let e_logits = rel_err_masked(&logits, &expected["logits"], mask);
+    assert!(
+        e_logits < 1e-4,
+        "{base}/{adapter}: logits rel err {e_logits}"
+    );
+    let mut e_hidden = 0f32;
+    assert_eq!(out.hidden.len(), 2);
+    for (i, h) in &out.hidden {
+        let e = rel_err_masked(h, &expected[&format!("hidden_states_{i}")], mask);
+        assert!(e < 1e-4, "{base}/{adapter}: hidden {i} rel err {e}");
+        e_hidden = e_hidden.max(e);
+    }
+    let off = ForwardSpec {
+        adapters_off: true,
+        ..ForwardSpec::logits()
+    };
+    let base_logits = model
+        .forward(&ids, Some(mask), Some(&pos), &off)
+        .unwrap()
+        .logits
+        .unwrap();
+    let e = rel_err_masked(&base_logits, &inputs["logits_base"], mask);
+    assert!(e < 1e-4, "{base}/{adapter}: adapter-off logits rel err {e}");
+    assert!(
+        rel_err_masked(&logits, &base_logits, mask) > 1e-3,
+        "{base}/{adapter}: the adapter changes nothing"
+    );
+    let s = (&logits * &inputs["grad_weight"])
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let want_s: Vec<f32> = expected["objective"].to_vec1().unwrap();
+    let got_s: f32 = s.to_scalar().unwrap();
+    assert!(
+        (got_s - want_s[0]).abs() < 1e-3,
+        "{base}/{adapter}: objective {got_s} vs PEFT {}",
+        want_s[0]
+    );
+    let grads = s.backward().unwrap();
+    let params = peft::adapter_params(&model, 0);
+    assert_eq!(
+        params.len(),
+        want_grads.len(),
+        "{base}/{adapter}: parameter count"
+    );
+    let mut e_grad = 0f32;
+    for (name, var) in &params {
+        let want = want_grads
+            .get(name)
+            .unwrap_or_else(|| panic!("{base}/{adapter}: PEFT has no gradient named {name}"));
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{base}/{adapter}: no gradient reached {name}"));
+        assert_eq!(got.dims(), want.dims(), "{base}/{adapter}: {name} shape");
+        assert!(
+            max_abs(got) > 0.0 || max_abs(want) == 0.0,
+            "{base}/{adapter}: zero gradient at {name}"
+        );
+        let e = rel_err(got, want);
+        assert!(e < 1e-4, "{base}/{adapter}: gradient {name} rel err {e}");
+        e_grad = e_grad.max(e);
+    }
+    eprintln!(
+        "{base}/{adapter}: logits {e_logits:.2e}, hidden {e_hidden:.2e}, gradients {e_grad:.2e} ({} params)",
+        params.len()
+    );
+    (e_logits, e_hidden, e_grad)
+}
