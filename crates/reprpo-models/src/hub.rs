@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Cache, Repo, RepoType};
+use hf_hub::{Repo, RepoType};
 
 use crate::error::{ModelError, Result};
 
@@ -17,34 +17,7 @@ fn hub_err(repo: &str, problem: impl Into<String>) -> ModelError {
     }
 }
 
-/// Where and how to reach the hub.
-#[derive(Debug, Clone)]
-pub struct HubOptions {
-    /// The cache (`$HF_HOME/hub`).
-    pub cache: Cache,
-    /// Use the cache only (`HF_HUB_OFFLINE=1`).
-    pub offline: bool,
-    /// The hub's address (`HF_ENDPOINT`).
-    pub endpoint: Option<String>,
-}
-
-impl HubOptions {
-    /// From `HF_HOME`, `HF_HUB_OFFLINE` and `HF_ENDPOINT`.
-    pub fn from_env() -> Self {
-        HubOptions {
-            cache: Cache::from_env(),
-            offline: std::env::var("HF_HUB_OFFLINE")
-                .map(|v| {
-                    matches!(
-                        v.trim().to_ascii_lowercase().as_str(),
-                        "1" | "true" | "yes" | "on"
-                    )
-                })
-                .unwrap_or(false),
-            endpoint: std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()),
-        }
-    }
-}
+pub use reprpo_data::hub::HubOptions;
 
 /// [`model_dir_with`] with options from the environment.
 pub fn model_dir(id_or_dir: &str) -> Result<PathBuf> {
