@@ -1,1 +1,15 @@
-//! DPO-family and ReprPO-family losses as pure tensor functions (issue 4: not yet written).
+//! Preference-optimisation losses as pure functions of tensors: they never see tokens.
+//!
+//! - [`dpo`]: the DPO family of TRL's `DPOTrainer` (every `loss_type` of TRL 1.16, weighted mixtures,
+//!   LD-DPO's `ld_alpha`, the f-divergences, WPO weighting, and the pre-1.x extras `rpo_alpha`, cDPO
+//!   label smoothing and `bco_pair`'s running reward mean), checked against TRL's own code.
+//! - The ReprPO family (hidden-state losses) is not written yet.
+
+pub mod dpo;
+pub mod error;
+
+pub use dpo::{
+    DpoConfig, DpoInputs, DpoState, FDivergenceType, LdTails, LossOut, LossType, RunningMoments,
+    WpoLogWeights, dpo_loss,
+};
+pub use error::{LossError, Result};
