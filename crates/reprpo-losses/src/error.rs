@@ -20,10 +20,10 @@ pub enum LossError {
     )]
     UnknownFDivergence(String),
     /// A configuration that TRL rejects or that has no defined value.
-    #[error("invalid DPO configuration: {0}")]
+    #[error("invalid loss configuration: {0}")]
     InvalidConfig(String),
     /// Inputs of the wrong shape, or an input the configuration needs that was not given.
-    #[error("invalid DPO inputs: {0}")]
+    #[error("invalid loss inputs: {0}")]
     InvalidInput(String),
 }
 

@@ -3,13 +3,18 @@
 //! - [`dpo`]: the DPO family of TRL's `DPOTrainer` (every `loss_type` of TRL 1.16, weighted mixtures,
 //!   LD-DPO's `ld_alpha`, the f-divergences, WPO weighting, and the pre-1.x extras `rpo_alpha`, cDPO
 //!   label smoothing and `bco_pair`'s running reward mean), checked against TRL's own code.
-//! - The ReprPO family (hidden-state losses) is not written yet.
+//! - [`reprpo`]: the ReprPO family (hidden-state reroute/retain losses and their variants), unfused.
 
 pub mod dpo;
 pub mod error;
+pub mod reprpo;
 
 pub use dpo::{
     DpoConfig, DpoInputs, DpoState, FDivergenceType, LdTails, LossOut, LossType, RunningMoments,
     WpoLogWeights, dpo_loss,
 };
 pub use error::{LossError, Result};
+pub use reprpo::{
+    HiddenPairs, ReprPoConfig, ReprPoVariant, Schedule, TokenReduction, default_layers,
+    reprpo_loss, resolve_layers, stack_layers,
+};
