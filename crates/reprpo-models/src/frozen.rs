@@ -5,10 +5,14 @@
 //! gradient memory (`../shared/docs/candle-notes.md`). This custom op computes the same forward
 //! with candle's own CPU GEMM and gives W no gradient. On other devices the plain `matmul` is used
 //! (same values, the extra gradient is still computed there).
+//!
+//! [`lora_matmul`] does the same for a LoRA-adapted layer (`x W^T + s x A^T B^T` as one op with
+//! its own backward), and [`linear_forward`] routes a [`Linear`] with plain LoRA through it.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
+use crate::adapter::{Ctx, Linear, ModuleAdapter};
 use crate::error::Result;
 
 struct FrozenMatmul {
@@ -56,4 +60,144 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     } else {
         Ok(x.matmul(&w.t()?)?)
     }
+}
+
+/// `x W^T + s (x A^T) B^T` for a frozen `W` `[out, in]` and LoRA factors `A` `[r, in]`,
+/// `B` `[out, r]`: one node in the graph instead of about ten, and a backward that writes each
+/// gradient once (`dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`).
+struct LoraMatmul {
+    /// `[out, in]`, contiguous.
+    w: Tensor,
+    scale: f64,
+}
+
+/// `lhs rhs^T` (both 2-D) with candle's CPU GEMM.
+fn cpu_matmul_t(
+    lhs: &CpuStorage,
+    lhs_l: &Layout,
+    rhs: &CpuStorage,
+    rhs_l: &Layout,
+) -> candle_core::Result<CpuStorage> {
+    let (m, k) = lhs_l.shape().dims2()?;
+    let (n, k2) = rhs_l.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("lora-matmul: inner dimensions {k} and {k2} differ");
+    }
+    lhs.matmul(rhs, (1, m, n, k), lhs_l, &rhs_l.transpose(0, 1)?)
+}
+
+impl CustomOp3 for LoraMatmul {
+    fn name(&self) -> &'static str {
+        "lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        a: &CpuStorage,
+        a_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, _) = x_l.shape().dims2()?;
+        let (n, _) = self.w.dims2()?;
+        let (guard, w_l) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*guard else {
+            candle_core::bail!("lora-matmul: weight is not on the CPU");
+        };
+        let base = cpu_matmul_t(x, x_l, w, w_l)?;
+        let u = cpu_matmul_t(x, x_l, a, a_l)?;
+        let u_l = Layout::contiguous(Shape::from((m, a_l.shape().dims2()?.0)));
+        let lora = cpu_matmul_t(&u, &u_l, b, b_l)?;
+        // base + (lora * s), in place: the same rounding as the written-out version.
+        let y = match (base, lora) {
+            (CpuStorage::F32(mut y), CpuStorage::F32(l)) => {
+                let s = self.scale as f32;
+                y.iter_mut().zip(&l).for_each(|(y, &l)| *y += l * s);
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::F64(mut y), CpuStorage::F64(l)) => {
+                let s = self.scale;
+                y.iter_mut().zip(&l).for_each(|(y, &l)| *y += l * s);
+                CpuStorage::F64(y)
+            }
+            _ => candle_core::bail!("lora-matmul: needs f32 or f64"),
+        };
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let g = g.contiguous()?;
+        // The adapter branch's output gradient is s g; push s through the rank-r side.
+        let du = (g.matmul(&b)? * self.scale)?;
+        let dx = (g.matmul(&self.w)? + du.matmul(&a)?)?;
+        let da = du.t()?.matmul(&x)?;
+        let u = x.matmul(&a.t()?)?;
+        let db = (g.t()?.matmul(&u)? * self.scale)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x W^T + s (x A^T) B^T` for `x` `[m, in]`, a frozen `w` `[out, in]` and LoRA factors `a`
+/// `[r, in]`, `b` `[out, r]` (trainable; both get gradients, `w` none). Fused on the CPU for f32
+/// and f64 when all four share the dtype; elsewhere written out (same values and gradients).
+pub fn lora_matmul(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let same = [w, a, b]
+        .iter()
+        .all(|t| t.dtype() == dt && t.device().is_cpu());
+    if x.device().is_cpu() && same && matches!(dt, DType::F32 | DType::F64) {
+        let x = x.contiguous()?;
+        Ok(x.apply_op3(
+            &a.contiguous()?,
+            &b.contiguous()?,
+            LoraMatmul {
+                w: w.contiguous()?,
+                scale,
+            },
+        )?)
+    } else {
+        let base = frozen_matmul(x, w)?;
+        let lora = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
+        Ok((base + lora)?)
+    }
+}
+
+/// `linear.forward(x, ctx)` with plain LoRA (no DoRA magnitude, no active dropout) through the
+/// fused [`lora_matmul`]; every other case goes to [`Linear::forward`].
+pub fn linear_forward(linear: &Linear, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    let adapter = ctx.adapter.and_then(|i| {
+        if matches!(&linear.merged, Some((j, _)) if *j == i) {
+            None
+        } else {
+            linear.adapters.get(i).and_then(Option::as_ref)
+        }
+    });
+    let Some(ModuleAdapter::Lora(m)) = adapter else {
+        return linear.forward(x, ctx);
+    };
+    if m.magnitude.is_some() || (ctx.train && m.dropout > 0.0) {
+        return linear.forward(x, ctx);
+    }
+    let dt = x.dtype();
+    let mut dims = x.dims().to_vec();
+    let Some(last) = dims.last_mut() else {
+        return linear.forward(x, ctx);
+    };
+    let inp = *last;
+    *last = linear.out_dim();
+    let rows = x.elem_count() / inp.max(1);
+    let a = m.a.as_tensor().to_dtype(dt)?;
+    let b = m.b.as_tensor().to_dtype(dt)?;
+    let y = lora_matmul(&x.reshape((rows, inp))?, &linear.weight, &a, &b, m.scale)?;
+    Ok(y.reshape(dims)?)
 }

@@ -2,9 +2,10 @@
 //! and the hidden states of the layers asked for, honours left and right padding, and can stop
 //! after the deepest layer a hidden-state loss needs.
 //!
-//! Only differentiable candle ops are used (see `../shared/docs/candle-notes.md`): RMSNorm,
-//! softmax and RoPE are written out, and masks use a large finite negative value (never `-inf`,
-//! which turns fully masked rows into NaN).
+//! Only differentiable ops are used (see `../shared/docs/candle-notes.md`): RMSNorm, softmax,
+//! RoPE and SwiGLU are the fused ops of [`crate::ops`] with their own backward (written out on
+//! other devices), and masks use a large finite negative value (never `-inf`, which turns fully
+//! masked rows into NaN).
 //!
 //! # Hidden-state convention (as `transformers`' `output_hidden_states`)
 //! There are `L + 1` states: index 0 is the token embeddings, index `i` (1..L-1) the output of
@@ -18,31 +19,12 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::frozen::linear_forward;
 
 /// The additive mask value for disallowed attention: finite, so fully masked rows stay finite.
 pub const MASK_VALUE: f32 = -1e30;
 
-/// RMSNorm as `transformers` computes it: in f32, then cast back and scaled.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(normed.to_dtype(dt)?.broadcast_mul(weight)?)
-}
-
-/// `rotate_half`: `[x1, x2] -> [-x2, x1]` on the last dimension.
-pub(crate) fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
-}
-
-/// Apply RoPE with `cos`, `sin` of shape `[B, 1, T, D]` to `x` of shape `[B, H, T, D]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
-}
+pub use crate::ops::{rms_norm, rotate_half};
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
@@ -394,7 +376,7 @@ impl Llama {
         Ok(Output { logits, hidden })
     }
 
-    /// Additive mask `[B, 1, T, T]` in f32: 0 where query i may attend key j (j <= i and key j
+    /// Additive mask `[B, 1, T, T]` (`[1, 1, T, T]` without an attention mask) in f32: 0 where query i may attend key j (j <= i and key j
     /// is real), [`MASK_VALUE`] elsewhere.
     fn mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let causal: Vec<f32> = (0..t)
@@ -403,7 +385,7 @@ impl Llama {
         let causal = Tensor::from_vec(causal, (1, t, t), &self.device)?;
         let allowed = match attention_mask {
             Some(am) => causal.broadcast_mul(&am.to_dtype(DType::F32)?.reshape((b, 1, t))?)?,
-            None => causal.broadcast_as((b, t, t))?.contiguous()?,
+            None => causal,
         };
         Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
     }
@@ -422,24 +404,14 @@ impl Llama {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
-        let q = blk
-            .q
-            .forward(&h, ctx)?
-            .reshape((b, t, c.num_heads, c.head_dim))?
-            .transpose(1, 2)?;
-        let k = blk
-            .k
-            .forward(&h, ctx)?
-            .reshape((b, t, c.num_kv_heads, c.head_dim))?
-            .transpose(1, 2)?;
-        let v = blk
-            .v
-            .forward(&h, ctx)?
-            .reshape((b, t, c.num_kv_heads, c.head_dim))?
-            .transpose(1, 2)?;
-        let q = apply_rope(&q.contiguous()?, cos, sin)?;
-        let mut k = apply_rope(&k.contiguous()?, cos, sin)?;
-        let mut v = v.contiguous()?;
+        let proj = |lin: &Linear, heads: usize| -> Result<Tensor> {
+            Ok(linear_forward(lin, &h, ctx)?
+                .reshape((b, t, heads, c.head_dim))?
+                .transpose(1, 2)?)
+        };
+        let q = crate::ops::rope(&proj(&blk.q, c.num_heads)?, cos, sin)?;
+        let mut k = crate::ops::rope(&proj(&blk.k, c.num_kv_heads)?, cos, sin)?;
+        let mut v = proj(&blk.v, c.num_kv_heads)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -447,34 +419,14 @@ impl Llama {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let rep = c.num_heads / c.num_kv_heads;
-        let kv_len = k.dim(2)?;
-        let (k, v) = if rep > 1 {
-            let expand = |x: &Tensor| -> Result<Tensor> {
-                Ok(x.unsqueeze(2)?
-                    .broadcast_as((b, c.num_kv_heads, rep, kv_len, c.head_dim))?
-                    .reshape((b, c.num_heads, kv_len, c.head_dim))?)
-            };
-            (expand(&k)?, expand(&v)?)
-        } else {
-            (k, v)
-        };
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            * scale)?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, c.num_heads * c.head_dim))?;
-        let x = (x + blk.o.forward(&attn, ctx)?)?;
+        let attn = crate::ops::attention(&q, &k, &v, mask)?;
+        let x = (x + linear_forward(&blk.o, &attn, ctx)?)?;
         let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
-        let gate = blk.gate.forward(&h, ctx)?;
-        let act = (gate.clone() * candle_nn::ops::sigmoid(&gate)?)?;
-        let mlp = blk.down.forward(&(act * blk.up.forward(&h, ctx)?)?, ctx)?;
+        let act = crate::ops::silu_mul(
+            &linear_forward(&blk.gate, &h, ctx)?,
+            &linear_forward(&blk.up, &h, ctx)?,
+        )?;
+        let mlp = linear_forward(&blk.down, &act, ctx)?;
         Ok((x + mlp)?)
     }
 
@@ -521,9 +473,7 @@ impl Llama {
 /// The output head `x W^T` (never adapted).
 pub(crate) fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, t, h) = x.dims3()?;
-    Ok(x.reshape((b * t, h))?
-        .matmul(&w.t()?)?
-        .reshape((b, t, w.dim(0)?))?)
+    Ok(crate::frozen::frozen_matmul(&x.reshape((b * t, h))?, w)?.reshape((b, t, w.dim(0)?))?)
 }
 
 impl Block {

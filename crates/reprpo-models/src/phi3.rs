@@ -22,8 +22,8 @@
 //! - An optional `sliding_window` `w`: query `i` sees key `j` only when `i - w < j <= i`
 //!   (sequence indices, not position ids), as transformers' `sliding_window_overlay`.
 //!
-//! Only differentiable candle ops are used (see `../shared/docs/candle-notes.md`), and masks use
-//! the finite [`MASK_VALUE`].
+//! Only differentiable ops are used (see `../shared/docs/candle-notes.md`; the fused ones of
+//! [`crate::ops`] have their own backward), and masks use the finite [`MASK_VALUE`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,8 +34,9 @@ use serde_json::Value;
 
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::error::{ModelError, Result};
+use crate::frozen::linear_forward;
 use crate::llama::{
-    ForwardSpec, KvCache, MASK_VALUE, Output, head, load_safetensors, rms_norm, rotate_half, take,
+    ForwardSpec, KvCache, MASK_VALUE, Output, head, load_safetensors, rms_norm, take,
 };
 
 /// The subset of a Phi-3 `config.json` this crate reads, in both layouts (transformers 4.x
@@ -743,16 +744,10 @@ impl Phi3 {
         Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
     }
 
-    /// RoPE on the first `rotary_dim` features of `x` (`[B, H, T, head_dim]`).
+    /// RoPE on the first `rotary_dim` features of `x` (`[B, H, T, head_dim]`; `cos`, `sin` are
+    /// `[B, 1, T, rotary_dim]`).
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (hd, rd) = (self.config.head_dim, self.config.rotary_dim);
-        if rd == hd {
-            return Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?);
-        }
-        let rot = x.narrow(D::Minus1, 0, rd)?;
-        let pass = x.narrow(D::Minus1, rd, hd - rd)?;
-        let rot = (rot.broadcast_mul(cos)? + rotate_half(&rot)?.broadcast_mul(sin)?)?;
-        Ok(Tensor::cat(&[&rot, &pass], D::Minus1)?)
+        crate::ops::rope(x, cos, sin)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -770,20 +765,16 @@ impl Phi3 {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
-        let qkv = blk.qkv.forward(&h, ctx)?;
+        let qkv = linear_forward(&blk.qkv, &h, ctx)?;
         let split = |start: usize, heads: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(D::Minus1, start, heads * hd)?
                 .reshape((b, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+                .transpose(1, 2)?)
         };
-        let q = split(0, nh)?;
-        let k = split(nh * hd, nkv)?;
-        let v = split((nh + nkv) * hd, nkv)?;
-        let q = self.rope(&q, cos, sin)?;
-        let mut k = self.rope(&k, cos, sin)?;
-        let mut v = v;
+        let q = self.rope(&split(0, nh)?, cos, sin)?;
+        let mut k = self.rope(&split(nh * hd, nkv)?, cos, sin)?;
+        let mut v = split((nh + nkv) * hd, nkv)?.contiguous()?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -791,37 +782,11 @@ impl Phi3 {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let rep = nh / nkv;
-        let kv_len = k.dim(2)?;
-        let (k, v) = if rep > 1 {
-            let expand = |x: &Tensor| -> Result<Tensor> {
-                Ok(x.unsqueeze(2)?
-                    .broadcast_as((b, nkv, rep, kv_len, hd))?
-                    .reshape((b, nh, kv_len, hd))?)
-            };
-            (expand(&k)?, expand(&v)?)
-        } else {
-            (k, v)
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            * scale)?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        let x = (x + blk.o.forward(&attn, ctx)?)?;
+        let attn = crate::ops::attention(&q, &k, &v, mask)?;
+        let x = (x + linear_forward(&blk.o, &attn, ctx)?)?;
         let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
-        let gate_up = blk.gate_up.forward(&h, ctx)?;
-        let i = c.intermediate_size;
-        let gate = gate_up.narrow(D::Minus1, 0, i)?;
-        let up = gate_up.narrow(D::Minus1, i, i)?;
-        let act = (&gate * candle_nn::ops::sigmoid(&gate)?)?;
-        let mlp = blk.down.forward(&(act * up)?, ctx)?;
+        let act = crate::ops::silu_mul_packed(&linear_forward(&blk.gate_up, &h, ctx)?)?;
+        let mlp = linear_forward(&blk.down, &act, ctx)?;
         Ok((x + mlp)?)
     }
 

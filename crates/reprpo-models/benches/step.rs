@@ -1,0 +1,115 @@
+//! Criterion bench of one training step of a random Llama at the `tiny` shape of
+//! `xtask bench step` (vocab 512, hidden 128, 4 layers, 4 heads, 2 key/value heads, LoRA r=16 on
+//! all seven projections, batch 4 x 64 and 8 x 128): forward alone, and forward + backward of
+//! `sum(logits * W)` into the LoRA parameters. The side-by-side comparison with PyTorch + PEFT is
+//! `tests/reference/bench_step.sh`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{Criterion, criterion_group, criterion_main};
+use reprpo_models::{ForwardSpec, Llama, LlamaConfig, peft};
+
+fn tiny_model() -> Llama {
+    let (vocab, h, inter, layers, heads, kv) = (512, 128, 384, 4, 4, 2);
+    let dev = Device::Cpu;
+    let hd = h / heads;
+    let cfg = LlamaConfig {
+        hidden_size: h,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim: hd,
+        vocab_size: vocab,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10_000.0,
+        rope_scaling: reprpo_models::config::RopeScaling::None,
+        max_position_embeddings: 4096,
+        tie_word_embeddings: true,
+    };
+    let rnd = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev).unwrap();
+    let ones = || Tensor::ones(h, DType::F32, &dev).unwrap();
+    let mut t = HashMap::new();
+    t.insert("model.embed_tokens.weight".to_string(), rnd(&[vocab, h]));
+    t.insert("model.norm.weight".to_string(), ones());
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (n, o, i) in [
+            ("self_attn.q_proj", heads * hd, h),
+            ("self_attn.k_proj", kv * hd, h),
+            ("self_attn.v_proj", kv * hd, h),
+            ("self_attn.o_proj", h, heads * hd),
+            ("mlp.gate_proj", inter, h),
+            ("mlp.up_proj", inter, h),
+            ("mlp.down_proj", h, inter),
+        ] {
+            t.insert(format!("{p}.{n}.weight"), rnd(&[o, i]));
+        }
+        t.insert(format!("{p}.input_layernorm.weight"), ones());
+        t.insert(format!("{p}.post_attention_layernorm.weight"), ones());
+    }
+    let mut model = Llama::from_tensors(cfg, t, Path::new("random"), DType::F32, &dev).unwrap();
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    peft::add_adapter(
+        &mut model,
+        "default",
+        peft::AdapterConfig::lora(16, 16.0, &targets),
+        None,
+        0,
+    )
+    .unwrap();
+    model
+}
+
+fn bench(c: &mut Criterion) {
+    let model = tiny_model();
+    let params = peft::adapter_params(&model, 0);
+    let vocab = model.config.vocab_size;
+    let dev = Device::Cpu;
+    for (batch, seq) in [(4, 64), (8, 128)] {
+        let ids = Tensor::rand(0f32, vocab as f32, (batch, seq), &dev)
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (batch, seq, vocab), &dev).unwrap();
+        c.bench_function(&format!("cpu_llama_tiny_forward_{batch}x{seq}"), |bch| {
+            bch.iter(|| {
+                let out = model
+                    .forward(&ids, None, None, &ForwardSpec::logits())
+                    .unwrap();
+                black_box(out.logits.unwrap());
+            })
+        });
+        c.bench_function(&format!("cpu_llama_tiny_step_{batch}x{seq}"), |bch| {
+            bch.iter(|| {
+                let out = model
+                    .forward(&ids, None, None, &ForwardSpec::logits())
+                    .unwrap();
+                let s = (out.logits.unwrap() * &weight).unwrap().sum_all().unwrap();
+                let grads = s.backward().unwrap();
+                assert!(
+                    params
+                        .iter()
+                        .all(|(_, v)| grads.get(v.as_tensor()).is_some())
+                );
+                black_box(grads);
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
