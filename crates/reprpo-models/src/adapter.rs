@@ -147,6 +147,15 @@ impl Linear {
         let out = self.out_dim();
         let y = match self.adapter(ctx) {
             None => crate::frozen::frozen_matmul(&x2, &self.weight)?,
+            Some(ModuleAdapter::Lora(m))
+                if m.magnitude.is_none() && !(ctx.train && m.dropout > 0.0) =>
+            {
+                // Plain LoRA without dropout: one fused node (`frozen::lora_matmul`).
+                let dt = x2.dtype();
+                let a = m.a.as_tensor().to_dtype(dt)?;
+                let b = m.b.as_tensor().to_dtype(dt)?;
+                crate::frozen::lora_matmul(&x2, &self.weight, &a, &b, m.scale)?
+            }
             Some(ModuleAdapter::Lora(m)) => {
                 let dt = x2.dtype();
                 let a = m.a.as_tensor().to_dtype(dt)?;

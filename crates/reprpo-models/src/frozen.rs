@@ -7,12 +7,11 @@
 //! (same values, the extra gradient is still computed there).
 //!
 //! [`lora_matmul`] does the same for a LoRA-adapted layer (`x W^T + s x A^T B^T` as one op with
-//! its own backward), and [`linear_forward`] routes a [`Linear`] with plain LoRA through it.
+//! its own backward); `adapter::Linear::forward` uses it for plain LoRA without dropout.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
-use crate::adapter::{Ctx, Linear, ModuleAdapter};
 use crate::error::Result;
 
 struct FrozenMatmul {
@@ -170,34 +169,4 @@ pub fn lora_matmul(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
         let lora = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
         Ok((base + lora)?)
     }
-}
-
-/// `linear.forward(x, ctx)` with plain LoRA (no DoRA magnitude, no active dropout) through the
-/// fused [`lora_matmul`]; every other case goes to [`Linear::forward`].
-pub fn linear_forward(linear: &Linear, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-    let adapter = ctx.adapter.and_then(|i| {
-        if matches!(&linear.merged, Some((j, _)) if *j == i) {
-            None
-        } else {
-            linear.adapters.get(i).and_then(Option::as_ref)
-        }
-    });
-    let Some(ModuleAdapter::Lora(m)) = adapter else {
-        return linear.forward(x, ctx);
-    };
-    if m.magnitude.is_some() || (ctx.train && m.dropout > 0.0) {
-        return linear.forward(x, ctx);
-    }
-    let dt = x.dtype();
-    let mut dims = x.dims().to_vec();
-    let Some(last) = dims.last_mut() else {
-        return linear.forward(x, ctx);
-    };
-    let inp = *last;
-    *last = linear.out_dim();
-    let rows = x.elem_count() / inp.max(1);
-    let a = m.a.as_tensor().to_dtype(dt)?;
-    let b = m.b.as_tensor().to_dtype(dt)?;
-    let y = lora_matmul(&x.reshape((rows, inp))?, &linear.weight, &a, &b, m.scale)?;
-    Ok(y.reshape(dims)?)
 }

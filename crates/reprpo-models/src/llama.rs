@@ -19,7 +19,6 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::frozen::linear_forward;
 
 /// The additive mask value for disallowed attention: finite, so fully masked rows stay finite.
 pub const MASK_VALUE: f32 = -1e30;
@@ -405,7 +404,8 @@ impl Llama {
         let (b, t, _) = x.dims3()?;
         let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
         let proj = |lin: &Linear, heads: usize| -> Result<Tensor> {
-            Ok(linear_forward(lin, &h, ctx)?
+            Ok(lin
+                .forward(&h, ctx)?
                 .reshape((b, t, heads, c.head_dim))?
                 .transpose(1, 2)?)
         };
@@ -420,13 +420,10 @@ impl Llama {
             *slot = Some((k.clone(), v.clone()));
         }
         let attn = crate::ops::attention(&q, &k, &v, mask)?;
-        let x = (x + linear_forward(&blk.o, &attn, ctx)?)?;
+        let x = (x + blk.o.forward(&attn, ctx)?)?;
         let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
-        let act = crate::ops::silu_mul(
-            &linear_forward(&blk.gate, &h, ctx)?,
-            &linear_forward(&blk.up, &h, ctx)?,
-        )?;
-        let mlp = linear_forward(&blk.down, &act, ctx)?;
+        let act = crate::ops::silu_mul(&blk.gate.forward(&h, ctx)?, &blk.up.forward(&h, ctx)?)?;
+        let mlp = blk.down.forward(&act, ctx)?;
         Ok((x + mlp)?)
     }
 

@@ -34,7 +34,6 @@ use serde_json::Value;
 
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::error::{ModelError, Result};
-use crate::frozen::linear_forward;
 use crate::llama::{
     ForwardSpec, KvCache, MASK_VALUE, Output, head, load_safetensors, rms_norm, take,
 };
@@ -765,7 +764,7 @@ impl Phi3 {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
-        let qkv = linear_forward(&blk.qkv, &h, ctx)?;
+        let qkv = blk.qkv.forward(&h, ctx)?;
         let split = |start: usize, heads: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(D::Minus1, start, heads * hd)?
@@ -783,10 +782,10 @@ impl Phi3 {
             *slot = Some((k.clone(), v.clone()));
         }
         let attn = crate::ops::attention(&q, &k, &v, mask)?;
-        let x = (x + linear_forward(&blk.o, &attn, ctx)?)?;
+        let x = (x + blk.o.forward(&attn, ctx)?)?;
         let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
-        let act = crate::ops::silu_mul_packed(&linear_forward(&blk.gate_up, &h, ctx)?)?;
-        let mlp = linear_forward(&blk.down, &act, ctx)?;
+        let act = crate::ops::silu_mul_packed(&blk.gate_up.forward(&h, ctx)?)?;
+        let mlp = blk.down.forward(&act, ctx)?;
         Ok((x + mlp)?)
     }
 
