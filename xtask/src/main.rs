@@ -411,57 +411,11 @@ fn peak_rss_mib() -> Option<f64> {
 fn bench_step(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<()> {
     use candle_core::{DType, Device, Tensor};
     use reprpo_models::{ForwardSpec, Llama, peft};
-    let (vocab, h, inter, layers, heads, kv) = match preset {
-        "tiny" => (512, 128, 384, 4, 4, 2),
-        "small" => (32000, 512, 1408, 8, 8, 4),
-        other => bail!("unknown preset `{other}` (tiny, small)"),
-    };
+    let cfg = reprpo_models::LlamaConfig::preset(preset)
+        .with_context(|| format!("unknown preset `{preset}` (tiny, small)"))?;
+    let vocab = cfg.vocab_size;
     let dev = Device::Cpu;
-    let hd = h / heads;
-    let cfg = reprpo_models::LlamaConfig {
-        hidden_size: h,
-        intermediate_size: inter,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: kv,
-        head_dim: hd,
-        vocab_size: vocab,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: reprpo_models::config::RopeScaling::None,
-        max_position_embeddings: 4096,
-        tie_word_embeddings: true,
-    };
-    let mut t = std::collections::HashMap::new();
-    let rnd = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev);
-    t.insert("model.embed_tokens.weight".to_string(), rnd(&[vocab, h])?);
-    t.insert(
-        "model.norm.weight".to_string(),
-        Tensor::ones(h, DType::F32, &dev)?,
-    );
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (n, o, i) in [
-            ("self_attn.q_proj", heads * hd, h),
-            ("self_attn.k_proj", kv * hd, h),
-            ("self_attn.v_proj", kv * hd, h),
-            ("self_attn.o_proj", h, heads * hd),
-            ("mlp.gate_proj", inter, h),
-            ("mlp.up_proj", inter, h),
-            ("mlp.down_proj", h, inter),
-        ] {
-            t.insert(format!("{p}.{n}.weight"), rnd(&[o, i])?);
-        }
-        t.insert(
-            format!("{p}.input_layernorm.weight"),
-            Tensor::ones(h, DType::F32, &dev)?,
-        );
-        t.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            Tensor::ones(h, DType::F32, &dev)?,
-        );
-    }
-    let mut model = Llama::from_tensors(cfg, t, Path::new("random"), DType::F32, &dev)?;
+    let mut model = Llama::random(cfg, 0.02, 0, DType::F32, &dev)?;
     let targets = [
         "q_proj",
         "k_proj",

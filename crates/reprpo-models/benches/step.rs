@@ -6,54 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::collections::HashMap;
 use std::hint::black_box;
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
 use reprpo_models::{ForwardSpec, Llama, LlamaConfig, peft};
 
 fn tiny_model() -> Llama {
-    let (vocab, h, inter, layers, heads, kv) = (512, 128, 384, 4, 4, 2);
-    let dev = Device::Cpu;
-    let hd = h / heads;
-    let cfg = LlamaConfig {
-        hidden_size: h,
-        intermediate_size: inter,
-        num_layers: layers,
-        num_heads: heads,
-        num_kv_heads: kv,
-        head_dim: hd,
-        vocab_size: vocab,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: reprpo_models::config::RopeScaling::None,
-        max_position_embeddings: 4096,
-        tie_word_embeddings: true,
-    };
-    let rnd = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev).unwrap();
-    let ones = || Tensor::ones(h, DType::F32, &dev).unwrap();
-    let mut t = HashMap::new();
-    t.insert("model.embed_tokens.weight".to_string(), rnd(&[vocab, h]));
-    t.insert("model.norm.weight".to_string(), ones());
-    for l in 0..layers {
-        let p = format!("model.layers.{l}");
-        for (n, o, i) in [
-            ("self_attn.q_proj", heads * hd, h),
-            ("self_attn.k_proj", kv * hd, h),
-            ("self_attn.v_proj", kv * hd, h),
-            ("self_attn.o_proj", h, heads * hd),
-            ("mlp.gate_proj", inter, h),
-            ("mlp.up_proj", inter, h),
-            ("mlp.down_proj", h, inter),
-        ] {
-            t.insert(format!("{p}.{n}.weight"), rnd(&[o, i]));
-        }
-        t.insert(format!("{p}.input_layernorm.weight"), ones());
-        t.insert(format!("{p}.post_attention_layernorm.weight"), ones());
-    }
-    let mut model = Llama::from_tensors(cfg, t, Path::new("random"), DType::F32, &dev).unwrap();
+    let cfg = LlamaConfig::preset("tiny").unwrap();
+    let mut model = Llama::random(cfg, 0.02, 0, DType::F32, &Device::Cpu).unwrap();
     let targets = [
         "q_proj",
         "k_proj",

@@ -234,6 +234,31 @@ impl HfLlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Named shapes: `tiny` (vocab 512, hidden 128, 4 layers, 4 heads / 2 KV heads) and `small`
+    /// (vocab 32000, hidden 512, 8 layers, 8 / 4 heads), as in `../shared/anchors/pytorch_anchor.py`;
+    /// tied embeddings, RoPE base 10000.
+    pub fn preset(name: &str) -> Option<Self> {
+        let (vocab, h, inter, layers, heads, kv) = match name {
+            "tiny" => (512, 128, 384, 4, 4, 2),
+            "small" => (32000, 512, 1408, 8, 8, 4),
+            _ => return None,
+        };
+        Some(LlamaConfig {
+            hidden_size: h,
+            intermediate_size: inter,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: h / heads,
+            vocab_size: vocab,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: true,
+        })
+    }
+
     /// Load and validate `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path: PathBuf = dir.join("config.json");

@@ -261,6 +261,58 @@ impl Llama {
         })
     }
 
+    /// A randomly initialised model: every projection and the embedding drawn from N(0, std^2)
+    /// with a seeded generator (the same seed gives the same weights on every machine), norms 1.
+    pub fn random(
+        config: LlamaConfig,
+        std: f64,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut normal = |shape: &[usize]| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                    (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                })
+                .collect();
+            Ok(Tensor::from_vec(v, shape, device)?)
+        };
+        let c = &config;
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let ones = Tensor::ones(h, DType::F32, device)?;
+        let mut t = HashMap::new();
+        t.insert(
+            "model.embed_tokens.weight".to_string(),
+            normal(&[c.vocab_size, h])?,
+        );
+        t.insert("model.norm.weight".to_string(), ones.clone());
+        if !c.tie_word_embeddings {
+            t.insert("lm_head.weight".to_string(), normal(&[c.vocab_size, h])?);
+        }
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            for (n, o, inp) in [
+                ("self_attn.q_proj", c.num_heads * hd, h),
+                ("self_attn.k_proj", c.num_kv_heads * hd, h),
+                ("self_attn.v_proj", c.num_kv_heads * hd, h),
+                ("self_attn.o_proj", h, c.num_heads * hd),
+                ("mlp.gate_proj", i, h),
+                ("mlp.up_proj", i, h),
+                ("mlp.down_proj", h, i),
+            ] {
+                t.insert(format!("{p}.{n}.weight"), normal(&[o, inp])?);
+            }
+            t.insert(format!("{p}.input_layernorm.weight"), ones.clone());
+            t.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
+        }
+        Self::from_tensors(config, t, Path::new("(random)"), dtype, device)
+    }
+
     /// The weights' dtype.
     pub fn dtype(&self) -> DType {
         self.dtype

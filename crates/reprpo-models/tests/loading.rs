@@ -270,3 +270,17 @@ fn f16_is_close_to_f32() {
         .unwrap();
     assert_eq!(over, 0.0);
 }
+
+/// `Llama::random` is seeded: the same seed gives the same model, another seed another one.
+#[test]
+fn random_models_are_seeded() {
+    let cfg = reprpo_models::LlamaConfig::preset("tiny").unwrap();
+    let ids = Tensor::new(&[[3u32, 7, 11, 2, 5]], &Device::Cpu).unwrap();
+    let m = |seed| Llama::random(cfg.clone(), 0.02, seed, DType::F32, &Device::Cpu).unwrap();
+    let a = logits(&m(1), &ids, &ForwardSpec::logits());
+    let b = logits(&m(1), &ids, &ForwardSpec::logits());
+    let c = logits(&m(2), &ids, &ForwardSpec::logits());
+    assert_eq!(max_abs(&a, &b), 0.0);
+    assert!(max_abs(&a, &c) > 1e-4);
+    assert!(reprpo_models::LlamaConfig::preset("nope").is_none());
+}
