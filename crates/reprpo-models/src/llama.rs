@@ -334,25 +334,6 @@ impl Llama {
         ))
     }
 
-    /// Resolve requested hidden indices (negative from the end) into 0..=L.
-    fn resolve_layers(&self, spec: &ForwardSpec) -> Result<Vec<usize>> {
-        let n = self.config.num_layers as isize + 1;
-        spec.hidden_layers
-            .iter()
-            .map(|&i| {
-                let j = if i < 0 { n + i } else { i };
-                if (0..n).contains(&j) {
-                    Ok(j as usize)
-                } else {
-                    Err(ModelError::Invalid(format!(
-                        "hidden layer {i} out of range for {} states",
-                        n
-                    )))
-                }
-            })
-            .collect()
-    }
-
     /// A forward over a padded batch.
     ///
     /// `input_ids`: `[B, T]` u32. `attention_mask`: `[B, T]`, 1 on real tokens (any numeric dtype;
@@ -366,14 +347,6 @@ impl Llama {
         spec: &ForwardSpec,
     ) -> Result<Output> {
         let (b, t) = input_ids.dims2()?;
-        let wanted = self.resolve_layers(spec)?;
-        let last_layer = self.config.num_layers;
-        // Deepest state needed; index L needs every layer plus the final norm.
-        let deepest = if spec.logits {
-            last_layer
-        } else {
-            wanted.iter().copied().max().unwrap_or(0)
-        };
         let positions = match position_ids {
             Some(p) => p.clone(),
             None => Tensor::arange(0u32, t as u32, &self.device)?
@@ -383,48 +356,17 @@ impl Llama {
         };
         let (cos, sin) = self.rope_tables(&positions)?;
         let mask = self.mask(b, t, attention_mask)?;
-        let ctx = Ctx {
-            adapter: if spec.adapters_off {
-                None
-            } else {
-                self.adapters.active
-            },
-            train: spec.train,
-        };
-        let mut x = self
-            .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
-        let mut states: Vec<Option<Tensor>> = vec![None; last_layer + 1];
-        if wanted.contains(&0) {
-            states[0] = Some(x.clone());
-        }
-        for (l, block) in self.layers.iter().enumerate().take(deepest) {
-            x = self.block(block, &x, &cos, &sin, &mask, &ctx, None)?;
-            let idx = l + 1;
-            if idx < last_layer && wanted.contains(&idx) {
-                states[idx] = Some(x.clone());
-            }
-        }
-        let mut logits = None;
-        if deepest == last_layer {
-            let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-            if wanted.contains(&last_layer) {
-                states[last_layer] = Some(normed.clone());
-            }
-            if spec.logits {
-                logits = Some(head(&normed, &self.lm_head)?);
-            }
-        }
-        let hidden = wanted
-            .iter()
-            .map(|&i| {
-                states[i].clone().map(|s| (i, s)).ok_or_else(|| {
-                    ModelError::Invalid(format!("hidden state {i} was not computed"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Output { logits, hidden })
+        let ctx = spec.ctx(self.adapters.active);
+        run_decoder(
+            spec,
+            self.config.num_layers,
+            &self.embed,
+            input_ids,
+            &self.norm,
+            self.config.rms_norm_eps,
+            &self.lm_head,
+            |l, x| self.block(&self.layers[l], x, &cos, &sin, &mask, &ctx, None),
+        )
     }
 
     /// Additive mask `[B, 1, T, T]` (`[1, 1, T, T]` without an attention mask) in f32: 0 where query i may attend key j (j <= i and key j
@@ -564,4 +506,90 @@ impl AdapterHost for Llama {
     fn adapter_set_mut(&mut self) -> &mut AdapterSet {
         &mut self.adapters
     }
+}
+
+impl ForwardSpec {
+    /// The adapter state of a forward: `active` unless this spec turns adapters off.
+    pub fn ctx(&self, active: Option<usize>) -> Ctx {
+        Ctx {
+            adapter: if self.adapters_off { None } else { active },
+            train: self.train,
+        }
+    }
+}
+
+/// Resolve requested hidden indices (negative from the end) into `0..=num_layers`.
+pub(crate) fn resolve_layers(spec: &ForwardSpec, num_layers: usize) -> Result<Vec<usize>> {
+    let n = num_layers as isize + 1;
+    spec.hidden_layers
+        .iter()
+        .map(|&i| {
+            let j = if i < 0 { n + i } else { i };
+            if (0..n).contains(&j) {
+                Ok(j as usize)
+            } else {
+                Err(ModelError::Invalid(format!(
+                    "hidden layer {i} out of range for {n} states"
+                )))
+            }
+        })
+        .collect()
+}
+
+/// The decoder stack shared by every architecture: embedding, `block(l, x)` for each layer up
+/// to the deepest one `spec` needs, final norm, output head, and the hidden states asked for
+/// (the module docs give the indexing).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_decoder(
+    spec: &ForwardSpec,
+    num_layers: usize,
+    embed: &Tensor,
+    input_ids: &Tensor,
+    norm: &Tensor,
+    eps: f64,
+    lm_head: &Tensor,
+    mut block: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+) -> Result<Output> {
+    let (b, t) = input_ids.dims2()?;
+    let wanted = resolve_layers(spec, num_layers)?;
+    // Deepest state needed; index L needs every layer plus the final norm.
+    let deepest = if spec.logits {
+        num_layers
+    } else {
+        wanted.iter().copied().max().unwrap_or(0)
+    };
+    let mut x = embed
+        .index_select(&input_ids.flatten_all()?, 0)?
+        .reshape((b, t, embed.dim(1)?))?;
+    let mut states: Vec<Option<Tensor>> = vec![None; num_layers + 1];
+    if wanted.contains(&0) {
+        states[0] = Some(x.clone());
+    }
+    for l in 0..deepest {
+        x = block(l, &x)?;
+        let idx = l + 1;
+        if idx < num_layers && wanted.contains(&idx) {
+            states[idx] = Some(x.clone());
+        }
+    }
+    let mut logits = None;
+    if deepest == num_layers {
+        let normed = rms_norm(&x, norm, eps)?;
+        if wanted.contains(&num_layers) {
+            states[num_layers] = Some(normed.clone());
+        }
+        if spec.logits {
+            logits = Some(head(&normed, lm_head)?);
+        }
+    }
+    let hidden = wanted
+        .iter()
+        .map(|&i| {
+            states[i]
+                .clone()
+                .map(|s| (i, s))
+                .ok_or_else(|| ModelError::Invalid(format!("hidden state {i} was not computed")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Output { logits, hidden })
 }

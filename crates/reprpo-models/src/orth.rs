@@ -604,23 +604,9 @@ pub fn build(
         let Some((w, file)) = weights else {
             return Ok(None);
         };
-        let k = key(suffix);
-        let t = w.get(&k).ok_or_else(|| ModelError::Weight {
-            file: file.to_path_buf(),
-            name: k.clone(),
-            problem: "missing".into(),
-        })?;
-        if t.dims() != shape {
-            return Err(ModelError::Weight {
-                file: file.to_path_buf(),
-                name: k,
-                problem: format!("shape {:?}, expected {shape:?}", t.dims()),
-            });
-        }
+        let v = crate::peft::trainable_from(w, file, &key(suffix), shape, dev)?;
         *used += 1;
-        Ok(Some(Var::from_tensor(
-            &t.to_dtype(DType::F32)?.to_device(dev)?,
-        )?))
+        Ok(Some(v))
     };
     match spec {
         OrthSpec::Boft {

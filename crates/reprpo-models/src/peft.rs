@@ -483,21 +483,9 @@ pub fn add_adapter(
                 Some((w, file)),
             ) => {
                 let mut fetch = |suffix: &str, shape: &[usize]| -> Result<Var> {
-                    let k = key(suffix);
-                    let t = w.get(&k).ok_or_else(|| ModelError::Weight {
-                        file: file.to_path_buf(),
-                        name: k.clone(),
-                        problem: "missing".into(),
-                    })?;
-                    if t.dims() != shape {
-                        return Err(ModelError::Weight {
-                            file: file.to_path_buf(),
-                            name: k,
-                            problem: format!("shape {:?}, expected {shape:?}", t.dims()),
-                        });
-                    }
+                    let v = trainable_from(w, file, &key(suffix), shape, &dev)?;
                     used += 1;
-                    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&dev)?)?)
+                    Ok(v)
                 };
                 let a = fetch("lora_A.weight", &[*r, inp])?;
                 let b = fetch("lora_B.weight", &[out, *r])?;
@@ -638,4 +626,28 @@ pub fn save_adapter(host: &dyn AdapterHost, name: &str, dir: &Path) -> Result<()
     std::fs::rename(&tmp, &st).map_err(|source| ModelError::Write { file: st, source })?;
     std::fs::rename(&cfg_tmp, &cfg).map_err(|source| ModelError::Write { file: cfg, source })?;
     Ok(())
+}
+
+/// Tensor `key` of a PEFT state dict `w` (read from `file`) as an f32 `Var` on `dev`, after
+/// checking it exists and has `shape`; errors name the file and the tensor.
+pub(crate) fn trainable_from(
+    w: &HashMap<String, Tensor>,
+    file: &Path,
+    key: &str,
+    shape: &[usize],
+    dev: &Device,
+) -> Result<Var> {
+    let t = w.get(key).ok_or_else(|| ModelError::Weight {
+        file: file.to_path_buf(),
+        name: key.to_string(),
+        problem: "missing".into(),
+    })?;
+    if t.dims() != shape {
+        return Err(ModelError::Weight {
+            file: file.to_path_buf(),
+            name: key.to_string(),
+            problem: format!("shape {:?}, expected {shape:?}", t.dims()),
+        });
+    }
+    Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
 }

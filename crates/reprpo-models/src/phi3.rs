@@ -35,7 +35,7 @@ use serde_json::Value;
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::error::{ModelError, Result};
 use crate::llama::{
-    ForwardSpec, KvCache, MASK_VALUE, Output, head, load_safetensors, rms_norm, take,
+    ForwardSpec, KvCache, MASK_VALUE, Output, head, load_safetensors, rms_norm, run_decoder, take,
 };
 
 /// The subset of a Phi-3 `config.json` this crate reads, in both layouts (transformers 4.x
@@ -621,24 +621,6 @@ impl Phi3 {
         Ok((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
     }
 
-    /// Resolve requested hidden indices (negative from the end) into 0..=L.
-    fn resolve_layers(&self, spec: &ForwardSpec) -> Result<Vec<usize>> {
-        let n = self.config.num_layers as isize + 1;
-        spec.hidden_layers
-            .iter()
-            .map(|&i| {
-                let j = if i < 0 { n + i } else { i };
-                if (0..n).contains(&j) {
-                    Ok(j as usize)
-                } else {
-                    Err(ModelError::Invalid(format!(
-                        "hidden layer {i} out of range for {n} states"
-                    )))
-                }
-            })
-            .collect()
-    }
-
     /// A forward over a padded batch.
     ///
     /// `input_ids`: `[B, T]` u32. `attention_mask`: `[B, T]`, 1 on real tokens (any numeric dtype;
@@ -653,13 +635,6 @@ impl Phi3 {
         spec: &ForwardSpec,
     ) -> Result<Output> {
         let (b, t) = input_ids.dims2()?;
-        let wanted = self.resolve_layers(spec)?;
-        let last_layer = self.config.num_layers;
-        let deepest = if spec.logits {
-            last_layer
-        } else {
-            wanted.iter().copied().max().unwrap_or(0)
-        };
         let positions = match position_ids {
             Some(p) => p.clone(),
             None => Tensor::arange(0u32, t as u32, &self.device)?
@@ -669,48 +644,17 @@ impl Phi3 {
         };
         let (cos, sin) = self.rope_tables(&positions)?;
         let mask = self.mask(b, t, 0, attention_mask)?;
-        let ctx = Ctx {
-            adapter: if spec.adapters_off {
-                None
-            } else {
-                self.adapters.active
-            },
-            train: spec.train,
-        };
-        let mut x = self
-            .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden_size))?;
-        let mut states: Vec<Option<Tensor>> = vec![None; last_layer + 1];
-        if wanted.contains(&0) {
-            states[0] = Some(x.clone());
-        }
-        for (l, block) in self.layers.iter().enumerate().take(deepest) {
-            x = self.block(block, &x, &cos, &sin, &mask, &ctx, None)?;
-            let idx = l + 1;
-            if idx < last_layer && wanted.contains(&idx) {
-                states[idx] = Some(x.clone());
-            }
-        }
-        let mut logits = None;
-        if deepest == last_layer {
-            let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-            if wanted.contains(&last_layer) {
-                states[last_layer] = Some(normed.clone());
-            }
-            if spec.logits {
-                logits = Some(head(&normed, &self.lm_head)?);
-            }
-        }
-        let hidden = wanted
-            .iter()
-            .map(|&i| {
-                states[i].clone().map(|s| (i, s)).ok_or_else(|| {
-                    ModelError::Invalid(format!("hidden state {i} was not computed"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Output { logits, hidden })
+        let ctx = spec.ctx(self.adapters.active);
+        run_decoder(
+            spec,
+            self.config.num_layers,
+            &self.embed,
+            input_ids,
+            &self.norm,
+            self.config.rms_norm_eps,
+            &self.lm_head,
+            |l, x| self.block(&self.layers[l], x, &cos, &sin, &mask, &ctx, None),
+        )
     }
 
     /// Additive mask `[B or 1, 1, n, first + n]` in f32 for `n` queries at sequence indices
