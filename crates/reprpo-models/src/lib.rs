@@ -21,5 +21,6 @@ pub use phi3::{Phi3, Phi3Config};
 pub mod frozen;
 pub mod linalg;
 pub mod model;
+pub mod logps;
 pub mod ops;
 pub use model::CausalLm;

@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use regex::Regex;
 use serde_json::{Map, Value};
 
-use crate::adapter::{AdapterHost, LoraModule, ModuleAdapter, WeightTransform};
+use crate::adapter::{AdapterHost, AdapterSet, LoraModule, ModuleAdapter, WeightTransform};
 use crate::error::{ModelError, Result};
 
 /// The prefix PEFT puts before module paths in saved state dicts.
@@ -650,4 +650,24 @@ pub(crate) fn trainable_from(
         });
     }
     Ok(Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(dev)?)?)
+}
+
+/// Load the PEFT adapter in `dir` and fold it into the base weights for good: afterwards the
+/// model behaves as base + adapter with every adapter off, and no adapter is registered (the
+/// original base weights are not kept). For a stage that becomes the next stage's base, e.g. an
+/// SFT adapter under a preference adapter; fails if adapters are already registered.
+pub fn bake_adapter(host: &mut dyn AdapterHost, dir: &Path) -> Result<()> {
+    if !host.adapter_set().names.is_empty() {
+        return Err(ModelError::Invalid(
+            "bake_adapter needs a model without registered adapters".into(),
+        ));
+    }
+    let idx = load_adapter(host, dir, "baked")?;
+    for lin in host.linears_mut() {
+        lin.merge(idx)?;
+        lin.merged = None;
+        lin.adapters.clear();
+    }
+    *host.adapter_set_mut() = AdapterSet::default();
+    Ok(())
 }
