@@ -4,6 +4,8 @@
 //! root, and prints results. `key=value` overrides are merged over the defaults (and over a config
 //! file where one is given) with figment, so an unknown or mistyped key is an error that names it.
 
+mod train;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -33,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Train an adapter (embedded default without arguments).
-    Train(JobArgs),
+    Train(train::TrainArgs),
     /// Evaluate base and adapters on the eval suite (embedded default without arguments).
     Eval(JobArgs),
     /// Convert, binarise, inspect and generate data.
@@ -281,7 +283,7 @@ fn tokenizer(dir: Option<&Path>) -> Result<Tok> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train(a) => not_yet("train", 5, &a),
+        Cmd::Train(a) => train::run(a, &root()),
         Cmd::Eval(a) => not_yet("eval", 6, &a),
         Cmd::Data(DataCmd::Prepare { input, out, out_mc }) => {
             if out.is_none() && out_mc.is_none() {

@@ -1,1 +1,24 @@
-//! The training loop behind `cargo xtask train` (issue 5: not yet written).
+//! reprpo-train: the training job behind `cargo xtask train`.
+//!
+//! - [`config`]: the layered configuration (defaults < presets < file < env < overrides) and its
+//!   validation;
+//! - [`data`]: dataset names to tokenised pairs and device batches;
+//! - [`objective`]: one batch through the policy (adapter on) and reference (adapter off) forwards
+//!   and the loss;
+//! - [`optim`]: AdamW with checkpointable f32 state, schedules, clipping;
+//! - [`run`]: the run folder, metrics log and atomic checkpoints;
+//! - [`trainer`]: the loop, resume, Ctrl-C, SFT stage and summary;
+//! - [`plots`]: PNG charts from `metrics.jsonl`.
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod objective;
+pub mod optim;
+pub mod plots;
+pub mod run;
+pub mod trainer;
+
+pub use config::{Sources, TrainConfig};
+pub use error::{Result, TrainError};
+pub use trainer::{JobContext, Outcome, train};

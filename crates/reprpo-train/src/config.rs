@@ -1,0 +1,888 @@
+//! The training configuration and how it is layered (figment):
+//!
+//! built-in defaults < the loss preset < the adapter preset < a TOML file (`--config FILE`)
+//! < environment variables (`REPRPO_` prefix, `__` between levels: `REPRPO_TRAIN__LR=1e-4`)
+//! < command-line `key=value` overrides (`loss=dpo train.lr=1e-4 datasets=[hh,shp]`).
+//!
+//! The loss and adapter presets are chosen by the final values of `loss` and `adapter.kind`
+//! (wherever they were set), then applied under the file, the environment and the overrides.
+//! Everything is validated before any work starts: an unknown key (with the nearest known key
+//! suggested), a wrong type, a value out of range, or a combination that cannot work is a
+//! [`TrainError::Config`] naming the key.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use reprpo_data::tokenize::{TokenizationMode, TokenizeConfig, Truncation};
+use reprpo_losses::dpo::{DpoConfig, LossType};
+use reprpo_losses::reprpo::{ReprPoConfig, ReprPoVariant};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::error::{Result, TrainError};
+
+/// The whole configuration of a training run (written resolved into the run folder).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The loss: `sft`, `reprpo` (and `reprpo-<variant>`: `reprpo-direction`, ...), `dpo`
+    /// (= TRL's `sigmoid`) or any TRL `loss_type` name (`ipo`, `hinge`, ...). Selects a preset.
+    pub loss: String,
+    /// Run folder and checkpoints.
+    pub run: RunConfig,
+    /// The base model.
+    pub model: ModelConfig,
+    /// Training and held-out data.
+    pub data: DataConfig,
+    /// The adapter.
+    pub adapter: AdapterOptions,
+    /// Options of the DPO family (TRL's names).
+    pub dpo: DpoConfig,
+    /// Options of the ReprPO family.
+    pub reprpo: ReprPoConfig,
+    /// The optimisation.
+    pub train: TrainOptions,
+    /// An optional SFT stage on the chosen completions before the preference stage (the original
+    /// workflow; the embedded default uses it because its base model is random).
+    pub sft: SftStage,
+}
+
+/// Where the run goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run name; the folder is `<out_dir>/<name>-<timestamp>`. Default: `<loss>-<adapter>`.
+    pub name: Option<String>,
+    /// Parent folder of runs (relative paths are relative to the working directory).
+    pub out_dir: PathBuf,
+    /// Checkpoint every this many optimizer steps (0: only at the end).
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints (the newest).
+    pub save_total_limit: usize,
+    /// Write PNG plots at the end.
+    pub plots: bool,
+}
+
+/// The base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `tiny` or `small` (a seeded random Llama with the byte-level tokenizer), a local Hugging
+    /// Face folder, or a hub id.
+    pub name_or_path: String,
+    /// `f32`, `bf16` or `f16` (compute); adapter weights and optimizer state stay f32.
+    pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Standard deviation of the random init (`tiny`/`small` only).
+    pub init_std: f64,
+    /// Seed of the random init (`tiny`/`small` only).
+    pub init_seed: u64,
+}
+
+/// The data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training datasets: recipe names from `datasets/*.toml`, or `default` (embedded).
+    pub datasets: Vec<String>,
+    /// Held-out (in-distribution) datasets for periodic evaluation and the summary.
+    pub eval_datasets: Vec<String>,
+    /// Out-of-distribution datasets for the summary.
+    pub ood_datasets: Vec<String>,
+    /// Use at most this many training pairs (after shuffling with `train.seed`).
+    pub n_train: Option<usize>,
+    /// `classic` (TRL 0.9) or `trl-current` (TRL 1.x) tokenisation.
+    pub tokenization: TokenizationMode,
+    /// Maximum prompt + completion tokens.
+    pub max_length: Option<usize>,
+    /// Maximum prompt tokens (classic only).
+    pub max_prompt_length: Option<usize>,
+    /// `keep_end` or `keep_start`.
+    pub truncation_mode: Truncation,
+    /// Apply the tokenizer's chat template.
+    pub chat_template: bool,
+}
+
+/// The adapter (PEFT names are derived from these; see [`AdapterOptions::peft_json`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdapterOptions {
+    /// `lora`, `dora`, `boft`, `oft` or `hra`.
+    pub kind: String,
+    /// Start from this PEFT adapter folder instead of a fresh adapter.
+    pub init_from: Option<PathBuf>,
+    /// Module names, or `["all-linear"]`.
+    pub target_modules: Vec<String>,
+    /// Only these decoder layers.
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// LoRA/DoRA rank, HRA's number of reflections, OFT's `r` (0: from `block_size`).
+    pub r: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// LoRA dropout (training only), BOFT's block dropout, OFT's module dropout.
+    pub dropout: f64,
+    /// rsLoRA scaling alpha / sqrt(r).
+    pub rslora: bool,
+    /// `kaiming` (PEFT's default) or `gaussian` for LoRA's A.
+    pub init: String,
+    /// BOFT / OFT block size (0: from `block_num` / `r`).
+    pub block_size: usize,
+    /// BOFT block count (0: from `block_size`).
+    pub block_num: usize,
+    /// BOFT butterfly factor.
+    pub butterfly_factor: usize,
+    /// HRA: Gram-Schmidt form.
+    pub apply_gs: bool,
+    /// Seed of the fresh adapter's init.
+    pub seed: u64,
+}
+
+/// The optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainOptions {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Pairs (or SFT sequences) per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Passes over the training data (ignored when `max_steps` is set).
+    pub epochs: usize,
+    /// Optimizer steps; overrides `epochs`.
+    pub max_steps: Option<usize>,
+    /// Warm-up steps (overrides `warmup_ratio` when > 0).
+    pub warmup_steps: usize,
+    /// Warm-up as a fraction of all steps.
+    pub warmup_ratio: f64,
+    /// `constant`, `linear`, `cosine` or `wsd` (warmup-stable-decay).
+    pub schedule: String,
+    /// `wsd`: the fraction of steps spent decaying at the end.
+    pub decay_ratio: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub adam_beta1: f64,
+    /// AdamW beta2.
+    pub adam_beta2: f64,
+    /// AdamW epsilon.
+    pub adam_eps: f64,
+    /// Global-norm gradient clipping (0: off).
+    pub max_grad_norm: f64,
+    /// Seed of the data order (and of everything else random in training).
+    pub seed: u64,
+    /// Log (progress line and `metrics.jsonl`) every this many optimizer steps.
+    pub logging_steps: usize,
+    /// Evaluate on held-out data every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Held-out pairs per periodic evaluation.
+    pub n_eval_examples: usize,
+    /// Held-out batch size.
+    pub eval_batch_size: usize,
+    /// Greedy samples (with the adapter) printed at each periodic evaluation.
+    pub n_samples: usize,
+    /// Recompute each layer's activations in backward (less memory).
+    pub grad_checkpointing: bool,
+}
+
+/// An SFT stage before the preference stage: LoRA on all linear layers, merged into the base
+/// before the preference adapter is created; cached by its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftStage {
+    /// Optimizer steps (0: no SFT stage).
+    pub steps: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Batch size.
+    pub batch_size: usize,
+    /// LoRA rank of the SFT adapter.
+    pub r: usize,
+    /// Folder of cached SFT adapters (relative to `run.out_dir`).
+    pub cache_dir: PathBuf,
+    /// `chosen` (the original workflow: SFT on the preferred answers) or `both` (chosen and
+    /// rejected: a base that knows the domain's language but prefers neither side).
+    pub on: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            loss: "reprpo".into(),
+            run: RunConfig::default(),
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            adapter: AdapterOptions::default(),
+            dpo: DpoConfig::default(),
+            reprpo: ReprPoConfig::default(),
+            train: TrainOptions::default(),
+            sft: SftStage::default(),
+        }
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            name: None,
+            out_dir: "runs".into(),
+            save_steps: 100,
+            save_total_limit: 2,
+            plots: true,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            name_or_path: "tiny".into(),
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            init_std: 0.02,
+            init_seed: 0,
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            datasets: vec!["default".into()],
+            eval_datasets: vec!["default-test".into()],
+            ood_datasets: vec!["default-ood".into()],
+            n_train: None,
+            tokenization: TokenizationMode::Classic,
+            max_length: Some(512),
+            max_prompt_length: Some(256),
+            truncation_mode: Truncation::KeepEnd,
+            chat_template: false,
+        }
+    }
+}
+
+impl Default for AdapterOptions {
+    fn default() -> Self {
+        AdapterOptions {
+            kind: "lora".into(),
+            init_from: None,
+            target_modules: vec!["all-linear".into()],
+            layers_to_transform: None,
+            r: 16,
+            alpha: 16.0,
+            dropout: 0.0,
+            rslora: false,
+            init: "kaiming".into(),
+            block_size: 4,
+            block_num: 0,
+            butterfly_factor: 1,
+            apply_gs: false,
+            seed: 0,
+        }
+    }
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            lr: 1e-4,
+            batch_size: 4,
+            grad_accum: 1,
+            epochs: 1,
+            max_steps: None,
+            warmup_steps: 0,
+            warmup_ratio: 0.1,
+            schedule: "cosine".into(),
+            decay_ratio: 0.2,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            logging_steps: 10,
+            eval_every: 0,
+            n_eval_examples: 64,
+            eval_batch_size: 8,
+            n_samples: 0,
+            grad_checkpointing: false,
+        }
+    }
+}
+
+impl Default for SftStage {
+    fn default() -> Self {
+        SftStage {
+            steps: 0,
+            lr: 3e-3,
+            batch_size: 16,
+            r: 32,
+            cache_dir: ".cache".into(),
+            on: "chosen".into(),
+        }
+    }
+}
+
+/// What the `loss` key selects.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossFamily {
+    /// NLL on the chosen completions.
+    Sft,
+    /// A DPO-family loss (types from `[dpo]`).
+    Dpo,
+    /// A ReprPO-family loss (variant from `[reprpo]`).
+    ReprPo,
+}
+
+/// The DPO `loss_type` names the `loss` key accepts (plus `dpo` = `sigmoid`).
+fn dpo_type(name: &str) -> Option<LossType> {
+    let n = if name == "dpo" { "sigmoid" } else { name };
+    serde_json::from_value::<LossType>(Value::String(n.into())).ok()
+}
+
+/// The ReprPO variant named by `reprpo` / `reprpo-<variant>`.
+fn reprpo_variant(name: &str) -> Option<ReprPoVariant> {
+    if name == "reprpo" {
+        return Some(ReprPoVariant::Original);
+    }
+    let v = name.strip_prefix("reprpo-")?;
+    serde_json::from_value::<ReprPoVariant>(Value::String(v.into())).ok()
+}
+
+/// Every loss name with a preset (for messages and `--help`).
+pub fn loss_names() -> Vec<String> {
+    let mut v = vec!["sft".to_string(), "dpo".into()];
+    for t in [
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "aot_pair",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sigmoid_norm",
+    ] {
+        v.push(t.into());
+    }
+    for r in [
+        "reprpo",
+        "reprpo-direction",
+        "reprpo-normalized-mse",
+        "reprpo-topk",
+        "reprpo-symlog",
+        "reprpo-cka",
+        "reprpo-adaptive",
+        "reprpo-rr-only",
+        "reprpo-ldr",
+    ] {
+        v.push(r.into());
+    }
+    v
+}
+
+/// The adapter kinds.
+pub const ADAPTER_KINDS: [&str; 5] = ["lora", "dora", "boft", "oft", "hra"];
+
+/// The preset of a loss name: the keys it sets (under the file, env and overrides).
+fn loss_preset(name: &str) -> Result<Value> {
+    if name == "sft" {
+        return Ok(json!({ "train": { "lr": 1e-3 } }));
+    }
+    if let Some(t) = dpo_type(name) {
+        let t = serde_json::to_value(t).unwrap_or(Value::Null);
+        return Ok(json!({ "dpo": { "loss_type": [t], "beta": 0.1 }, "train": { "lr": 5e-4 } }));
+    }
+    if let Some(v) = reprpo_variant(name) {
+        let v = serde_json::to_value(v).unwrap_or(Value::Null);
+        return Ok(json!({ "reprpo": { "variant": v }, "train": { "lr": 1e-3 } }));
+    }
+    Err(TrainError::Config {
+        key: "loss".into(),
+        problem: format!(
+            "unknown loss {name:?}{}; known: {}",
+            suggest(name, &loss_names()),
+            loss_names().join(", ")
+        ),
+    })
+}
+
+/// The preset of an adapter kind.
+fn adapter_preset(kind: &str) -> Result<Value> {
+    Ok(match kind {
+        "lora" | "dora" => json!({}),
+        "boft" => json!({ "adapter": { "block_size": 4, "butterfly_factor": 1 } }),
+        "oft" => json!({ "adapter": { "block_size": 8 } }),
+        "hra" => json!({ "adapter": { "r": 8 } }),
+        other => {
+            let kinds: Vec<String> = ADAPTER_KINDS.iter().map(|s| s.to_string()).collect();
+            return Err(TrainError::Config {
+                key: "adapter.kind".into(),
+                problem: format!(
+                    "unknown adapter kind {other:?}{}; known: {}",
+                    suggest(other, &kinds),
+                    kinds.join(", ")
+                ),
+            });
+        }
+    })
+}
+
+/// `"; did you mean `x`?"` for the nearest candidate, or nothing when none is close.
+pub fn suggest(word: &str, candidates: &[String]) -> String {
+    let best = candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((score, c)) if score > 0.75 => format!("; did you mean `{c}`?"),
+        _ => String::new(),
+    }
+}
+
+/// Parse `key=value` (the value as TOML, else as a string; `[a,b]` with bare words is a list of
+/// strings). Keys `adapter=KIND` is short for `adapter.kind=KIND`.
+pub fn parse_override(kv: &str) -> Result<(String, toml::Value)> {
+    let (k, v) = kv.split_once('=').ok_or_else(|| TrainError::Config {
+        key: kv.into(),
+        problem: "expected key=value".into(),
+    })?;
+    let (k, v) = (k.trim(), v.trim());
+    let parse = |v: &str| -> toml::Value {
+        format!("x = {v}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("x"))
+            .unwrap_or_else(|| toml::Value::String(v.to_string()))
+    };
+    let mut value = parse(v);
+    if matches!(value, toml::Value::String(_))
+        && let Some(inner) = v.strip_prefix('[').and_then(|s| s.strip_suffix(']'))
+    {
+        let items: Vec<toml::Value> = inner
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(parse)
+            .collect();
+        value = toml::Value::Array(items);
+    }
+    let key = match k {
+        "adapter" if matches!(value, toml::Value::String(_)) => "adapter.kind".to_string(),
+        "datasets" => "data.datasets".to_string(),
+        "lr" => "train.lr".to_string(),
+        _ => k.to_string(),
+    };
+    Ok((key, value))
+}
+
+/// All the layers of a configuration, before resolution.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// A TOML file.
+    pub file: Option<PathBuf>,
+    /// `key=value` overrides, in order.
+    pub overrides: Vec<String>,
+    /// Read `REPRPO_*` environment variables.
+    pub env: bool,
+}
+
+fn figment_err(e: figment::Error) -> TrainError {
+    let mut problems = Vec::new();
+    let mut first_key = String::new();
+    for e in e {
+        let (key, problem) = match &e.kind {
+            figment::error::Kind::UnknownField(k, expected) => {
+                let mut path = e.path.clone();
+                path.push(k.clone());
+                let cands: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+                let mut hint = suggest(k, &cands);
+                if hint.is_empty() {
+                    // A top-level key of a table written at the top level (`lr=...`).
+                    let all = known_keys();
+                    hint = suggest(&path.join("."), &all);
+                }
+                (
+                    path.join("."),
+                    format!("unknown key{hint} (known here: {})", expected.join(", ")),
+                )
+            }
+            kind => (e.path.join("."), kind.to_string()),
+        };
+        if first_key.is_empty() {
+            first_key = key.clone();
+        }
+        problems.push(if problems.is_empty() {
+            problem
+        } else {
+            format!("`{key}`: {problem}")
+        });
+    }
+    TrainError::Config {
+        key: first_key,
+        problem: problems.join("; "),
+    }
+}
+
+/// Every dotted key of the configuration (from the defaults, with the optional keys).
+pub fn known_keys() -> Vec<String> {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        if let Value::Object(m) = v {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                walk(&p, v, out);
+            }
+        } else {
+            out.push(prefix.to_string());
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = serde_json::to_value(TrainConfig::default()) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+impl TrainConfig {
+    /// Resolve the layers of [`Sources`] into a validated configuration.
+    pub fn resolve(src: &Sources) -> Result<TrainConfig> {
+        let mut overrides = Vec::new();
+        for kv in &src.overrides {
+            overrides.push(parse_override(kv)?);
+        }
+        let user = |base: Figment| -> Figment {
+            let mut fig = base;
+            if let Some(f) = &src.file {
+                fig = fig.merge(Toml::file_exact(f));
+            }
+            if src.env {
+                fig = fig.merge(Env::prefixed("REPRPO_").split("__"));
+            }
+            for (k, v) in &overrides {
+                fig = fig.merge(Serialized::global(k, v.clone()));
+            }
+            fig
+        };
+        if let Some(f) = &src.file
+            && !f.is_file()
+        {
+            return Err(TrainError::Config {
+                key: "--config".into(),
+                problem: format!("{} is not a file", f.display()),
+            });
+        }
+        // First pass: which loss and adapter kind did the user choose?
+        let first = user(Figment::from(Serialized::defaults(TrainConfig::default())));
+        let loss: String = first
+            .extract_inner("loss")
+            .map_err(figment_err)
+            .unwrap_or_else(|_| "reprpo".into());
+        let kind: String = first
+            .extract_inner("adapter.kind")
+            .unwrap_or_else(|_| "lora".into());
+        let fig = Figment::from(Serialized::defaults(TrainConfig::default()))
+            .merge(Serialized::defaults(loss_preset(&loss)?))
+            .merge(Serialized::defaults(adapter_preset(&kind)?));
+        let cfg: TrainConfig = user(fig).extract().map_err(figment_err)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The loss family of `loss`.
+    pub fn family(&self) -> Result<LossFamily> {
+        if self.loss == "sft" {
+            Ok(LossFamily::Sft)
+        } else if dpo_type(&self.loss).is_some() {
+            Ok(LossFamily::Dpo)
+        } else if reprpo_variant(&self.loss).is_some() {
+            Ok(LossFamily::ReprPo)
+        } else {
+            loss_preset(&self.loss).map(|_| LossFamily::Sft)
+        }
+    }
+
+    /// The run name: `run.name`, else `<loss>-<adapter kind>`.
+    pub fn run_name(&self) -> String {
+        self.run
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", self.loss, self.adapter.kind))
+    }
+
+    /// Checks of ranges and combinations that do not need the model (see also
+    /// [`TrainConfig::validate_for_model`]).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, problem: String| {
+            Err(TrainError::Config {
+                key: key.into(),
+                problem,
+            })
+        };
+        self.family()?;
+        adapter_preset(&self.adapter.kind)?;
+        let t = &self.train;
+        if !(t.lr.is_finite() && t.lr >= 0.0) {
+            return bad("train.lr", format!("must be finite and >= 0, got {}", t.lr));
+        }
+        for (k, v) in [
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.logging_steps", t.logging_steps),
+            ("train.eval_batch_size", t.eval_batch_size),
+        ] {
+            if v == 0 {
+                return bad(k, "must be at least 1".into());
+            }
+        }
+        if t.max_steps.is_none() && t.epochs == 0 {
+            return bad(
+                "train.epochs",
+                "must be at least 1 (or set train.max_steps)".into(),
+            );
+        }
+        if t.max_steps == Some(0) {
+            return bad("train.max_steps", "must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            return bad(
+                "train.warmup_ratio",
+                format!("must be in [0, 1], got {}", t.warmup_ratio),
+            );
+        }
+        if !(0.0..=1.0).contains(&t.decay_ratio) {
+            return bad(
+                "train.decay_ratio",
+                format!("must be in [0, 1], got {}", t.decay_ratio),
+            );
+        }
+        crate::optim::Schedule::parse(&t.schedule)?;
+        if !(0.0..1.0).contains(&t.adam_beta1) {
+            return bad(
+                "train.adam_beta1",
+                format!("must be in [0, 1), got {}", t.adam_beta1),
+            );
+        }
+        if !(0.0..1.0).contains(&t.adam_beta2) {
+            return bad(
+                "train.adam_beta2",
+                format!("must be in [0, 1), got {}", t.adam_beta2),
+            );
+        }
+        if !(t.adam_eps > 0.0 && t.adam_eps.is_finite()) {
+            return bad("train.adam_eps", format!("must be > 0, got {}", t.adam_eps));
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return bad(
+                "train.weight_decay",
+                format!("must be >= 0, got {}", t.weight_decay),
+            );
+        }
+        if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
+            return bad(
+                "train.max_grad_norm",
+                format!("must be >= 0 (0 = off), got {}", t.max_grad_norm),
+            );
+        }
+        let a = &self.adapter;
+        if matches!(a.kind.as_str(), "lora" | "dora" | "hra") && a.r == 0 {
+            return bad("adapter.r", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&a.dropout) {
+            return bad(
+                "adapter.dropout",
+                format!("must be in [0, 1), got {}", a.dropout),
+            );
+        }
+        if !matches!(a.init.as_str(), "kaiming" | "gaussian") {
+            return bad(
+                "adapter.init",
+                format!("must be `kaiming` or `gaussian`, got {:?}", a.init),
+            );
+        }
+        if a.target_modules.is_empty() {
+            return bad(
+                "adapter.target_modules",
+                "must name at least one module".into(),
+            );
+        }
+        if let Some(dir) = &a.init_from
+            && !dir.join("adapter_config.json").is_file()
+        {
+            return bad(
+                "adapter.init_from",
+                format!("{} has no adapter_config.json", dir.display()),
+            );
+        }
+        if !matches!(self.model.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return bad(
+                "model.dtype",
+                format!("must be f32, bf16 or f16, got {:?}", self.model.dtype),
+            );
+        }
+        if self.data.datasets.is_empty() {
+            return bad("data.datasets", "must name at least one dataset".into());
+        }
+        self.dpo.validate().map_err(|e| TrainError::Config {
+            key: "dpo".into(),
+            problem: e.to_string(),
+        })?;
+        self.reprpo.validate().map_err(|e| TrainError::Config {
+            key: "reprpo".into(),
+            problem: e.to_string(),
+        })?;
+        self.tokenize_config()
+            .validate()
+            .map_err(|e| TrainError::Config {
+                key: "data".into(),
+                problem: e.to_string(),
+            })?;
+        if !matches!(self.sft.on.as_str(), "chosen" | "both") {
+            return bad(
+                "sft.on",
+                format!("must be `chosen` or `both`, got {:?}", self.sft.on),
+            );
+        }
+        if self.sft.steps > 0 && (self.sft.batch_size == 0 || self.sft.r == 0) {
+            return bad("sft", "batch_size and r must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Checks that need the model's depth.
+    pub fn validate_for_model(&self, num_layers: usize) -> Result<()> {
+        if let Some(layers) = &self.reprpo.layers {
+            let n = num_layers as i64 + 1;
+            for &l in layers {
+                if l >= n || l < -n {
+                    return Err(TrainError::Config {
+                        key: "reprpo.layers".into(),
+                        problem: format!(
+                            "hidden-state index {l} is past the model's depth ({num_layers} layers: indices 0..={num_layers} or -{n}..=-1)"
+                        ),
+                    });
+                }
+            }
+        }
+        if let Some(layers) = &self.adapter.layers_to_transform
+            && let Some(&l) = layers.iter().find(|&&l| l >= num_layers)
+        {
+            return Err(TrainError::Config {
+                key: "adapter.layers_to_transform".into(),
+                problem: format!("layer {l} is past the model's depth ({num_layers} layers)"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The tokenisation settings.
+    pub fn tokenize_config(&self) -> TokenizeConfig {
+        TokenizeConfig {
+            tokenization: self.data.tokenization,
+            max_length: self.data.max_length,
+            max_prompt_length: self.data.max_prompt_length,
+            truncation_mode: self.data.truncation_mode,
+            chat_template: self.data.chat_template,
+            ..TokenizeConfig::default()
+        }
+    }
+
+    /// The resolved configuration as TOML (written into the run folder).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| TrainError::Config {
+            key: "(whole config)".into(),
+            problem: format!("cannot be written as TOML: {e}"),
+        })
+    }
+
+    /// Read a resolved configuration written by [`TrainConfig::to_toml`].
+    pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
+        Figment::from(Serialized::defaults(TrainConfig::default()))
+            .merge(Toml::file_exact(path))
+            .extract()
+            .map_err(|e| {
+                let e = figment_err(e);
+                TrainError::Malformed {
+                    path: path.to_path_buf(),
+                    problem: e.to_string(),
+                }
+            })
+    }
+}
+
+impl AdapterOptions {
+    /// The PEFT `adapter_config.json` for these options.
+    pub fn peft_json(&self) -> Map<String, Value> {
+        let target: Value =
+            if self.target_modules.len() == 1 && self.target_modules[0] == "all-linear" {
+                Value::String("all-linear".into())
+            } else {
+                json!(self.target_modules)
+            };
+        let mut m = Map::new();
+        let kind = self.kind.as_str();
+        let peft_type = match kind {
+            "lora" | "dora" => "LORA",
+            "boft" => "BOFT",
+            "oft" => "OFT",
+            _ => "HRA",
+        };
+        m.insert("peft_type".into(), json!(peft_type));
+        m.insert("target_modules".into(), target);
+        if let Some(l) = &self.layers_to_transform {
+            m.insert("layers_to_transform".into(), json!(l));
+        }
+        match kind {
+            "lora" | "dora" => {
+                m.insert("r".into(), json!(self.r));
+                m.insert("lora_alpha".into(), json!(self.alpha));
+                m.insert("lora_dropout".into(), json!(self.dropout));
+                m.insert("use_rslora".into(), json!(self.rslora));
+                m.insert("use_dora".into(), json!(kind == "dora"));
+                m.insert(
+                    "init_lora_weights".into(),
+                    if self.init == "gaussian" {
+                        json!("gaussian")
+                    } else {
+                        json!(true)
+                    },
+                );
+            }
+            "boft" => {
+                m.insert("boft_block_size".into(), json!(self.block_size));
+                m.insert("boft_block_num".into(), json!(self.block_num));
+                m.insert(
+                    "boft_n_butterfly_factor".into(),
+                    json!(self.butterfly_factor),
+                );
+                m.insert("boft_dropout".into(), json!(self.dropout));
+            }
+            "oft" => {
+                let (r, bs) = if self.block_size > 0 {
+                    (0, self.block_size)
+                } else {
+                    (self.r, 0)
+                };
+                m.insert("r".into(), json!(r));
+                m.insert("oft_block_size".into(), json!(bs));
+                m.insert("module_dropout".into(), json!(self.dropout));
+            }
+            _ => {
+                m.insert("r".into(), json!(self.r));
+                m.insert("apply_GS".into(), json!(self.apply_gs));
+            }
+        }
+        m
+    }
+}

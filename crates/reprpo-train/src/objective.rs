@@ -1,0 +1,198 @@
+//! One batch through the model and the loss: the policy forward (adapter on) and, for preference
+//! losses, the reference forward (adapter off, the same weights, no gradient).
+//!
+//! For hidden-state losses both forwards stop after the deepest hidden state the loss reads and
+//! skip the vocabulary projection (unless per-example weights need the DPO margin).
+//!
+//! # SFT
+//! `loss = -sum_{b,t} m[b,t] logp[b,t] / sum_{b,t} m[b,t]` over the completion tokens of the
+//! chosen sequences (the token mean over the batch, as TRL's SFT trainer).
+
+use std::collections::BTreeMap;
+
+use candle_core::{D, IndexOp, Tensor};
+use reprpo_losses::dpo::{DpoInputs, DpoState, LossOut, dpo_loss};
+use reprpo_losses::reprpo::{HiddenPairs, reprpo_loss, stack_layers};
+use reprpo_models::logps::{SeqLogps, token_logps};
+use reprpo_models::{CausalLm, ForwardSpec};
+
+use crate::config::{LossFamily, TrainConfig};
+use crate::data::DeviceBatch;
+use crate::error::Result;
+
+/// What a batch gives: the loss (differentiable) and its metrics (TRL's names; ReprPO's
+/// components).
+#[derive(Debug)]
+pub struct BatchLoss {
+    /// Scalar loss.
+    pub loss: Tensor,
+    /// Metrics of this batch.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+fn spec(
+    layers: &[usize],
+    logits: bool,
+    adapters_off: bool,
+    train: bool,
+    ckpt: bool,
+) -> ForwardSpec {
+    let _ = ckpt;
+    ForwardSpec {
+        hidden_layers: layers.iter().map(|&l| l as isize).collect(),
+        logits,
+        adapters_off,
+        train,
+        ..Default::default()
+    }
+}
+
+fn halves(t: &Tensor, b: usize) -> Result<(Tensor, Tensor)> {
+    Ok((t.i(..b)?, t.i(b..2 * b)?))
+}
+
+/// `sum over counted completion tokens of the mean logit over the vocabulary`, per row
+/// (TRL's `logits/chosen` numerator), detached.
+fn logits_sums(logits: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let t = logits.dim(1)?;
+    let mean = logits
+        .i((.., ..t - 1, ..))?
+        .detach()
+        .mean(D::Minus1)?
+        .to_dtype(candle_core::DType::F32)?;
+    Ok((mean * mask.i((.., 1..))?)?.sum(D::Minus1)?)
+}
+
+/// The loss of one batch. `train` turns adapter dropout on; `progress` in `[0, 1]` drives the
+/// ReprPO coefficients.
+pub fn batch_loss(
+    model: &dyn CausalLm,
+    cfg: &TrainConfig,
+    family: LossFamily,
+    batch: &DeviceBatch,
+    progress: f64,
+    dpo_state: &mut DpoState,
+    train: bool,
+) -> Result<BatchLoss> {
+    let ckpt = cfg.train.grad_checkpointing && train;
+    match family {
+        LossFamily::Sft => {
+            let out = model.forward(
+                &batch.ids,
+                Some(&batch.attention),
+                None,
+                &spec(&[], true, false, train, ckpt),
+            )?;
+            let logits = out.logits.ok_or_else(|| missing("logits"))?;
+            let lp = token_logps(&logits, &batch.ids, &batch.loss_mask)?;
+            let n = lp.count.sum_all()?.to_scalar::<f32>()?.max(1.0);
+            let loss = (lp.sum.sum_all()?.neg()? / f64::from(n))?;
+            let mut metrics = BTreeMap::new();
+            metrics.insert("loss".into(), scalar(&loss)?);
+            metrics.insert("nll_loss".into(), scalar(&loss)?);
+            Ok(BatchLoss { loss, metrics })
+        }
+        LossFamily::Dpo => {
+            let b = batch.pairs;
+            let pol = model.forward(
+                &batch.ids,
+                Some(&batch.attention),
+                None,
+                &spec(&[], true, false, train, ckpt),
+            )?;
+            let refr = model.forward(
+                &batch.ids,
+                Some(&batch.attention),
+                None,
+                &spec(&[], true, true, false, false),
+            )?;
+            let pl = pol.logits.ok_or_else(|| missing("logits"))?;
+            let rl = refr.logits.ok_or_else(|| missing("logits"))?.detach();
+            let p = token_logps(&pl, &batch.ids, &batch.loss_mask)?;
+            let r = token_logps(&rl, &batch.ids, &batch.loss_mask)?;
+            let mut inputs = dpo_inputs(&p, &r, b)?;
+            let ls = logits_sums(&pl, &batch.loss_mask)?;
+            let (lc, lr) = halves(&ls, b)?;
+            inputs.chosen_logits_sum = Some(lc);
+            inputs.rejected_logits_sum = Some(lr);
+            let out = dpo_loss(&inputs, &cfg.dpo, dpo_state)?;
+            finish(out)
+        }
+        LossFamily::ReprPo => {
+            let b = batch.pairs;
+            let layers = cfg.reprpo.hidden_state_indices(model.num_layers())?;
+            let need_z = cfg.reprpo.example_weights;
+            let pol = model.forward(
+                &batch.ids,
+                Some(&batch.attention),
+                None,
+                &spec(&layers, need_z, false, train, ckpt),
+            )?;
+            let refr = model.forward(
+                &batch.ids,
+                Some(&batch.attention),
+                None,
+                &spec(&layers, need_z, true, false, false),
+            )?;
+            let split = |o: &reprpo_models::Output, detach: bool| -> Result<(Tensor, Tensor)> {
+                let hs: Vec<Tensor> = o
+                    .hidden
+                    .iter()
+                    .map(|(_, h)| if detach { h.detach() } else { h.clone() })
+                    .collect();
+                let idx: Vec<usize> = (0..hs.len()).collect();
+                let all = stack_layers(&hs, &idx)?;
+                Ok((all.i((.., ..b))?, all.i((.., b..2 * b))?))
+            };
+            let (pc, pr) = split(&pol, false)?;
+            let (rc, rr) = split(&refr, true)?;
+            let (mc, mr) = halves(&batch.attention, b)?;
+            let mut inputs = HiddenPairs::new(pc, pr, rc, rr, mc, mr);
+            if need_z {
+                let pl = pol
+                    .logits
+                    .as_ref()
+                    .ok_or_else(|| missing("logits"))?
+                    .detach();
+                let rl = refr
+                    .logits
+                    .as_ref()
+                    .ok_or_else(|| missing("logits"))?
+                    .detach();
+                let p = token_logps(&pl, &batch.ids, &batch.loss_mask)?;
+                let r = token_logps(&rl, &batch.ids, &batch.loss_mask)?;
+                let (pcs, prs) = halves(&p.sum, b)?;
+                let (rcs, rrs) = halves(&r.sum, b)?;
+                inputs.dpo_z = Some(((pcs - prs)? - (rcs - rrs)?)?);
+            }
+            let out = reprpo_loss(&inputs, &cfg.reprpo, progress)?;
+            finish(out)
+        }
+    }
+}
+
+fn dpo_inputs(p: &SeqLogps, r: &SeqLogps, b: usize) -> Result<DpoInputs> {
+    let (pc, pr) = halves(&p.sum, b)?;
+    let (rc, rr) = halves(&r.sum, b)?;
+    let (nc, nr) = halves(&p.count, b)?;
+    Ok(DpoInputs::new(pc, pr, rc, rr, nc, nr))
+}
+
+fn finish(out: LossOut) -> Result<BatchLoss> {
+    let mut metrics = out.metrics_f64()?;
+    metrics.insert("loss".into(), scalar(&out.loss)?);
+    Ok(BatchLoss {
+        loss: out.loss,
+        metrics,
+    })
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+fn missing(what: &str) -> crate::error::TrainError {
+    crate::error::TrainError::Model(reprpo_models::ModelError::Invalid(format!(
+        "the forward returned no {what}"
+    )))
+}

@@ -1,0 +1,235 @@
+//! AdamW with f32 state that can be saved and restored exactly, learning-rate schedules with
+//! warm-up, and global-norm gradient clipping.
+//!
+//! candle-nn's `AdamW` keeps its moments private (no checkpoint, no bit-exact resume) and in the
+//! variable's dtype; this one keeps `m`, `v` in f32 and exposes them as named tensors.
+//!
+//! # AdamW (as `torch.optim.AdamW`)
+//! With gradient `g`, step `t` (1-based), learning rate `lr`, decoupled weight decay `wd`:
+//!
+//! `p <- p (1 - lr wd)`, `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`,
+//! `p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`.
+//!
+//! # Clipping (as `torch.nn.utils.clip_grad_norm_`)
+//! `n = sqrt(sum_i ||g_i||^2)`; when `n > max`, every gradient is scaled by `max / (n + 1e-6)`.
+//!
+//! # Schedules (as `transformers`' schedulers)
+//! Warm-up `w` steps: `lr_t = lr t / w` for `t < w`; then, with `q = (t - w) / (T - w)`:
+//! constant `lr`; linear `lr (1 - q)`; cosine `lr (1 + cos(pi q)) / 2`; warmup-stable-decay
+//! `lr` until the last `d T` steps, then linear to 0 over them.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Result, TrainError};
+
+/// A learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Schedule {
+    /// Constant after warm-up.
+    Constant,
+    /// Linear decay to 0.
+    Linear,
+    /// Cosine decay to 0.
+    Cosine,
+    /// Warmup, stable, then linear decay over the last `decay_ratio` of the steps.
+    Wsd,
+}
+
+impl Schedule {
+    /// Parse a schedule name (the `train.schedule` key).
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "constant" => Schedule::Constant,
+            "linear" => Schedule::Linear,
+            "cosine" => Schedule::Cosine,
+            "wsd" | "warmup-stable-decay" => Schedule::Wsd,
+            other => {
+                return Err(TrainError::Config {
+                    key: "train.schedule".into(),
+                    problem: format!(
+                        "unknown schedule {other:?}{}; known: constant, linear, cosine, wsd",
+                        crate::config::suggest(
+                            other,
+                            &[
+                                "constant".into(),
+                                "linear".into(),
+                                "cosine".into(),
+                                "wsd".into()
+                            ]
+                        )
+                    ),
+                });
+            }
+        })
+    }
+
+    /// The learning rate for 0-based optimizer step `step` of `total`, `warmup` warm-up steps.
+    pub fn lr(self, peak: f64, step: usize, total: usize, warmup: usize, decay_ratio: f64) -> f64 {
+        if step < warmup {
+            return peak * step as f64 / warmup.max(1) as f64;
+        }
+        let span = total.saturating_sub(warmup).max(1) as f64;
+        let q = ((step - warmup) as f64 / span).clamp(0.0, 1.0);
+        match self {
+            Schedule::Constant => peak,
+            Schedule::Linear => peak * (1.0 - q),
+            Schedule::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * q).cos()),
+            Schedule::Wsd => {
+                let decay = ((total as f64) * decay_ratio).round().max(1.0);
+                let start = total as f64 - decay;
+                if (step as f64) < start {
+                    peak
+                } else {
+                    peak * ((total as f64 - step as f64) / decay).clamp(0.0, 1.0)
+                }
+            }
+        }
+    }
+}
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// beta1.
+    pub beta1: f64,
+    /// beta2.
+    pub beta2: f64,
+    /// eps.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+/// AdamW over named f32 variables (see the module docs).
+#[derive(Debug)]
+pub struct AdamW {
+    cfg: AdamWConfig,
+    params: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Updates done so far.
+    pub step: usize,
+}
+
+impl AdamW {
+    /// Zero moments for `params` (names must be unique).
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let mut m = Vec::with_capacity(params.len());
+        for (name, p) in &params {
+            if p.dtype() != DType::F32 {
+                return Err(TrainError::Config {
+                    key: "adapter".into(),
+                    problem: format!("trainable {name} is {:?}, expected f32", p.dtype()),
+                });
+            }
+            m.push(p.zeros_like()?);
+        }
+        let v = m.clone();
+        Ok(AdamW {
+            cfg,
+            params,
+            m,
+            v,
+            step: 0,
+        })
+    }
+
+    /// The variables.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// One update with the gradients `grads[i]` of `params[i]` (`None`: no gradient, skipped
+    /// as PyTorch skips parameters whose `.grad` is `None`).
+    pub fn update(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let g = g.to_dtype(DType::F32)?;
+            let p = &self.params[i].1;
+            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((&v / bc2)?.sqrt()? + self.cfg.eps)?;
+            let upd = ((&m / bc1)? / denom)?;
+            let decayed = if self.cfg.weight_decay > 0.0 {
+                (p.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?
+            } else {
+                p.as_tensor().clone()
+            };
+            p.set(&(decayed - (upd * lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The state as named tensors (`m.<name>`, `v.<name>`), for a checkpoint.
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            out.insert(format!("m.{name}"), self.m[i].clone());
+            out.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        out
+    }
+
+    /// Restore [`AdamW::state`] (every moment must be there with the right shape).
+    pub fn load_state(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        step: usize,
+        file: &std::path::Path,
+        device: &Device,
+    ) -> Result<()> {
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            for (slot, key) in [(0, format!("m.{name}")), (1, format!("v.{name}"))] {
+                let t = state.get(&key).ok_or_else(|| TrainError::Malformed {
+                    path: file.to_path_buf(),
+                    problem: format!("optimizer state has no {key}"),
+                })?;
+                if t.dims() != p.dims() {
+                    return Err(TrainError::Malformed {
+                        path: file.to_path_buf(),
+                        problem: format!("{key} has shape {:?}, expected {:?}", t.dims(), p.dims()),
+                    });
+                }
+                let t = t.to_dtype(DType::F32)?.to_device(device)?;
+                if slot == 0 {
+                    self.m[i] = t;
+                } else {
+                    self.v[i] = t;
+                }
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// The global L2 norm of `grads` (f64) and, when `max > 0` and it exceeds `max`, the gradients
+/// scaled by `max / (norm + 1e-6)`.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if max > 0.0 && norm > max {
+        let c = max / (norm + 1e-6);
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * c)?;
+        }
+    }
+    Ok(norm)
+}

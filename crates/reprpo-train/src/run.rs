@@ -1,0 +1,269 @@
+//! The run folder and what is written into it:
+//!
+//! ```text
+//! runs/<name>-<YYYYmmdd-HHMMSS>/
+//!   resolved_config.toml     the configuration after every layer, as used
+//!   adapter/                 the trained adapter, PEFT format (written at the end)
+//!   sft_adapter/             the SFT stage's adapter, when there was one (folded into the base)
+//!   metrics.jsonl            one line per logged step (and per evaluation)
+//!   checkpoints/step-NNNNNNN/{adapter/, optimizer.safetensors, trainer_state.json}
+//!   plots/*.png              at the end
+//!   summary.json             at the end
+//! ```
+//!
+//! Every file is written to a temporary name and renamed into place; a checkpoint folder is
+//! built under a temporary name and renamed as a whole, so a crash never leaves a half-written
+//! checkpoint where `--resume` would look.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError, io};
+
+/// Write `bytes` to `path` atomically (temporary file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC for a Unix time.
+pub fn timestamp(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
+/// Create a fresh run folder `<out_dir>/<name>-<timestamp>` (with a numeric suffix if taken).
+pub fn new_run_dir(out_dir: &Path, name: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = format!("{name}-{}", timestamp(now));
+    for i in 0..1000 {
+        let dir = if i == 0 {
+            out_dir.join(&base)
+        } else {
+            out_dir.join(format!("{base}-{i}"))
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(&dir)(e)),
+        }
+    }
+    Err(TrainError::Io {
+        path: out_dir.join(base),
+        source: std::io::Error::other("no free run folder name"),
+    })
+}
+
+/// `metrics.jsonl`: one JSON object per line, flushed after each.
+#[derive(Debug)]
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Open for appending; with `keep_until = Some(step)`, first drop lines of later steps (a
+    /// resumed run repeats them).
+    pub fn open(path: &Path, keep_until: Option<usize>) -> Result<Self> {
+        if let Some(limit) = keep_until
+            && path.exists()
+        {
+            let text = std::fs::read_to_string(path).map_err(io(path))?;
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                        .is_some_and(|s| s as usize <= limit)
+                })
+                .collect();
+            let mut body = kept.join("\n");
+            if !body.is_empty() {
+                body.push('\n');
+            }
+            write_atomic(path, body.as_bytes())?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io(path))?;
+        Ok(MetricsLog {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Append one record.
+    pub fn write(&mut self, record: &BTreeMap<String, serde_json::Value>) -> Result<()> {
+        let line = serde_json::to_string(record).map_err(|e| TrainError::Malformed {
+            path: self.path.clone(),
+            problem: e.to_string(),
+        })?;
+        writeln!(self.file, "{line}").map_err(io(&self.path))?;
+        self.file.flush().map_err(io(&self.path))?;
+        Ok(())
+    }
+}
+
+/// Read every record of a `metrics.jsonl`.
+pub fn read_metrics(path: &Path) -> Result<Vec<BTreeMap<String, serde_json::Value>>> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| TrainError::Malformed {
+                path: path.to_path_buf(),
+                problem: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
+
+/// What a checkpoint records besides the adapter and the optimizer moments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Total optimizer steps of the run.
+    pub total_steps: usize,
+    /// bco_pair's running moments (mean, var, count) when used.
+    pub running: Option<(f64, f64, f64)>,
+}
+
+/// The checkpoint folder of `step`.
+pub fn checkpoint_dir(run_dir: &Path, step: usize) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:07}"))
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let dir = run_dir.join("checkpoints");
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+        let e = e.map_err(io(&dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+            && e.path().join("trainer_state.json").is_file()
+            && best.as_ref().is_none_or(|(b, _)| n > *b)
+        {
+            best = Some((n, e.path()));
+        }
+    }
+    Ok(best.map(|(_, p)| p))
+}
+
+/// Write a checkpoint atomically: `write_adapter` fills `<tmp>/adapter`, then the optimizer
+/// state and the trainer state are written, then the folder is renamed into place; older
+/// checkpoints beyond `keep` are removed.
+pub fn save_checkpoint(
+    run_dir: &Path,
+    state: &TrainerState,
+    optimizer: &HashMap<String, Tensor>,
+    keep: usize,
+    write_adapter: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let parent = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let final_dir = checkpoint_dir(run_dir, state.step);
+    let tmp = parent.join(format!(".tmp-step-{:07}", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    write_adapter(&tmp.join("adapter"))?;
+    let opt_path = tmp.join("optimizer.safetensors");
+    let cpu: HashMap<String, Tensor> = optimizer
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&cpu, &opt_path)?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Malformed {
+        path: tmp.join("trainer_state.json"),
+        problem: e.to_string(),
+    })?;
+    std::fs::write(tmp.join("trainer_state.json"), json)
+        .map_err(io(tmp.join("trainer_state.json")))?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    // Prune.
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(&parent)
+        .map_err(io(&parent))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let keep = keep.max(1);
+    if steps.len() > keep {
+        for (_, p) in &steps[..steps.len() - keep] {
+            std::fs::remove_dir_all(p).map_err(io(p))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Read a checkpoint's trainer state and optimizer moments.
+pub fn load_checkpoint(dir: &Path) -> Result<(TrainerState, HashMap<String, Tensor>)> {
+    let sp = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Malformed {
+        path: sp.clone(),
+        problem: e.to_string(),
+    })?;
+    let op = dir.join("optimizer.safetensors");
+    let opt =
+        candle_core::safetensors::load(&op, &Device::Cpu).map_err(|e| TrainError::Malformed {
+            path: op.clone(),
+            problem: e.to_string(),
+        })?;
+    Ok((state, opt))
+}

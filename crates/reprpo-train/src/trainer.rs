@@ -1,0 +1,842 @@
+//! The training loop: model and data set-up, the optional SFT stage, the preference (or SFT)
+//! stage with AdamW, schedules, accumulation and clipping, periodic evaluation, logging,
+//! checkpoints, resume, Ctrl-C and the end-of-run summary.
+//!
+//! # Reproducibility
+//! The data order of epoch `e` is a permutation drawn from `StdRng(train.seed + e)`; the adapter
+//! init from `adapter.seed`; the random base models from `model.init_seed`. The optimizer state,
+//! the step and the adapter are in every checkpoint, so a CPU run that is stopped and resumed
+//! ends with the same adapter, bit for bit, as one that was never interrupted (with adapter
+//! dropout 0: candle's CPU random numbers cannot be seeded).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use reprpo_data::Tok;
+use reprpo_data::tokenize::TokenizedPair;
+use reprpo_losses::dpo::DpoState;
+use reprpo_models::adapter::AdapterHost;
+use reprpo_models::peft::{self, AdapterConfig};
+use reprpo_models::{CausalLm, Llama, LlamaConfig, Phi3};
+use serde_json::{Value, json};
+
+use crate::config::{LossFamily, TrainConfig};
+use crate::data::{self, DeviceBatch};
+use crate::error::{Result, TrainError, io};
+use crate::objective::batch_loss;
+use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
+use crate::run::{self, MetricsLog, TrainerState};
+
+/// A model the trainer can drive: a causal LM whose linear layers take adapters.
+pub trait TrainModel: CausalLm + AdapterHost {
+    /// As a plain causal LM.
+    fn lm(&self) -> &dyn CausalLm;
+}
+
+impl TrainModel for Llama {
+    fn lm(&self) -> &dyn CausalLm {
+        self
+    }
+}
+
+impl TrainModel for Phi3 {
+    fn lm(&self) -> &dyn CausalLm {
+        self
+    }
+}
+
+/// Where the job runs from.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    /// The recipe folder (`datasets/`).
+    pub datasets_dir: PathBuf,
+    /// Set to stop at the next step boundary (Ctrl-C): a checkpoint is saved first.
+    pub stop: Arc<AtomicBool>,
+    /// Draw a progress bar.
+    pub progress: bool,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Optimizer steps done.
+    pub steps: usize,
+    /// Whether it stopped early (Ctrl-C) after saving a checkpoint.
+    pub interrupted: bool,
+    /// The end-of-run summary (`summary.json`).
+    pub summary: BTreeMap<String, Value>,
+}
+
+/// Load the base model and its tokenizer (random `tiny`/`small` presets use the byte-level
+/// tokenizer).
+pub fn load_model(cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Device)> {
+    let m = &cfg.model;
+    let dtype = match m.dtype.as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    };
+    let device = match m.device.as_str() {
+        "cpu" => Device::Cpu,
+        d => {
+            let n = d
+                .strip_prefix("cuda")
+                .map(|s| s.trim_start_matches(':'))
+                .and_then(|s| {
+                    if s.is_empty() {
+                        Some(0)
+                    } else {
+                        s.parse().ok()
+                    }
+                })
+                .ok_or_else(|| TrainError::Config {
+                    key: "model.device".into(),
+                    problem: format!("expected cpu, cuda or cuda:N, got {d:?}"),
+                })?;
+            Device::new_cuda(n).map_err(|e| TrainError::Config {
+                key: "model.device".into(),
+                problem: format!("{e} (build with --features cuda)"),
+            })?
+        }
+    };
+    if let Some(preset) = LlamaConfig::preset(&m.name_or_path) {
+        let model = Llama::random(preset, m.init_std, m.init_seed, dtype, &device)?;
+        return Ok((Box::new(model), Tok::byte_level()?, device));
+    }
+    let dir = reprpo_models::hub::model_dir(&m.name_or_path).map_err(|e| TrainError::Config {
+        key: "model.name_or_path".into(),
+        problem: format!("{:?}: {e}", m.name_or_path),
+    })?;
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| TrainError::Malformed {
+        path: cfg_path.clone(),
+        problem: e.to_string(),
+    })?;
+    let model_type = v
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("llama");
+    let model: Box<dyn TrainModel> = match model_type {
+        "llama" => Box::new(Llama::load(&dir, dtype, &device)?),
+        "phi3" => Box::new(Phi3::load(&dir, dtype, &device)?),
+        other => {
+            return Err(TrainError::Malformed {
+                path: cfg_path,
+                problem: format!("model_type {other:?} is not supported (llama, phi3)"),
+            });
+        }
+    };
+    Ok((model, Tok::from_dir(&dir)?, device))
+}
+
+/// Gradients of `loss` (with gradient checkpointing's side channel when the models crate uses
+/// it).
+fn backward(loss: &Tensor) -> Result<GradStore> {
+    Ok(loss.backward()?)
+}
+
+/// Sum of the metrics of several batches, averaged on read.
+#[derive(Debug, Default)]
+struct MetricAcc {
+    sums: BTreeMap<String, f64>,
+    n: usize,
+}
+
+impl MetricAcc {
+    fn add(&mut self, m: &BTreeMap<String, f64>) {
+        for (k, v) in m {
+            *self.sums.entry(k.clone()).or_insert(0.0) += v;
+        }
+        self.n += 1;
+    }
+    fn mean(&self) -> BTreeMap<String, f64> {
+        self.sums
+            .iter()
+            .map(|(k, v)| (k.clone(), v / self.n.max(1) as f64))
+            .collect()
+    }
+}
+
+/// The micro-batches of an epoch: a seeded permutation cut into `bs`-sized chunks.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+        seed.wrapping_add(epoch as u64),
+    ));
+    idx
+}
+
+/// The pairs of global micro-batch `k`.
+fn micro_batch<'a>(
+    pairs: &'a [TokenizedPair],
+    bs: usize,
+    seed: u64,
+    k: usize,
+    cache: &mut Option<(usize, Vec<usize>)>,
+) -> Vec<&'a TokenizedPair> {
+    let per_epoch = pairs.len().div_ceil(bs).max(1);
+    let (epoch, j) = (k / per_epoch, k % per_epoch);
+    if cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+        *cache = Some((epoch, epoch_order(pairs.len(), seed, epoch)));
+    }
+    let order = cache.as_ref().map(|(_, o)| o.as_slice()).unwrap_or(&[]);
+    order[j * bs..((j + 1) * bs).min(order.len())]
+        .iter()
+        .map(|&i| &pairs[i])
+        .collect()
+}
+
+fn f64_of(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Settings of one optimisation stage (the SFT stage or the main one).
+struct Stage<'a> {
+    family: LossFamily,
+    lr: f64,
+    batch_size: usize,
+    total: usize,
+    warmup: usize,
+    schedule: Schedule,
+    label: &'a str,
+}
+
+/// Train, or resume the run in `resume`. Returns where the run is and how it ended.
+pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Result<Outcome> {
+    let (run_dir, cfg) = match resume {
+        Some(dir) => {
+            let c = TrainConfig::from_toml_file(&dir.join("resolved_config.toml"))?;
+            (dir.to_path_buf(), c)
+        }
+        None => {
+            let dir = run::new_run_dir(&cfg.run.out_dir, &cfg.run_name())?;
+            run::write_atomic(&dir.join("resolved_config.toml"), cfg.to_toml()?.as_bytes())?;
+            (dir, cfg.clone())
+        }
+    };
+    let family = cfg.family()?;
+    let (mut model, tok, device) = load_model(&cfg)?;
+    cfg.validate_for_model(model.num_layers())?;
+    let tcfg = cfg.tokenize_config();
+
+    // Data.
+    let mut train_raw = data::load_pairs(&cfg.data.datasets, &ctx.datasets_dir, cfg.train.seed)?;
+    if let Some(n) = cfg.data.n_train {
+        train_raw.truncate(n);
+    }
+    let train_pairs = data::tokenize(&tok, &train_raw, &tcfg)?;
+    if train_pairs.is_empty() {
+        return Err(TrainError::Config {
+            key: "data.datasets".into(),
+            problem: "no training pair survived tokenisation".into(),
+        });
+    }
+    let eval_pairs = if cfg.data.eval_datasets.is_empty() {
+        Vec::new()
+    } else {
+        let raw = data::load_pairs(&cfg.data.eval_datasets, &ctx.datasets_dir, cfg.train.seed)?;
+        data::tokenize(&tok, &raw, &tcfg)?
+    };
+    let ood_pairs = if cfg.data.ood_datasets.is_empty() {
+        Vec::new()
+    } else {
+        let raw = data::load_pairs(&cfg.data.ood_datasets, &ctx.datasets_dir, cfg.train.seed)?;
+        data::tokenize(&tok, &raw, &tcfg)?
+    };
+
+    // SFT stage (cached by its settings), folded into the base.
+    if cfg.sft.steps > 0 && family != LossFamily::Sft {
+        let dir = sft_stage(&cfg, ctx, model.as_mut(), &tok, &train_pairs, &device)?;
+        peft::bake_adapter(model.as_mut(), &dir)?;
+        let dst = run_dir.join("sft_adapter");
+        if !dst.join("adapter_model.safetensors").exists() {
+            copy_adapter(&dir, &dst)?;
+        }
+    }
+
+    // Base scores for the summary, before any adapter exists.
+    let base_scores = preference_scores(
+        model.lm(),
+        &tok,
+        &eval_pairs,
+        &ood_pairs,
+        &cfg,
+        &device,
+        true,
+    )?;
+
+    // The adapter.
+    let resume_ckpt = match resume {
+        Some(dir) => run::latest_checkpoint(dir)?,
+        None => None,
+    };
+    let idx = if let Some(ck) = &resume_ckpt {
+        peft::load_adapter(model.as_mut(), &ck.join("adapter"), "policy")?
+    } else if let Some(dir) = &cfg.adapter.init_from {
+        peft::load_adapter(model.as_mut(), dir, "policy")?
+    } else {
+        let ac = AdapterConfig::from_json(cfg.adapter.peft_json(), Path::new("(config [adapter])"))
+            .map_err(|e| TrainError::Config {
+                key: "adapter".into(),
+                problem: e.to_string(),
+            })?;
+        peft::add_adapter(model.as_mut(), "policy", ac, None, cfg.adapter.seed).map_err(|e| {
+            TrainError::Config {
+                key: "adapter".into(),
+                problem: e.to_string(),
+            }
+        })?
+    };
+    model.adapter_set_mut().active = Some(idx);
+    let params = peft::adapter_params(model.as_ref(), idx);
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: cfg.train.adam_beta1,
+            beta2: cfg.train.adam_beta2,
+            eps: cfg.train.adam_eps,
+            weight_decay: cfg.train.weight_decay,
+        },
+    )?;
+    let bs = cfg.train.batch_size;
+    let micro_per_epoch = train_pairs.len().div_ceil(bs);
+    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.train.grad_accum).max(1);
+    let total = cfg
+        .train
+        .max_steps
+        .unwrap_or(steps_per_epoch * cfg.train.epochs);
+    let warmup = if cfg.train.warmup_steps > 0 {
+        cfg.train.warmup_steps
+    } else {
+        (cfg.train.warmup_ratio * total as f64).ceil() as usize
+    };
+    let stage = Stage {
+        family,
+        lr: cfg.train.lr,
+        batch_size: bs,
+        total,
+        warmup,
+        schedule: Schedule::parse(&cfg.train.schedule)?,
+        label: "train",
+    };
+    let mut dpo_state = DpoState::default();
+    let mut start = 0;
+    if let Some(ck) = &resume_ckpt {
+        let (state, moments) = run::load_checkpoint(ck)?;
+        opt.load_state(
+            &moments,
+            state.step,
+            &ck.join("optimizer.safetensors"),
+            &device,
+        )?;
+        if let Some((mean, var, count)) = state.running {
+            dpo_state.running.mean = mean;
+            dpo_state.running.var = var;
+            dpo_state.running.std = var.sqrt();
+            dpo_state.running.count = count;
+        }
+        start = state.step;
+    }
+    let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), resume.map(|_| start))?;
+
+    let bar = progress_bar(ctx.progress, total as u64, start as u64);
+    let mut acc = MetricAcc::default();
+    let mut order_cache = None;
+    let mut last_ckpt = resume_ckpt.clone();
+    let mut interrupted = false;
+    let mut step = start;
+    while step < total {
+        let lr = stage.schedule.lr(
+            stage.lr,
+            step,
+            stage.total,
+            stage.warmup,
+            cfg.train.decay_ratio,
+        );
+        let progress = step as f64 / total.max(1) as f64;
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.params().len()];
+        let mut step_metrics = MetricAcc::default();
+        for a in 0..cfg.train.grad_accum {
+            let k = step * cfg.train.grad_accum + a;
+            let chunk = micro_batch(
+                &train_pairs,
+                stage.batch_size,
+                cfg.train.seed,
+                k,
+                &mut order_cache,
+            );
+            let batch = match family {
+                LossFamily::Sft => data::chosen_batch(&chunk, tok.pad, &device)?,
+                _ => data::pair_batch(&chunk, tok.pad, &device)?,
+            };
+            let out = batch_loss(
+                model.lm(),
+                &cfg,
+                family,
+                &batch,
+                progress,
+                &mut dpo_state,
+                true,
+            )?;
+            let l = f64_of(&out.loss)?;
+            if !l.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: step + 1,
+                    what: "loss",
+                    value: l,
+                    last_checkpoint: last_ckpt,
+                });
+            }
+            let scaled = (out.loss / cfg.train.grad_accum as f64)?;
+            let store = backward(&scaled)?;
+            for (i, (_, v)) in opt.params().iter().enumerate() {
+                if let Some(g) = store.get(v.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+            step_metrics.add(&out.metrics);
+        }
+        let norm = clip_grad_norm(&mut grads, cfg.train.max_grad_norm)?;
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                what: "gradient norm",
+                value: norm,
+                last_checkpoint: last_ckpt,
+            });
+        }
+        opt.update(&grads, lr)?;
+        step += 1;
+        let mut m = step_metrics.mean();
+        m.insert("grad_norm".into(), norm);
+        m.insert("learning_rate".into(), lr);
+        acc.add(&m);
+        if let Some(b) = &bar {
+            b.set_position(step as u64);
+            if let Some(l) = m.get("loss") {
+                b.set_message(format!("loss {l:.4}"));
+            }
+        }
+        if step % cfg.train.logging_steps == 0 || step == total {
+            let mean = acc.mean();
+            let mut rec: BTreeMap<String, Value> =
+                mean.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            rec.insert("step".into(), json!(step));
+            rec.insert("epoch".into(), json!(step as f64 / steps_per_epoch as f64));
+            log.write(&rec)?;
+            let line = format_log(step, total, &mean);
+            match &bar {
+                Some(b) => b.println(line),
+                None => println!("{line}"),
+            }
+            acc = MetricAcc::default();
+        }
+        let eval_now = cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step < total;
+        if eval_now && !eval_pairs.is_empty() {
+            let em = evaluate(
+                model.lm(),
+                &cfg,
+                family,
+                &eval_pairs,
+                &tok,
+                &device,
+                progress,
+                &dpo_state,
+            )?;
+            let mut rec: BTreeMap<String, Value> = em
+                .iter()
+                .map(|(k, v)| (format!("eval_{k}"), json!(v)))
+                .collect();
+            rec.insert("step".into(), json!(step));
+            log.write(&rec)?;
+            let line = format!("step {step}/{total} eval: {}", short_metrics(&em));
+            match &bar {
+                Some(b) => b.println(line),
+                None => println!("{line}"),
+            }
+            if cfg.train.n_samples > 0 {
+                for s in samples(model.lm(), &tok, &eval_pairs, cfg.train.n_samples)? {
+                    println!("  sample: {s}");
+                }
+            }
+        }
+        let stop = ctx.stop.load(Ordering::SeqCst);
+        let save_now =
+            (cfg.run.save_steps > 0 && step % cfg.run.save_steps == 0) || step == total || stop;
+        if save_now {
+            let model_ref: &dyn AdapterHost = model.as_ref();
+            let state = TrainerState {
+                step,
+                total_steps: total,
+                running: cfg.dpo.bco_running_mean.then_some((
+                    dpo_state.running.mean,
+                    dpo_state.running.var,
+                    dpo_state.running.count,
+                )),
+            };
+            last_ckpt = Some(run::save_checkpoint(
+                &run_dir,
+                &state,
+                &opt.state(),
+                cfg.run.save_total_limit,
+                |dir| Ok(peft::save_adapter(model_ref, "policy", dir)?),
+            )?);
+        }
+        if stop && step < total {
+            interrupted = true;
+            break;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let mut summary = BTreeMap::new();
+    summary.insert("run_dir".into(), json!(run_dir.display().to_string()));
+    summary.insert("steps".into(), json!(step));
+    summary.insert("total_steps".into(), json!(total));
+    summary.insert("interrupted".into(), json!(interrupted));
+    if interrupted {
+        return Ok(Outcome {
+            run_dir,
+            steps: step,
+            interrupted,
+            summary,
+        });
+    }
+    peft::save_adapter(model.as_ref(), "policy", &run_dir.join("adapter"))?;
+    let trained = preference_scores(
+        model.lm(),
+        &tok,
+        &eval_pairs,
+        &ood_pairs,
+        &cfg,
+        &device,
+        false,
+    )?;
+    for (k, v) in base_scores {
+        summary.insert(format!("base/{k}"), json!(v));
+    }
+    for (k, v) in trained {
+        summary.insert(format!("adapter/{k}"), json!(v));
+    }
+    run::write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)
+            .map_err(|e| TrainError::Malformed {
+                path: run_dir.join("summary.json"),
+                problem: e.to_string(),
+            })?
+            .as_bytes(),
+    )?;
+    if cfg.run.plots {
+        crate::plots::write_plots(&run_dir)?;
+    }
+    let _ = stage.label;
+    Ok(Outcome {
+        run_dir,
+        steps: step,
+        interrupted,
+        summary,
+    })
+}
+
+fn progress_bar(on: bool, total: u64, pos: u64) -> Option<indicatif::ProgressBar> {
+    if !on {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} steps  {per_sec}  eta {eta}  {msg}",
+    ) {
+        b.set_style(style);
+    }
+    b.set_position(pos);
+    Some(b)
+}
+
+fn short_metrics(m: &BTreeMap<String, f64>) -> String {
+    let keys = [
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "loss_rr",
+        "loss_retain",
+        "cosine/chosen",
+        "cosine/rejected",
+        "nll_loss",
+        "grad_norm",
+        "learning_rate",
+    ];
+    keys.iter()
+        .filter_map(|k| m.get(*k).map(|v| format!("{k} {v:.4}")))
+        .collect::<Vec<_>>()
+        .join("  ")
+}
+
+fn format_log(step: usize, total: usize, m: &BTreeMap<String, f64>) -> String {
+    format!("step {step}/{total}: {}", short_metrics(m))
+}
+
+/// Loss and metrics on (up to `n_eval_examples`) held-out pairs, no gradient, no dropout.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    model: &dyn CausalLm,
+    cfg: &TrainConfig,
+    family: LossFamily,
+    pairs: &[TokenizedPair],
+    tok: &Tok,
+    device: &Device,
+    progress: f64,
+    dpo_state: &DpoState,
+) -> Result<BTreeMap<String, f64>> {
+    let n = pairs.len().min(cfg.train.n_eval_examples.max(1));
+    let mut acc = MetricAcc::default();
+    let mut state = dpo_state.clone();
+    for chunk in pairs[..n].chunks(cfg.train.eval_batch_size) {
+        let refs: Vec<&TokenizedPair> = chunk.iter().collect();
+        let batch = match family {
+            LossFamily::Sft => data::chosen_batch(&refs, tok.pad, device)?,
+            _ => data::pair_batch(&refs, tok.pad, device)?,
+        };
+        let out = batch_loss(model, cfg, family, &batch, progress, &mut state, false)?;
+        acc.add(&out.metrics);
+    }
+    Ok(acc.mean())
+}
+
+/// Greedy continuations of the first `n` held-out prompts (with the adapter).
+fn samples(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    pairs: &[TokenizedPair],
+    n: usize,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for p in pairs.iter().take(n) {
+        let ids = reprpo_models::generate::generate(
+            model,
+            &p.prompt,
+            48,
+            &reprpo_models::generate::Sampling::Greedy,
+            &reprpo_models::generate::StopAt {
+                tokens: vec![tok.eos],
+            },
+        )?;
+        let prompt = tok.decode(&p.prompt, true)?;
+        let text = tok.decode(&ids, true)?;
+        out.push(format!("{prompt:?} -> {text:?}"));
+    }
+    Ok(out)
+}
+
+/// Preference accuracy (mean log-prob per completion token, chosen vs rejected) of the model
+/// (adapter on, or off with `adapters_off`) on the held-out and OOD pairs: `id/accuracy`,
+/// `id/prob`, `ood/accuracy`, `ood/prob`.
+fn preference_scores(
+    model: &dyn CausalLm,
+    tok: &Tok,
+    id: &[TokenizedPair],
+    ood: &[TokenizedPair],
+    cfg: &TrainConfig,
+    device: &Device,
+    adapters_off: bool,
+) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for (name, pairs) in [("id", id), ("ood", ood)] {
+        if pairs.is_empty() {
+            continue;
+        }
+        let mut probs = Vec::new();
+        for chunk in pairs.chunks(cfg.train.eval_batch_size) {
+            let refs: Vec<&TokenizedPair> = chunk.iter().collect();
+            let b: DeviceBatch = data::pair_batch(&refs, tok.pad, device)?;
+            let o = model.forward(
+                &b.ids,
+                Some(&b.attention),
+                None,
+                &reprpo_models::ForwardSpec {
+                    logits: true,
+                    adapters_off,
+                    ..Default::default()
+                },
+            )?;
+            let logits = o.logits.ok_or_else(|| {
+                TrainError::Model(reprpo_models::ModelError::Invalid("no logits".into()))
+            })?;
+            let lp = reprpo_models::logps::token_logps(&logits, &b.ids, &b.loss_mask)?;
+            let mean: Vec<f32> = lp.mean()?.to_vec1()?;
+            let n = refs.len();
+            for i in 0..n {
+                let delta = f64::from(mean[i] - mean[n + i]);
+                probs.push(1.0 / (1.0 + (-delta).exp()));
+            }
+        }
+        let acc = probs.iter().filter(|&&p| p > 0.5).count() as f64 / probs.len() as f64;
+        let prob = probs.iter().sum::<f64>() / probs.len() as f64;
+        out.insert(format!("{name}/accuracy"), acc);
+        out.insert(format!("{name}/prob"), prob);
+        out.insert(format!("{name}/n"), probs.len() as f64);
+    }
+    Ok(out)
+}
+
+/// A small stable hash (FNV-1a, 64 bit) for cache keys.
+fn fnv(s: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn copy_adapter(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).map_err(io(dst))?;
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let bytes = std::fs::read(src.join(f)).map_err(io(src.join(f)))?;
+        run::write_atomic(&dst.join(f), &bytes)?;
+    }
+    Ok(())
+}
+
+/// Run (or reuse from the cache) the SFT stage: a LoRA adapter on every linear layer trained
+/// with NLL on the chosen completions. Returns the adapter folder.
+fn sft_stage(
+    cfg: &TrainConfig,
+    ctx: &JobContext,
+    model: &mut dyn TrainModel,
+    tok: &Tok,
+    pairs: &[TokenizedPair],
+    device: &Device,
+) -> Result<PathBuf> {
+    let key = json!({
+        "model": cfg.model, "datasets": cfg.data.datasets, "n_train": cfg.data.n_train,
+        "tokenize": format!("{:?}", cfg.tokenize_config()), "sft": cfg.sft, "seed": cfg.train.seed,
+        "version": 1,
+    });
+    let dir = cfg
+        .run
+        .out_dir
+        .join(&cfg.sft.cache_dir)
+        .join(format!("sft-{:016x}", fnv(&key.to_string())));
+    if dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_config.json").is_file()
+    {
+        println!("SFT stage: reusing {}", dir.display());
+        return Ok(dir);
+    }
+    println!(
+        "SFT stage: {} steps of LoRA r={} on the chosen completions (cached in {})",
+        cfg.sft.steps,
+        cfg.sft.r,
+        dir.display()
+    );
+    let mut ac = crate::config::AdapterOptions {
+        kind: "lora".into(),
+        r: cfg.sft.r,
+        alpha: cfg.sft.r as f64,
+        ..Default::default()
+    }
+    .peft_json();
+    ac.insert("target_modules".into(), json!("all-linear"));
+    let ac = AdapterConfig::from_json(ac, Path::new("(sft stage)"))?;
+    let idx = peft::add_adapter(model, "sft", ac, None, cfg.train.seed)?;
+    model.adapter_set_mut().active = Some(idx);
+    let mut opt = AdamW::new(
+        peft::adapter_params(model, idx),
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
+    let total = cfg.sft.steps;
+    let bar = progress_bar(ctx.progress, total as u64, 0);
+    let mut order_cache = None;
+    let mut dpo_state = DpoState::default();
+    let warmup = (total / 10).max(1);
+    let mut acc = MetricAcc::default();
+    for step in 0..total {
+        let lr = Schedule::Cosine.lr(cfg.sft.lr, step, total, warmup, 0.0);
+        let chunk = micro_batch(
+            pairs,
+            cfg.sft.batch_size,
+            cfg.train.seed,
+            step,
+            &mut order_cache,
+        );
+        let batch = data::sft_batch(&chunk, cfg.sft.on == "both", tok.pad, device)?;
+        let out = batch_loss(
+            model.lm(),
+            cfg,
+            LossFamily::Sft,
+            &batch,
+            0.0,
+            &mut dpo_state,
+            true,
+        )?;
+        let store = backward(&out.loss)?;
+        let mut grads: Vec<Option<Tensor>> = opt
+            .params()
+            .iter()
+            .map(|(_, v): &(String, Var)| store.get(v.as_tensor()).cloned())
+            .collect();
+        let norm = clip_grad_norm(&mut grads, 1.0)?;
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                what: "gradient norm (SFT stage)",
+                value: norm,
+                last_checkpoint: None,
+            });
+        }
+        opt.update(&grads, lr)?;
+        acc.add(&out.metrics);
+        if let Some(b) = &bar {
+            b.set_position(step as u64 + 1);
+        }
+        if (step + 1) % 50 == 0 || step + 1 == total {
+            let line = format!(
+                "SFT step {}/{total}: nll {:.4}",
+                step + 1,
+                acc.mean().get("loss").copied().unwrap_or(f64::NAN)
+            );
+            match &bar {
+                Some(b) => b.println(line),
+                None => println!("{line}"),
+            }
+            acc = MetricAcc::default();
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    // Write to a temporary folder, then rename (a crash leaves no half-written cache entry).
+    let tmp = dir.with_extension("tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    peft::save_adapter(model, "sft", &tmp)?;
+    if let Some(p) = dir.parent() {
+        std::fs::create_dir_all(p).map_err(io(p))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    // Remove the SFT adapter again: the caller folds it into the base.
+    for lin in model.linears_mut() {
+        lin.adapters.clear();
+    }
+    *model.adapter_set_mut() = Default::default();
+    Ok(dir)
+}

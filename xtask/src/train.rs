@@ -1,0 +1,103 @@
+//! `cargo xtask train [CONFIG.toml] [key=value ...] [--resume RUN_DIR]`: the training job.
+//!
+//! With no arguments it trains the embedded default (the tiny model and the project's own data,
+//! with a short cached SFT stage first, then ReprPO with LoRA) and prints the held-out preference
+//! accuracy of the trained adapter against the base, in distribution and on the shifted split.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use reprpo_train::{JobContext, Sources, TrainConfig};
+
+/// Arguments of `train`.
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A TOML config file and/or `key=value` overrides (e.g. `loss=dpo train.lr=1e-4`).
+    #[arg(value_name = "CONFIG | key=value")]
+    pub args: Vec<String>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Print the resolved configuration and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// No progress bar (log lines only).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// The embedded default: what `cargo xtask train` does with no arguments (before any override).
+pub const DEFAULT_OVERRIDES: &[&str] = &[];
+
+/// Run the job.
+pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
+    let mut src = Sources {
+        env: true,
+        ..Default::default()
+    };
+    for arg in &a.args {
+        if arg.contains('=') {
+            src.overrides.push(arg.clone());
+        } else if src.file.is_none() {
+            src.file = Some(PathBuf::from(arg));
+        } else {
+            anyhow::bail!("`{arg}`: only one config file can be given (then key=value overrides)");
+        }
+    }
+    let cfg = TrainConfig::resolve(&src)?;
+    if a.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("second Ctrl-C: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let ctx = JobContext {
+        datasets_dir: root.join("datasets"),
+        stop,
+        progress: !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let out = reprpo_train::train(&cfg, &ctx, a.resume.as_deref())?;
+    if out.interrupted {
+        println!(
+            "stopped at step {}; resume with: cargo xtask train --resume {}",
+            out.steps,
+            out.run_dir.display()
+        );
+        return Ok(());
+    }
+    print_summary(&out.summary);
+    println!("run folder: {}", out.run_dir.display());
+    Ok(())
+}
+
+fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
+    let get = |k: &str| s.get(k).and_then(serde_json::Value::as_f64);
+    println!("held-out preference accuracy (mean log-prob per token, chosen > rejected):");
+    println!(
+        "{:<10} {:>16} {:>16}",
+        "", "in-distribution", "shifted (OOD)"
+    );
+    for who in ["base", "adapter"] {
+        let cell = |split: &str| match (
+            get(&format!("{who}/{split}/accuracy")),
+            get(&format!("{who}/{split}/n")),
+        ) {
+            (Some(a), Some(n)) => format!("{:.1}% (n={n})", 100.0 * a),
+            _ => "-".into(),
+        };
+        println!("{:<10} {:>16} {:>16}", who, cell("id"), cell("ood"));
+    }
+}
