@@ -29,9 +29,6 @@ pub struct TrainArgs {
     pub no_progress: bool,
 }
 
-/// The embedded default: what `cargo xtask train` does with no arguments (before any override).
-pub const DEFAULT_OVERRIDES: &[&str] = &[];
-
 /// Run the job.
 pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
     let mut src = Sources {
@@ -90,7 +87,15 @@ fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
         "{:<10} {:>16} {:>16}",
         "", "in-distribution", "shifted (OOD)"
     );
-    for who in ["base", "adapter"] {
+    let staged = s.contains_key("random_base/id/accuracy");
+    for (who, label) in [
+        ("random_base", "random base"),
+        ("base", if staged { "after SFT" } else { "base" }),
+        ("adapter", "+ adapter"),
+    ] {
+        if who == "random_base" && !staged {
+            continue;
+        }
         let cell = |split: &str| match (
             get(&format!("{who}/{split}/accuracy")),
             get(&format!("{who}/{split}/n")),
@@ -98,6 +103,6 @@ fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
             (Some(a), Some(n)) => format!("{:.1}% (n={n})", 100.0 * a),
             _ => "-".into(),
         };
-        println!("{:<10} {:>16} {:>16}", who, cell("id"), cell("ood"));
+        println!("{:<12} {:>16} {:>16}", label, cell("id"), cell("ood"));
     }
 }

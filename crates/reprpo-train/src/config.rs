@@ -185,6 +185,11 @@ pub struct TrainOptions {
     pub n_samples: usize,
     /// Recompute each layer's activations in backward (less memory).
     pub grad_checkpointing: bool,
+    /// Which tokens hidden-state losses count: `attention` (every real token, prompt included:
+    /// the definition) or `completion` (the completion tokens only). With `attention`,
+    /// the prompt positions of chosen and rejected are identical, so at the start (policy =
+    /// reference) their reroute distance is exactly 0, where the norm has a kink.
+    pub hidden_mask: String,
 }
 
 /// An SFT stage before the preference stage: LoRA on all linear layers, merged into the base
@@ -192,8 +197,9 @@ pub struct TrainOptions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftStage {
-    /// Optimizer steps (0: no SFT stage).
-    pub steps: usize,
+    /// Optimizer steps (0: no SFT stage). Unset: 150 for the random `tiny`/`small` base models
+    /// (they know no language yet), 0 for real models.
+    pub steps: Option<usize>,
     /// Learning rate.
     pub lr: f64,
     /// Batch size.
@@ -308,6 +314,7 @@ impl Default for TrainOptions {
             eval_batch_size: 8,
             n_samples: 0,
             grad_checkpointing: false,
+            hidden_mask: "attention".into(),
         }
     }
 }
@@ -315,7 +322,7 @@ impl Default for TrainOptions {
 impl Default for SftStage {
     fn default() -> Self {
         SftStage {
-            steps: 0,
+            steps: None,
             lr: 3e-3,
             batch_size: 16,
             r: 32,
@@ -436,14 +443,15 @@ fn adapter_preset(kind: &str) -> Result<Value> {
     })
 }
 
-/// `"; did you mean `x`?"` for the nearest candidate, or nothing when none is close.
+/// `"; did you mean `x`?"` for the nearest candidate (Damerau-Levenshtein distance at most a
+/// third of the word, at least 1), or nothing when none is close.
 pub fn suggest(word: &str, candidates: &[String]) -> String {
     let best = candidates
         .iter()
-        .map(|c| (strsim::jaro_winkler(word, c), c))
-        .max_by(|a, b| a.0.total_cmp(&b.0));
+        .map(|c| (strsim::damerau_levenshtein(word, c), c))
+        .min_by_key(|(d, _)| *d);
     match best {
-        Some((score, c)) if score > 0.75 => format!("; did you mean `{c}`?"),
+        Some((d, c)) if d <= (word.chars().count() / 3).max(1) => format!("; did you mean `{c}`?"),
         _ => String::new(),
     }
 }
@@ -502,7 +510,9 @@ fn figment_err(e: figment::Error) -> TrainError {
         let (key, problem) = match &e.kind {
             figment::error::Kind::UnknownField(k, expected) => {
                 let mut path = e.path.clone();
-                path.push(k.clone());
+                if path.last() != Some(k) {
+                    path.push(k.clone());
+                }
                 let cands: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
                 let mut hint = suggest(k, &cands);
                 if hint.is_empty() {
@@ -595,7 +605,8 @@ impl TrainConfig {
         let fig = Figment::from(Serialized::defaults(TrainConfig::default()))
             .merge(Serialized::defaults(loss_preset(&loss)?))
             .merge(Serialized::defaults(adapter_preset(&kind)?));
-        let cfg: TrainConfig = user(fig).extract().map_err(figment_err)?;
+        let mut cfg: TrainConfig = user(fig).extract().map_err(figment_err)?;
+        cfg.sft.steps = Some(cfg.sft_steps());
         cfg.validate()?;
         Ok(cfg)
     }
@@ -611,6 +622,17 @@ impl TrainConfig {
         } else {
             loss_preset(&self.loss).map(|_| LossFamily::Sft)
         }
+    }
+
+    /// The SFT stage's steps (see [`SftStage::steps`]).
+    pub fn sft_steps(&self) -> usize {
+        self.sft.steps.unwrap_or(
+            if reprpo_models::LlamaConfig::preset(&self.model.name_or_path).is_some() {
+                150
+            } else {
+                0
+            },
+        )
     }
 
     /// The run name: `run.name`, else `<loss>-<adapter kind>`.
@@ -748,13 +770,19 @@ impl TrainConfig {
                 key: "data".into(),
                 problem: e.to_string(),
             })?;
+        if !matches!(t.hidden_mask.as_str(), "attention" | "completion") {
+            return bad(
+                "train.hidden_mask",
+                format!("must be `attention` or `completion`, got {:?}", t.hidden_mask),
+            );
+        }
         if !matches!(self.sft.on.as_str(), "chosen" | "both") {
             return bad(
                 "sft.on",
                 format!("must be `chosen` or `both`, got {:?}", self.sft.on),
             );
         }
-        if self.sft.steps > 0 && (self.sft.batch_size == 0 || self.sft.r == 0) {
+        if self.sft_steps() > 0 && (self.sft.batch_size == 0 || self.sft.r == 0) {
             return bad("sft", "batch_size and r must be at least 1".into());
         }
         Ok(())

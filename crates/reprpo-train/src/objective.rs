@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{D, IndexOp, Tensor};
-use reprpo_losses::dpo::{DpoInputs, DpoState, LossOut, dpo_loss};
+use candle_core::{D, DType, IndexOp, Tensor};
+use reprpo_losses::dpo::{DpoInputs, DpoState, LdTails, LossOut, WpoLogWeights, dpo_loss};
 use reprpo_losses::reprpo::{HiddenPairs, reprpo_loss, stack_layers};
 use reprpo_models::logps::{SeqLogps, token_logps};
 use reprpo_models::{CausalLm, ForwardSpec};
@@ -111,6 +111,25 @@ pub fn batch_loss(
             let p = token_logps(&pl, &batch.ids, &batch.loss_mask)?;
             let r = token_logps(&rl, &batch.ids, &batch.loss_mask)?;
             let mut inputs = dpo_inputs(&p, &r, b)?;
+            if cfg.dpo.ld_alpha.is_some() {
+                let tail = tail_mask(&batch.loss_mask, &p.count, b)?;
+                let sum_tail = |lp: &SeqLogps| -> Result<(Tensor, Tensor)> {
+                    halves(&(&lp.per_token * &tail)?.sum(D::Minus1)?, b)
+                };
+                let (pc, pr) = sum_tail(&p)?;
+                let (rc, rr) = sum_tail(&r)?;
+                inputs.ld_tails = Some(LdTails {
+                    policy_chosen: pc,
+                    policy_rejected: pr,
+                    reference_chosen: rc,
+                    reference_rejected: rr,
+                });
+            }
+            if cfg.dpo.use_weighting {
+                let w = wpo_log_weights(&pl, &p, &batch.loss_mask)?;
+                let (chosen, rejected) = halves(&w, b)?;
+                inputs.wpo_log_weights = Some(WpoLogWeights { chosen, rejected });
+            }
             let ls = logits_sums(&pl, &batch.loss_mask)?;
             let (lc, lr) = halves(&ls, b)?;
             inputs.chosen_logits_sum = Some(lc);
@@ -146,7 +165,12 @@ pub fn batch_loss(
             };
             let (pc, pr) = split(&pol, false)?;
             let (rc, rr) = split(&refr, true)?;
-            let (mc, mr) = halves(&batch.attention, b)?;
+            let mask = if cfg.train.hidden_mask == "completion" {
+                &batch.loss_mask
+            } else {
+                &batch.attention
+            };
+            let (mc, mr) = halves(mask, b)?;
             let mut inputs = HiddenPairs::new(pc, pr, rc, rr, mc, mr);
             if need_z {
                 let pl = pol
@@ -169,6 +193,31 @@ pub fn batch_loss(
             finish(out)
         }
     }
+}
+
+/// LD-DPO's tail mask `[2B, T-1]`: completion tokens beyond the shared length
+/// `min(n_c, n_r)` of their pair (counted from the completion's start).
+fn tail_mask(loss_mask: &Tensor, count: &Tensor, b: usize) -> Result<Tensor> {
+    let m = loss_mask.i((.., 1..))?.to_dtype(DType::F32)?.contiguous()?;
+    let pos = m.cumsum(D::Minus1)?;
+    let (nc, nr) = halves(count, b)?;
+    let shared = nc.minimum(&nr)?;
+    let shared = Tensor::cat(&[&shared, &shared], 0)?.unsqueeze(1)?;
+    Ok((m * pos.broadcast_gt(&shared)?.to_dtype(DType::F32)?)?)
+}
+
+/// WPO's per-sequence log-weight (TRL's `aligned_logps`), detached:
+/// `w[b] = sum_t m[b,t] (logp[b,t] - log sum_v p[b,t,v]^2) / max(sum_t m[b,t], 1)` with
+/// `log sum_v p_v^2 = logsumexp_v(2 log_softmax(logits)_v)`.
+fn wpo_log_weights(logits: &Tensor, lp: &SeqLogps, loss_mask: &Tensor) -> Result<Tensor> {
+    let t = logits.dim(1)?;
+    let x = logits.i((.., ..t - 1, ..))?.detach().to_dtype(DType::F32)?;
+    let lsm = candle_core::Tensor::log_sum_exp(&x, D::Minus1)?;
+    let lsm = x.broadcast_sub(&lsm.unsqueeze(D::Minus1)?)?;
+    let lss = (lsm * 2.0)?.log_sum_exp(D::Minus1)?;
+    let m = loss_mask.i((.., 1..))?.to_dtype(DType::F32)?;
+    let aligned = (lp.per_token.detach() - (lss * &m)?)?.sum(D::Minus1)?;
+    Ok(aligned.div(&lp.count.clamp(1f32, f32::MAX)?)?)
 }
 
 fn dpo_inputs(p: &SeqLogps, r: &SeqLogps, b: usize) -> Result<DpoInputs> {

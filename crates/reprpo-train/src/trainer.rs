@@ -199,15 +199,13 @@ fn f64_of(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// Settings of one optimisation stage (the SFT stage or the main one).
-struct Stage<'a> {
-    family: LossFamily,
+/// The learning-rate plan of the main stage.
+struct Plan {
     lr: f64,
     batch_size: usize,
     total: usize,
     warmup: usize,
     schedule: Schedule,
-    label: &'a str,
 }
 
 /// Train, or resume the run in `resume`. Returns where the run is and how it ended.
@@ -254,7 +252,12 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
     };
 
     // SFT stage (cached by its settings), folded into the base.
-    if cfg.sft.steps > 0 && family != LossFamily::Sft {
+    let mut stage_scores = Vec::new();
+    if cfg.sft_steps() > 0 && family != LossFamily::Sft {
+        stage_scores.push((
+            "random_base",
+            preference_scores(model.lm(), &tok, &eval_pairs, &ood_pairs, &cfg, &device, true)?,
+        ));
         let dir = sft_stage(&cfg, ctx, model.as_mut(), &tok, &train_pairs, &device)?;
         peft::bake_adapter(model.as_mut(), &dir)?;
         let dst = run_dir.join("sft_adapter");
@@ -319,14 +322,12 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
     } else {
         (cfg.train.warmup_ratio * total as f64).ceil() as usize
     };
-    let stage = Stage {
-        family,
+    let stage = Plan {
         lr: cfg.train.lr,
         batch_size: bs,
         total,
         warmup,
         schedule: Schedule::parse(&cfg.train.schedule)?,
-        label: "train",
     };
     let mut dpo_state = DpoState::default();
     let mut start = 0;
@@ -516,6 +517,15 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
         });
     }
     peft::save_adapter(model.as_ref(), "policy", &run_dir.join("adapter"))?;
+    let final_pairs = if eval_pairs.is_empty() {
+        &train_pairs
+    } else {
+        &eval_pairs
+    };
+    let fin = evaluate(model.lm(), &cfg, family, final_pairs, &tok, &device, 1.0, &dpo_state)?;
+    for (k, v) in fin {
+        summary.insert(format!("final_eval/{k}"), json!(v));
+    }
     let trained = preference_scores(
         model.lm(),
         &tok,
@@ -525,6 +535,11 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
         &device,
         false,
     )?;
+    for (stage, scores) in stage_scores {
+        for (k, v) in scores {
+            summary.insert(format!("{stage}/{k}"), json!(v));
+        }
+    }
     for (k, v) in base_scores {
         summary.insert(format!("base/{k}"), json!(v));
     }
@@ -543,7 +558,6 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
     if cfg.run.plots {
         crate::plots::write_plots(&run_dir)?;
     }
-    let _ = stage.label;
     Ok(Outcome {
         run_dir,
         steps: step,
@@ -589,9 +603,10 @@ fn format_log(step: usize, total: usize, m: &BTreeMap<String, f64>) -> String {
     format!("step {step}/{total}: {}", short_metrics(m))
 }
 
-/// Loss and metrics on (up to `n_eval_examples`) held-out pairs, no gradient, no dropout.
+/// Loss and metrics on (up to `train.n_eval_examples`) pairs at training progress `progress`,
+/// without dropout; the model's active adapter is the policy.
 #[allow(clippy::too_many_arguments)]
-fn evaluate(
+pub fn evaluate(
     model: &dyn CausalLm,
     cfg: &TrainConfig,
     family: LossFamily,
@@ -737,9 +752,10 @@ fn sft_stage(
         return Ok(dir);
     }
     println!(
-        "SFT stage: {} steps of LoRA r={} on the chosen completions (cached in {})",
-        cfg.sft.steps,
+        "SFT stage: {} steps of LoRA r={} on the {} completions (cached in {})",
+        cfg.sft_steps(),
         cfg.sft.r,
+        cfg.sft.on,
         dir.display()
     );
     let mut ac = crate::config::AdapterOptions {
@@ -762,7 +778,7 @@ fn sft_stage(
             weight_decay: 0.0,
         },
     )?;
-    let total = cfg.sft.steps;
+    let total = cfg.sft_steps();
     let bar = progress_bar(ctx.progress, total as u64, 0);
     let mut order_cache = None;
     let mut dpo_state = DpoState::default();

@@ -11,7 +11,7 @@
 //! (`tests/fixtures/train/expected.json`):
 //!
 //! - DPO types (sigmoid, ipo, hinge, a sigmoid + sft mixture, sigmoid with DoRA; LD-DPO and WPO
-//!   have fixtures too but their tests are ignored until the trainer supplies their inputs): `loss` and TRL's `rewards/chosen`, `rewards/rejected`,
+//!   have fixtures and tests too): `loss` and TRL's `rewards/chosen`, `rewards/rejected`,
 //!   `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `logits/chosen`,
 //!   `logits/rejected`, as logged by TRL 1.16.0's own `DPOTrainer._compute_loss` on the same batch
 //!   with the real PEFT model (TRL does the policy forward and the adapter-disabled reference
@@ -165,7 +165,6 @@ fn dpo_sigmoid_dora() {
 /// Fails: `objective.rs` never fills `DpoInputs::ld_tails`, so `dpo.ld_alpha` is accepted by the
 /// configuration and then stops the first step ("ld_alpha is set but ld_tails is missing").
 #[test]
-#[ignore = "bug in reprpo-train: objective.rs passes no LD-DPO tails (dpo.ld_alpha cannot train)"]
 fn ld_alpha_sigmoid_lora() {
     check("ld_alpha_sigmoid_lora");
 }
@@ -174,7 +173,6 @@ fn ld_alpha_sigmoid_lora() {
 /// accepted by the configuration and then stops the first step ("use_weighting is set but
 /// wpo_log_weights is missing").
 #[test]
-#[ignore = "bug in reprpo-train: objective.rs passes no WPO weights (dpo.use_weighting cannot train)"]
 fn wpo_sigmoid_lora() {
     check("wpo_sigmoid_lora");
 }
