@@ -3,14 +3,7 @@
 
 use std::path::Path;
 
-struct Series {
-    name: String,
-    points: Vec<(f64, f64)>,
-}
-fn line_chart(_p: &Path, _t: &str, _x: &str, s: &[Series]) -> std::result::Result<(), String> {
-    let _ = s.iter().map(|s| (&s.name, s.points.len())).count();
-    Ok(())
-}
+use reprpo_eval::plot::{Series, line_chart};
 
 use crate::error::{Result, TrainError};
 use crate::run::read_metrics;
@@ -18,21 +11,9 @@ use crate::run::read_metrics;
 /// The charts: file name, title, and the metric keys on it (eval series are `eval_<key>`).
 const CHARTS: [(&str, &str, &[&str]); 4] = [
     ("loss.png", "loss", &["loss", "nll_loss"]),
-    (
-        "components.png",
-        "ReprPO components",
-        &["loss_rr", "loss_retain", "coef_rr", "coef_retain"],
-    ),
-    (
-        "accuracy.png",
-        "reward accuracy and margin",
-        &["rewards/accuracies", "rewards/margins"],
-    ),
-    (
-        "cosines.png",
-        "cosine to the reference (chosen)",
-        &["cosine/chosen", "cosine/rejected"],
-    ),
+    ("components.png", "ReprPO components", &["loss_rr", "loss_retain", "coef_rr", "coef_retain"]),
+    ("accuracy.png", "reward accuracy and margin", &["rewards/accuracies", "rewards/margins"]),
+    ("cosines.png", "cosine to the reference (chosen)", &["cosine/chosen", "cosine/rejected"]),
 ];
 
 /// Write `plots/*.png` for every chart that has data.
