@@ -773,7 +773,10 @@ impl TrainConfig {
         if !matches!(t.hidden_mask.as_str(), "attention" | "completion") {
             return bad(
                 "train.hidden_mask",
-                format!("must be `attention` or `completion`, got {:?}", t.hidden_mask),
+                format!(
+                    "must be `attention` or `completion`, got {:?}",
+                    t.hidden_mask
+                ),
             );
         }
         if !matches!(self.sft.on.as_str(), "chosen" | "both") {

@@ -160,7 +160,9 @@ pub fn batch_loss(
                     .map(|(_, h)| if detach { h.detach() } else { h.clone() })
                     .collect();
                 let idx: Vec<usize> = (0..hs.len()).collect();
-                let all = stack_layers(&hs, &idx)?;
+                // The loss reduces over hidden x tokens: compute it in f32 whatever the model's
+                // dtype (bf16 sums of that size lose the cosines' and norms' precision).
+                let all = stack_layers(&hs, &idx)?.to_dtype(DType::F32)?;
                 Ok((all.i((.., ..b))?, all.i((.., b..2 * b))?))
             };
             let (pc, pr) = split(&pol, false)?;

@@ -11,9 +11,21 @@ use crate::run::read_metrics;
 /// The charts: file name, title, and the metric keys on it (eval series are `eval_<key>`).
 const CHARTS: [(&str, &str, &[&str]); 4] = [
     ("loss.png", "loss", &["loss", "nll_loss"]),
-    ("components.png", "ReprPO components", &["loss_rr", "loss_retain", "coef_rr", "coef_retain"]),
-    ("accuracy.png", "reward accuracy and margin", &["rewards/accuracies", "rewards/margins"]),
-    ("cosines.png", "cosine to the reference (chosen)", &["cosine/chosen", "cosine/rejected"]),
+    (
+        "components.png",
+        "ReprPO components",
+        &["loss_rr", "loss_retain", "coef_rr", "coef_retain"],
+    ),
+    (
+        "accuracy.png",
+        "reward accuracy and margin",
+        &["rewards/accuracies", "rewards/margins"],
+    ),
+    (
+        "cosines.png",
+        "cosine to the reference (chosen)",
+        &["cosine/chosen", "cosine/rejected"],
+    ),
 ];
 
 /// Write `plots/*.png` for every chart that has data.

@@ -256,7 +256,15 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
     if cfg.sft_steps() > 0 && family != LossFamily::Sft {
         stage_scores.push((
             "random_base",
-            preference_scores(model.lm(), &tok, &eval_pairs, &ood_pairs, &cfg, &device, true)?,
+            preference_scores(
+                model.lm(),
+                &tok,
+                &eval_pairs,
+                &ood_pairs,
+                &cfg,
+                &device,
+                true,
+            )?,
         ));
         let dir = sft_stage(&cfg, ctx, model.as_mut(), &tok, &train_pairs, &device)?;
         peft::bake_adapter(model.as_mut(), &dir)?;
@@ -522,7 +530,16 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
     } else {
         &eval_pairs
     };
-    let fin = evaluate(model.lm(), &cfg, family, final_pairs, &tok, &device, 1.0, &dpo_state)?;
+    let fin = evaluate(
+        model.lm(),
+        &cfg,
+        family,
+        final_pairs,
+        &tok,
+        &device,
+        1.0,
+        &dpo_state,
+    )?;
     for (k, v) in fin {
         summary.insert(format!("final_eval/{k}"), json!(v));
     }

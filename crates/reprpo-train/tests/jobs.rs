@@ -137,7 +137,13 @@ fn dpo_every_adapter_kind() {
 #[test]
 fn reprpo_every_adapter_kind() {
     for kind in ["lora", "dora", "boft", "oft", "hra"] {
-        check_family_kind_with("reprpo", kind, "1e-3", "12", &["train.hidden_mask=completion"]);
+        check_family_kind_with(
+            "reprpo",
+            kind,
+            "1e-3",
+            "12",
+            &["train.hidden_mask=completion"],
+        );
     }
 }
 
@@ -203,7 +209,11 @@ fn interrupted_and_resumed_run_is_bit_identical() {
         let steps: Vec<u64> = std::fs::read_to_string(resumed.run_dir.join("metrics.jsonl"))
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(steps, vec![1, 2, 3, 4, 5], "{loss}");
     }
@@ -233,7 +243,9 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
     };
     let msg = err.to_string();
     assert!(msg.contains(&format!("step {step}")), "{msg}");
-    let ck = last_checkpoint.clone().expect("a checkpoint before the bad step");
+    let ck = last_checkpoint
+        .clone()
+        .expect("a checkpoint before the bad step");
     assert!(ck.join("trainer_state.json").is_file());
     assert!(ck.join("adapter/adapter_model.safetensors").is_file());
     let state: serde_json::Value =
@@ -293,7 +305,11 @@ fn model_dependent_config_errors_name_the_key() {
     // A BOFT block size that does not divide the layer width (128).
     let cfg = config(
         tmp.path(),
-        &["adapter.kind=boft", "adapter.block_size=5", "train.max_steps=1"],
+        &[
+            "adapter.kind=boft",
+            "adapter.block_size=5",
+            "train.max_steps=1",
+        ],
     );
     let err = trainer::train(&cfg, &ctx(false), None).unwrap_err();
     assert!(
@@ -322,12 +338,66 @@ fn presets_layer_under_overrides() {
     std::fs::write(&path, d.to_toml().unwrap()).unwrap();
     assert_eq!(TrainConfig::from_toml_file(&path).unwrap(), d);
     // A TOML file sits under the overrides.
-    std::fs::write(tmp.path().join("f.toml"), "loss = \"dpo\"\n[train]\nlr = 0.5\nbatch_size = 2\n").unwrap();
+    std::fs::write(
+        tmp.path().join("f.toml"),
+        "loss = \"dpo\"\n[train]\nlr = 0.5\nbatch_size = 2\n",
+    )
+    .unwrap();
     let e = TrainConfig::resolve(&Sources {
         file: Some(tmp.path().join("f.toml")),
         overrides: vec!["train.lr=0.25".into()],
         env: false,
     })
     .unwrap();
-    assert_eq!((e.train.lr, e.train.batch_size, e.loss.as_str()), (0.25, 2, "dpo"));
+    assert_eq!(
+        (e.train.lr, e.train.batch_size, e.loss.as_str()),
+        (0.25, 2, "dpo")
+    );
+}
+
+fn first_logged(out: &trainer::Outcome) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.run_dir.join("metrics.jsonl")).unwrap();
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+#[test]
+fn bf16_compute_agrees_with_f32() {
+    // Same weights (the random base is drawn in f32, then cast), learning rate 0: the first
+    // step's metrics in bf16 must match f32 within bf16's precision (8 bits of mantissa, errors
+    // of a few 1e-3 relative per op; 3e-2 leaves room for the 4-layer forward).
+    for loss in ["reprpo", "dpo"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = |dtype: &str| {
+            let cfg = config(
+                tmp.path(),
+                &[
+                    &format!("loss={loss}"),
+                    &format!("model.dtype={dtype}"),
+                    "train.lr=0",
+                    "train.max_steps=1",
+                    "adapter.init=gaussian",
+                ],
+            );
+            first_logged(&trainer::train(&cfg, &ctx(false), None).unwrap())
+        };
+        let (a, b) = (run("f32"), run("bf16"));
+        for key in [
+            "loss",
+            "loss_rr",
+            "cosine/rejected",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            let (Some(x), Some(y)) = (
+                a.get(key).and_then(|v| v.as_f64()),
+                b.get(key).and_then(|v| v.as_f64()),
+            ) else {
+                continue;
+            };
+            assert!(
+                (x - y).abs() <= 3e-2 * x.abs().max(1e-2),
+                "{loss}: {key}: f32 {x} vs bf16 {y}"
+            );
+        }
+    }
 }
