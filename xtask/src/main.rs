@@ -144,6 +144,28 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         steps: usize,
     },
+    /// Time one training step (reference forward, policy forward, loss, backward, AdamW) with
+    /// LoRA r=16 on a random Llama: the Rust side of ../shared/anchors/pytorch_anchor.py.
+    TrainStep {
+        /// `tiny` or `small`.
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Preference pairs (2 x pairs sequences).
+        #[arg(long, default_value_t = 2)]
+        pairs: usize,
+        /// Tokens per sequence (the first half is prompt).
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// `dpo` or `reprpo`.
+        #[arg(long, default_value = "dpo")]
+        loss: String,
+        /// Timed steps (median reported, after 2 warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Recompute activations in backward.
+        #[arg(long)]
+        grad_checkpointing: bool,
+    },
     /// Time tokenising + collating pairs (the Rust side of tests/reference/bench_tokenize.py).
     Tokenize {
         #[command(flatten)]
@@ -367,6 +389,14 @@ fn run(cli: Cli) -> Result<()> {
             seq,
             steps,
         }) => bench_step(&preset, batch, seq, steps),
+        Cmd::Bench(BenchCmd::TrainStep {
+            preset,
+            pairs,
+            seq,
+            loss,
+            steps,
+            grad_checkpointing,
+        }) => train::bench_train_step(&preset, pairs, seq, &loss, steps, grad_checkpointing),
         Cmd::Bench(BenchCmd::Tokenize {
             input,
             tokenizer: tok_dir,

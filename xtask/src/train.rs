@@ -106,3 +106,115 @@ fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
         println!("{:<12} {:>16} {:>16}", label, cell("id"), cell("ood"));
     }
 }
+
+/// Peak resident memory of this process (VmHWM), in MiB, where /proc has it.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// `cargo xtask bench train-step`: the anchor's step (random ids, all tokens attended, the second
+/// half of each sequence is the completion; ReprPO reads hidden states `L/2` and `3L/4`), timed.
+pub fn bench_train_step(
+    preset: &str,
+    pairs: usize,
+    seq: usize,
+    loss: &str,
+    steps: usize,
+    grad_checkpointing: bool,
+) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use reprpo_models::{Llama, LlamaConfig, peft};
+    use reprpo_train::config::LossFamily;
+    use reprpo_train::data::DeviceBatch;
+    use reprpo_train::optim::{AdamW, AdamWConfig};
+    let lc = LlamaConfig::preset(preset).with_context(|| format!("unknown preset `{preset}`"))?;
+    let (vocab, layers) = (lc.vocab_size, lc.num_layers);
+    let dev = Device::Cpu;
+    let mut model = Llama::random(lc, 0.02, 0, DType::F32, &dev)?;
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    peft::add_adapter(
+        &mut model,
+        "policy",
+        peft::AdapterConfig::lora(16, 16.0, &targets),
+        None,
+        0,
+    )?;
+    let overrides = vec![
+        format!("loss={loss}"),
+        format!("reprpo.layers=[{}, {}]", layers / 2, 3 * layers / 4),
+        format!("train.grad_checkpointing={grad_checkpointing}"),
+        "sft.steps=0".to_string(),
+    ];
+    let cfg = TrainConfig::resolve(&Sources {
+        overrides,
+        ..Default::default()
+    })?;
+    let family = cfg.family()?;
+    anyhow::ensure!(
+        matches!(family, LossFamily::Dpo | LossFamily::ReprPo),
+        "--loss must be a DPO type or a ReprPO variant"
+    );
+    let rows = 2 * pairs;
+    let ids = Tensor::rand(0f32, vocab as f32, (rows, seq), &dev)?.to_dtype(DType::U32)?;
+    let half: Vec<f32> = (0..rows * seq)
+        .map(|i| if i % seq >= seq / 2 { 1.0 } else { 0.0 })
+        .collect();
+    let batch = DeviceBatch {
+        ids,
+        attention: Tensor::ones((rows, seq), DType::F32, &dev)?,
+        loss_mask: Tensor::from_vec(half, (rows, seq), &dev)?,
+        pairs,
+    };
+    let params = peft::adapter_params(&model, 0);
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+    )?;
+    let mut state = Default::default();
+    let mut times = Vec::new();
+    for i in 0..steps + 2 {
+        let t0 = std::time::Instant::now();
+        let out = reprpo_train::objective::batch_loss(
+            &model, &cfg, family, &batch, 0.0, &mut state, true,
+        )?;
+        let grads = out.loss.backward()?;
+        let g: Vec<Option<Tensor>> = opt
+            .params()
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+            .collect();
+        anyhow::ensure!(
+            g.iter().all(Option::is_some),
+            "an adapter parameter got no gradient"
+        );
+        opt.update(&g, 1e-4)?;
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({"preset": preset, "pairs": pairs, "seq": seq, "loss": loss,
+            "grad_checkpointing": grad_checkpointing, "median_s": median,
+            "tokens_per_s": (rows * seq) as f64 / median, "peak_rss_mib": peak_rss_mib()})
+    );
+    Ok(())
+}

@@ -30,6 +30,8 @@ pub struct BatchLoss {
     pub metrics: BTreeMap<String, f64>,
 }
 
+// `ForwardSpec` grows fields (it is built with `..Default::default()` everywhere).
+#[allow(clippy::needless_update)]
 fn spec(
     layers: &[usize],
     logits: bool,
