@@ -199,9 +199,10 @@ pub fn bench_train_step(
             .iter()
             .map(|(_, v)| grads.get(v.as_tensor()).cloned())
             .collect();
+        // Hidden-state losses stop at their deepest layer: adapters above it get no gradient.
         anyhow::ensure!(
-            g.iter().all(Option::is_some),
-            "an adapter parameter got no gradient"
+            g.iter().any(Option::is_some),
+            "no adapter parameter got a gradient"
         );
         opt.update(&g, 1e-4)?;
         if i >= 2 {
