@@ -578,7 +578,8 @@ impl TrainConfig {
                 fig = fig.merge(Toml::file_exact(f));
             }
             if src.env {
-                fig = fig.merge(Env::prefixed("REPRPO_").split("__"));
+                // `REPRPO_ROOT` (the workspace root of xtask) is not a config key.
+                fig = fig.merge(Env::prefixed("REPRPO_").filter(|k| k != "root").split("__"));
             }
             for (k, v) in &overrides {
                 fig = fig.merge(Serialized::global(k, v.clone()));

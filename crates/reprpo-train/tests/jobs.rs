@@ -401,3 +401,54 @@ fn bf16_compute_agrees_with_f32() {
         }
     }
 }
+
+#[test]
+fn periodic_eval_is_logged_with_trl_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        &[
+            "loss=dpo",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.logging_steps=2",
+            "train.n_samples=1",
+            "data.eval_datasets=[default-test]",
+        ],
+    );
+    let out = trainer::train(&cfg, &ctx(false), None).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Logged every 2 steps (not every step), plus one evaluation at step 2.
+    let train_steps: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(train_steps, vec![2, 4]);
+    let evals: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("eval_loss").is_some())
+        .collect();
+    assert_eq!(evals.len(), 1);
+    assert_eq!(evals[0]["step"].as_u64(), Some(2));
+    for k in [
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+        "eval_logps/chosen",
+    ] {
+        assert!(evals[0][k].as_f64().unwrap().is_finite(), "{k}");
+    }
+    for k in [
+        "learning_rate",
+        "grad_norm",
+        "rewards/chosen",
+        "logits/chosen",
+        "epoch",
+    ] {
+        assert!(lines[0][k].as_f64().is_some(), "{k} missing from the log");
+    }
+}
