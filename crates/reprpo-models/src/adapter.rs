@@ -14,6 +14,7 @@
 
 use candle_core::{DType, Tensor, Var};
 
+use crate::checkpoint::param;
 use crate::error::{ModelError, Result};
 
 /// Per-forward adapter state.
@@ -104,11 +105,22 @@ fn unflat(y: Tensor, mut dims: Vec<usize>, out: usize) -> Result<Tensor> {
 }
 
 /// `x` with entries zeroed with probability `p` and the rest scaled by 1/(1-p).
+/// Inside a seeded scope (`checkpoint`) the mask comes from the scope's generator, so a
+/// recomputation draws the same mask.
 fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let keep = x.rand_like(0.0, 1.0)?.ge(p)?.to_dtype(x.dtype())?;
+    let keep = match crate::checkpoint::dropout_rng() {
+        Some(mut rng) => {
+            use rand::Rng;
+            let m: Vec<f32> = (0..x.elem_count())
+                .map(|_| if rng.random::<f64>() >= p { 1.0 } else { 0.0 })
+                .collect();
+            Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?
+        }
+        None => x.rand_like(0.0, 1.0)?.ge(p)?.to_dtype(x.dtype())?,
+    };
     Ok((x * keep)?.affine(1.0 / (1.0 - p), 0.0)?)
 }
 
@@ -152,14 +164,15 @@ impl Linear {
             {
                 // Plain LoRA without dropout: one fused node (`frozen::lora_matmul`).
                 let dt = x2.dtype();
-                let a = m.a.as_tensor().to_dtype(dt)?;
-                let b = m.b.as_tensor().to_dtype(dt)?;
+                let a = param(&m.a).to_dtype(dt)?;
+                let b = param(&m.b).to_dtype(dt)?;
                 crate::frozen::lora_matmul(&x2, &self.weight, &a, &b, m.scale)?
             }
             Some(ModuleAdapter::Lora(m)) => {
                 let dt = x2.dtype();
-                let a = m.a.as_tensor().to_dtype(dt)?;
-                let b = m.b.as_tensor().to_dtype(dt)?;
+                let (pa, pb) = (param(&m.a), param(&m.b));
+                let a = pa.to_dtype(dt)?;
+                let b = pb.to_dtype(dt)?;
                 let xin = if ctx.train {
                     dropout(&x2, m.dropout)?
                 } else {
@@ -171,20 +184,30 @@ impl Linear {
                     None => (base + lora)?,
                     Some(mag) => {
                         // PEFT: the norm of the adapted weight is detached (no gradient).
-                        let w = (self.weight.to_dtype(DType::F32)?
-                            + (m.b.as_tensor().matmul(m.a.as_tensor())? * m.scale)?)?;
+                        let w = (self.weight.to_dtype(DType::F32)? + (pb.matmul(&pa)? * m.scale)?)?;
                         let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?.detach().squeeze(1)?;
-                        let factor = mag.as_tensor().div(&norm)?.to_dtype(dt)?.unsqueeze(0)?;
+                        let factor = param(mag).div(&norm)?.to_dtype(dt)?.unsqueeze(0)?;
                         (base + lora)?.broadcast_mul(&factor)?
                     }
                 }
             }
             Some(ModuleAdapter::Transform(t)) => {
-                let w = t.weight(&self.weight, ctx.train)?;
+                let mut w = t.weight(&self.weight, ctx.train)?;
+                if crate::checkpoint::no_grad() {
+                    w = w.detach();
+                }
                 x2.matmul(&w.t()?)?
             }
         };
         unflat(y, dims, out)
+    }
+
+    /// The trainable parameters this layer reads in a forward with `ctx` (none when adapters are
+    /// off, this layer is not targeted, or the adapter is merged).
+    pub fn active_params(&self, ctx: &Ctx) -> Vec<Var> {
+        self.adapter(ctx)
+            .map(|a| a.params().into_iter().map(|(_, v)| v).collect())
+            .unwrap_or_default()
     }
 
     /// The effective weight with adapter `i` applied (for merging and checks).

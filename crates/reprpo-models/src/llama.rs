@@ -50,6 +50,14 @@ pub struct ForwardSpec {
     pub adapters_off: bool,
     /// Training mode (adapter dropout).
     pub train: bool,
+    /// Gradient checkpointing: keep only each decoder block's input for the backward pass and
+    /// recompute the block there (see [`crate::checkpoint`]; read the gradients with
+    /// [`crate::checkpoint::backward`]).
+    pub checkpoint: bool,
+    /// Draw adapter dropout masks from generators seeded with this value (per block, see
+    /// [`crate::checkpoint::block_seed`]) instead of candle's; a checkpointed forward without it
+    /// draws a fresh seed.
+    pub dropout_seed: Option<u64>,
 }
 
 impl ForwardSpec {
@@ -365,7 +373,25 @@ impl Llama {
             &self.norm,
             self.config.rms_norm_eps,
             &self.lm_head,
-            |l, x| self.block(&self.layers[l], x, &cos, &sin, &mask, &ctx, None),
+            Layers {
+                block: |l: usize, x: &Tensor| {
+                    self.block(&self.layers[l], x, &cos, &sin, &mask, &ctx, None)
+                },
+                owned: || -> crate::checkpoint::BlockFn {
+                    let m = std::sync::Arc::new(self.clone());
+                    let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
+                    std::sync::Arc::new(move |l: usize, x: &Tensor| {
+                        m.block(&m.layers[l], x, &cos, &sin, &mask, &ctx, None)
+                    })
+                },
+                params: |l: usize| {
+                    self.layers[l]
+                        .linears()
+                        .iter()
+                        .flat_map(|lin| lin.active_params(&ctx))
+                        .collect()
+                },
+            },
         )
     }
 
@@ -536,11 +562,22 @@ pub(crate) fn resolve_layers(spec: &ForwardSpec, num_layers: usize) -> Result<Ve
         .collect()
 }
 
+/// An architecture's decoder blocks as [`run_decoder`] needs them.
+pub(crate) struct Layers<B, O, P> {
+    /// `block(l, x)`: layer `l` on `x` (borrowing the model).
+    pub block: B,
+    /// The same as an owned closure, for checkpointed blocks (called once per forward, only
+    /// when checkpointing).
+    pub owned: O,
+    /// The adapter parameters layer `l` reads in this forward.
+    pub params: P,
+}
+
 /// The decoder stack shared by every architecture: embedding, `block(l, x)` for each layer up
-/// to the deepest one `spec` needs, final norm, output head, and the hidden states asked for
-/// (the module docs give the indexing).
+/// to the deepest one `spec` needs (checkpointed when `spec.checkpoint`), final norm, output
+/// head, and the hidden states asked for (the module docs give the indexing).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn run_decoder(
+pub(crate) fn run_decoder<B, O, P>(
     spec: &ForwardSpec,
     num_layers: usize,
     embed: &Tensor,
@@ -548,8 +585,41 @@ pub(crate) fn run_decoder(
     norm: &Tensor,
     eps: f64,
     lm_head: &Tensor,
-    mut block: impl FnMut(usize, &Tensor) -> Result<Tensor>,
-) -> Result<Output> {
+    layers: Layers<B, O, P>,
+) -> Result<Output>
+where
+    B: Fn(usize, &Tensor) -> Result<Tensor>,
+    O: FnOnce() -> crate::checkpoint::BlockFn,
+    P: Fn(usize) -> Vec<candle_core::Var>,
+{
+    let Layers {
+        block,
+        owned,
+        params,
+    } = layers;
+    let seed = match spec.dropout_seed {
+        Some(s) => Some(s),
+        None if spec.checkpoint && spec.train => Some(crate::checkpoint::fresh_seed()),
+        None => None,
+    };
+    let mut owned = Some(owned);
+    let mut shared: Option<crate::checkpoint::BlockFn> = None;
+    let mut block = |l: usize, x: &Tensor| -> Result<Tensor> {
+        let block_seed = seed.map(|s| crate::checkpoint::block_seed(s, l));
+        if !spec.checkpoint {
+            return match block_seed {
+                None => block(l, x),
+                Some(_) => crate::checkpoint::scoped(false, block_seed, || block(l, x)),
+            };
+        }
+        if shared.is_none() {
+            shared = owned.take().map(|f| f());
+        }
+        let Some(run) = shared.as_ref() else {
+            return Err(ModelError::Invalid("checkpoint: no owned block".into()));
+        };
+        crate::checkpoint::checkpointed(run, l, x, params(l), block_seed)
+    };
     let (b, t) = input_ids.dims2()?;
     let wanted = resolve_layers(spec, num_layers)?;
     // Deepest state needed; index L needs every layer plus the final norm.

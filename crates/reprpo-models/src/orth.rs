@@ -394,10 +394,18 @@ impl Boft {
         }
         let mut mask = vec![0f32; n * d];
         {
-            let mut rng = self
-                .rng
-                .lock()
-                .map_err(|_| ModelError::Invalid("BOFT dropout: RNG lock poisoned".into()))?;
+            // Seeded inside a checkpointed block, so that the recomputation draws the same blocks.
+            let mut seeded = crate::checkpoint::dropout_rng();
+            let mut guard;
+            let rng: &mut StdRng = match seeded.as_mut() {
+                Some(r) => r,
+                None => {
+                    guard = self.rng.lock().map_err(|_| {
+                        ModelError::Invalid("BOFT dropout: RNG lock poisoned".into())
+                    })?;
+                    &mut guard
+                }
+            };
             let factor = rng.random_range(0..n);
             let k = (self.dropout * d as f64) as usize;
             let mut blocks: Vec<f32> = (0..d).map(|j| if j < k { 1.0 } else { 0.0 }).collect();

@@ -35,7 +35,8 @@ use serde_json::Value;
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::error::{ModelError, Result};
 use crate::llama::{
-    ForwardSpec, KvCache, MASK_VALUE, Output, head, load_safetensors, rms_norm, run_decoder, take,
+    ForwardSpec, KvCache, Layers, MASK_VALUE, Output, head, load_safetensors, rms_norm,
+    run_decoder, take,
 };
 
 /// The subset of a Phi-3 `config.json` this crate reads, in both layouts (transformers 4.x
@@ -653,7 +654,25 @@ impl Phi3 {
             &self.norm,
             self.config.rms_norm_eps,
             &self.lm_head,
-            |l, x| self.block(&self.layers[l], x, &cos, &sin, &mask, &ctx, None),
+            Layers {
+                block: |l: usize, x: &Tensor| {
+                    self.block(&self.layers[l], x, &cos, &sin, &mask, &ctx, None)
+                },
+                owned: || -> crate::checkpoint::BlockFn {
+                    let m = std::sync::Arc::new(self.clone());
+                    let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
+                    std::sync::Arc::new(move |l: usize, x: &Tensor| {
+                        m.block(&m.layers[l], x, &cos, &sin, &mask, &ctx, None)
+                    })
+                },
+                params: |l: usize| {
+                    self.layers[l]
+                        .linears()
+                        .iter()
+                        .flat_map(|lin| lin.active_params(&ctx))
+                        .collect()
+                },
+            },
         )
     }
 
