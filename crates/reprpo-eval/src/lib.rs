@@ -1,2 +1,26 @@
-//! The evaluation suite behind `cargo xtask eval` (issue 6: not yet written).
+//! reprpo-eval: the same evaluation methodology for every method, in distribution and out.
+//!
+//! - [`score`]: the scores as formulas over log-probabilities (multiple choice with MC1/MC2 and
+//!   length-normalised variants, preference accuracy, DPO rewards against the base);
+//! - [`scorer`]: the log-probabilities from a model (the prompt's KV cache reused for every
+//!   choice, or padded full-sequence batches);
+//! - [`suite`]: `datasets/suites/*.toml`, datasets with roles and GENIES shift pairs;
+//! - [`evaluate`]: base and adapters of one loaded model over a suite;
+//! - [`table`], [`output`]: the results table (terminal, Markdown, CSV, JSON), per-example JSONL,
+//!   generations, written atomically; [`plot`]: PNG charts.
+
+pub mod error;
+pub mod evaluate;
+pub mod output;
 pub mod plot;
+pub mod score;
+pub mod scorer;
+pub mod suite;
+pub mod table;
+
+pub use error::{EvalError, Result};
+pub use evaluate::{EvalOptions, Generation, Report, Subject, evaluate};
+pub use score::{DpoReward, McScore, PrefScore, dpo_reward, mc_score, pref_score};
+pub use scorer::{ScoreMode, ScoreOptions, SeqLogp, score_groups};
+pub use suite::{DatasetSpec, Items, Kind, Loaded, McFormat, Role, Shift, Suite, load_dataset};
+pub use table::{Cell, Column, Row, ShiftRow, Table};

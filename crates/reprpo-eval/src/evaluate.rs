@@ -1,0 +1,398 @@
+//! One evaluation: the base and each adapter of one loaded model on the datasets of a suite,
+//! into per-example records, the [`Table`] and side-by-side greedy generations.
+//!
+//! The base is always scored first, with no adapter active (the same weights in memory); each
+//! adapter is then made active in turn (`model.adapters.active`). Pair datasets keep the
+//! base's log-probabilities to give each adapter its DPO rewards.
+
+use std::collections::HashSet;
+
+use reprpo_data::tokenize::{self, Group, TokenizeConfig};
+use reprpo_data::{McItem, PreferencePair, Tok};
+use reprpo_models::CausalLm;
+use reprpo_models::adapter::AdapterHost;
+use reprpo_models::generate::{Sampling, StopAt, generate};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{EvalError, Result};
+use crate::score::{DpoReward, McScore, PrefScore, dpo_reward, mc_score, pref_score};
+use crate::scorer::{ScoreMode, ScoreOptions, SeqLogp, score_groups};
+use crate::suite::{Items, Loaded, Shift};
+use crate::table::{Cell, Column, Row, Table, mc_cell, pref_cell, shift_rows};
+
+/// Settings of an evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalOptions {
+    /// How log-probabilities are computed for multiple-choice items.
+    pub mc_mode: ScoreMode,
+    /// How log-probabilities are computed for pairs.
+    pub pair_mode: ScoreMode,
+    /// Padded tokens per forward in full mode.
+    pub batch_tokens: usize,
+    /// DPO `beta` of the reward accuracy / margins.
+    pub beta: f64,
+    /// Score at most this many items per dataset.
+    pub limit: Option<usize>,
+    /// Greedy generations: this many prompts (0: none).
+    pub generations: usize,
+    /// New tokens per generation.
+    pub max_new_tokens: usize,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Tokenisation (by default the run's own).
+    pub tokenize: TokenizeConfig,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            mc_mode: ScoreMode::PrefixCache,
+            pair_mode: ScoreMode::PrefixCache,
+            batch_tokens: 4096,
+            beta: 0.1,
+            limit: None,
+            generations: 4,
+            max_new_tokens: 48,
+            progress: false,
+            tokenize: TokenizeConfig::default(),
+        }
+    }
+}
+
+/// A model to score: the label of its row and the adapter index (`None`: the base).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// Row label.
+    pub label: String,
+    /// Adapter index on the model (`None` = base).
+    pub adapter: Option<usize>,
+}
+
+/// One prompt's greedy continuations, one per subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Dataset the prompt comes from.
+    pub dataset: String,
+    /// Item id.
+    pub id: String,
+    /// The prompt text.
+    pub prompt: String,
+    /// `(label, continuation)` per subject, base first.
+    pub outputs: Vec<(String, String)>,
+}
+
+/// Everything an evaluation produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The aggregate table.
+    pub table: Table,
+    /// One JSON object per (subject, item): see [`mc_record`] and [`pair_record`].
+    pub examples: Vec<Value>,
+    /// Greedy generations side by side.
+    pub generations: Vec<Generation>,
+    /// Items dropped by tokenisation (`drop_too_long`), by dataset.
+    pub dropped: Vec<(String, usize)>,
+}
+
+/// The per-example record of an MC item.
+pub fn mc_record(model: &str, dataset: &str, item: &McItem, s: &McScore) -> Value {
+    json!({
+        "model": model, "dataset": dataset, "id": item.id, "row": item.source.row, "kind": "mc",
+        "logps": s.logps, "tokens": s.tokens, "correct_choices": s.correct,
+        "probs": s.probs, "prob_correct": s.prob_correct, "prob_correct_norm": s.prob_correct_norm,
+        "pred": s.pred, "correct": s.acc, "correct_norm": s.acc_norm,
+    })
+}
+
+/// The per-example record of a pair (`reward`: an adapter's DPO rewards against the base).
+pub fn pair_record(
+    model: &str,
+    dataset: &str,
+    pair: &PreferencePair,
+    s: &PrefScore,
+    reward: Option<&DpoReward>,
+) -> Value {
+    let mut v = json!({
+        "model": model, "dataset": dataset, "id": pair.id, "row": pair.source.row, "kind": "pair",
+        "logp_chosen": s.logp_chosen, "logp_rejected": s.logp_rejected,
+        "tokens_chosen": s.tokens_chosen, "tokens_rejected": s.tokens_rejected,
+        "delta": s.delta, "prob_correct": s.prob, "correct": s.correct,
+    });
+    if let (Some(r), Some(obj)) = (reward, v.as_object_mut()) {
+        obj.insert("reward_chosen".into(), json!(r.chosen));
+        obj.insert("reward_rejected".into(), json!(r.rejected));
+        obj.insert("reward_margin".into(), json!(r.margin));
+        obj.insert("reward_correct".into(), json!(r.correct));
+    }
+    v
+}
+
+/// A dataset after tokenisation: the kept items and their groups.
+enum Prepared<'a> {
+    Mc(Vec<(&'a McItem, Group)>),
+    Pairs(Vec<(&'a PreferencePair, Group)>),
+}
+
+fn prepare<'a>(tok: &Tok, d: &'a Loaded, cfg: &TokenizeConfig) -> Result<(Prepared<'a>, usize)> {
+    Ok(match &d.items {
+        Items::Mc(items) => {
+            let groups = tokenize::tokenize_mc(tok, items, cfg)?;
+            let kept: Vec<_> = items
+                .iter()
+                .zip(groups)
+                .filter_map(|(it, g)| g.map(|g| (it, g)))
+                .collect();
+            let dropped = items.len() - kept.len();
+            (Prepared::Mc(kept), dropped)
+        }
+        Items::Pairs(pairs) => {
+            let t = tokenize::tokenize_pairs(tok, pairs, cfg)?;
+            let dropped: HashSet<&str> = t.dropped.iter().map(String::as_str).collect();
+            let kept: Vec<&PreferencePair> =
+                pairs.iter().filter(|p| !dropped.contains(p.id.as_str())).collect();
+            if kept.len() != t.pairs.len() {
+                return Err(EvalError::Invalid(format!(
+                    "dataset {}: {} pairs kept but {} tokenised",
+                    d.spec.name,
+                    kept.len(),
+                    t.pairs.len()
+                )));
+            }
+            let n = dropped.len();
+            (Prepared::Pairs(kept.into_iter().zip(t.pairs).collect()), n)
+        }
+    })
+}
+
+fn mc_item_err(item: &McItem, e: EvalError) -> EvalError {
+    EvalError::Item {
+        dataset: item.source.dataset.clone(),
+        row: item.source.row,
+        id: item.id.clone(),
+        field: "choices".into(),
+        problem: e.to_string(),
+    }
+}
+
+/// Score every subject on every dataset and generate side by side. `subjects[0]` must be the
+/// base (`adapter: None`).
+pub fn evaluate<M: CausalLm + AdapterHost + ?Sized>(
+    model: &mut M,
+    tok: &Tok,
+    subjects: &[Subject],
+    datasets: &[Loaded],
+    shifts: &[Shift],
+    suite: &str,
+    opts: &EvalOptions,
+) -> Result<Report> {
+    if subjects.first().is_none_or(|s| s.adapter.is_some()) {
+        return Err(EvalError::Invalid(
+            "evaluate: the first subject must be the base (no adapter)".into(),
+        ));
+    }
+    let mut prepared = Vec::with_capacity(datasets.len());
+    let mut dropped = Vec::new();
+    for d in datasets {
+        let (p, n) = prepare(tok, d, &opts.tokenize)?;
+        if n > 0 {
+            dropped.push((d.spec.name.clone(), n));
+        }
+        prepared.push(p);
+    }
+    let columns: Vec<Column> = datasets
+        .iter()
+        .zip(&prepared)
+        .map(|(d, p)| Column {
+            name: d.spec.name.clone(),
+            role: d.spec.role,
+            kind: match p {
+                Prepared::Mc(_) => "mc".into(),
+                Prepared::Pairs(_) => "pairs".into(),
+            },
+        })
+        .collect();
+    let total: usize = prepared
+        .iter()
+        .map(|p| match p {
+            Prepared::Mc(v) => v.len(),
+            Prepared::Pairs(v) => v.len(),
+        })
+        .sum::<usize>()
+        * subjects.len();
+    let bar = progress_bar(opts.progress, total as u64);
+    let mut tick = |n: usize| {
+        if let Some(b) = &bar {
+            b.inc(n as u64);
+        }
+    };
+
+    let mut rows = Vec::with_capacity(subjects.len());
+    let mut examples = Vec::new();
+    let mut base_pairs: Vec<Option<Vec<PrefScore>>> = vec![None; datasets.len()];
+    for subject in subjects {
+        model.adapter_set_mut().active = subject.adapter;
+        let mut cells: Vec<Option<Cell>> = Vec::with_capacity(datasets.len());
+        for (di, (d, p)) in datasets.iter().zip(&prepared).enumerate() {
+            let name = &d.spec.name;
+            match p {
+                Prepared::Mc(items) => {
+                    let groups: Vec<&Group> = items.iter().map(|(_, g)| g).collect();
+                    let so = score_opts(opts, opts.mc_mode, tok);
+                    let lps = score_groups(&*model, &groups, &so, &mut tick)?;
+                    let mut scores = Vec::with_capacity(items.len());
+                    for ((item, _), lp) in items.iter().zip(&lps) {
+                        let (l, n) = split(lp);
+                        let s = mc_score(&l, &n, &item.correct).map_err(|e| mc_item_err(item, e))?;
+                        examples.push(mc_record(&subject.label, name, item, &s));
+                        scores.push(s);
+                    }
+                    cells.push(Some(mc_cell(&scores)));
+                }
+                Prepared::Pairs(pairs) => {
+                    let groups: Vec<&Group> = pairs.iter().map(|(_, g)| g).collect();
+                    let so = score_opts(opts, opts.pair_mode, tok);
+                    let lps = score_groups(&*model, &groups, &so, &mut tick)?;
+                    let mut scores = Vec::with_capacity(pairs.len());
+                    for ((pair, _), lp) in pairs.iter().zip(&lps) {
+                        let (l, n) = split(lp);
+                        let (Some(&lw), Some(&ll), Some(&nw), Some(&nl)) =
+                            (l.first(), l.get(1), n.first(), n.get(1))
+                        else {
+                            return Err(EvalError::Invalid(format!(
+                                "pair {} of {name}: expected two completions",
+                                pair.id
+                            )));
+                        };
+                        let s = pref_score(lw, nw, ll, nl).map_err(|e| EvalError::Item {
+                            dataset: pair.source.dataset.clone(),
+                            row: pair.source.row,
+                            id: pair.id.clone(),
+                            field: "chosen/rejected".into(),
+                            problem: e.to_string(),
+                        })?;
+                        scores.push(s);
+                    }
+                    let rewards: Option<Vec<DpoReward>> = match (&base_pairs[di], subject.adapter)
+                    {
+                        (Some(base), Some(_)) => Some(
+                            scores
+                                .iter()
+                                .zip(base)
+                                .map(|(s, b)| dpo_reward(s, b, opts.beta))
+                                .collect(),
+                        ),
+                        _ => None,
+                    };
+                    for (i, ((pair, _), s)) in pairs.iter().zip(&scores).enumerate() {
+                        let r = rewards.as_ref().and_then(|r| r.get(i));
+                        examples.push(pair_record(&subject.label, name, pair, s, r));
+                    }
+                    cells.push(Some(pref_cell(&scores, rewards.as_deref())?));
+                    if subject.adapter.is_none() {
+                        base_pairs[di] = Some(scores);
+                    }
+                }
+            }
+        }
+        rows.push(Row {
+            model: subject.label.clone(),
+            cells,
+        });
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let generations = generations(model, tok, subjects, datasets, opts)?;
+    model.adapter_set_mut().active = None;
+    let shifts = shift_rows(&columns, &rows, shifts);
+    Ok(Report {
+        table: Table {
+            suite: suite.to_string(),
+            columns,
+            rows,
+            shifts,
+        },
+        examples,
+        generations,
+        dropped,
+    })
+}
+
+fn split(lp: &[SeqLogp]) -> (Vec<f64>, Vec<usize>) {
+    (lp.iter().map(|x| x.sum).collect(), lp.iter().map(|x| x.tokens).collect())
+}
+
+fn score_opts(opts: &EvalOptions, mode: ScoreMode, tok: &Tok) -> ScoreOptions {
+    ScoreOptions {
+        mode,
+        batch_tokens: opts.batch_tokens,
+        pad: tok.pad,
+    }
+}
+
+fn progress_bar(on: bool, total: u64) -> Option<indicatif::ProgressBar> {
+    if !on {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40}] {pos}/{len} items ({per_sec}, eta {eta})",
+    ) {
+        b.set_style(style);
+    }
+    Some(b)
+}
+
+/// Greedy continuations of the first `opts.generations` prompts (taken from the datasets in
+/// suite order, distinct prompts) for every subject.
+fn generations<M: CausalLm + AdapterHost + ?Sized>(
+    model: &mut M,
+    tok: &Tok,
+    subjects: &[Subject],
+    datasets: &[Loaded],
+    opts: &EvalOptions,
+) -> Result<Vec<Generation>> {
+    let mut prompts: Vec<(String, String, String)> = Vec::new();
+    let mut seen = HashSet::new();
+    'outer: for d in datasets {
+        let items: Vec<(&str, &str)> = match &d.items {
+            Items::Mc(v) => v.iter().map(|i| (i.id.as_str(), i.prompt.as_str())).collect(),
+            Items::Pairs(v) => v.iter().map(|p| (p.id.as_str(), p.prompt.as_str())).collect(),
+        };
+        for (id, p) in items {
+            if prompts.len() >= opts.generations {
+                break 'outer;
+            }
+            if seen.insert(p.to_string()) {
+                prompts.push((d.spec.name.clone(), id.to_string(), p.to_string()));
+            }
+        }
+    }
+    let stop = StopAt {
+        tokens: vec![tok.eos],
+    };
+    let mut out = Vec::with_capacity(prompts.len());
+    for (dataset, id, prompt) in prompts {
+        let mut ids = tok.bos.into_iter().collect::<Vec<u32>>();
+        let enc = tok.encode(&prompt, false)?;
+        if enc.first().is_some_and(|&f| Some(f) == tok.bos) {
+            ids.clear();
+        }
+        ids.extend(enc);
+        let mut outputs = Vec::with_capacity(subjects.len());
+        for s in subjects {
+            model.adapter_set_mut().active = s.adapter;
+            let new = generate(&*model, &ids, opts.max_new_tokens, &Sampling::Greedy, &stop)?;
+            outputs.push((s.label.clone(), tok.decode(&new, true)?));
+        }
+        out.push(Generation {
+            dataset,
+            id,
+            prompt,
+            outputs,
+        });
+    }
+    Ok(out)
+}

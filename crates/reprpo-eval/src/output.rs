@@ -1,0 +1,105 @@
+//! Writing a [`Report`] into a folder, every file atomically (a temporary file in the same
+//! folder, then a rename), so an interruption never leaves a half-written table:
+//!
+//! ```text
+//! <dir>/table.md          the tables (Markdown)
+//! <dir>/table.csv         one line per (model, dataset)
+//! <dir>/table.json        the whole table (columns, rows, cells, GENIES lines)
+//! <dir>/examples.jsonl    one line per (model, item): every log-probability, the normalised
+//!                         probability of the correct answer, correct or not
+//! <dir>/generations.md    greedy continuations, base and each adapter side by side
+//! <dir>/scores.png        bar chart of the accuracies (one group per dataset)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{EvalError, Result, io};
+use crate::evaluate::{Generation, Report};
+use crate::plot::{BarSeries, bar_chart};
+
+/// Write `bytes` to `path` atomically (temporary file beside it, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&tmp)(e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path)(e)
+    })
+}
+
+/// Generations as Markdown: per prompt, a table with one row per model.
+pub fn generations_markdown(gens: &[Generation]) -> String {
+    let esc = |s: &str| s.replace('|', "\\|").replace('\n', "⏎");
+    let mut s = String::from("# Greedy generations, with and without each adapter\n");
+    for g in gens {
+        s.push_str(&format!(
+            "\n## {} `{}`\n\nPrompt: `{}`\n\n| model | continuation |\n|---|---|\n",
+            g.dataset,
+            g.id,
+            esc(&g.prompt)
+        ));
+        for (label, text) in &g.outputs {
+            s.push_str(&format!("| {} | {} |\n", esc(label), esc(text)));
+        }
+    }
+    s
+}
+
+/// Write every output file of `report` into `dir`; returns the paths written.
+pub fn write_report(dir: &Path, report: &Report) -> Result<Vec<PathBuf>> {
+    let t = &report.table;
+    let mut written = Vec::new();
+    let mut put = |name: &str, bytes: Vec<u8>| -> Result<()> {
+        let p = dir.join(name);
+        write_atomic(&p, &bytes)?;
+        written.push(p);
+        Ok(())
+    };
+    put("table.md", t.to_markdown().into_bytes())?;
+    put("table.csv", t.to_csv().into_bytes())?;
+    put("table.json", t.to_json()?.into_bytes())?;
+    let mut jsonl = String::new();
+    for e in &report.examples {
+        jsonl.push_str(
+            &serde_json::to_string(e).map_err(|e| EvalError::Invalid(e.to_string()))?,
+        );
+        jsonl.push('\n');
+    }
+    put("examples.jsonl", jsonl.into_bytes())?;
+    put(
+        "generations.md",
+        generations_markdown(&report.generations).into_bytes(),
+    )?;
+    let groups: Vec<String> = t.columns.iter().map(|c| c.header()).collect();
+    let bars: Vec<BarSeries> = t
+        .rows
+        .iter()
+        .map(|r| BarSeries {
+            name: r.model.clone(),
+            values: r
+                .cells
+                .iter()
+                .map(|c| c.as_ref().map_or(f64::NAN, |c| c.acc))
+                .collect(),
+        })
+        .collect();
+    let png = dir.join("scores.png");
+    bar_chart(
+        &png,
+        &format!("suite {}: accuracy", t.suite),
+        "accuracy",
+        &groups,
+        &bars,
+    )?;
+    written.push(png);
+    Ok(written)
+}

@@ -1,0 +1,227 @@
+//! Log-probabilities of completions given their prompts, computed by the model: the tensor side
+//! of evaluation. [`crate::score`] turns them into scores.
+//!
+//! # What is computed
+//! For a tokenised group (a prompt and several completions: the choices of a multiple-choice
+//! item, or chosen and rejected of a pair), each completion's summed log-probability
+//! `l = sum_t log softmax(logits_{t-1})[y_t]` over its completion tokens, and its token count,
+//! exactly as [`reprpo_models::logps::token_logps`] defines it. The adapter that is active on
+//! the model (`model.adapters.active`) is the one scored; `None` scores the base weights
+//! (the same weights in memory, no second model).
+//!
+//! # Two ways ([`ScoreMode`])
+//! - [`ScoreMode::PrefixCache`] (default for multiple choice): the shared prompt of a group is
+//!   run **once** through [`CausalLm::forward_cached`], which leaves its keys and values in a
+//!   [`KvCache`] and returns the logits of its last position; each completion then continues
+//!   from a clone of that cache (cloning shares the tensors), one token per step, so the prompt
+//!   is never re-run per choice and the output head is applied only at the positions that are
+//!   scored. Where the sequences' own prompts extend the shared prompt (a merge at the
+//!   boundary), the extra prompt tokens are fed but not counted.
+//! - [`ScoreMode::Full`]: every sequence (prompt + completion) is a row of a right-padded batch
+//!   run by [`CausalLm::forward`] with its attention mask; rows are sorted by length and cut
+//!   into batches of at most `batch_tokens` padded tokens. This is what the usual Python
+//!   scorers do, and the reference the prefix path is tested against.
+
+use candle_core::{DType, Device, Tensor};
+use reprpo_data::tokenize::{Group, Layout, Seq, collate};
+use reprpo_models::logps::token_logps;
+use reprpo_models::{CausalLm, ForwardSpec, KvCache};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EvalError, Result};
+
+/// How log-probabilities are computed (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScoreMode {
+    /// The prompt once, its KV cache reused for every completion.
+    #[default]
+    PrefixCache,
+    /// Padded batches of full sequences.
+    Full,
+}
+
+/// A completion's summed log-probability and its number of counted tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SeqLogp {
+    /// `sum_t log p(y_t | ...)` over the completion tokens.
+    pub sum: f64,
+    /// Completion tokens counted.
+    pub tokens: usize,
+}
+
+/// Settings of the scorer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScoreOptions {
+    /// Prefix cache or full batches.
+    pub mode: ScoreMode,
+    /// [`ScoreMode::Full`]: at most this many padded tokens (rows x columns) per forward.
+    pub batch_tokens: usize,
+    /// The pad id used in [`ScoreMode::Full`] batches (masked out; any valid id).
+    pub pad: u32,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        ScoreOptions {
+            mode: ScoreMode::PrefixCache,
+            batch_tokens: 4096,
+            pad: 0,
+        }
+    }
+}
+
+/// Log-probabilities of every completion of every group: `out[g][k]` for `groups[g].seqs[k]`.
+/// `progress(n)` is called after each group (prefix mode) or batch (full mode) with the number
+/// of groups newly finished.
+pub fn score_groups<M: CausalLm + ?Sized>(
+    model: &M,
+    groups: &[&Group],
+    opts: &ScoreOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Vec<SeqLogp>>> {
+    match opts.mode {
+        ScoreMode::Full => {
+            let out = score_full(model, groups, opts)?;
+            progress(groups.len());
+            Ok(out)
+        }
+        ScoreMode::PrefixCache => {
+            let mut out = Vec::with_capacity(groups.len());
+            for g in groups {
+                out.push(score_prefix(model, g, opts)?);
+                progress(1);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// `x[tok] - logsumexp(x)` in f64.
+fn log_softmax_at(x: &[f32], tok: u32) -> Result<f64> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let s: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
+    let v = x.get(tok as usize).ok_or_else(|| {
+        EvalError::Invalid(format!("token id {tok} outside the vocabulary ({})", x.len()))
+    })?;
+    Ok(*v as f64 - m - s.ln())
+}
+
+fn last_logits(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// One group through the prompt's KV cache.
+fn score_prefix<M: CausalLm + ?Sized>(
+    model: &M,
+    g: &Group,
+    opts: &ScoreOptions,
+) -> Result<Vec<SeqLogp>> {
+    let dev = model.device();
+    let p = g.prompt.len();
+    let longest = g.seqs.iter().map(Seq::len).max().unwrap_or(0);
+    let shared_ok = p > 0
+        && g.seqs.iter().all(|s| s.prompt.len() >= p && s.prompt[..p] == g.prompt[..])
+        && !model.cache_needs_refill(&KvCache::default(), longest);
+    if !shared_ok {
+        // No usable shared prompt (or a model whose cache cannot be extended): full sequences.
+        return Ok(score_full(model, &[g], opts)?.into_iter().next().unwrap_or_default());
+    }
+    let mut cache = KvCache::default();
+    let ids = Tensor::new(g.prompt.as_slice(), dev)?.unsqueeze(0)?;
+    let first = last_logits(&model.forward_cached(&ids, &mut cache)?)?;
+    let mut out = Vec::with_capacity(g.seqs.len());
+    for s in &g.seqs {
+        let tail: Vec<u32> = s.prompt[p..].iter().chain(&s.completion).copied().collect();
+        let skip = s.prompt.len() - p;
+        let mut c = cache.clone();
+        let mut logits = first.clone();
+        let mut sum = 0.0;
+        for (j, &tok) in tail.iter().enumerate() {
+            if j >= skip {
+                sum += log_softmax_at(&logits, tok)?;
+            }
+            if j + 1 < tail.len() {
+                let step = Tensor::new(&[tok], dev)?.unsqueeze(0)?;
+                logits = last_logits(&model.forward_cached(&step, &mut c)?)?;
+            }
+        }
+        out.push(SeqLogp {
+            sum,
+            tokens: s.completion.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// Every sequence of `groups` as rows of right-padded batches.
+fn score_full<M: CausalLm + ?Sized>(
+    model: &M,
+    groups: &[&Group],
+    opts: &ScoreOptions,
+) -> Result<Vec<Vec<SeqLogp>>> {
+    let dev = model.device();
+    let mut rows: Vec<(usize, usize, &Seq)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(gi, g)| g.seqs.iter().enumerate().map(move |(k, s)| (gi, k, s)))
+        .collect();
+    rows.sort_by_key(|(_, _, s)| std::cmp::Reverse(s.len()));
+    let mut out: Vec<Vec<SeqLogp>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                SeqLogp {
+                    sum: 0.0,
+                    tokens: 0
+                };
+                g.seqs.len()
+            ]
+        })
+        .collect();
+    let mut at = 0;
+    while at < rows.len() {
+        // Rows are sorted longest first, so the first row of a batch sets its width.
+        let width = rows[at].2.len().max(1);
+        let n = (opts.batch_tokens / width).max(1).min(rows.len() - at);
+        let chunk = &rows[at..at + n];
+        let seqs: Vec<&Seq> = chunk.iter().map(|(_, _, s)| *s).collect();
+        let sums = run_batch(model, &seqs, opts.pad, dev)?;
+        for ((gi, k, s), sum) in chunk.iter().zip(sums) {
+            out[*gi][*k] = SeqLogp {
+                sum,
+                tokens: s.completion.len(),
+            };
+        }
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Summed completion log-probabilities of one right-padded batch.
+fn run_batch<M: CausalLm + ?Sized>(
+    model: &M,
+    seqs: &[&Seq],
+    pad: u32,
+    dev: &Device,
+) -> Result<Vec<f64>> {
+    let b = collate(seqs, pad, Layout::Right);
+    if b.seq_len < 2 {
+        return Ok(vec![0.0; b.rows]);
+    }
+    let shape = (b.rows, b.seq_len);
+    let ids = Tensor::from_vec(b.input_ids, shape, dev)?;
+    let mask = Tensor::from_vec(b.attention_mask, shape, dev)?;
+    let loss = Tensor::from_vec(b.loss_mask, shape, dev)?;
+    let out = model.forward(&ids, Some(&mask), None, &ForwardSpec::logits())?;
+    let logits = out
+        .logits
+        .ok_or_else(|| EvalError::Invalid("the forward returned no logits".into()))?;
+    let lp = token_logps(&logits, &ids, &loss)?;
+    Ok(lp
+        .sum
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .collect())
+}

@@ -1,0 +1,471 @@
+//! Evaluation suites: `datasets/suites/<name>.toml`, named sets of datasets with their role
+//! (train, test = in distribution, ood, unrelated), and optionally GENIES-style shift pairs.
+//!
+//! # Format
+//! ```toml
+//! description = "what the suite measures"
+//!
+//! [[dataset]]
+//! name = "default-test"        # the column name; also the recipe name unless `recipe`/`inline`
+//! role = "test"                # train | test | ood | unrelated
+//! recipe = "default-test"      # optional: a recipe from datasets/*.toml
+//! kind = "auto"                # optional: auto (MC items if the source has them, else pairs) | mc | pairs
+//! format = "plain"             # optional, MC only: plain | numbered (choices listed with numbers)
+//! limit = 200                  # optional: score only the first N items
+//!
+//! [[dataset]]
+//! name = "genies/alpaca_mmlu"
+//! role = "test"
+//! inline = { converter = "genies", source = { path = "../shared/data/genies/distributions/alpaca_mmlu/test.json" } }
+//!                              # optional: a recipe written in place (the recipe file format)
+//!
+//! [[shift]]                    # GENIES protocol: source (ID) and target (OOD) dataset names
+//! source = "genies/alpaca_mmlu"
+//! target = "genies/truthful_qa"
+//! target_tuned = 0.87          # optional: accuracy of a model tuned on the target
+//! category = "unwanted_personas"
+//! ```
+//! Recipe names `default`, `default-test`, `default-ood` and `default-mc` are the embedded
+//! default data (compiled into the binary), whatever `datasets/` holds.
+//!
+//! Unknown keys, a duplicate dataset name, both `recipe` and `inline`, `limit = 0`, `format`
+//! on pairs and a shift naming an unknown dataset are errors naming the file and the key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use reprpo_data::recipe::{self, Recipe};
+use reprpo_data::{McItem, PreferencePair, default_data, hub};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EvalError, Result, io};
+
+/// What a dataset is for in a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The training distribution itself.
+    Train,
+    /// Held out, same distribution (in distribution, "ID").
+    Test,
+    /// Shifted distribution (out of distribution, "OOD").
+    Ood,
+    /// Unrelated capability (does the adapter break anything?).
+    Unrelated,
+}
+
+impl Role {
+    /// The mark shown in table headers: `train`, `ID`, `OOD`, `unrelated`.
+    pub fn mark(self) -> &'static str {
+        match self {
+            Role::Train => "train",
+            Role::Test => "ID",
+            Role::Ood => "OOD",
+            Role::Unrelated => "unrelated",
+        }
+    }
+}
+
+/// Whether a dataset is scored as multiple choice or as preference pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// MC items if the source gives any, else pairs.
+    #[default]
+    Auto,
+    /// Multiple choice.
+    Mc,
+    /// Preference pairs.
+    Pairs,
+}
+
+/// How a multiple-choice item is presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum McFormat {
+    /// Each choice scored as a continuation of the prompt.
+    #[default]
+    Plain,
+    /// The choices listed with numbers in the prompt, ending `Answer:`; the "choices" scored are
+    /// the numbers ` 1`, ` 2`, ... (the original ReprPO TruthfulQA format: the probability of
+    /// the correct number as the next token, normalised over the numbers). See
+    /// [`numbered_item`].
+    Numbered,
+}
+
+/// One dataset of a suite.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetSpec {
+    /// Column name.
+    pub name: String,
+    /// Role in the comparison.
+    pub role: Role,
+    /// Where the rows come from.
+    pub recipe: Recipe,
+    /// MC or pairs.
+    pub kind: Kind,
+    /// MC presentation.
+    pub format: McFormat,
+    /// Score only the first N items.
+    pub limit: Option<usize>,
+}
+
+/// A GENIES shift pair: an adapter trained on `source` is scored on the source's test split
+/// (in distribution) and on `target` (out of distribution).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shift {
+    /// Dataset name of the source test split.
+    pub source: String,
+    /// Dataset name of the target.
+    pub target: String,
+    /// Accuracy of a model tuned on the target, when known.
+    pub target_tuned: Option<f64>,
+    /// Free-text category.
+    pub category: String,
+}
+
+/// A parsed suite.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Suite {
+    /// The suite's name (file stem).
+    pub name: String,
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// Free text.
+    pub description: String,
+    /// The datasets, in column order.
+    pub datasets: Vec<DatasetSpec>,
+    /// GENIES shift pairs.
+    pub shifts: Vec<Shift>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSuite {
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    dataset: Vec<RawDataset>,
+    #[serde(default)]
+    shift: Vec<RawShift>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataset {
+    name: String,
+    role: Role,
+    #[serde(default)]
+    recipe: Option<String>,
+    #[serde(default)]
+    inline: Option<toml::Table>,
+    #[serde(default)]
+    kind: Kind,
+    #[serde(default)]
+    format: Option<McFormat>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShift {
+    source: String,
+    target: String,
+    #[serde(default)]
+    target_tuned: Option<f64>,
+    #[serde(default)]
+    category: Option<String>,
+}
+
+/// The embedded default splits that need no recipe file.
+const EMBEDDED: [&str; 4] = ["default", "default-test", "default-ood", "default-mc"];
+
+fn embedded_recipe(name: &str) -> Option<Recipe> {
+    if !EMBEDDED.contains(&name) {
+        return None;
+    }
+    let split = name.strip_prefix("default-").unwrap_or("train");
+    let converter = if split == "mc" { "mc" } else { "pairs" };
+    let text = format!(
+        "converter = \"{converter}\"\ndescription = \"embedded default data ({split})\"\n[source]\npath = \"datasets/default/{split}.jsonl\"\n"
+    );
+    Recipe::parse(name, Path::new(EMBEDDED_FILE), &text).ok()
+}
+
+/// Whether a recipe stands for the embedded default data.
+fn is_embedded(r: &Recipe) -> bool {
+    r.file == Path::new(EMBEDDED_FILE) && EMBEDDED.contains(&r.name.as_str())
+}
+
+const EMBEDDED_FILE: &str = "(embedded)";
+
+impl Suite {
+    /// `<suites_dir>/<name>.toml`, recipes resolved against `datasets_dir`.
+    pub fn by_name(name: &str, suites_dir: &Path, datasets_dir: &Path) -> Result<Suite> {
+        let file = suites_dir.join(format!("{name}.toml"));
+        if !file.is_file() {
+            let mut known: Vec<String> = std::fs::read_dir(suites_dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .filter_map(|e| {
+                            let p = e.path();
+                            (p.extension().is_some_and(|x| x == "toml"))
+                                .then(|| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                                .flatten()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            known.sort();
+            return Err(EvalError::Config {
+                file,
+                key: "suite".into(),
+                problem: format!("no suite `{name}` (known: {})", known.join(", ")),
+            });
+        }
+        Suite::load(&file, datasets_dir)
+    }
+
+    /// Read and validate a suite file.
+    pub fn load(file: &Path, datasets_dir: &Path) -> Result<Suite> {
+        let text = std::fs::read_to_string(file).map_err(io(file))?;
+        let name = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Suite::parse(&name, file, &text, datasets_dir)
+    }
+
+    /// Parse and validate suite `name` from `text` (read from `file`).
+    pub fn parse(name: &str, file: &Path, text: &str, datasets_dir: &Path) -> Result<Suite> {
+        let err = |key: String, problem: String| EvalError::Config {
+            file: file.to_path_buf(),
+            key,
+            problem,
+        };
+        let raw: RawSuite =
+            toml::from_str(text).map_err(|e| err(String::new(), e.message().trim().to_string()))?;
+        let mut recipes: Option<BTreeMap<String, Recipe>> = None;
+        let mut datasets = Vec::with_capacity(raw.dataset.len());
+        let mut seen = HashSet::new();
+        for (i, d) in raw.dataset.into_iter().enumerate() {
+            let key = |k: &str| format!("dataset[{}].{k}", i + 1);
+            if d.name.trim().is_empty() {
+                return Err(err(key("name"), "is empty".into()));
+            }
+            if !seen.insert(d.name.clone()) {
+                return Err(err(key("name"), format!("`{}` appears twice", d.name)));
+            }
+            if d.limit == Some(0) {
+                return Err(err(key("limit"), "must be at least 1".into()));
+            }
+            if d.format.is_some() && d.kind == Kind::Pairs {
+                return Err(err(key("format"), "only multiple-choice datasets have a format".into()));
+            }
+            let recipe = match (d.recipe, d.inline) {
+                (Some(_), Some(_)) => {
+                    return Err(err(key("recipe"), "give `recipe` or `inline`, not both".into()));
+                }
+                (None, Some(table)) => {
+                    let body = toml::to_string(&table)
+                        .map_err(|e| err(key("inline"), e.to_string()))?;
+                    Recipe::parse(&d.name, file, &body).map_err(|e| err(key("inline"), e.to_string()))?
+                }
+                (r, None) => {
+                    let rname = r.unwrap_or_else(|| d.name.clone());
+                    match embedded_recipe(&rname) {
+                        Some(r) => r,
+                        None => {
+                            if recipes.is_none() {
+                                recipes = Some(recipe::load_dir(datasets_dir)?);
+                            }
+                            let all = recipes.as_ref().map(|m| (m.get(&rname), m.keys()));
+                            match all {
+                                Some((Some(r), _)) => r.clone(),
+                                Some((None, keys)) => {
+                                    return Err(err(
+                                        key("recipe"),
+                                        format!(
+                                            "no recipe `{rname}` in {} (known: {})",
+                                            datasets_dir.display(),
+                                            keys.cloned().collect::<Vec<_>>().join(", ")
+                                        ),
+                                    ));
+                                }
+                                None => return Err(err(key("recipe"), "recipes not loaded".into())),
+                            }
+                        }
+                    }
+                }
+            };
+            datasets.push(DatasetSpec {
+                name: d.name,
+                role: d.role,
+                recipe,
+                kind: d.kind,
+                format: d.format.unwrap_or_default(),
+                limit: d.limit,
+            });
+        }
+        if datasets.is_empty() {
+            return Err(err("dataset".into(), "a suite needs at least one [[dataset]]".into()));
+        }
+        let mut shifts = Vec::with_capacity(raw.shift.len());
+        for (i, s) in raw.shift.into_iter().enumerate() {
+            for (k, v) in [("source", &s.source), ("target", &s.target)] {
+                if !seen.contains(v) {
+                    return Err(err(
+                        format!("shift[{}].{k}", i + 1),
+                        format!("`{v}` is not the name of a [[dataset]] of this suite"),
+                    ));
+                }
+            }
+            if let Some(t) = s.target_tuned
+                && !(t.is_finite() && t > 0.0)
+            {
+                return Err(err(
+                    format!("shift[{}].target_tuned", i + 1),
+                    format!("must be a positive accuracy, got {t}"),
+                ));
+            }
+            shifts.push(Shift {
+                source: s.source,
+                target: s.target,
+                target_tuned: s.target_tuned,
+                category: s.category.unwrap_or_default(),
+            });
+        }
+        Ok(Suite {
+            name: name.to_string(),
+            file: file.to_path_buf(),
+            description: raw.description.unwrap_or_default(),
+            datasets,
+            shifts,
+        })
+    }
+}
+
+/// The items of a loaded dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Items {
+    /// Multiple-choice items (already in the dataset's [`McFormat`]).
+    Mc(Vec<McItem>),
+    /// Preference pairs.
+    Pairs(Vec<PreferencePair>),
+}
+
+impl Items {
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        match self {
+            Items::Mc(v) => v.len(),
+            Items::Pairs(v) => v.len(),
+        }
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A dataset of a suite with its items.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The suite's entry.
+    pub spec: DatasetSpec,
+    /// The items (after `limit`).
+    pub items: Items,
+}
+
+/// Whether the dataset's local source file exists (hub sources: true).
+pub fn source_available(spec: &DatasetSpec, root: &Path) -> bool {
+    is_embedded(&spec.recipe)
+        || spec.recipe.local_path(root).is_none_or(|p| p.exists())
+}
+
+/// Read, convert and cap one dataset; `limit` (if given) caps it further.
+pub fn load_dataset(spec: &DatasetSpec, root: &Path, limit: Option<usize>) -> Result<Loaded> {
+    let (pairs, mc) = if is_embedded(&spec.recipe) {
+        let d = default_data::embedded()?;
+        match spec.recipe.name.as_str() {
+            "default" => (d.train, Vec::new()),
+            "default-test" => (d.test, Vec::new()),
+            "default-ood" => (d.ood, Vec::new()),
+            _ => (Vec::new(), d.mc),
+        }
+    } else {
+        let c = recipe::load_recipe(&spec.recipe, root, &hub::dataset_files)?;
+        (c.pairs, c.mc)
+    };
+    let want_mc = match spec.kind {
+        Kind::Mc => true,
+        Kind::Pairs => false,
+        Kind::Auto => !mc.is_empty(),
+    };
+    let cap = match (spec.limit, limit) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let items = if want_mc {
+        if mc.is_empty() {
+            return Err(EvalError::Config {
+                file: spec.recipe.file.clone(),
+                key: format!("{}.kind", spec.name),
+                problem: "kind = \"mc\" but the source gives no multiple-choice items".into(),
+            });
+        }
+        let mut mc = mc;
+        if let Some(n) = cap {
+            mc.truncate(n);
+        }
+        if spec.format == McFormat::Numbered {
+            mc = mc.iter().map(numbered_item).collect();
+        }
+        Items::Mc(mc)
+    } else {
+        let mut pairs = if pairs.is_empty() {
+            mc.iter().flat_map(McItem::to_pairs).collect()
+        } else {
+            pairs
+        };
+        if let Some(n) = cap {
+            pairs.truncate(n);
+        }
+        Items::Pairs(pairs)
+    };
+    Ok(Loaded {
+        spec: spec.clone(),
+        items,
+    })
+}
+
+/// The numbered presentation of an item:
+///
+/// ```text
+/// {prompt}
+///
+/// 1. {choice 1}
+/// 2. {choice 2}
+/// ...
+/// Answer:
+/// ```
+/// with choices ` 1`, ` 2`, ... and the same correct indices. Scored like any MC item, this is
+/// the probability of the correct number's token(s) as the continuation, normalised over the
+/// numbers.
+pub fn numbered_item(item: &McItem) -> McItem {
+    let mut prompt = item.prompt.trim_end().to_string();
+    prompt.push_str("\n\n");
+    for (i, c) in item.choices.iter().enumerate() {
+        prompt.push_str(&format!("{}. {}\n", i + 1, c.trim()));
+    }
+    prompt.push_str("Answer:");
+    McItem {
+        id: item.id.clone(),
+        prompt,
+        choices: (1..=item.choices.len()).map(|i| format!(" {i}")).collect(),
+        correct: item.correct.clone(),
+        source: item.source.clone(),
+    }
+}
