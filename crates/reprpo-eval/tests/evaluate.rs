@@ -1,0 +1,161 @@
+//! End to end on the embedded default: the tiny random Llama with a LoRA adapter, the default
+//! suite, both scorer paths, the base from the same weights, and the files of a report.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use reprpo_data::Tok;
+use reprpo_data::tokenize::{self, Layout, TokenizeConfig};
+use reprpo_eval::evaluate::{EvalOptions, Subject, evaluate};
+use reprpo_eval::output::write_report;
+use reprpo_eval::scorer::ScoreMode;
+use reprpo_eval::suite::{Items, Suite, load_dataset};
+use reprpo_models::logps::token_logps;
+use reprpo_models::{ForwardSpec, Llama, LlamaConfig, peft};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The tiny default model with a LoRA whose weights are random (a fresh LoRA is the identity).
+fn model() -> (Llama, usize) {
+    let cfg = LlamaConfig::preset("tiny").unwrap();
+    let mut m = Llama::random(cfg, 0.02, 0, DType::F32, &Device::Cpu).unwrap();
+    let idx = peft::add_adapter(
+        &mut m,
+        "a",
+        peft::AdapterConfig::lora(4, 8.0, &["q_proj", "v_proj", "down_proj"]),
+        None,
+        0,
+    )
+    .unwrap();
+    for (_, v) in peft::adapter_params(&m, idx) {
+        let shape = v.as_tensor().shape().clone();
+        v.set(&Tensor::randn(0f32, 0.2, shape, &Device::Cpu).unwrap()).unwrap();
+    }
+    (m, idx)
+}
+
+fn logp_fields(e: &serde_json::Value) -> Vec<f64> {
+    if let Some(a) = e["logps"].as_array() {
+        a.iter().map(|x| x.as_f64().unwrap()).collect()
+    } else {
+        vec![e["logp_chosen"].as_f64().unwrap(), e["logp_rejected"].as_f64().unwrap()]
+    }
+}
+
+#[test]
+fn default_suite_prefix_and_full_agree_and_report_is_written() {
+    let (mut m, idx) = model();
+    let tok = Tok::byte_level().unwrap();
+    let suite = Suite::by_name("default", &root().join("datasets/suites"), &root().join("datasets"))
+        .unwrap();
+    let data: Vec<_> = suite
+        .datasets
+        .iter()
+        .map(|d| load_dataset(d, &root(), Some(5)).unwrap())
+        .collect();
+    let subjects = [
+        Subject {
+            label: "base".into(),
+            adapter: None,
+        },
+        Subject {
+            label: "lora".into(),
+            adapter: Some(idx),
+        },
+    ];
+    let mut opts = EvalOptions {
+        generations: 2,
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let prefix = evaluate(&mut m, &tok, &subjects, &data, &[], "default", &opts).unwrap();
+    opts.mc_mode = ScoreMode::Full;
+    opts.pair_mode = ScoreMode::Full;
+    opts.batch_tokens = 300;
+    let full = evaluate(&mut m, &tok, &subjects, &data, &[], "default", &opts).unwrap();
+    assert_eq!(prefix.examples.len(), 2 * 20);
+    let mut worst: f64 = 0.0;
+    for (a, b) in prefix.examples.iter().zip(&full.examples) {
+        assert_eq!(a["id"], b["id"]);
+        for (x, y) in logp_fields(a).into_iter().zip(logp_fields(b)) {
+            worst = worst.max((x - y).abs() / y.abs());
+        }
+    }
+    println!("prefix cache vs padded batches: worst relative difference {worst:.2e}");
+    assert!(worst < 1e-4);
+    // The adapter changes the scores; the base row has no DPO rewards, the adapter row has.
+    let first_lora = &prefix.examples[20];
+    assert_eq!(first_lora["model"], "lora");
+    assert_ne!(logp_fields(&prefix.examples[0]), logp_fields(first_lora));
+    assert!(prefix.examples[0].get("reward_margin").is_none());
+    assert!(first_lora.get("reward_margin").is_some());
+    let rows = &prefix.table.rows;
+    assert_eq!(rows[0].model, "base");
+    assert!(rows[1].cells[1].as_ref().unwrap().reward_acc.is_some());
+    assert_eq!(prefix.generations.len(), 2);
+    assert_eq!(prefix.generations[0].outputs.len(), 2);
+
+    let dir = tempfile::tempdir().unwrap();
+    let written = write_report(dir.path(), &prefix).unwrap();
+    for name in ["table.md", "table.csv", "table.json", "examples.jsonl", "generations.md", "scores.png"] {
+        assert!(written.contains(&dir.path().join(name)), "{name}");
+        assert!(std::fs::metadata(dir.path().join(name)).unwrap().len() > 0, "{name}");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+    let jsonl = std::fs::read_to_string(dir.path().join("examples.jsonl")).unwrap();
+    assert_eq!(jsonl.lines().count(), 40);
+    let md = std::fs::read_to_string(dir.path().join("table.md")).unwrap();
+    assert!(md.contains("default-ood (OOD)") && md.contains("| lora |"), "{md}");
+}
+
+/// The base row comes from the same weights with the adapter off: its pair log-probabilities
+/// equal those of a forward with `adapters_off` while the adapter is active.
+#[test]
+fn base_scores_equal_an_adapters_off_forward() {
+    let (mut m, idx) = model();
+    let tok = Tok::byte_level().unwrap();
+    let d = reprpo_data::default_data::embedded().unwrap();
+    let pairs = d.test[..3].to_vec();
+    let suite = Suite::by_name("default", &root().join("datasets/suites"), &root().join("datasets"))
+        .unwrap();
+    let mut loaded = load_dataset(&suite.datasets[1], &root(), None).unwrap();
+    loaded.items = Items::Pairs(pairs.clone());
+    let subjects = [Subject {
+        label: "base".into(),
+        adapter: None,
+    }];
+    let opts = EvalOptions {
+        generations: 0,
+        ..Default::default()
+    };
+    let r = evaluate(&mut m, &tok, &subjects, &[loaded], &[], "t", &opts).unwrap();
+
+    m.adapters.active = Some(idx);
+    let tp = tokenize::tokenize_pairs(&tok, &pairs, &TokenizeConfig::default()).unwrap();
+    let refs: Vec<_> = tp.pairs.iter().collect();
+    let b = tokenize::collate_pairs(&refs, tok.pad, Layout::Right).unwrap();
+    let shape = (b.rows, b.seq_len);
+    let ids = Tensor::from_vec(b.input_ids, shape, &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(b.attention_mask, shape, &Device::Cpu).unwrap();
+    let loss = Tensor::from_vec(b.loss_mask, shape, &Device::Cpu).unwrap();
+    let spec = ForwardSpec {
+        adapters_off: true,
+        ..ForwardSpec::logits()
+    };
+    let out = m.forward(&ids, Some(&mask), None, &spec).unwrap();
+    let lp = token_logps(&out.logits.unwrap(), &ids, &loss).unwrap();
+    let sums: Vec<f32> = lp.sum.to_vec1().unwrap();
+    for (i, e) in r.examples.iter().enumerate() {
+        let (c, rj) = (sums[i] as f64, sums[i + 3] as f64);
+        assert!((e["logp_chosen"].as_f64().unwrap() - c).abs() <= 1e-4 * c.abs());
+        assert!((e["logp_rejected"].as_f64().unwrap() - rj).abs() <= 1e-4 * rj.abs());
+    }
+}

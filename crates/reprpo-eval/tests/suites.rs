@@ -1,0 +1,154 @@
+//! The committed suites (`datasets/suites/*.toml`) parse, load from `../shared/data` (skipped
+//! where absent, except with CI=true), and bad suite files give errors naming the key.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use reprpo_eval::suite::{Items, McFormat, Role, Suite, load_dataset, source_available};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn suite(name: &str) -> Suite {
+    Suite::by_name(name, &root().join("datasets/suites"), &root().join("datasets")).unwrap()
+}
+
+/// Whether the suite's data is present; panics on CI when it is not.
+fn available(s: &Suite) -> bool {
+    if s.datasets.iter().all(|d| source_available(d, &root())) {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("suite {}: data missing, and CI=true requires ../shared/data", s.name);
+    }
+    println!("skipped: ../shared/data not present");
+    false
+}
+
+#[test]
+fn default_suite_is_the_embedded_data() {
+    let s = suite("default");
+    let roles: Vec<(&str, Role)> = s.datasets.iter().map(|d| (d.name.as_str(), d.role)).collect();
+    assert_eq!(
+        roles,
+        [
+            ("default", Role::Train),
+            ("default-test", Role::Test),
+            ("default-ood", Role::Ood),
+            ("default-mc", Role::Test)
+        ]
+    );
+    let data = reprpo_data::default_data::embedded().unwrap();
+    let l = load_dataset(&s.datasets[1], &root(), None).unwrap();
+    assert_eq!(l.items, Items::Pairs(data.test.clone()));
+    let l = load_dataset(&s.datasets[3], &root(), Some(7)).unwrap();
+    assert_eq!(l.items, Items::Mc(data.mc[..7].to_vec()));
+    let l = load_dataset(&s.datasets[0], &root(), None).unwrap();
+    assert_eq!(l.items.len(), 100, "limit = 100 in the suite");
+}
+
+#[test]
+fn truthfulqa_suite_mc1_mc2_numbered() {
+    let s = suite("truthfulqa");
+    if !available(&s) {
+        return;
+    }
+    let raw: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root().join("../shared/data/truthfulqa/mc_task.json")).unwrap(),
+    )
+    .unwrap();
+    let n = raw.as_array().unwrap().len();
+    let mc1 = load_dataset(&s.datasets[0], &root(), None).unwrap();
+    let mc2 = load_dataset(&s.datasets[1], &root(), None).unwrap();
+    let num = load_dataset(&s.datasets[2], &root(), None).unwrap();
+    let (Items::Mc(mc1), Items::Mc(mc2), Items::Mc(num)) = (mc1.items, mc2.items, num.items) else {
+        panic!("TruthfulQA must load as multiple choice");
+    };
+    assert_eq!((mc1.len(), mc2.len(), num.len()), (n, n, n));
+    // MC2 has as many true answers as the file's mc2_targets has 1s.
+    let first_true = raw[0]["mc2_targets"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|v| v.as_i64() == Some(1))
+        .count();
+    assert_eq!(mc2[0].correct.len(), first_true);
+    assert_eq!(s.datasets[2].format, McFormat::Numbered);
+    assert!(num[0].prompt.starts_with(mc1[0].prompt.trim_end()));
+    assert!(num[0].prompt.contains(&format!("\n1. {}\n", mc1[0].choices[0].trim())));
+    assert!(num[0].prompt.ends_with("Answer:"));
+    assert_eq!(num[0].choices[0], " 1");
+    assert_eq!(num[0].correct, mc1[0].correct);
+}
+
+#[test]
+fn genies_suite_has_the_15_shifts_of_the_paper() {
+    let s = suite("genies");
+    let path = root().join("../shared/data/genies/distribution_shifts/GENIES.json");
+    if !available(&s) || !path.is_file() {
+        return;
+    }
+    let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let want: Vec<(String, String)> = raw
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                format!("genies/{}", p["source"].as_str().unwrap()),
+                format!("genies/{}", p["target"].as_str().unwrap()),
+            )
+        })
+        .collect();
+    let got: Vec<(String, String)> =
+        s.shifts.iter().map(|x| (x.source.clone(), x.target.clone())).collect();
+    assert_eq!(got, want);
+    for d in &s.datasets {
+        let l = load_dataset(d, &root(), Some(5)).unwrap();
+        let Items::Mc(items) = l.items else {
+            panic!("{}: GENIES loads as multiple choice", d.name)
+        };
+        assert_eq!(items.len(), 5, "{}", d.name);
+        assert!(items.iter().all(|i| i.correct.len() == 1));
+    }
+}
+
+#[test]
+fn sycophancy_and_hh_suites_load() {
+    for (name, pairs) in [("sycophancy", false), ("hh-harmless", true)] {
+        let s = suite(name);
+        if !available(&s) {
+            return;
+        }
+        for d in &s.datasets {
+            let l = load_dataset(d, &root(), None).unwrap();
+            assert_eq!(matches!(l.items, Items::Pairs(_)), pairs, "{}", d.name);
+            assert_eq!(l.items.len(), d.limit.unwrap(), "{}", d.name);
+            assert_eq!(d.role, Role::Ood);
+        }
+    }
+}
+
+#[test]
+fn bad_suites_name_the_key() {
+    let ds = root().join("datasets");
+    let f = Path::new("bad.toml");
+    let err = |text: &str| Suite::parse("bad", f, text, &ds).unwrap_err().to_string();
+    let e = err("[[dataset]]\nname = \"default-test\"\nrole = \"tset\"\n");
+    assert!(e.contains("bad.toml") && e.contains("tset"), "{e}");
+    let e = err("[[dataset]]\nname = \"default-test\"\nrole = \"test\"\nlimt = 3\n");
+    assert!(e.contains("limt"), "{e}");
+    let e = err("[[dataset]]\nname = \"default-test\"\nrole = \"test\"\nlimit = 0\n");
+    assert!(e.contains("dataset[1].limit"), "{e}");
+    let e = err("[[dataset]]\nname = \"nope\"\nrole = \"test\"\n");
+    assert!(e.contains("dataset[1].recipe") && e.contains("nope"), "{e}");
+    let e = err("[[dataset]]\nname = \"a\"\nrecipe = \"default-test\"\nrole = \"test\"\n[[dataset]]\nname = \"a\"\nrecipe = \"default-ood\"\nrole = \"ood\"\n");
+    assert!(e.contains("dataset[2].name") && e.contains("twice"), "{e}");
+    let e = err("[[dataset]]\nname = \"default-test\"\nrole = \"test\"\n[[shift]]\nsource = \"default-test\"\ntarget = \"x\"\n");
+    assert!(e.contains("shift[1].target"), "{e}");
+    let e = err("[[dataset]]\nname = \"g\"\nrole = \"test\"\ninline = { converter = \"nope\", source = { path = \"x.json\" } }\n");
+    assert!(e.contains("dataset[1].inline") && e.contains("nope"), "{e}");
+    let e = Suite::by_name("nope", &root().join("datasets/suites"), &ds).unwrap_err().to_string();
+    assert!(e.contains("default") && e.contains("genies"), "{e}");
+}
