@@ -191,9 +191,9 @@ pub fn bench_train_step(
     for i in 0..steps + 2 {
         let t0 = std::time::Instant::now();
         let out = reprpo_train::objective::batch_loss(
-            &model, &cfg, family, &batch, 0.0, &mut state, true,
+            &model, &cfg, family, &batch, 0.0, &mut state, true, None,
         )?;
-        let grads = out.loss.backward()?;
+        let grads = reprpo_train::trainer::backward(&out.loss)?;
         let g: Vec<Option<Tensor>> = opt
             .params()
             .iter()

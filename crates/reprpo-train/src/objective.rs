@@ -30,8 +30,6 @@ pub struct BatchLoss {
     pub metrics: BTreeMap<String, f64>,
 }
 
-// `ForwardSpec` grows fields (it is built with `..Default::default()` everywhere).
-#[allow(clippy::needless_update)]
 fn spec(
     layers: &[usize],
     logits: bool,
@@ -39,13 +37,13 @@ fn spec(
     train: bool,
     ckpt: bool,
 ) -> ForwardSpec {
-    let _ = ckpt;
     ForwardSpec {
         hidden_layers: layers.iter().map(|&l| l as isize).collect(),
         logits,
         adapters_off,
         train,
-        ..Default::default()
+        checkpoint: ckpt,
+        dropout_seed: None,
     }
 }
 
@@ -65,8 +63,10 @@ fn logits_sums(logits: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok((mean * mask.i((.., 1..))?)?.sum(D::Minus1)?)
 }
 
-/// The loss of one batch. `train` turns adapter dropout on; `progress` in `[0, 1]` drives the
-/// ReprPO coefficients.
+/// The loss of one batch. `train` turns adapter dropout on (masks drawn from `dropout_seed`
+/// when given, so a run is reproducible and a checkpointed block replays them);
+/// `progress` in `[0, 1]` drives the ReprPO coefficients. Read gradients with
+/// [`reprpo_models::checkpoint::backward`] (required with `train.grad_checkpointing`).
 pub fn batch_loss(
     model: &dyn CausalLm,
     cfg: &TrainConfig,
@@ -75,8 +75,16 @@ pub fn batch_loss(
     progress: f64,
     dpo_state: &mut DpoState,
     train: bool,
+    dropout_seed: Option<u64>,
 ) -> Result<BatchLoss> {
     let ckpt = cfg.train.grad_checkpointing && train;
+    let spec = |layers: &[usize], logits: bool, off: bool, train: bool, ckpt: bool| {
+        let mut s = spec(layers, logits, off, train, ckpt);
+        if train {
+            s.dropout_seed = dropout_seed;
+        }
+        s
+    };
     match family {
         LossFamily::Sft => {
             let out = model.forward(

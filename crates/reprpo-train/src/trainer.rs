@@ -138,10 +138,21 @@ pub fn load_model(cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Device
     Ok((model, Tok::from_dir(&dir)?, device))
 }
 
-/// Gradients of `loss` (with gradient checkpointing's side channel when the models crate uses
-/// it).
-fn backward(loss: &Tensor) -> Result<GradStore> {
-    Ok(loss.backward()?)
+/// Gradients of `loss`, including those that checkpointed blocks compute in their
+/// recomputation ([`reprpo_models::checkpoint::backward`]).
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    Ok(reprpo_models::checkpoint::backward(loss)?)
+}
+
+/// The dropout seed of global micro-batch `k` of a stage (SplitMix64 of the run seed, the stage
+/// and `k`): the same in an interrupted and resumed run as in a straight one.
+fn dropout_seed(seed: u64, stage: u64, k: usize) -> u64 {
+    let mut z = seed
+        .wrapping_add(stage.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .wrapping_add((k as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Sum of the metrics of several batches, averaged on read.
@@ -395,6 +406,7 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
                 progress,
                 &mut dpo_state,
                 true,
+                Some(dropout_seed(cfg.train.seed, 1, k)),
             )?;
             let l = f64_of(&out.loss)?;
             if !l.is_finite() {
@@ -642,7 +654,9 @@ pub fn evaluate(
             LossFamily::Sft => data::chosen_batch(&refs, tok.pad, device)?,
             _ => data::pair_batch(&refs, tok.pad, device)?,
         };
-        let out = batch_loss(model, cfg, family, &batch, progress, &mut state, false)?;
+        let out = batch_loss(
+            model, cfg, family, &batch, progress, &mut state, false, None,
+        )?;
         acc.add(&out.metrics);
     }
     Ok(acc.mean())
@@ -819,6 +833,7 @@ fn sft_stage(
             0.0,
             &mut dpo_state,
             true,
+            Some(dropout_seed(cfg.train.seed, 0, step)),
         )?;
         let store = backward(&out.loss)?;
         let mut grads: Vec<Option<Tensor>> = opt
