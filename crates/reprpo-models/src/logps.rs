@@ -11,13 +11,33 @@
 //! (`mask`, e.g. the completion's loss mask; position 0 is never counted, it has no
 //! predecessor). The computation is done in f32 whatever the logits' dtype.
 //!
+//! The gradient with respect to the logits row `z = logits[b, t-1, :]` of `g * logp[b, t]` is
+//!
+//! `∂/∂z_v = g * (1[v = ids[b, t]] - softmax(z)_v)`.
+//!
 //! # Shapes
 //! `logits`: `[B, T, V]`; `ids`: `[B, T]` u32; `mask`: `[B, T]` (any numeric dtype, 1 = count).
 //! Outputs: `per_token` `[B, T-1]` (f32, zero where not counted), `sum` and `count` `[B]` f32.
+//!
+//! # Implementations
+//! [`token_logps`] runs a fused CPU kernel for f32, bf16, f16 (and f64) logits: the forward
+//! reads each logits row once (its maximum and its sum of exponentials are taken while the row is
+//! in cache, with the picked logit) and keeps only the row's logsumexp; the backward writes
+//! `g (onehot - softmax)` straight into the gradient, the only vocabulary-sized buffer it
+//! allocates, and skips the rows whose gradient is zero (masked positions, the last position).
+//! The logits are neither sliced, copied nor cast to f32. Rows are spread over rayon's threads.
+//! [`token_logps_slow`] is the same quantity composed of candle ops (the reference in the tests,
+//! and the path on other devices).
 
-use candle_core::{D, DType, IndexOp, Tensor};
+use std::sync::Mutex;
 
-use crate::error::Result;
+use candle_core::{
+    CpuStorage, CustomOp1, D, DType, IndexOp, Layout, Shape, Storage, Tensor, WithDType,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
 
 /// Log-probabilities of the tokens of a batch (see the module docs).
 #[derive(Debug, Clone)]
@@ -37,27 +57,19 @@ impl SeqLogps {
     }
 }
 
-/// Log-probabilities of `ids` under `logits`, counted where `mask` is 1 (see the module docs).
-/// Differentiable with respect to `logits`.
-pub fn token_logps(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<SeqLogps> {
-    let (b, t, v) = logits.dims3()?;
-    if t < 2 {
-        let zeros = Tensor::zeros(b, DType::F32, logits.device())?;
-        return Ok(SeqLogps {
-            per_token: Tensor::zeros((b, 0), DType::F32, logits.device())?,
-            sum: zeros.clone(),
-            count: zeros,
-        });
-    }
-    let pred = logits.i((.., ..t - 1, ..))?.to_dtype(DType::F32)?;
-    let target = ids.i((.., 1..))?.contiguous()?;
+fn empty(logits: &Tensor) -> Result<SeqLogps> {
+    let b = logits.dim(0)?;
+    let zeros = Tensor::zeros(b, DType::F32, logits.device())?;
+    Ok(SeqLogps {
+        per_token: Tensor::zeros((b, 0), DType::F32, logits.device())?,
+        sum: zeros.clone(),
+        count: zeros,
+    })
+}
+
+/// `per_token`, `sum` and `count` from the unmasked `[B, T-1]` log-probabilities.
+fn finish(logp: Tensor, mask: &Tensor) -> Result<SeqLogps> {
     let m = mask.i((.., 1..))?.to_dtype(DType::F32)?;
-    let flat = pred.reshape((b * (t - 1), v))?;
-    let lse = flat.max_keepdim(D::Minus1)?.detach();
-    let shifted = flat.broadcast_sub(&lse)?;
-    let lse = (shifted.exp()?.sum_keepdim(D::Minus1)?.log()? + lse)?;
-    let picked = flat.gather(&target.reshape((b * (t - 1), 1))?, D::Minus1)?;
-    let logp = (picked - lse)?.reshape((b, t - 1))?;
     let per_token = (logp * &m)?;
     let sum = per_token.sum(D::Minus1)?;
     let count = m.sum(D::Minus1)?;
@@ -66,4 +78,393 @@ pub fn token_logps(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<SeqLo
         sum,
         count,
     })
+}
+
+/// Log-probabilities of `ids` under `logits`, counted where `mask` is 1 (see the module docs).
+/// Differentiable with respect to `logits`. Fused on the CPU, [`token_logps_slow`] elsewhere.
+pub fn token_logps(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<SeqLogps> {
+    let (_, t, _) = logits.dims3()?;
+    if t < 2 {
+        return empty(logits);
+    }
+    if !fused_ok(logits) {
+        return token_logps_slow(logits, ids, mask);
+    }
+    finish(shifted_logps(logits, ids)?.to_dtype(DType::F32)?, mask)
+}
+
+/// [`token_logps`] composed of candle ops (same values and gradients up to rounding).
+pub fn token_logps_slow(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<SeqLogps> {
+    let (_, t, _) = logits.dims3()?;
+    if t < 2 {
+        return empty(logits);
+    }
+    finish(shifted_logps_slow(logits, ids, DType::F32)?, mask)
+}
+
+/// `[B, T-1]` in `acc`: `logits[b, t-1, ids[b, t]] - logsumexp logits[b, t-1, :]`, composed.
+fn shifted_logps_slow(logits: &Tensor, ids: &Tensor, acc: DType) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let pred = logits.i((.., ..t - 1, ..))?.to_dtype(acc)?;
+    let target = ids.i((.., 1..))?.contiguous()?;
+    let flat = pred.reshape((b * (t - 1), v))?;
+    let lse = flat.max_keepdim(D::Minus1)?.detach();
+    let shifted = flat.broadcast_sub(&lse)?;
+    let lse = (shifted.exp()?.sum_keepdim(D::Minus1)?.log()? + lse)?;
+    let picked = flat.gather(&target.reshape((b * (t - 1), 1))?, D::Minus1)?;
+    Ok((picked - lse)?.reshape((b, t - 1))?)
+}
+
+fn fused_ok(logits: &Tensor) -> bool {
+    logits.device().is_cpu()
+        && matches!(
+            logits.dtype(),
+            DType::F32 | DType::BF16 | DType::F16 | DType::F64
+        )
+}
+
+/// The unmasked log-probabilities `[B, T-1]` of `ids[:, 1..]` under `logits[:, ..T-1]` (`T >= 2`),
+/// in f32, or f64 for f64 logits: the fused kernel on the CPU, composed ops elsewhere.
+/// Differentiable with respect to `logits`.
+pub fn shifted_logps(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    if t < 2 {
+        return Err(ModelError::Invalid(format!(
+            "log-probabilities need at least 2 positions, got {t}"
+        )));
+    }
+    if ids.dims() != [b, t] {
+        return Err(ModelError::Invalid(format!(
+            "ids have shape {:?}, logits {:?}",
+            ids.dims(),
+            logits.dims()
+        )));
+    }
+    let acc = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    if !fused_ok(logits) {
+        return shifted_logps_slow(logits, ids, acc);
+    }
+    let targets: Vec<u32> = ids
+        .i((.., 1..))?
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1()?;
+    if let Some(bad) = targets.iter().find(|&&id| id as usize >= v) {
+        return Err(ModelError::Invalid(format!(
+            "token id {bad} out of range for {v} logits"
+        )));
+    }
+    let logits = logits.contiguous()?;
+    Ok(logits.apply_op1(TokenLogps {
+        targets,
+        lse: Mutex::new(Vec::new()),
+    })?)
+}
+
+/// The fused op: argument the whole `[B, T, V]` logits, output `[B, T-1]` log-probabilities.
+struct TokenLogps {
+    /// `ids[:, 1..]` flattened, `B * (T-1)`.
+    targets: Vec<u32>,
+    /// Per output row, `(max, ln sum exp(x - max))` of its logits row (the logsumexp in two
+    /// parts; set by the forward, for the backward).
+    lse: Mutex<Vec<(f64, f64)>>,
+}
+
+/// An element type of the logits and the type its arithmetic runs in.
+trait Elem: WithDType + Send + Sync {
+    type A: Acc;
+    fn up(self) -> Self::A;
+    fn down(a: Self::A) -> Self;
+}
+
+/// The arithmetic type (f32 or f64).
+trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+{
+    const ZERO: Self;
+    const NEG_INF: Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+    fn storage(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Acc for f32 {
+    const ZERO: Self = 0.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    #[inline(always)]
+    fn exp(self) -> Self {
+        crate::ops::exp_f32(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Acc for f64 {
+    const ZERO: Self = 0.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn storage(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+impl Elem for f32 {
+    type A = f32;
+    #[inline(always)]
+    fn up(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn down(a: f32) -> Self {
+        a
+    }
+}
+
+impl Elem for f64 {
+    type A = f64;
+    #[inline(always)]
+    fn up(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn down(a: f64) -> Self {
+        a
+    }
+}
+
+impl Elem for bf16 {
+    type A = f32;
+    #[inline(always)]
+    fn up(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn down(a: f32) -> Self {
+        bf16::from_f32(a)
+    }
+}
+
+impl Elem for f16 {
+    type A = f32;
+    #[inline(always)]
+    fn up(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn down(a: f32) -> Self {
+        f16::from_f32(a)
+    }
+}
+
+/// Rows of about this many elements per rayon task at least.
+const TASK_ELEMS: usize = 1 << 15;
+
+/// `(max, ln sum exp(x - max))` of one row, eight lanes at a time (the logsumexp is their sum;
+/// kept apart so that `x - max` is formed first, as the composed version does).
+#[inline(always)]
+fn row_lse<E: Elem>(x: &[E]) -> (E::A, E::A) {
+    let mut m8 = [E::A::NEG_INF; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in m8.iter_mut().zip(c) {
+            let v = v.up();
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut m = E::A::NEG_INF;
+    for v in m8.into_iter().chain(rest.iter().map(|&v| v.up())) {
+        m = if v > m { v } else { m };
+    }
+    let mut s8 = [E::A::ZERO; 8];
+    let chunks = x.chunks_exact(8);
+    for c in chunks {
+        for (s, &v) in s8.iter_mut().zip(c) {
+            *s += (v.up() - m).exp();
+        }
+    }
+    let mut s = E::A::ZERO;
+    for &v in rest {
+        s += (v.up() - m).exp();
+    }
+    for v in s8 {
+        s += v;
+    }
+    (m, s.ln())
+}
+
+/// Forward: per output row `(logp, lse)`.
+fn fwd<E: Elem>(x: &[E], t: usize, v: usize, targets: &[u32]) -> (Vec<E::A>, Vec<(f64, f64)>) {
+    let n = targets.len();
+    let mut logp = vec![E::A::ZERO; n];
+    let mut lse = vec![(0f64, 0f64); n];
+    let per = (TASK_ELEMS / v.max(1)).max(1);
+    logp.par_iter_mut()
+        .zip(lse.par_iter_mut())
+        .enumerate()
+        .with_min_len(per)
+        .for_each(|(r, (lp, ls))| {
+            let (bi, ti) = (r / (t - 1), r % (t - 1));
+            let row = &x[(bi * t + ti) * v..(bi * t + ti + 1) * v];
+            let (m, ln_s) = row_lse(row);
+            *lp = (row[targets[r] as usize].up() - m) - ln_s;
+            *ls = (m.to_f64(), ln_s.to_f64());
+        });
+    (logp, lse)
+}
+
+/// Backward: `dx[b, t, :] = g[b, t] (onehot(ids[b, t+1]) - softmax(x[b, t, :]))` for `t < T-1`,
+/// zero for the last position and for rows with `g = 0`.
+fn bwd<E: Elem>(
+    x: &[E],
+    t: usize,
+    v: usize,
+    targets: &[u32],
+    lse: &[(f64, f64)],
+    g: &[E::A],
+) -> Vec<E> {
+    let mut dx = vec![E::zero(); x.len()];
+    let per = (TASK_ELEMS / v.max(1)).max(1);
+    dx.par_chunks_mut(v)
+        .zip(x.par_chunks(v))
+        .enumerate()
+        .with_min_len(per)
+        .for_each(|(i, (d, row))| {
+            let (bi, ti) = (i / t, i % t);
+            if ti == t - 1 {
+                return;
+            }
+            let r = bi * (t - 1) + ti;
+            let gr = g[r];
+            if gr == E::A::ZERO {
+                return;
+            }
+            let (m, ln_s) = (E::A::from_f64(lse[r].0), E::A::from_f64(lse[r].1));
+            let ng = E::A::ZERO - gr;
+            for (o, &xv) in d.iter_mut().zip(row) {
+                *o = E::down(ng * ((xv.up() - m) - ln_s).exp());
+            }
+            let k = targets[r] as usize;
+            d[k] = E::down(gr + ng * ((row[k].up() - m) - ln_s).exp());
+        });
+    dx
+}
+
+impl TokenLogps {
+    fn slice<'a, E: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [E]> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("token-logps: logits are not contiguous");
+        };
+        Ok(&E::cpu_storage_as_slice(s)?[a..b])
+    }
+
+    fn run_fwd<E: Elem>(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, v) = l.shape().dims3()?;
+        let (logp, lse) = fwd(Self::slice::<E>(s, l)?, t, v, &self.targets);
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("token-logps: lock poisoned".into()))? = lse;
+        Ok((E::A::storage(logp), Shape::from((b, t - 1))))
+    }
+
+    fn run_bwd<E: Elem>(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor>
+    where
+        E::A: WithDType,
+    {
+        let (_, t, v) = x.dims3()?;
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("token-logps: lock poisoned".into()))?;
+        let g = g.contiguous()?;
+        let (xg, xl) = x.storage_and_layout();
+        let (gg, gl) = g.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(gs)) = (&*xg, &*gg) else {
+            candle_core::bail!("token-logps: tensors are not on the CPU");
+        };
+        let dx = bwd(
+            Self::slice::<E>(xs, xl)?,
+            t,
+            v,
+            &self.targets,
+            &lse,
+            Self::slice::<E::A>(gs, gl)?,
+        );
+        Tensor::from_vec(dx, x.shape(), x.device())
+    }
+}
+
+impl CustomOp1 for TokenLogps {
+    fn name(&self) -> &'static str {
+        "token-logps"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, _) = l.shape().dims3()?;
+        if t < 2 || self.targets.len() != b * (t - 1) {
+            candle_core::bail!(
+                "token-logps: {} targets for logits {:?}",
+                self.targets.len(),
+                l
+            );
+        }
+        match s {
+            CpuStorage::F32(_) => self.run_fwd::<f32>(s, l),
+            CpuStorage::F64(_) => self.run_fwd::<f64>(s, l),
+            CpuStorage::BF16(_) => self.run_fwd::<bf16>(s, l),
+            CpuStorage::F16(_) => self.run_fwd::<f16>(s, l),
+            _ => candle_core::bail!("token-logps: needs f32, f64, bf16 or f16 logits"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = match x.dtype() {
+            DType::F32 => self.run_bwd::<f32>(x, g)?,
+            DType::F64 => self.run_bwd::<f64>(x, g)?,
+            DType::BF16 => self.run_bwd::<bf16>(x, g)?,
+            DType::F16 => self.run_bwd::<f16>(x, g)?,
+            dt => candle_core::bail!("token-logps: unsupported dtype {dt:?}"),
+        };
+        Ok(Some(dx))
+    }
 }

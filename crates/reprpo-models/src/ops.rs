@@ -36,7 +36,7 @@ impl Real for f32 {
 /// Cephes' degree-6 polynomial (about 1 ulp, as `expf`). Results below the smallest normal
 /// (x < -87.34, i.e. < 1.2e-38) are flushed to 0; x > 88.72 gives infinity.
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
