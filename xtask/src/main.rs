@@ -4,6 +4,7 @@
 //! root, and prints results. `key=value` overrides are merged over the defaults (and over a config
 //! file where one is given) with figment, so an unknown or mistyped key is an error that names it.
 
+mod eval;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -37,7 +38,7 @@ enum Cmd {
     /// Train an adapter (embedded default without arguments).
     Train(train::TrainArgs),
     /// Evaluate base and adapters on the eval suite (embedded default without arguments).
-    Eval(JobArgs),
+    Eval(eval::EvalArgs),
     /// Convert, binarise, inspect and generate data.
     #[command(subcommand)]
     Data(DataCmd),
@@ -64,13 +65,6 @@ enum ConvertCmd {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-#[derive(Args)]
-struct JobArgs {
-    /// A TOML config file; `key=value` overrides follow it.
-    #[arg(value_name = "CONFIG | key=value")]
-    args: Vec<String>,
 }
 
 /// Where the rows come from: named recipes, or one file with a converter.
@@ -257,23 +251,6 @@ fn load_input(input: &InputArgs) -> Result<Converted> {
     )?)
 }
 
-fn not_yet(job: &str, issue: u32, args: &JobArgs) -> Result<()> {
-    let data = default_data::embedded()?;
-    println!(
-        "`cargo xtask {job}` is not implemented yet (issue {issue}); nothing was trained or written.\n\
-         What exists today: the embedded default data ({} train / {} test / {} ood pairs, {} MC items) \
-         and the data tooling: `cargo xtask data prepare|stats|gen-default`.",
-        data.train.len(),
-        data.test.len(),
-        data.ood.len(),
-        data.mc.len()
-    );
-    if !args.args.is_empty() {
-        println!("(arguments given and ignored: {})", args.args.join(" "));
-    }
-    Ok(())
-}
-
 fn print_stats(s: &stats::PairStats) {
     println!(
         "{:<10} {:>6} {:>9} {:>9} {:>6} {:>8} {:>8} {:>8} {:>6}",
@@ -306,7 +283,7 @@ fn tokenizer(dir: Option<&Path>) -> Result<Tok> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train::run(a, &root()),
-        Cmd::Eval(a) => not_yet("eval", 6, &a),
+        Cmd::Eval(a) => eval::run(a, &root()),
         Cmd::Data(DataCmd::Prepare { input, out, out_mc }) => {
             if out.is_none() && out_mc.is_none() {
                 bail!("give --out FILE (pairs) and/or --out-mc FILE (multiple-choice items)");
