@@ -3,10 +3,12 @@
 //! - [`dpo`]: the DPO family of TRL's `DPOTrainer` (every `loss_type` of TRL 1.16, weighted mixtures,
 //!   LD-DPO's `ld_alpha`, the f-divergences, WPO weighting, and the pre-1.x extras `rpo_alpha`, cDPO
 //!   label smoothing and `bco_pair`'s running reward mean), checked against TRL's own code.
-//! - [`reprpo`]: the ReprPO family (hidden-state reroute/retain losses and their variants), unfused.
+//! - [`reprpo`]: the ReprPO family (hidden-state reroute/retain losses and their variants); the
+//!   original distance runs through the fused CPU kernel of `fused` (one pass, its own backward).
 
 pub mod dpo;
 pub mod error;
+pub mod fused;
 pub mod reprpo;
 
 pub use dpo::{
@@ -16,5 +18,5 @@ pub use dpo::{
 pub use error::{LossError, Result};
 pub use reprpo::{
     HiddenPairs, ReprPoConfig, ReprPoVariant, Schedule, TokenReduction, default_layers,
-    reprpo_loss, resolve_layers, stack_layers,
+    reprpo_loss, reprpo_loss_unfused, resolve_layers, stack_layers, uses_fused_kernel,
 };

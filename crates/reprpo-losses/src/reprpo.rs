@@ -1,8 +1,11 @@
 //! The ReprPO family of losses: hidden-state distances between the policy and the (frozen) reference
 //! model, as pure functions of tensors.
 //!
-//! This is the plain, unfused implementation (a chain of differentiable candle ops); it is the
-//! reference that a fused kernel is to be tested against.
+//! [`reprpo_loss`] runs the original distance ([`ReprPoVariant::Original`] and
+//! [`ReprPoVariant::RrOnly`], per position) through the fused CPU kernel of [`crate::fused`] (one
+//! pass over the hidden states, its own backward) when the hidden states are on the CPU in f32, f64,
+//! bf16 or f16; everything else, and [`reprpo_loss_unfused`] always, is the plain chain of
+//! differentiable candle ops, which is the reference the fused kernel is tested against.
 //!
 //! # Notation
 //! Inputs ([`HiddenPairs`]) at the selected layers: `pi_cho`, `pi_rej` (policy, chosen / rejected),
@@ -63,11 +66,12 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::dpo::LossOut;
 use crate::error::{LossError, Result};
+use crate::fused;
 
 /// Which distance the loss uses (serde and [`ReprPoVariant::name`]: kebab-case).
 ///
@@ -560,7 +564,44 @@ fn check_dims(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
 /// [`LossError::InvalidConfig`] (see [`ReprPoConfig::validate`], and `progress` outside `[0, 1]`),
 /// [`LossError::InvalidInput`] for mismatched shapes, an empty dimension, or `example_weights`
 /// without `dpo_z`; candle errors.
+///
+/// The original distance per position (variants `original` and `rr-only`) runs through the fused
+/// CPU kernel of [`crate::fused`] on CPU tensors of f32, f64, bf16 or f16: the same values and
+/// gradients as [`reprpo_loss_unfused`] (to float rounding; accumulation is in f32, or f64 for f64
+/// inputs, so bf16 and f16 results are closer to exact than the unfused chain's).
 pub fn reprpo_loss(inputs: &HiddenPairs, cfg: &ReprPoConfig, progress: f64) -> Result<LossOut> {
+    loss_impl(inputs, cfg, progress, true)
+}
+
+/// [`reprpo_loss`] always through the unfused chain of candle ops (any device and dtype): the
+/// reference for the fused kernel, and the path for other devices.
+///
+/// # Shapes
+/// As [`reprpo_loss`].
+///
+/// # Errors
+/// As [`reprpo_loss`].
+pub fn reprpo_loss_unfused(
+    inputs: &HiddenPairs,
+    cfg: &ReprPoConfig,
+    progress: f64,
+) -> Result<LossOut> {
+    loss_impl(inputs, cfg, progress, false)
+}
+
+/// Whether [`reprpo_loss`] takes the fused kernel for this configuration and these hidden states.
+pub fn uses_fused_kernel(cfg: &ReprPoConfig, hidden: &Tensor) -> bool {
+    matches!(cfg.variant, ReprPoVariant::Original | ReprPoVariant::RrOnly)
+        && cfg.token_reduction == TokenReduction::PerPosition
+        && fused::applies(hidden)
+}
+
+fn loss_impl(
+    inputs: &HiddenPairs,
+    cfg: &ReprPoConfig,
+    progress: f64,
+    allow_fused: bool,
+) -> Result<LossOut> {
     cfg.validate()?;
     if !(0.0..=1.0).contains(&progress) {
         return Err(LossError::InvalidConfig(format!(
@@ -581,6 +622,49 @@ pub fn reprpo_loss(inputs: &HiddenPairs, cfg: &ReprPoConfig, progress: f64) -> R
     check_dims("chosen_mask", &inputs.chosen_mask, &[b, t])?;
     check_dims("rejected_mask", &inputs.rejected_mask, &[b, t])?;
     let dtype = pi_c.dtype();
+    let z_host = if cfg.example_weights {
+        let z = inputs.dpo_z.as_ref().ok_or_else(|| {
+            LossError::InvalidInput("ReprPO: example_weights is set but dpo_z is missing".into())
+        })?;
+        check_dims("dpo_z", z, &[b])?;
+        Some(z)
+    } else {
+        None
+    };
+    if allow_fused && uses_fused_kernel(cfg, pi_c) {
+        // The weights on the host, w = softmax(-s z) in f64 from z in its own dtype (the unfused
+        // path first rounds z to the hidden states' dtype); v_rr = 1 - w, v_ret = w.
+        let weights = match z_host {
+            Some(z) => {
+                let zs = z.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let s: Vec<f64> = zs.iter().map(|z| -cfg.weight_scale * z).collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                let tot: f64 = e.iter().sum();
+                let w: Vec<f64> = e.iter().map(|v| v / tot).collect();
+                Some((w.iter().map(|w| 1.0 - w).collect::<Vec<_>>(), w))
+            }
+            None => None,
+        };
+        let f = fused::reroute_retain(
+            &inputs.policy_chosen,
+            &inputs.policy_rejected,
+            &inputs.reference_chosen,
+            &inputs.chosen_mask,
+            &inputs.rejected_mask,
+            weights.as_ref().map(|(r, c)| (r.as_slice(), c.as_slice())),
+        )?;
+        return finish(
+            cfg,
+            progress,
+            b,
+            dtype,
+            &f.rr,
+            &f.ret,
+            f.cos_chosen,
+            f.cos_rejected,
+        );
+    }
     let m_c = inputs.chosen_mask.detach().gt(0.0)?.to_dtype(dtype)?;
     let m_r = inputs.rejected_mask.detach().gt(0.0)?.to_dtype(dtype)?;
     let m_both = m_c.mul(&m_r)?;
@@ -598,11 +682,7 @@ pub fn reprpo_loss(inputs: &HiddenPairs, cfg: &ReprPoConfig, progress: f64) -> R
     let ref_r = keep(&inputs.reference_rejected.detach(), &m_r)?;
 
     // Per-example weights: w for retain, 1 - w for reroute.
-    let (v_rr, v_ret) = if cfg.example_weights {
-        let z = inputs.dpo_z.as_ref().ok_or_else(|| {
-            LossError::InvalidInput("ReprPO: example_weights is set but dpo_z is missing".into())
-        })?;
-        check_dims("dpo_z", z, &[b])?;
+    let (v_rr, v_ret) = if let Some(z) = z_host {
         let s = z.detach().to_dtype(dtype)?.affine(-cfg.weight_scale, 0.0)?;
         let e = s.broadcast_sub(&s.max_keepdim(0)?)?.exp()?;
         let w = e.broadcast_div(&e.sum_all()?)?;
@@ -670,6 +750,26 @@ pub fn reprpo_loss(inputs: &HiddenPairs, cfg: &ReprPoConfig, progress: f64) -> R
         }
     };
 
+    let (pcd, prd) = (pi_c.detach(), pi_r.detach());
+    let cos_c = masked_mean(&cosine(&pcd, &ref_c)?, &m_c)?;
+    let cos_r = masked_mean(&cosine(&prd, &ref_c)?, &m_both)?;
+    finish(cfg, progress, b, dtype, &rr, &ret, cos_c, cos_r)
+}
+
+/// The loss, per-example loss and metrics from the reroute and retain parts per example (`[B]`,
+/// summing to `L_rr`, `L_retain`) and the two cosine means; results in `dtype`.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    cfg: &ReprPoConfig,
+    progress: f64,
+    b: usize,
+    dtype: DType,
+    rr: &Tensor,
+    ret: &Tensor,
+    cos_c: Tensor,
+    cos_r: Tensor,
+) -> Result<LossOut> {
+    let variant = cfg.variant;
     let p = progress;
     // (c_rr, c_retain, multiplier of L_retain in the loss)
     let (c_rr, mut c_ret, mut k_ret) = match cfg.schedule {
@@ -687,23 +787,16 @@ pub fn reprpo_loss(inputs: &HiddenPairs, cfg: &ReprPoConfig, progress: f64) -> R
     let loss = l_rr.affine(c_rr, 0.0)?.add(&l_ret.affine(k_ret, 0.0)?)?;
 
     let mut metrics = BTreeMap::new();
-    let scalar = |v: f64| -> Result<Tensor> { Ok(Tensor::new(v, pi_c.device())?.to_dtype(dtype)?) };
-    metrics.insert("loss_rr".to_string(), l_rr.detach());
-    metrics.insert("loss_retain".to_string(), l_ret.detach());
+    let scalar = |v: f64| -> Result<Tensor> { Ok(Tensor::new(v, rr.device())?.to_dtype(dtype)?) };
+    metrics.insert("loss_rr".to_string(), l_rr.detach().to_dtype(dtype)?);
+    metrics.insert("loss_retain".to_string(), l_ret.detach().to_dtype(dtype)?);
     metrics.insert("coef_rr".to_string(), scalar(c_rr)?);
     metrics.insert("coef_retain".to_string(), scalar(c_ret)?);
-    let (pcd, prd) = (pi_c.detach(), pi_r.detach());
-    metrics.insert(
-        "cosine/chosen".to_string(),
-        masked_mean(&cosine(&pcd, &ref_c)?, &m_c)?,
-    );
-    metrics.insert(
-        "cosine/rejected".to_string(),
-        masked_mean(&cosine(&prd, &ref_c)?, &m_both)?,
-    );
+    metrics.insert("cosine/chosen".to_string(), cos_c.to_dtype(dtype)?);
+    metrics.insert("cosine/rejected".to_string(), cos_r.to_dtype(dtype)?);
     Ok(LossOut {
-        loss,
-        per_example,
+        loss: loss.to_dtype(dtype)?,
+        per_example: per_example.to_dtype(dtype)?,
         metrics,
     })
 }
