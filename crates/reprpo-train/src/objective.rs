@@ -67,6 +67,7 @@ fn logits_sums(logits: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// when given, so a run is reproducible and a checkpointed block replays them);
 /// `progress` in `[0, 1]` drives the ReprPO coefficients. Read gradients with
 /// [`reprpo_models::checkpoint::backward`] (required with `train.grad_checkpointing`).
+#[allow(clippy::too_many_arguments)]
 pub fn batch_loss(
     model: &dyn CausalLm,
     cfg: &TrainConfig,
