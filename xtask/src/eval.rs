@@ -74,7 +74,10 @@ fn newest_default_run(root: &Path) -> Option<PathBuf> {
         let Ok(cfg) = TrainConfig::from_toml_file(&p.join("resolved_config.toml")) else {
             continue;
         };
-        if cfg.data.datasets != ["default"] || cfg.model.name_or_path != "tiny" || !has_peft(&p.join("adapter")) {
+        if cfg.data.datasets != ["default"]
+            || cfg.model.name_or_path != "tiny"
+            || !has_peft(&p.join("adapter"))
+        {
             continue;
         }
         let t = std::fs::metadata(p.join("adapter/adapter_model.safetensors"))
@@ -172,7 +175,11 @@ pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
         ..Default::default()
     };
     let opts: EvalOptions = crate::with_overrides(defaults, None, &a.overrides)?;
-    let suite = Suite::by_name(&a.suite, &root.join("datasets/suites"), &root.join("datasets"))?;
+    let suite = Suite::by_name(
+        &a.suite,
+        &root.join("datasets/suites"),
+        &root.join("datasets"),
+    )?;
     let mut data = Vec::with_capacity(suite.datasets.len());
     for d in &suite.datasets {
         data.push(
@@ -214,7 +221,12 @@ pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
     print!("{}", report.table.to_terminal());
     println!("\nwritten to {}:", out.display());
     for w in written {
-        println!("  {}", w.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        println!(
+            "  {}",
+            w.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -48,8 +48,11 @@ pub struct EvalOptions {
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
-            mc_mode: ScoreMode::PrefixCache,
-            pair_mode: ScoreMode::PrefixCache,
+            // Padded batches by default: measured faster than the token-by-token prefix path on
+            // TruthfulQA MC1 (docs/perf.md, "Evaluation"), until the models crate can run a
+            // batch of continuations on top of one prompt's cache.
+            mc_mode: ScoreMode::Full,
+            pair_mode: ScoreMode::Full,
             batch_tokens: 4096,
             beta: 0.1,
             limit: None,
@@ -150,8 +153,10 @@ fn prepare<'a>(tok: &Tok, d: &'a Loaded, cfg: &TokenizeConfig) -> Result<(Prepar
         Items::Pairs(pairs) => {
             let t = tokenize::tokenize_pairs(tok, pairs, cfg)?;
             let dropped: HashSet<&str> = t.dropped.iter().map(String::as_str).collect();
-            let kept: Vec<&PreferencePair> =
-                pairs.iter().filter(|p| !dropped.contains(p.id.as_str())).collect();
+            let kept: Vec<&PreferencePair> = pairs
+                .iter()
+                .filter(|p| !dropped.contains(p.id.as_str()))
+                .collect();
             if kept.len() != t.pairs.len() {
                 return Err(EvalError::Invalid(format!(
                     "dataset {}: {} pairs kept but {} tokenised",
@@ -244,7 +249,8 @@ pub fn evaluate<M: CausalLm + AdapterHost + ?Sized>(
                     let mut scores = Vec::with_capacity(items.len());
                     for ((item, _), lp) in items.iter().zip(&lps) {
                         let (l, n) = split(lp);
-                        let s = mc_score(&l, &n, &item.correct).map_err(|e| mc_item_err(item, e))?;
+                        let s =
+                            mc_score(&l, &n, &item.correct).map_err(|e| mc_item_err(item, e))?;
                         examples.push(mc_record(&subject.label, name, item, &s));
                         scores.push(s);
                     }
@@ -274,8 +280,7 @@ pub fn evaluate<M: CausalLm + AdapterHost + ?Sized>(
                         })?;
                         scores.push(s);
                     }
-                    let rewards: Option<Vec<DpoReward>> = match (&base_pairs[di], subject.adapter)
-                    {
+                    let rewards: Option<Vec<DpoReward>> = match (&base_pairs[di], subject.adapter) {
                         (Some(base), Some(_)) => Some(
                             scores
                                 .iter()
@@ -321,7 +326,10 @@ pub fn evaluate<M: CausalLm + AdapterHost + ?Sized>(
 }
 
 fn split(lp: &[SeqLogp]) -> (Vec<f64>, Vec<usize>) {
-    (lp.iter().map(|x| x.sum).collect(), lp.iter().map(|x| x.tokens).collect())
+    (
+        lp.iter().map(|x| x.sum).collect(),
+        lp.iter().map(|x| x.tokens).collect(),
+    )
 }
 
 fn score_opts(opts: &EvalOptions, mode: ScoreMode, tok: &Tok) -> ScoreOptions {
@@ -358,8 +366,14 @@ fn generations<M: CausalLm + AdapterHost + ?Sized>(
     let mut seen = HashSet::new();
     'outer: for d in datasets {
         let items: Vec<(&str, &str)> = match &d.items {
-            Items::Mc(v) => v.iter().map(|i| (i.id.as_str(), i.prompt.as_str())).collect(),
-            Items::Pairs(v) => v.iter().map(|p| (p.id.as_str(), p.prompt.as_str())).collect(),
+            Items::Mc(v) => v
+                .iter()
+                .map(|i| (i.id.as_str(), i.prompt.as_str()))
+                .collect(),
+            Items::Pairs(v) => v
+                .iter()
+                .map(|p| (p.id.as_str(), p.prompt.as_str()))
+                .collect(),
         };
         for (id, p) in items {
             if prompts.len() >= opts.generations {

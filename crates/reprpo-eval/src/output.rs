@@ -69,9 +69,7 @@ pub fn write_report(dir: &Path, report: &Report) -> Result<Vec<PathBuf>> {
     put("table.json", t.to_json()?.into_bytes())?;
     let mut jsonl = String::new();
     for e in &report.examples {
-        jsonl.push_str(
-            &serde_json::to_string(e).map_err(|e| EvalError::Invalid(e.to_string()))?,
-        );
+        jsonl.push_str(&serde_json::to_string(e).map_err(|e| EvalError::Invalid(e.to_string()))?);
         jsonl.push('\n');
     }
     put("examples.jsonl", jsonl.into_bytes())?;

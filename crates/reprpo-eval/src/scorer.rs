@@ -20,7 +20,11 @@
 //! - [`ScoreMode::Full`]: every sequence (prompt + completion) is a row of a right-padded batch
 //!   run by [`CausalLm::forward`] with its attention mask; rows are sorted by length and cut
 //!   into batches of at most `batch_tokens` padded tokens. This is what the usual Python
-//!   scorers do, and the reference the prefix path is tested against.
+//!   scorers do; [`crate::evaluate::EvalOptions`] uses it by default because it measured faster
+//!   (docs/perf.md): [`CausalLm::forward_cached`] takes one token row and returns only the last
+//!   position's logits, so the prefix path steps one token at a time. A forward of a padded
+//!   `[C, L]` batch of continuations on top of a batch-1 prompt cache, returning all `[C, L, V]`
+//!   logits, would let it run each item's choices in one batched step.
 
 use candle_core::{DType, Device, Tensor};
 use reprpo_data::tokenize::{Group, Layout, Seq, collate};
@@ -35,9 +39,9 @@ use crate::error::{EvalError, Result};
 #[serde(rename_all = "kebab-case")]
 pub enum ScoreMode {
     /// The prompt once, its KV cache reused for every completion.
-    #[default]
     PrefixCache,
     /// Padded batches of full sequences.
+    #[default]
     Full,
 }
 
@@ -64,7 +68,7 @@ pub struct ScoreOptions {
 impl Default for ScoreOptions {
     fn default() -> Self {
         ScoreOptions {
-            mode: ScoreMode::PrefixCache,
+            mode: ScoreMode::Full,
             batch_tokens: 4096,
             pad: 0,
         }
@@ -102,7 +106,10 @@ fn log_softmax_at(x: &[f32], tok: u32) -> Result<f64> {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let s: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
     let v = x.get(tok as usize).ok_or_else(|| {
-        EvalError::Invalid(format!("token id {tok} outside the vocabulary ({})", x.len()))
+        EvalError::Invalid(format!(
+            "token id {tok} outside the vocabulary ({})",
+            x.len()
+        ))
     })?;
     Ok(*v as f64 - m - s.ln())
 }
@@ -121,11 +128,16 @@ fn score_prefix<M: CausalLm + ?Sized>(
     let p = g.prompt.len();
     let longest = g.seqs.iter().map(Seq::len).max().unwrap_or(0);
     let shared_ok = p > 0
-        && g.seqs.iter().all(|s| s.prompt.len() >= p && s.prompt[..p] == g.prompt[..])
+        && g.seqs
+            .iter()
+            .all(|s| s.prompt.len() >= p && s.prompt[..p] == g.prompt[..])
         && !model.cache_needs_refill(&KvCache::default(), longest);
     if !shared_ok {
         // No usable shared prompt (or a model whose cache cannot be extended): full sequences.
-        return Ok(score_full(model, &[g], opts)?.into_iter().next().unwrap_or_default());
+        return Ok(score_full(model, &[g], opts)?
+            .into_iter()
+            .next()
+            .unwrap_or_default());
     }
     let mut cache = KvCache::default();
     let ids = Tensor::new(g.prompt.as_slice(), dev)?.unsqueeze(0)?;

@@ -261,16 +261,23 @@ impl Suite {
                 return Err(err(key("limit"), "must be at least 1".into()));
             }
             if d.format.is_some() && d.kind == Kind::Pairs {
-                return Err(err(key("format"), "only multiple-choice datasets have a format".into()));
+                return Err(err(
+                    key("format"),
+                    "only multiple-choice datasets have a format".into(),
+                ));
             }
             let recipe = match (d.recipe, d.inline) {
                 (Some(_), Some(_)) => {
-                    return Err(err(key("recipe"), "give `recipe` or `inline`, not both".into()));
+                    return Err(err(
+                        key("recipe"),
+                        "give `recipe` or `inline`, not both".into(),
+                    ));
                 }
                 (None, Some(table)) => {
-                    let body = toml::to_string(&table)
-                        .map_err(|e| err(key("inline"), e.to_string()))?;
-                    Recipe::parse(&d.name, file, &body).map_err(|e| err(key("inline"), e.to_string()))?
+                    let body =
+                        toml::to_string(&table).map_err(|e| err(key("inline"), e.to_string()))?;
+                    Recipe::parse(&d.name, file, &body)
+                        .map_err(|e| err(key("inline"), e.to_string()))?
                 }
                 (r, None) => {
                     let rname = r.unwrap_or_else(|| d.name.clone());
@@ -293,7 +300,9 @@ impl Suite {
                                         ),
                                     ));
                                 }
-                                None => return Err(err(key("recipe"), "recipes not loaded".into())),
+                                None => {
+                                    return Err(err(key("recipe"), "recipes not loaded".into()));
+                                }
                             }
                         }
                     }
@@ -309,7 +318,10 @@ impl Suite {
             });
         }
         if datasets.is_empty() {
-            return Err(err("dataset".into(), "a suite needs at least one [[dataset]]".into()));
+            return Err(err(
+                "dataset".into(),
+                "a suite needs at least one [[dataset]]".into(),
+            ));
         }
         let mut shifts = Vec::with_capacity(raw.shift.len());
         for (i, s) in raw.shift.into_iter().enumerate() {
@@ -381,8 +393,7 @@ pub struct Loaded {
 
 /// Whether the dataset's local source file exists (hub sources: true).
 pub fn source_available(spec: &DatasetSpec, root: &Path) -> bool {
-    is_embedded(&spec.recipe)
-        || spec.recipe.local_path(root).is_none_or(|p| p.exists())
+    is_embedded(&spec.recipe) || spec.recipe.local_path(root).is_none_or(|p| p.exists())
 }
 
 /// Read, convert and cap one dataset; `limit` (if given) caps it further.

@@ -200,7 +200,11 @@ fn md(header: &[String], rows: &[Vec<String>]) -> String {
     let esc = |s: &str| s.replace('|', "\\|").replace('\n', " ");
     let mut s = format!(
         "| {} |\n|{}\n",
-        header.iter().map(|h| esc(h)).collect::<Vec<_>>().join(" | "),
+        header
+            .iter()
+            .map(|h| esc(h))
+            .collect::<Vec<_>>()
+            .join(" | "),
         header
             .iter()
             .enumerate()
@@ -272,8 +276,16 @@ impl Table {
 
     fn shift_grid(&self) -> (Vec<String>, Vec<Vec<String>>) {
         let header = [
-            "model", "source (ID)", "target (OOD)", "acc ID", "acc OOD", "base ID", "base OOD",
-            "gain ID", "gain OOD", "diff. elicitation",
+            "model",
+            "source (ID)",
+            "target (OOD)",
+            "acc ID",
+            "acc OOD",
+            "base ID",
+            "base OOD",
+            "gain ID",
+            "gain OOD",
+            "diff. elicitation",
         ]
         .map(String::from)
         .to_vec();
@@ -309,7 +321,11 @@ impl Table {
     fn sections(&self) -> Vec<(String, Vec<String>, Vec<Vec<String>>)> {
         let mut out = Vec::new();
         let (h, r) = self.metric_grid(|c| Some(c.acc));
-        out.push(("Accuracy (MC: argmax of summed log-prob; pairs: delta > 0)".into(), h, r));
+        out.push((
+            "Accuracy (MC: argmax of summed log-prob; pairs: delta > 0)".into(),
+            h,
+            r,
+        ));
         let (h, r) = self.metric_grid(|c| Some(c.prob));
         out.push((
             "Mean probability of the correct answer (MC: normalised over the choices, MC2 for several true answers; pairs: sigmoid(delta))".into(),
@@ -318,7 +334,11 @@ impl Table {
         ));
         if self.columns.iter().any(|c| c.kind == "mc") {
             let (h, r) = self.metric_grid(|c| c.acc_norm);
-            out.push(("MC accuracy, length-normalised log-probabilities".into(), h, r));
+            out.push((
+                "MC accuracy, length-normalised log-probabilities".into(),
+                h,
+                r,
+            ));
         }
         if self.has_rewards() {
             let (h, r) = self.metric_grid(|c| c.reward_acc);
@@ -328,7 +348,11 @@ impl Table {
         }
         if !self.shifts.is_empty() {
             let (h, r) = self.shift_grid();
-            out.push(("GENIES shifts (gain = accuracy / base accuracy)".into(), h, r));
+            out.push((
+                "GENIES shifts (gain = accuracy / base accuracy)".into(),
+                h,
+                r,
+            ));
         }
         out
     }
@@ -362,8 +386,9 @@ impl Table {
                 s.to_string()
             }
         };
-        let mut s =
-            String::from("model,dataset,role,kind,n,acc,prob,acc_norm,prob_norm,reward_acc,margin\n");
+        let mut s = String::from(
+            "model,dataset,role,kind,n,acc,prob,acc_norm,prob_norm,reward_acc,margin\n",
+        );
         for r in &self.rows {
             for (c, cell) in self.columns.iter().zip(&r.cells) {
                 let Some(x) = cell else { continue };

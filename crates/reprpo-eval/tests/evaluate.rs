@@ -32,7 +32,8 @@ fn model() -> (Llama, usize) {
     .unwrap();
     for (_, v) in peft::adapter_params(&m, idx) {
         let shape = v.as_tensor().shape().clone();
-        v.set(&Tensor::randn(0f32, 0.2, shape, &Device::Cpu).unwrap()).unwrap();
+        v.set(&Tensor::randn(0f32, 0.2, shape, &Device::Cpu).unwrap())
+            .unwrap();
     }
     (m, idx)
 }
@@ -41,7 +42,10 @@ fn logp_fields(e: &serde_json::Value) -> Vec<f64> {
     if let Some(a) = e["logps"].as_array() {
         a.iter().map(|x| x.as_f64().unwrap()).collect()
     } else {
-        vec![e["logp_chosen"].as_f64().unwrap(), e["logp_rejected"].as_f64().unwrap()]
+        vec![
+            e["logp_chosen"].as_f64().unwrap(),
+            e["logp_rejected"].as_f64().unwrap(),
+        ]
     }
 }
 
@@ -49,8 +53,12 @@ fn logp_fields(e: &serde_json::Value) -> Vec<f64> {
 fn default_suite_prefix_and_full_agree_and_report_is_written() {
     let (mut m, idx) = model();
     let tok = Tok::byte_level().unwrap();
-    let suite = Suite::by_name("default", &root().join("datasets/suites"), &root().join("datasets"))
-        .unwrap();
+    let suite = Suite::by_name(
+        "default",
+        &root().join("datasets/suites"),
+        &root().join("datasets"),
+    )
+    .unwrap();
     let data: Vec<_> = suite
         .datasets
         .iter()
@@ -67,6 +75,8 @@ fn default_suite_prefix_and_full_agree_and_report_is_written() {
         },
     ];
     let mut opts = EvalOptions {
+        mc_mode: ScoreMode::PrefixCache,
+        pair_mode: ScoreMode::PrefixCache,
         generations: 2,
         max_new_tokens: 8,
         ..Default::default()
@@ -100,9 +110,19 @@ fn default_suite_prefix_and_full_agree_and_report_is_written() {
 
     let dir = tempfile::tempdir().unwrap();
     let written = write_report(dir.path(), &prefix).unwrap();
-    for name in ["table.md", "table.csv", "table.json", "examples.jsonl", "generations.md", "scores.png"] {
+    for name in [
+        "table.md",
+        "table.csv",
+        "table.json",
+        "examples.jsonl",
+        "generations.md",
+        "scores.png",
+    ] {
         assert!(written.contains(&dir.path().join(name)), "{name}");
-        assert!(std::fs::metadata(dir.path().join(name)).unwrap().len() > 0, "{name}");
+        assert!(
+            std::fs::metadata(dir.path().join(name)).unwrap().len() > 0,
+            "{name}"
+        );
     }
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -113,7 +133,10 @@ fn default_suite_prefix_and_full_agree_and_report_is_written() {
     let jsonl = std::fs::read_to_string(dir.path().join("examples.jsonl")).unwrap();
     assert_eq!(jsonl.lines().count(), 40);
     let md = std::fs::read_to_string(dir.path().join("table.md")).unwrap();
-    assert!(md.contains("default-ood (OOD)") && md.contains("| lora |"), "{md}");
+    assert!(
+        md.contains("default-ood (OOD)") && md.contains("| lora |"),
+        "{md}"
+    );
 }
 
 /// The base row comes from the same weights with the adapter off: its pair log-probabilities
@@ -124,8 +147,12 @@ fn base_scores_equal_an_adapters_off_forward() {
     let tok = Tok::byte_level().unwrap();
     let d = reprpo_data::default_data::embedded().unwrap();
     let pairs = d.test[..3].to_vec();
-    let suite = Suite::by_name("default", &root().join("datasets/suites"), &root().join("datasets"))
-        .unwrap();
+    let suite = Suite::by_name(
+        "default",
+        &root().join("datasets/suites"),
+        &root().join("datasets"),
+    )
+    .unwrap();
     let mut loaded = load_dataset(&suite.datasets[1], &root(), None).unwrap();
     loaded.items = Items::Pairs(pairs.clone());
     let subjects = [Subject {

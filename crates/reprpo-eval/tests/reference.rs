@@ -60,7 +60,12 @@ fn groups(e: &Value) -> (Vec<Group>, Vec<Group>) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| group(ids(&p["prompt"]), vec![ids(&p["chosen"]), ids(&p["rejected"])]))
+        .map(|p| {
+            group(
+                ids(&p["prompt"]),
+                vec![ids(&p["chosen"]), ids(&p["rejected"])],
+            )
+        })
         .collect();
     (mc, pairs)
 }
@@ -104,11 +109,20 @@ fn logps_match_transformers_and_peft_for_base_lora_and_boft() {
             }
             let pair_refs: Vec<&Group> = pairs.iter().collect();
             let got = score_groups(&model, &pair_refs, &opts, &mut |_| {}).unwrap();
-            for (i, (g, w)) in got.iter().zip(want["pairs"].as_array().unwrap()).enumerate() {
+            for (i, (g, w)) in got
+                .iter()
+                .zip(want["pairs"].as_array().unwrap())
+                .enumerate()
+            {
                 for (s, key) in g.iter().zip(["logp_chosen", "logp_rejected"]) {
                     let r = rel(s.sum, f(&w[key]));
                     worst = worst.max(r);
-                    assert!(r < 1e-4, "{name} {mode:?} pair {i} {key}: {} vs {}", s.sum, f(&w[key]));
+                    assert!(
+                        r < 1e-4,
+                        "{name} {mode:?} pair {i} {key}: {} vs {}",
+                        s.sum,
+                        f(&w[key])
+                    );
                 }
             }
         }
@@ -124,7 +138,12 @@ fn scores_match_the_reference_formulas() {
     let beta = f(&e["beta"]);
     for name in ["base", "lora", "boft"] {
         let want = &e["scores"][name];
-        for (it, w) in e["mc"].as_array().unwrap().iter().zip(want["mc"].as_array().unwrap()) {
+        for (it, w) in e["mc"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(want["mc"].as_array().unwrap())
+        {
             let l: Vec<f64> = w["logps"].as_array().unwrap().iter().map(f).collect();
             let n: Vec<usize> = it["choices"]
                 .as_array()

@@ -11,7 +11,12 @@ fn root() -> PathBuf {
 }
 
 fn suite(name: &str) -> Suite {
-    Suite::by_name(name, &root().join("datasets/suites"), &root().join("datasets")).unwrap()
+    Suite::by_name(
+        name,
+        &root().join("datasets/suites"),
+        &root().join("datasets"),
+    )
+    .unwrap()
 }
 
 /// Whether the suite's data is present; panics on CI when it is not.
@@ -20,7 +25,10 @@ fn available(s: &Suite) -> bool {
         return true;
     }
     if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("suite {}: data missing, and CI=true requires ../shared/data", s.name);
+        panic!(
+            "suite {}: data missing, and CI=true requires ../shared/data",
+            s.name
+        );
     }
     println!("skipped: ../shared/data not present");
     false
@@ -29,7 +37,11 @@ fn available(s: &Suite) -> bool {
 #[test]
 fn default_suite_is_the_embedded_data() {
     let s = suite("default");
-    let roles: Vec<(&str, Role)> = s.datasets.iter().map(|d| (d.name.as_str(), d.role)).collect();
+    let roles: Vec<(&str, Role)> = s
+        .datasets
+        .iter()
+        .map(|d| (d.name.as_str(), d.role))
+        .collect();
     assert_eq!(
         roles,
         [
@@ -76,7 +88,11 @@ fn truthfulqa_suite_mc1_mc2_numbered() {
     assert_eq!(mc2[0].correct.len(), first_true);
     assert_eq!(s.datasets[2].format, McFormat::Numbered);
     assert!(num[0].prompt.starts_with(mc1[0].prompt.trim_end()));
-    assert!(num[0].prompt.contains(&format!("\n1. {}\n", mc1[0].choices[0].trim())));
+    assert!(
+        num[0]
+            .prompt
+            .contains(&format!("\n1. {}\n", mc1[0].choices[0].trim()))
+    );
     assert!(num[0].prompt.ends_with("Answer:"));
     assert_eq!(num[0].choices[0], " 1");
     assert_eq!(num[0].correct, mc1[0].correct);
@@ -101,8 +117,11 @@ fn genies_suite_has_the_15_shifts_of_the_paper() {
             )
         })
         .collect();
-    let got: Vec<(String, String)> =
-        s.shifts.iter().map(|x| (x.source.clone(), x.target.clone())).collect();
+    let got: Vec<(String, String)> = s
+        .shifts
+        .iter()
+        .map(|x| (x.source.clone(), x.target.clone()))
+        .collect();
     assert_eq!(got, want);
     for d in &s.datasets {
         let l = load_dataset(d, &root(), Some(5)).unwrap();
@@ -143,12 +162,20 @@ fn bad_suites_name_the_key() {
     assert!(e.contains("dataset[1].limit"), "{e}");
     let e = err("[[dataset]]\nname = \"nope\"\nrole = \"test\"\n");
     assert!(e.contains("dataset[1].recipe") && e.contains("nope"), "{e}");
-    let e = err("[[dataset]]\nname = \"a\"\nrecipe = \"default-test\"\nrole = \"test\"\n[[dataset]]\nname = \"a\"\nrecipe = \"default-ood\"\nrole = \"ood\"\n");
+    let e = err(
+        "[[dataset]]\nname = \"a\"\nrecipe = \"default-test\"\nrole = \"test\"\n[[dataset]]\nname = \"a\"\nrecipe = \"default-ood\"\nrole = \"ood\"\n",
+    );
     assert!(e.contains("dataset[2].name") && e.contains("twice"), "{e}");
-    let e = err("[[dataset]]\nname = \"default-test\"\nrole = \"test\"\n[[shift]]\nsource = \"default-test\"\ntarget = \"x\"\n");
+    let e = err(
+        "[[dataset]]\nname = \"default-test\"\nrole = \"test\"\n[[shift]]\nsource = \"default-test\"\ntarget = \"x\"\n",
+    );
     assert!(e.contains("shift[1].target"), "{e}");
-    let e = err("[[dataset]]\nname = \"g\"\nrole = \"test\"\ninline = { converter = \"nope\", source = { path = \"x.json\" } }\n");
+    let e = err(
+        "[[dataset]]\nname = \"g\"\nrole = \"test\"\ninline = { converter = \"nope\", source = { path = \"x.json\" } }\n",
+    );
     assert!(e.contains("dataset[1].inline") && e.contains("nope"), "{e}");
-    let e = Suite::by_name("nope", &root().join("datasets/suites"), &ds).unwrap_err().to_string();
+    let e = Suite::by_name("nope", &root().join("datasets/suites"), &ds)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("default") && e.contains("genies"), "{e}");
 }

@@ -131,7 +131,11 @@ fn table_cells_shifts_and_renderings_by_hand() {
         },
     ];
     let lines = shift_rows(&columns, &rows, &shifts);
-    assert_eq!(lines.len(), 2, "the shift naming a missing column is skipped");
+    assert_eq!(
+        lines.len(),
+        2,
+        "the shift naming a missing column is skipped"
+    );
     close(lines[0].gain_id, 2.0);
     close(lines[0].gain_ood, 1.0);
     close(lines[0].differential_elicitation.unwrap(), 0.0);
@@ -150,17 +154,31 @@ fn table_cells_shifts_and_renderings_by_hand() {
     assert!(md.contains("| base | 0.500 | 0.500 |"), "{md}");
     assert!(md.contains("| run-a | 1.000 | 0.500 |"), "{md}");
     assert!(md.contains("| base | 0.400 |"), "{md}");
-    assert!(md.contains("| run-a | src | tgt | 1.000 | 0.500 | 0.500 | 0.500 | 2.000 | 1.000 | 0.000 |"), "{md}");
+    assert!(
+        md.contains(
+            "| run-a | src | tgt | 1.000 | 0.500 | 0.500 | 0.500 | 2.000 | 1.000 | 0.000 |"
+        ),
+        "{md}"
+    );
     let csv = table.to_csv();
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "model,dataset,role,kind,n,acc,prob,acc_norm,prob_norm,reward_acc,margin");
+    assert_eq!(
+        lines[0],
+        "model,dataset,role,kind,n,acc,prob,acc_norm,prob_norm,reward_acc,margin"
+    );
     assert_eq!(lines.len(), 5);
     assert!(lines[1].starts_with("base,src,ID,mc,2,0.5,"), "{csv}");
     assert!(lines[4].starts_with("run-a,tgt,OOD,pairs,2,0.5,"), "{csv}");
-    assert!(lines[4].ends_with(",1,0.4") || lines[4].contains(",1,0.4"), "{csv}");
+    assert!(
+        lines[4].ends_with(",1,0.4") || lines[4].contains(",1,0.4"),
+        "{csv}"
+    );
     let back: Table = serde_json::from_str(&table.to_json().unwrap()).unwrap();
     // JSON keeps every field (floats to within serde_json's parsing precision).
-    assert_eq!((back.columns.clone(), back.shifts.len()), (table.columns.clone(), 2));
+    assert_eq!(
+        (back.columns.clone(), back.shifts.len()),
+        (table.columns.clone(), 2)
+    );
     for (rb, rt) in back.rows.iter().zip(&table.rows) {
         for (cb, ct) in rb.cells.iter().zip(&rt.cells) {
             let (cb, ct) = (cb.as_ref().unwrap(), ct.as_ref().unwrap());

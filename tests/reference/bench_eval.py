@@ -1,0 +1,109 @@
+r"""Side-by-side benchmark of multiple-choice scoring (issue 6): TruthfulQA MC1 items per second on CPU, our Rust
+scorer (crates/reprpo-eval/examples/bench_mc.rs) against a plain Python transformers scorer of the same numbers,
+and the max abs difference of the per-choice log-probabilities. Run through bench_eval.sh.
+
+    /work/venvs/models/bin/python tests/reference/bench_eval.py --model-dir DIR --items N --rust-json R.json
+
+Model: a random LlamaForCausalLM (seed 0 weights, 0.05 N(0,1); norms 1): vocab 512, hidden 256, intermediate 688,
+4 layers, 4 heads / 2 kv heads, untied, written to --model-dir if missing. Tokens: the byte-level tokenizer of
+the embedded default model (BOS = 1, byte b -> 3 + b), so prompt = [1] + bytes(question), choice = bytes(answer)
+exactly as the Rust side tokenises them (classic mode, no truncation, no EOS on choices).
+
+Python scorer (the usual lm-eval-harness-style loop): per item, the choices as one right-padded batch
+[C, P + L] with its attention mask, one forward (eager attention, float32, no grad), log_softmax, the choice
+tokens gathered and summed. torch.set_num_threads(--threads).
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "data", "truthfulqa", "mc_task.json"))
+
+
+def make_model(d):
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=False,
+    )
+    m = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in sorted(m.named_parameters(), key=lambda kv: kv[0]):
+            p.copy_(torch.ones_like(p) if "norm" in name else 0.05 * torch.randn(p.shape, generator=g))
+    m.save_pretrained(d, safe_serialization=True)
+    gc = os.path.join(d, "generation_config.json")
+    if os.path.exists(gc):
+        os.remove(gc)
+
+
+def items(n):
+    rows = json.load(open(DATA))[:n]
+    out = []
+    for r in rows:
+        prompt = [1] + [3 + b for b in r["question"].encode()]
+        choices = [[3 + b for b in a.encode()] for a in r["mc1_targets"].keys()]
+        out.append((prompt, choices))
+    return out
+
+
+@torch.no_grad()
+def score(model, its):
+    res = []
+    for prompt, choices in its:
+        seqs = [prompt + c for c in choices]
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        mask = torch.zeros(len(seqs), T, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        row = []
+        for i, c in enumerate(choices):
+            p = len(prompt)
+            lp = logp[i, p - 1 : p - 1 + len(c)].gather(1, torch.tensor(c).unsqueeze(1))
+            row.append(float(lp.double().sum()))
+        res.append(row)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--items", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rust-json", nargs="*", default=[])
+    ap.add_argument("--make-model", action="store_true")
+    a = ap.parse_args()
+    if a.make_model:
+        if not os.path.exists(os.path.join(a.model_dir, "model.safetensors")):
+            make_model(a.model_dir)
+        return
+    torch.set_num_threads(a.threads)
+    model = LlamaForCausalLM.from_pretrained(a.model_dir, attn_implementation="eager").eval()
+    its = items(a.items)
+    score(model, its[:2])  # warm-up
+    t0 = time.perf_counter()
+    ref = score(model, its)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"side": "python-transformers", "items": len(its), "seconds": dt, "items_per_s": len(its) / dt,
+                      "threads": a.threads, "torch": torch.__version__}))
+    for path in a.rust_json:
+        got = json.load(open(path))
+        assert len(got) == len(ref), (len(got), len(ref))
+        diff = max(abs(x - y) for g, r in zip(got, ref) for x, y in zip(g, r))
+        rel = max(abs(x - y) / abs(y) for g, r in zip(got, ref) for x, y in zip(g, r))
+        print(json.dumps({"compare": path, "max_abs_diff": diff, "max_rel_diff": rel}))
+
+
+if __name__ == "__main__":
+    main()
