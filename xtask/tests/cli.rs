@@ -129,13 +129,51 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
 }
 
 #[test]
-fn train_and_eval_say_not_yet_clearly() {
-    let (ok, out, _) = xtask(&["train"]);
+fn train_then_eval_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = format!("run.out_dir={}", tmp.path().display());
+    let (ok, out, err) = xtask(&[
+        "train",
+        "loss=dpo",
+        "sft.steps=0",
+        "train.max_steps=2",
+        "data.n_train=8",
+        "data.eval_datasets=[default-test]",
+        "data.ood_datasets=[]",
+        "run.plots=false",
+        &out_dir,
+        "--no-progress",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("held-out preference accuracy"), "{out}");
+    let run = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("adapter/adapter_config.json").is_file())
+        .expect("a run folder with an adapter");
+    assert!(run.join("resolved_config.toml").is_file());
+    let (ok, out, err) = xtask(&[
+        "eval",
+        "--adapter",
+        run.to_str().unwrap(),
+        "--suite",
+        "default",
+        "limit=4",
+        "generations=0",
+        "--no-progress",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(run.join("eval/default/table.md").is_file(), "{out}");
+    // A mistyped key fails before any work, naming it and the nearest key.
+    let (ok, _, err) = xtask(&["train", "train.lrr=1e-3", &out_dir]);
+    assert!(!ok);
+    assert!(
+        err.contains("train.lrr") && err.contains("did you mean `lr`"),
+        "{err}"
+    );
+    let (ok, out, _) = xtask(&["train", "--print-config", "loss=ipo"]);
     assert!(ok);
-    assert!(out.contains("not implemented yet (issue 5)"), "{out}");
-    let (ok, out, _) = xtask(&["eval"]);
-    assert!(ok);
-    assert!(out.contains("not implemented yet (issue 6)"), "{out}");
+    assert!(out.contains("loss = \"ipo\""), "{out}");
 }
 
 #[test]
