@@ -13,6 +13,9 @@
 //! rejected sequence right-padded by `b T / (3B)` (integer division), as in the PyTorch script.
 //! Sample counts are small (10 at the realistic shape, flat sampling) so that the whole bench takes
 //! minutes on two cores; filter with e.g. `cargo bench -p reprpo-losses --bench losses -- 3x2x64`.
+//!
+//! The global allocator is mimalloc, as in the `xtask` binary that trains (with glibc's allocator
+//! every iteration pays page faults for its freshly mapped gradient buffers).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -25,6 +28,9 @@ use reprpo_losses::{
     DpoConfig, DpoInputs, DpoState, HiddenPairs, LossType, ReprPoConfig, ReprPoVariant,
     reprpo_loss, reprpo_loss_unfused,
 };
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DTYPES: [(DType, &str); 2] = [(DType::F32, "f32"), (DType::BF16, "bf16")];
 
@@ -153,7 +159,8 @@ fn bench_reprpo(c: &mut Criterion) {
     for (shape, big) in [((3, 2, 64, 256), false), ((3, 8, 512, 2048), true)] {
         let sname = format!("{}x{}x{}x{}", shape.0, shape.1, shape.2, shape.3);
         for (dtype, dn) in DTYPES {
-            let (hp, vars) = hidden_inputs(shape, dtype);
+            // Made on first use, so that a filtered run does not build the inputs it skips.
+            let inputs = std::cell::OnceCell::new();
             for (kname, cfg, f) in kernels() {
                 let mut g = c.benchmark_group(format!("reprpo_{kname}"));
                 if big {
@@ -167,8 +174,9 @@ fn bench_reprpo(c: &mut Criterion) {
                         .measurement_time(Duration::from_secs(1));
                 }
                 g.bench_function(format!("{sname}_{dn}"), |bch| {
+                    let (hp, vars) = inputs.get_or_init(|| hidden_inputs(shape, dtype));
                     bch.iter(|| {
-                        let out = f(&hp, &cfg, 0.5).unwrap();
+                        let out = f(hp, &cfg, 0.5).unwrap();
                         let grads = out.loss.backward().unwrap();
                         black_box(grads.get(vars[1].as_tensor()).is_some());
                     })

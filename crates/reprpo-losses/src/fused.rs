@@ -165,17 +165,23 @@ fn hsum<A: Acc>(v: [A; LANES]) -> A {
 fn stats_chosen<E: Elem>(pc: &[E], rc: &[E]) -> [E::A; 4] {
     let z = [E::A::ZERO; LANES];
     let (mut dd, mut dot, mut nx, mut ny) = (z, z, z, z);
-    let cx = pc.chunks_exact(LANES);
-    let cy = rc.chunks_exact(LANES);
-    let (rx, ry) = (cx.remainder(), cy.remainder());
-    for (x8, y8) in cx.zip(cy) {
+    let (cx, rx) = pc.as_chunks::<LANES>();
+    let (cy, ry) = rc.as_chunks::<LANES>();
+    for (x8, y8) in cx.iter().zip(cy) {
+        let x = x8.map(E::up);
+        let y = y8.map(E::up);
         for i in 0..LANES {
-            let (x, y) = (x8[i].up(), y8[i].up());
-            let d = x - y;
+            let d = x[i] - y[i];
             dd[i] += d * d;
-            dot[i] += x * y;
-            nx[i] += x * x;
-            ny[i] += y * y;
+        }
+        for i in 0..LANES {
+            dot[i] += x[i] * y[i];
+        }
+        for i in 0..LANES {
+            nx[i] += x[i] * x[i];
+        }
+        for i in 0..LANES {
+            ny[i] += y[i] * y[i];
         }
     }
     let mut out = [hsum(dd), hsum(dot), hsum(nx), hsum(ny)];
@@ -190,50 +196,34 @@ fn stats_chosen<E: Elem>(pc: &[E], rc: &[E]) -> [E::A; 4] {
     out
 }
 
-/// `[‖pc - rc‖^2, pc·rc, ‖pc‖^2, ‖rc‖^2, ‖pr - rc‖^2, pr·rc, ‖pr‖^2]` of one row.
+/// `[‖pr - rc‖^2, pr·rc, ‖pr‖^2]` of one row.
 #[inline(always)]
-fn stats_both<E: Elem>(pc: &[E], pr: &[E], rc: &[E]) -> [E::A; 7] {
+fn stats_rejected<E: Elem>(pr: &[E], rc: &[E]) -> [E::A; 3] {
     let z = [E::A::ZERO; LANES];
-    let (mut dc, mut dotc, mut nc, mut nref) = (z, z, z, z);
-    let (mut dr, mut dotr, mut nr) = (z, z, z);
-    let cx = pc.chunks_exact(LANES);
-    let cr = pr.chunks_exact(LANES);
-    let cy = rc.chunks_exact(LANES);
-    let (rx, rr, ry) = (cx.remainder(), cr.remainder(), cy.remainder());
-    for ((x8, r8), y8) in cx.zip(cr).zip(cy) {
+    let (mut dd, mut dot, mut nx) = (z, z, z);
+    let (cx, rx) = pr.as_chunks::<LANES>();
+    let (cy, ry) = rc.as_chunks::<LANES>();
+    for (x8, y8) in cx.iter().zip(cy) {
+        let x = x8.map(E::up);
+        let y = y8.map(E::up);
         for i in 0..LANES {
-            let (x, r, y) = (x8[i].up(), r8[i].up(), y8[i].up());
-            let d = x - y;
-            dc[i] += d * d;
-            dotc[i] += x * y;
-            nc[i] += x * x;
-            nref[i] += y * y;
-            let e = r - y;
-            dr[i] += e * e;
-            dotr[i] += r * y;
-            nr[i] += r * r;
+            let d = x[i] - y[i];
+            dd[i] += d * d;
+        }
+        for i in 0..LANES {
+            dot[i] += x[i] * y[i];
+        }
+        for i in 0..LANES {
+            nx[i] += x[i] * x[i];
         }
     }
-    let mut out = [
-        hsum(dc),
-        hsum(dotc),
-        hsum(nc),
-        hsum(nref),
-        hsum(dr),
-        hsum(dotr),
-        hsum(nr),
-    ];
-    for ((&x, &r), &y) in rx.iter().zip(rr).zip(ry) {
-        let (x, r, y) = (x.up(), r.up(), y.up());
+    let mut out = [hsum(dd), hsum(dot), hsum(nx)];
+    for (&x, &y) in rx.iter().zip(ry) {
+        let (x, y) = (x.up(), y.up());
         let d = x - y;
         out[0] += d * d;
         out[1] += x * y;
         out[2] += x * x;
-        out[3] += y * y;
-        let e = r - y;
-        out[4] += e * e;
-        out[5] += r * y;
-        out[6] += r * r;
     }
     out
 }
@@ -242,10 +232,9 @@ fn stats_both<E: Elem>(pc: &[E], pr: &[E], rc: &[E]) -> [E::A; 7] {
 #[inline(always)]
 fn sq_dist<E: Elem>(x: &[E], y: &[E]) -> E::A {
     let mut acc = [E::A::ZERO; LANES];
-    let cx = x.chunks_exact(LANES);
-    let cy = y.chunks_exact(LANES);
-    let (rx, ry) = (cx.remainder(), cy.remainder());
-    for (x8, y8) in cx.zip(cy) {
+    let (cx, rx) = x.as_chunks::<LANES>();
+    let (cy, ry) = y.as_chunks::<LANES>();
+    for (x8, y8) in cx.iter().zip(cy) {
         for i in 0..LANES {
             let d = x8[i].up() - y8[i].up();
             acc[i] += d * d;
@@ -336,16 +325,15 @@ impl RerouteRetain {
                 continue;
             }
             let s = r * h..(r + 1) * h;
+            // Two sweeps of the row (the second reads `ref_cho` from L1): fewer live accumulators
+            // than one sweep over the three rows, which spilled.
+            let st = stats_chosen(&pc[s.clone()], &rc[s.clone()]);
+            p.ret[bi] += root(st[0]).to_f64();
+            p.cos_c += cos_of(st[1], st[2], st[3]);
             if mr {
-                let st = stats_both(&pc[s.clone()], &pr[s.clone()], &rc[s]);
-                p.ret[bi] += root(st[0]).to_f64();
-                p.cos_c += cos_of(st[1], st[2], st[3]);
-                p.rr[bi] += root(st[4]).to_f64();
-                p.cos_r += cos_of(st[5], st[6], st[3]);
-            } else {
-                let st = stats_chosen(&pc[s.clone()], &rc[s]);
-                p.ret[bi] += root(st[0]).to_f64();
-                p.cos_c += cos_of(st[1], st[2], st[3]);
+                let sr = stats_rejected(&pr[s.clone()], &rc[s]);
+                p.rr[bi] += root(sr[0]).to_f64();
+                p.cos_r += cos_of(sr[1], sr[2], st[3]);
             }
         }
         p
