@@ -8,7 +8,8 @@
 //!
 //! The step is the one of `xtask bench step` (LoRA r = 16, alpha = 16 on all seven projections,
 //! objective `sum(logits * W)`); one process per setting, since the peak resident set (VmHWM)
-//! is a process-wide high-water mark. Prints one JSON line.
+//! is a process-wide high-water mark. A fifth argument runs that many timed steps after two
+//! warm-ups and reports their median. Prints one JSON line.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -65,20 +66,26 @@ fn main() {
         checkpoint: ck,
         ..ForwardSpec::logits()
     };
-    let t0 = Instant::now();
-    let logits = model
-        .forward(&ids, None, None, &spec)
-        .unwrap()
-        .logits
-        .unwrap();
-    let s = (logits * &weight).unwrap().sum_all().unwrap();
-    let grads = checkpoint::backward(&s).unwrap();
-    let secs = t0.elapsed().as_secs_f64();
-    let reached = params
-        .iter()
-        .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
-        .count();
-    assert_eq!(reached, params.len(), "not every parameter got a gradient");
+    let steps: usize = args.get(5).map_or(0, |s| s.parse().unwrap());
+    let runs = if steps == 0 { 1 } else { steps + 2 };
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let t0 = Instant::now();
+        let out = model.forward(&ids, None, None, &spec).unwrap();
+        let s = (out.logits.unwrap() * &weight).unwrap().sum_all().unwrap();
+        let grads = checkpoint::backward(&s).unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        let reached = params
+            .iter()
+            .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+            .count();
+        assert_eq!(reached, params.len(), "not every parameter got a gradient");
+        if steps == 0 || i >= 2 {
+            times.push(secs);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
     println!(
         "{}",
         serde_json::json!({"preset": preset, "batch": batch, "seq": seq, "checkpoint": ck,
