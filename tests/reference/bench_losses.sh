@@ -5,7 +5,7 @@
 # threads (default 2). Prints a markdown table of medians and ratios (PyTorch time / ours; > 1 means
 # we are faster).
 #
-#   bash tests/reference/bench_losses.sh            # everything (about 10 minutes on 2 cores)
+#   bash tests/reference/bench_losses.sh            # everything (about 40 minutes on 2 cores)
 #   bash tests/reference/bench_losses.sh 3x2x64     # only ids containing the filter
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,6 +16,9 @@ FILTER=${1:-}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export RAYON_NUM_THREADS=$THREADS
+# Every kernel at both shapes in both dtypes (the bench alone skips the slow unfused bf16 chains
+# at the realistic shape); about 40 minutes on 2 cores.
+export REPRPO_BENCH_FULL=${REPRPO_BENCH_FULL:-1}
 # Ours first, then PyTorch, in the same run of this script.
 if [ -n "$FILTER" ]; then
   cargo bench -q -p reprpo-losses --bench losses -- "$FILTER" > "$TMP/rust.txt" 2>&1
