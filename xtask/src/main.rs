@@ -410,7 +410,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB, where /proc has it.
-fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -107,14 +107,6 @@ fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
     }
 }
 
-/// Peak resident memory of this process (VmHWM), in MiB, where /proc has it.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// `cargo xtask bench train-step`: the anchor's step (random ids, all tokens attended, the second
 /// half of each sequence is the completion; ReprPO reads hidden states `L/2` and `3L/4`), timed.
 pub fn bench_train_step(
@@ -193,12 +185,7 @@ pub fn bench_train_step(
         let out = reprpo_train::objective::batch_loss(
             &model, &cfg, family, &batch, 0.0, &mut state, true, None,
         )?;
-        let grads = reprpo_train::trainer::backward(&out.loss)?;
-        let g: Vec<Option<Tensor>> = opt
-            .params()
-            .iter()
-            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
-            .collect();
+        let g = opt.gradients(&reprpo_train::trainer::backward(&out.loss)?);
         // Hidden-state losses stop at their deepest layer: adapters above it get no gradient.
         anyhow::ensure!(
             g.iter().any(Option::is_some),
@@ -215,7 +202,7 @@ pub fn bench_train_step(
         "{}",
         serde_json::json!({"preset": preset, "pairs": pairs, "seq": seq, "loss": loss,
             "grad_checkpointing": grad_checkpointing, "median_s": median,
-            "tokens_per_s": (rows * seq) as f64 / median, "peak_rss_mib": peak_rss_mib()})
+            "tokens_per_s": (rows * seq) as f64 / median, "peak_rss_mib": crate::peak_rss_mib()})
     );
     Ok(())
 }

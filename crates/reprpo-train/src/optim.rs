@@ -141,6 +141,14 @@ impl AdamW {
         &self.params
     }
 
+    /// The gradient of each parameter in `store` (`None` where it has none), in parameter order.
+    pub fn gradients(&self, store: &candle_core::backprop::GradStore) -> Vec<Option<Tensor>> {
+        self.params
+            .iter()
+            .map(|(_, v)| store.get(v.as_tensor()).cloned())
+            .collect()
+    }
+
     /// One update with the gradients `grads[i]` of `params[i]` (`None`: no gradient, skipped
     /// as PyTorch skips parameters whose `.grad` is `None`).
     pub fn update(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {

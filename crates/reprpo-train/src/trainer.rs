@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use reprpo_data::Tok;
@@ -142,6 +142,30 @@ pub fn load_model(cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Device
 /// recomputation ([`reprpo_models::checkpoint::backward`]).
 pub fn backward(loss: &Tensor) -> Result<GradStore> {
     Ok(reprpo_models::checkpoint::backward(loss)?)
+}
+
+/// Clip `grads` to `max_norm` (0: off), stop with [`TrainError::NonFinite`] naming optimizer step
+/// `step` if their norm is not finite, else apply them. Returns the norm before clipping.
+fn clip_and_update(
+    opt: &mut AdamW,
+    grads: &mut [Option<Tensor>],
+    max_norm: f64,
+    lr: f64,
+    step: usize,
+    what: &'static str,
+    last_checkpoint: &Option<PathBuf>,
+) -> Result<f64> {
+    let norm = clip_grad_norm(grads, max_norm)?;
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite {
+            step,
+            what,
+            value: norm,
+            last_checkpoint: last_checkpoint.clone(),
+        });
+    }
+    opt.update(grads, lr)?;
+    Ok(norm)
 }
 
 /// The dropout seed of global micro-batch `k` of a stage (SplitMix64 of the run seed, the stage
@@ -418,27 +442,25 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
                 });
             }
             let scaled = (out.loss / cfg.train.grad_accum as f64)?;
-            let store = backward(&scaled)?;
-            for (i, (_, v)) in opt.params().iter().enumerate() {
-                if let Some(g) = store.get(v.as_tensor()) {
-                    grads[i] = Some(match grads[i].take() {
+            for (acc, g) in grads.iter_mut().zip(opt.gradients(&backward(&scaled)?)) {
+                if let Some(g) = g {
+                    *acc = Some(match acc.take() {
                         Some(prev) => (prev + g)?,
-                        None => g.clone(),
+                        None => g,
                     });
                 }
             }
             step_metrics.add(&out.metrics);
         }
-        let norm = clip_grad_norm(&mut grads, cfg.train.max_grad_norm)?;
-        if !norm.is_finite() {
-            return Err(TrainError::NonFinite {
-                step: step + 1,
-                what: "gradient norm",
-                value: norm,
-                last_checkpoint: last_ckpt,
-            });
-        }
-        opt.update(&grads, lr)?;
+        let norm = clip_and_update(
+            &mut opt,
+            &mut grads,
+            cfg.train.max_grad_norm,
+            lr,
+            step + 1,
+            "gradient norm",
+            &last_ckpt,
+        )?;
         step += 1;
         let mut m = step_metrics.mean();
         m.insert("grad_norm".into(), norm);
@@ -835,22 +857,16 @@ fn sft_stage(
             true,
             Some(dropout_seed(cfg.train.seed, 0, step)),
         )?;
-        let store = backward(&out.loss)?;
-        let mut grads: Vec<Option<Tensor>> = opt
-            .params()
-            .iter()
-            .map(|(_, v): &(String, Var)| store.get(v.as_tensor()).cloned())
-            .collect();
-        let norm = clip_grad_norm(&mut grads, 1.0)?;
-        if !norm.is_finite() {
-            return Err(TrainError::NonFinite {
-                step: step + 1,
-                what: "gradient norm (SFT stage)",
-                value: norm,
-                last_checkpoint: None,
-            });
-        }
-        opt.update(&grads, lr)?;
+        let mut grads = opt.gradients(&backward(&out.loss)?);
+        clip_and_update(
+            &mut opt,
+            &mut grads,
+            1.0,
+            lr,
+            step + 1,
+            "gradient norm (SFT stage)",
+            &None,
+        )?;
         acc.add(&out.metrics);
         if let Some(b) = &bar {
             b.set_position(step as u64 + 1);
