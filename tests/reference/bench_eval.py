@@ -12,6 +12,12 @@ exactly as the Rust side tokenises them (classic mode, no truncation, no EOS on 
 Python scorer (the usual lm-eval-harness-style loop): per item, the choices as one right-padded batch
 [C, P + L] with its attention mask, one forward (eager attention, float32, no grad), log_softmax, the choice
 tokens gathered and summed. torch.set_num_threads(--threads).
+
+Agreement is reported at two levels: the summed log-probability of each choice (a few hundred nats here, so
+float32 noise alone is ~1e-4 absolute), and the numbers of the table, the MC1 probability of the correct choice
+normalised over the choices and the accuracy. The same scorer in float64 gives the exact numbers, so each float32
+side's own distance to them is printed too: a difference between two float32 scorers that is no larger than the
+Python scorer's own float32 error is rounding, not a bug.
 """
 
 import argparse
@@ -51,14 +57,37 @@ def items(n):
     for r in rows:
         prompt = [1] + [3 + b for b in r["question"].encode()]
         choices = [[3 + b for b in a.encode()] for a in r["mc1_targets"].keys()]
-        out.append((prompt, choices))
+        labels = list(r["mc1_targets"].values())
+        out.append((prompt, choices, labels.index(1)))
     return out
+
+
+def mc1(sums, correct):
+    """The MC1 numbers of one item: normalised probability of the correct choice, and whether it is the argmax."""
+    t = torch.tensor(sums, dtype=torch.float64)
+    p = torch.softmax(t, dim=0)
+    return float(p[correct]), int(torch.argmax(t)) == correct
+
+
+def compare(name, got, ref, its):
+    """Max abs / rel difference of the summed log-probs, and of the MC1 numbers, of `got` against `ref`."""
+    assert len(got) == len(ref), (len(got), len(ref))
+    diff = max(abs(x - y) for g, r in zip(got, ref) for x, y in zip(g, r))
+    rel = max(abs(x - y) / abs(y) for g, r in zip(got, ref) for x, y in zip(g, r))
+    pg = [mc1(g, it[2]) for g, it in zip(got, its)]
+    pr = [mc1(r, it[2]) for r, it in zip(ref, its)]
+    pdiff = max(abs(a[0] - b[0]) for a, b in zip(pg, pr))
+    acc_g = sum(a[1] for a in pg) / len(pg)
+    acc_r = sum(b[1] for b in pr) / len(pr)
+    return {"compare": name, "max_abs_diff": diff, "max_rel_diff": rel, "mc1_prob_max_abs_diff": pdiff,
+            "mc1_mean_prob_abs_diff": abs(sum(a[0] for a in pg) - sum(b[0] for b in pr)) / len(pg),
+            "mc1_accuracy": acc_g, "mc1_accuracy_ref": acc_r, "argmax_disagreements": sum(a[1] != b[1] for a, b in zip(pg, pr))}
 
 
 @torch.no_grad()
 def score(model, its):
     res = []
-    for prompt, choices in its:
+    for prompt, choices, _ in its:
         seqs = [prompt + c for c in choices]
         T = max(len(s) for s in seqs)
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -66,7 +95,8 @@ def score(model, its):
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
         row = []
         for i, c in enumerate(choices):
             p = len(prompt)
@@ -97,12 +127,12 @@ def main():
     dt = time.perf_counter() - t0
     print(json.dumps({"side": "python-transformers", "items": len(its), "seconds": dt, "items_per_s": len(its) / dt,
                       "threads": a.threads, "torch": torch.__version__}))
+    exact = score(model.double(), its)  # the same scorer in float64: the exact numbers
+    print(json.dumps({**compare("python-transformers f32", ref, exact, its), "against": "python f64"}))
     for path in a.rust_json:
         got = json.load(open(path))
-        assert len(got) == len(ref), (len(got), len(ref))
-        diff = max(abs(x - y) for g, r in zip(got, ref) for x, y in zip(g, r))
-        rel = max(abs(x - y) / abs(y) for g, r in zip(got, ref) for x, y in zip(g, r))
-        print(json.dumps({"compare": path, "max_abs_diff": diff, "max_rel_diff": rel}))
+        print(json.dumps({**compare(path, got, ref, its), "against": "python f32"}))
+        print(json.dumps({**compare(path, got, exact, its), "against": "python f64"}))
 
 
 if __name__ == "__main__":
