@@ -153,7 +153,7 @@ fn clip_and_update(
     lr: f64,
     step: usize,
     what: &'static str,
-    last_checkpoint: &Option<PathBuf>,
+    last_checkpoint: Option<&Path>,
 ) -> Result<f64> {
     let norm = clip_grad_norm(grads, max_norm)?;
     if !norm.is_finite() {
@@ -161,7 +161,7 @@ fn clip_and_update(
             step,
             what,
             value: norm,
-            last_checkpoint: last_checkpoint.clone(),
+            last_checkpoint: last_checkpoint.map(Path::to_path_buf),
         });
     }
     opt.update(grads, lr)?;
@@ -459,7 +459,7 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
             lr,
             step + 1,
             "gradient norm",
-            &last_ckpt,
+            last_ckpt.as_deref(),
         )?;
         step += 1;
         let mut m = step_metrics.mean();
@@ -865,7 +865,7 @@ fn sft_stage(
             lr,
             step + 1,
             "gradient norm (SFT stage)",
-            &None,
+            None,
         )?;
         acc.add(&out.metrics);
         if let Some(b) = &bar {
