@@ -445,11 +445,13 @@ fn bench_step(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<()
     let ids = Tensor::rand(0f32, vocab as f32, (batch, seq), &dev)?.to_dtype(DType::U32)?;
     let weight = Tensor::randn(0f32, 1.0, (batch, seq, vocab), &dev)?;
     let mut times = Vec::new();
+    let mut fwd_times = Vec::new();
     for i in 0..steps + 2 {
         let t0 = Instant::now();
         let out = model.forward(&ids, None, None, &ForwardSpec::logits())?;
         let logits = out.logits.context("no logits")?;
         let s = (logits * &weight)?.sum_all()?;
+        let t_fwd = t0.elapsed().as_secs_f64();
         let grads = s.backward()?;
         let n = params
             .iter()
@@ -463,13 +465,16 @@ fn bench_step(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<()
         }
         if i >= 2 {
             times.push(t0.elapsed().as_secs_f64());
+            fwd_times.push(t_fwd);
         }
     }
     times.sort_by(f64::total_cmp);
+    fwd_times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     println!(
         "{}",
         serde_json::json!({"preset": preset, "batch": batch, "seq": seq, "median_s": median,
+            "forward_median_s": fwd_times[fwd_times.len() / 2],
             "tokens_per_s": (batch * seq) as f64 / median, "peak_rss_mib": peak_rss_mib(),
             "adapter_params": params.len()})
     );
