@@ -12,19 +12,14 @@
 //! # Two ways ([`ScoreMode`])
 //! - [`ScoreMode::PrefixCache`] (default for multiple choice): the shared prompt of a group is
 //!   run **once** through [`CausalLm::forward_cached`], which leaves its keys and values in a
-//!   [`KvCache`] and returns the logits of its last position; each completion then continues
-//!   from a clone of that cache (cloning shares the tensors), one token per step, so the prompt
-//!   is never re-run per choice and the output head is applied only at the positions that are
-//!   scored. Where the sequences' own prompts extend the shared prompt (a merge at the
-//!   boundary), the extra prompt tokens are fed but not counted.
+//!   [`KvCache`] and returns the logits of its last position; all completions of the group then
+//!   run as one right-padded batch on top of that cache ([`CausalLm::forward_after`]), so the
+//!   prompt is never re-run per choice. Where the sequences' own prompts extend the shared
+//!   prompt (a merge at the boundary), the extra prompt tokens are fed but not counted.
 //! - [`ScoreMode::Full`]: every sequence (prompt + completion) is a row of a right-padded batch
 //!   run by [`CausalLm::forward`] with its attention mask; rows are sorted by length and cut
 //!   into batches of at most `batch_tokens` padded tokens. This is what the usual Python
-//!   scorers do; [`crate::evaluate::EvalOptions`] uses it by default because it measured faster
-//!   (docs/perf.md): [`CausalLm::forward_cached`] takes one token row and returns only the last
-//!   position's logits, so the prefix path steps one token at a time. A forward of a padded
-//!   `[C, L]` batch of continuations on top of a batch-1 prompt cache, returning all `[C, L, V]`
-//!   logits, would let it run each item's choices in one batched step.
+//!   scorers do (and each prompt is computed once per choice).
 
 use candle_core::{DType, Device, Tensor};
 use reprpo_data::tokenize::{Group, Layout, Seq, collate};
@@ -101,23 +96,6 @@ pub fn score_groups<M: CausalLm + ?Sized>(
     }
 }
 
-/// `x[tok] - logsumexp(x)` in f64.
-fn log_softmax_at(x: &[f32], tok: u32) -> Result<f64> {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let s: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
-    let v = x.get(tok as usize).ok_or_else(|| {
-        EvalError::Invalid(format!(
-            "token id {tok} outside the vocabulary ({})",
-            x.len()
-        ))
-    })?;
-    Ok(*v as f64 - m - s.ln())
-}
-
-fn last_logits(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
 /// One group through the prompt's KV cache.
 fn score_prefix<M: CausalLm + ?Sized>(
     model: &M,
@@ -141,29 +119,64 @@ fn score_prefix<M: CausalLm + ?Sized>(
     }
     let mut cache = KvCache::default();
     let ids = Tensor::new(g.prompt.as_slice(), dev)?.unsqueeze(0)?;
-    let first = last_logits(&model.forward_cached(&ids, &mut cache)?)?;
-    let mut out = Vec::with_capacity(g.seqs.len());
-    for s in &g.seqs {
-        let tail: Vec<u32> = s.prompt[p..].iter().chain(&s.completion).copied().collect();
+    // Logits of the prompt's last position: they predict each continuation's first token.
+    let first = model.forward_cached(&ids, &mut cache)?;
+    let tails: Vec<Vec<u32>> = g
+        .seqs
+        .iter()
+        .map(|s| s.prompt[p..].iter().chain(&s.completion).copied().collect())
+        .collect();
+    let width = tails.iter().map(Vec::len).max().unwrap_or(0);
+    let c = tails.len();
+    if width == 0 {
+        return Ok(g
+            .seqs
+            .iter()
+            .map(|s| SeqLogp {
+                sum: 0.0,
+                tokens: s.completion.len(),
+            })
+            .collect());
+    }
+    // Every continuation as a row of one right-padded batch on the shared prompt cache. Column
+    // 0 of `all_ids` stands for the prompt's last position (never counted), so that logits
+    // [first, out] and ids [_, tail] line up as `token_logps` expects (logits t-1 predict id t).
+    let mut tail_ids = vec![opts.pad; c * width];
+    let mut tail_mask = vec![0u8; c * width];
+    let mut all_ids = vec![opts.pad; c * (width + 1)];
+    let mut count = vec![0u8; c * (width + 1)];
+    for (r, (t, s)) in tails.iter().zip(&g.seqs).enumerate() {
         let skip = s.prompt.len() - p;
-        let mut c = cache.clone();
-        let mut logits = first.clone();
-        let mut sum = 0.0;
-        for (j, &tok) in tail.iter().enumerate() {
-            if j >= skip {
-                sum += log_softmax_at(&logits, tok)?;
-            }
-            if j + 1 < tail.len() {
-                let step = Tensor::new(&[tok], dev)?.unsqueeze(0)?;
-                logits = last_logits(&model.forward_cached(&step, &mut c)?)?;
-            }
+        for (j, &tok) in t.iter().enumerate() {
+            tail_ids[r * width + j] = tok;
+            tail_mask[r * width + j] = 1;
+            all_ids[r * (width + 1) + 1 + j] = tok;
+            count[r * (width + 1) + 1 + j] = u8::from(j >= skip);
         }
-        out.push(SeqLogp {
+    }
+    let tail_ids = Tensor::from_vec(tail_ids, (c, width), dev)?;
+    let tail_mask = Tensor::from_vec(tail_mask, (c, width), dev)?;
+    let out = model.forward_after(&tail_ids, Some(&tail_mask), &cache)?;
+    let vocab = out.dim(2)?;
+    let first = first
+        .to_dtype(out.dtype())?
+        .reshape((1, 1, vocab))?
+        .broadcast_as((c, 1, vocab))?;
+    let logits = Tensor::cat(&[&first, &out], 1)?;
+    let all_ids = Tensor::from_vec(all_ids, (c, width + 1), dev)?;
+    let count = Tensor::from_vec(count, (c, width + 1), dev)?;
+    let sums = token_logps(&logits, &all_ids, &count)?
+        .sum
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    Ok(sums
+        .into_iter()
+        .zip(&g.seqs)
+        .map(|(sum, s)| SeqLogp {
             sum,
             tokens: s.completion.len(),
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 /// Every sequence of `groups` as rows of right-padded batches.

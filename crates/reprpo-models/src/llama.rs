@@ -447,6 +447,49 @@ impl Llama {
         Ok((x + mlp)?)
     }
 
+    /// Logits `[C, n, vocab]` at every position of `C` right-padded continuations `ids`
+    /// (`[C, n]`, `attention_mask` 1 = real token) of the prefix in `cache` (filled by
+    /// [`Llama::forward_cached`], batch 1 or `C`), in one batched forward: row `c` attends to the
+    /// whole prefix and to its own earlier real tokens, at positions `cache.len + i`. Logits at
+    /// position `i` predict token `i + 1`; the prefix's last logits (from `forward_cached`)
+    /// predict token 0. The cache is not changed, so every continuation of one prompt reuses the
+    /// prompt's keys and values instead of recomputing them (multiple-choice scoring).
+    pub fn forward_after(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let (c, n) = ids.dims2()?;
+        if n == 0 {
+            return Err(ModelError::Invalid(
+                "forward_after needs at least one token per row".into(),
+            ));
+        }
+        let mut kv = prefix_for_rows(cache, self.layers.len(), c)?;
+        let first = cache.len;
+        let positions = Tensor::arange(first as u32, (first + n) as u32, &self.device)?
+            .unsqueeze(0)?
+            .broadcast_as((c, n))?
+            .contiguous()?;
+        let (cos, sin) = self.rope_tables(&positions)?;
+        let mask = mask_after(c, n, first, attention_mask, &self.device)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            c,
+            n,
+            self.config.hidden_size,
+        ))?;
+        let ctx = Ctx {
+            adapter: self.adapters.active,
+            train: false,
+        };
+        for (blk, slot) in self.layers.iter().zip(kv.iter_mut()) {
+            x = self.block(blk, &x, &cos, &sin, &mask, &ctx, Some(slot))?;
+        }
+        let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        head(&normed, &self.lm_head)
+    }
+
     /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
     /// updates the cache. No padding: for generation.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
@@ -485,6 +528,70 @@ impl Llama {
         let normed = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
         Ok(head(&normed, &self.lm_head)?.squeeze(1)?)
     }
+}
+
+/// The prefix cache of [`Llama::forward_after`] / `Phi3::forward_after`, per layer, with its
+/// batch made `rows` (a batch-1 prefix is broadcast to every row and copied; a prefix with
+/// `rows` rows is used as it is).
+pub(crate) fn prefix_for_rows(
+    cache: &KvCache,
+    layers: usize,
+    rows: usize,
+) -> Result<Vec<Option<(Tensor, Tensor)>>> {
+    if cache.len == 0 || cache.kv.len() != layers {
+        return Err(ModelError::Invalid(
+            "forward_after needs a filled cache: run forward_cached on the prefix first".into(),
+        ));
+    }
+    cache
+        .kv
+        .iter()
+        .map(|slot| {
+            let Some((k, v)) = slot else {
+                return Err(ModelError::Invalid(
+                    "forward_after: a layer of the cache is empty".into(),
+                ));
+            };
+            let widen = |t: &Tensor| -> Result<Tensor> {
+                let (b, h, len, d) = t.dims4()?;
+                match b {
+                    _ if b == rows => Ok(t.clone()),
+                    1 => Ok(t.broadcast_as((rows, h, len, d))?.contiguous()?),
+                    _ => Err(ModelError::Invalid(format!(
+                        "forward_after: the cache has batch {b}, the continuations {rows} rows"
+                    ))),
+                }
+            };
+            Ok(Some((widen(k)?, widen(v)?)))
+        })
+        .collect()
+}
+
+/// Additive mask `[b, 1, n, first + n]` for `n` new tokens after `first` cached ones: query `i`
+/// (absolute `first + i`) may attend every cached key and the new keys `j <= i` that are real
+/// in `attention_mask` (`[b, n]`, 1 = real; `None`: all real). 0 where allowed, [`MASK_VALUE`]
+/// elsewhere. No query row is all masked: every row sees the cached keys (`first > 0`).
+pub(crate) fn mask_after(
+    b: usize,
+    n: usize,
+    first: usize,
+    attention_mask: Option<&Tensor>,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = first + n;
+    let allowed: Vec<f32> = (0..n)
+        .flat_map(|i| (0..total).map(move |j| if j <= first + i { 1.0 } else { 0.0 }))
+        .collect();
+    let allowed = Tensor::from_vec(allowed, (1, n, total), device)?;
+    let allowed = match attention_mask {
+        Some(am) => {
+            let am = am.to_dtype(DType::F32)?;
+            let full = Tensor::cat(&[&Tensor::ones((b, first), DType::F32, device)?, &am], 1)?;
+            allowed.broadcast_mul(&full.reshape((b, 1, total))?)?
+        }
+        None => allowed.broadcast_as((b, n, total))?.contiguous()?,
+    };
+    Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
 }
 
 /// The output head `x W^T` (never adapted).

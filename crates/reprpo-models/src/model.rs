@@ -19,6 +19,14 @@ pub trait CausalLm {
     ) -> Result<Output>;
     /// Last-position logits `[1, vocab]` for `ids` after the cached tokens; updates the cache.
     fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// Logits `[C, n, vocab]` of `C` right-padded continuations of the cached prefix, in one
+    /// batched forward; the cache is not changed (see [`Llama::forward_after`]).
+    fn forward_after(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &KvCache,
+    ) -> Result<Tensor>;
     /// The device.
     fn device(&self) -> &Device;
     /// Decoder layers (hidden states are indexed 0..=layers).
@@ -44,6 +52,14 @@ impl CausalLm for Llama {
     fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Llama::forward_cached(self, ids, cache)
     }
+    fn forward_after(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        Llama::forward_after(self, ids, mask, cache)
+    }
     fn device(&self) -> &Device {
         Llama::device(self)
     }
@@ -64,6 +80,14 @@ impl CausalLm for Phi3 {
     }
     fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Phi3::forward_cached(self, ids, cache)
+    }
+    fn forward_after(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        Phi3::forward_after(self, ids, mask, cache)
     }
     fn device(&self) -> &Device {
         Phi3::device(self)

@@ -762,6 +762,64 @@ impl Phi3 {
             && !self.config.uses_long_factors(cache.len)
             && self.config.uses_long_factors(cache.len + new_tokens)
     }
+    /// Logits `[C, n, vocab]` at every position of `C` right-padded continuations of the prefix
+    /// in `cache`, in one batched forward; the cache is not changed. See
+    /// [`crate::Llama::forward_after`]; here the sliding window applies too, and a continuation
+    /// that would switch LongRoPE's factors is an error (see [`Phi3::cache_needs_refill`]).
+    pub fn forward_after(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let (c, n) = ids.dims2()?;
+        if n == 0 {
+            return Err(ModelError::Invalid(
+                "forward_after needs at least one token per row".into(),
+            ));
+        }
+        let mut kv = crate::llama::prefix_for_rows(cache, self.layers.len(), c)?;
+        if self.cache_needs_refill(cache, n) {
+            return Err(ModelError::Invalid(format!(
+                "LongRoPE: {} cached tokens used the short factors and {} tokens need the long \
+                 ones; score the whole sequences instead",
+                cache.len,
+                cache.len + n
+            )));
+        }
+        let first = cache.len;
+        let total = first + n;
+        let positions = Tensor::arange(first as u32, total as u32, &self.device)?
+            .unsqueeze(0)?
+            .broadcast_as((c, n))?
+            .contiguous()?;
+        let (cos, sin) = self.rope_tables_for(&positions, self.config.uses_long_factors(total))?;
+        let full_mask = match attention_mask {
+            Some(am) => Some(Tensor::cat(
+                &[
+                    &Tensor::ones((c, first), DType::F32, &self.device)?,
+                    &am.to_dtype(DType::F32)?,
+                ],
+                1,
+            )?),
+            None => None,
+        };
+        let mask = self.mask(c, n, first, full_mask.as_ref())?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            c,
+            n,
+            self.config.hidden_size,
+        ))?;
+        let ctx = Ctx {
+            adapter: self.adapters.active,
+            train: false,
+        };
+        for (blk, slot) in self.layers.iter().zip(kv.iter_mut()) {
+            x = self.block(blk, &x, &cos, &sin, &mask, &ctx, Some(slot))?;
+        }
+        let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        head(&normed, &self.lm_head)
+    }
 
     /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
     /// updates the cache. No padding: for generation. With LongRoPE the factor set follows the

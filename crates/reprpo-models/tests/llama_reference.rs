@@ -72,6 +72,23 @@ fn llama_gqa_llama3_rope_matches_transformers() {
     check_model("llama_gqa_rope3", None);
 }
 
+/// Continuations of a cached prompt in one padded batch equal full forwards (GQA, llama3 RoPE).
+#[test]
+fn forward_after_matches_full_forward() {
+    let inputs = load("llama_gqa_rope3", "inputs.safetensors");
+    let ids: Vec<u32> = inputs["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let model = Llama::load(&dir("llama_gqa_rope3"), DType::F32, &Device::Cpu).unwrap();
+    let worst = common::after_matches_full(&model, &ids);
+    eprintln!("llama_gqa_rope3: forward_after vs full max abs diff {worst:.2e}");
+    assert!(worst < 1e-4, "forward_after vs full: {worst}");
+}
+
 #[test]
 fn llama_tied_matches_transformers() {
     check_model("llama_tied", None);

@@ -380,6 +380,22 @@ fn cached_and_full_forward_agree() {
     assert!(worst < 1e-4, "cached vs full: {worst}");
 }
 
+/// Continuations of a cached prompt in one padded batch equal full forwards (sliding window and
+/// partial rotary included).
+#[test]
+fn forward_after_matches_full_forward() {
+    let inputs = load("phi3_mini", "inputs.safetensors");
+    let ids: Vec<u32> = u32s(&inputs["input_ids"])
+        .get(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let model = Phi3::load(&dir("phi3_mini"), DType::F32, &Device::Cpu).unwrap();
+    let worst = common::after_matches_full(&model, &ids);
+    eprintln!("phi3_mini: forward_after vs full max abs diff {worst:.2e}");
+    assert!(worst < 1e-4, "forward_after vs full: {worst}");
+}
+
 /// LongRoPE with a cache: below the switch point the cached logits equal a full forward over the
 /// prefix (short factors); the step that crosses it is refused until the cache is refilled, and
 /// after the refill (long factors for everything, as transformers' generation does) the cached

@@ -174,3 +174,70 @@ pub fn check_adapter<M: CausalLm + AdapterHost>(
     );
     (e_logits, e_hidden, e_grad)
 }
+
+/// `forward_after` against full forwards: a prefix of `ids` goes through `forward_cached`, then
+/// three continuations of different lengths (right-padded into one batch, padding with a token
+/// id that is not the real one, so a leak would show) through `forward_after`; each row's logits
+/// at its real positions must equal those of a full forward over prefix + row. Returns the max
+/// abs difference.
+#[allow(dead_code)]
+pub fn after_matches_full<M: CausalLm>(model: &M, ids: &[u32]) -> f32 {
+    let dev = Device::Cpu;
+    let p = 4;
+    assert!(ids.len() >= p + 6, "need at least 10 ids");
+    let mut rev: Vec<u32> = ids[p..p + 6].to_vec();
+    rev.reverse();
+    let rows: Vec<Vec<u32>> = vec![
+        ids[p..p + 6].to_vec(),
+        ids[p..p + 2].to_vec(),
+        rev[..4].to_vec(),
+    ];
+    let width = 6;
+    let pad = ids[0];
+    let mut flat = Vec::new();
+    let mut mask = Vec::new();
+    for r in &rows {
+        for j in 0..width {
+            flat.push(r.get(j).copied().unwrap_or(pad));
+            mask.push(u8::from(j < r.len()));
+        }
+    }
+    let mut cache = reprpo_models::KvCache::default();
+    let prefix = Tensor::new(&ids[..p], &dev).unwrap().unsqueeze(0).unwrap();
+    let last = model.forward_cached(&prefix, &mut cache).unwrap();
+    let after = model
+        .forward_after(
+            &Tensor::from_vec(flat, (rows.len(), width), &dev).unwrap(),
+            Some(&Tensor::from_vec(mask, (rows.len(), width), &dev).unwrap()),
+            &cache,
+        )
+        .unwrap();
+    assert_eq!(cache.len, p, "forward_after must not change the cache");
+    let mut worst = 0f32;
+    for (r, row) in rows.iter().enumerate() {
+        let seq: Vec<u32> = ids[..p].iter().chain(row).copied().collect();
+        let full = model
+            .forward(
+                &Tensor::new(seq.as_slice(), &dev)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+                None,
+                &ForwardSpec::logits(),
+            )
+            .unwrap()
+            .logits
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let d = (&last.squeeze(0).unwrap() - full.get(p - 1).unwrap()).unwrap();
+        worst = worst.max(max_abs(&d));
+        for j in 0..row.len() {
+            let got = after.get(r).unwrap().get(j).unwrap();
+            let d = (&got - full.get(p + j).unwrap()).unwrap();
+            worst = worst.max(max_abs(&d));
+        }
+    }
+    worst
+}
