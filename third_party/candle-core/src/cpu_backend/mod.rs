@@ -1401,6 +1401,19 @@ impl Map2 for ConvTranspose2D<'_> {
     }
 }
 
+/// reprpo: a vector of `len` elements for a matmul destination, without zeroing it. Every
+/// element is written by `gemm` (called with `read_dst = false`) before the vector is read.
+fn uninit_matmul_dst<T: Copy>(len: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: T is a plain float type (Copy, no drop, every bit pattern valid), the capacity is
+    // `len`, and the caller overwrites every element before reading any.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
+}
+
 struct MatMul((usize, usize, usize, usize));
 
 impl MatMul {
@@ -1478,7 +1491,9 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // reprpo: the destination is not zeroed first (gemm is called with read_dst = false and
+        // writes every element, zeros included when k == 0), which saves a serial memset.
+        let mut dst = uninit_matmul_dst::<T>(b * m * n);
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1499,10 +1514,9 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        for step in 0..b {
+        let one_gemm = |step: usize, dst_p: &mut [T], parallelism: Parallelism| {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
             unsafe {
                 gemm(
                     /* m: usize = */ m,
@@ -1525,6 +1539,20 @@ impl Map2 for MatMul {
                     /* conj_rhs: bool = */ false,
                     parallelism,
                 )
+            }
+        };
+        // reprpo: gemm runs a product below its threading threshold (48 * 48 * 256 multiply-adds)
+        // on the calling thread, so a batch of small products (attention: batch x heads of
+        // [t, d] x [d, t]) used one core. Such batches are spread over the rayon pool instead,
+        // one single-threaded gemm per batch entry.
+        if b > 1 && num_threads > 1 && m * n * k < gemm::get_threading_threshold() && c_skip > 0
+        {
+            dst.par_chunks_mut(c_skip)
+                .enumerate()
+                .for_each(|(step, dst_p)| one_gemm(step, dst_p, Parallelism::None));
+        } else {
+            for step in 0..b {
+                one_gemm(step, &mut dst[step * c_skip..], parallelism);
             }
         }
         Ok(dst)
