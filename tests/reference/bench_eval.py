@@ -113,6 +113,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rust-json", nargs="*", default=[])
     ap.add_argument("--make-model", action="store_true")
+    ap.add_argument("--time-only", action="store_true", help="print the timing line only (no f64 pass, no comparison)")
     a = ap.parse_args()
     if a.make_model:
         if not os.path.exists(os.path.join(a.model_dir, "model.safetensors")):
@@ -127,6 +128,8 @@ def main():
     dt = time.perf_counter() - t0
     print(json.dumps({"side": "python-transformers", "items": len(its), "seconds": dt, "items_per_s": len(its) / dt,
                       "threads": a.threads, "torch": torch.__version__}))
+    if a.time_only:
+        return
     exact = score(model.double(), its)  # the same scorer in float64: the exact numbers
     print(json.dumps({**compare("python-transformers f32", ref, exact, its), "against": "python f64"}))
     for path in a.rust_json:

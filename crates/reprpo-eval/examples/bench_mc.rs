@@ -4,7 +4,7 @@
 //! log-probability to a JSON file for the comparison.
 //!
 //! `cargo run --release -p reprpo-eval --example bench_mc -- MODEL_DIR N MODE OUT.json`
-//! (MODE: `prefix-cache` or `full`).
+//! (MODE: `prefix-cache`, `full` or `auto`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -17,6 +17,10 @@ use reprpo_eval::scorer::{ScoreMode, ScoreOptions, score_groups};
 use reprpo_eval::suite::{Items, Suite, load_dataset};
 use reprpo_models::Llama;
 
+/// The allocator of the xtask binary (bench_eval.sh also sets its purge delay as xtask does).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, model_dir, n, mode, out] = args.as_slice() else {
@@ -25,7 +29,9 @@ fn main() -> anyhow::Result<()> {
     let n: usize = n.parse()?;
     let mode = match mode.as_str() {
         "full" => ScoreMode::Full,
-        _ => ScoreMode::PrefixCache,
+        "auto" => ScoreMode::Auto,
+        "prefix-cache" => ScoreMode::PrefixCache,
+        other => anyhow::bail!("unknown MODE {other}: full, auto or prefix-cache"),
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let suite = Suite::by_name(

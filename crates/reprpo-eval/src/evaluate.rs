@@ -48,11 +48,10 @@ pub struct EvalOptions {
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
-            // Padded batches by default: measured faster than the token-by-token prefix path on
-            // TruthfulQA MC1 (docs/perf.md, "Evaluation"), until the models crate can run a
-            // batch of continuations on top of one prompt's cache.
-            mc_mode: ScoreMode::Full,
-            pair_mode: ScoreMode::Full,
+            // Per group, the prompt cache where it at least halves the work, else padded
+            // batches (see `ScoreMode::Auto`; docs/perf.md, "Evaluation").
+            mc_mode: ScoreMode::Auto,
+            pair_mode: ScoreMode::Auto,
             batch_tokens: 4096,
             beta: 0.1,
             limit: None,

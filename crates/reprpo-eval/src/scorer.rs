@@ -20,6 +20,13 @@
 //!   run by [`CausalLm::forward`] with its attention mask; rows are sorted by length and cut
 //!   into batches of at most `batch_tokens` padded tokens. This is what the usual Python
 //!   scorers do (and each prompt is computed once per choice).
+//! - [`ScoreMode::Auto`] (the default): per group, the prefix cache where it cuts the tokens run
+//!   to a third or less (`3 (P + C W) <= C (P + W)` for a prompt of P tokens and C continuations
+//!   of at most W), full batches for the rest. The factor is measured, with a margin: a group
+//!   through the cache runs as small forwards of its own, which on 2 CPU cores process tokens at
+//!   about 0.55-0.6 of the rate of the large mixed batches of full mode (docs/perf.md,
+//!   "Evaluation"). Short prompts (TruthfulQA MC1 without a few-shot preamble, preference pairs)
+//!   go to full batches; long shared prompts (few-shot) to the cache.
 
 use candle_core::{DType, Device, Tensor};
 use reprpo_data::tokenize::{Group, Layout, Seq, collate};
@@ -36,8 +43,10 @@ pub enum ScoreMode {
     /// The prompt once, its KV cache reused for every completion.
     PrefixCache,
     /// Padded batches of full sequences.
-    #[default]
     Full,
+    /// Per group, whichever of the two runs fewer tokens by the rule in the module docs.
+    #[default]
+    Auto,
 }
 
 /// A completion's summed log-probability and its number of counted tokens.
@@ -63,7 +72,7 @@ pub struct ScoreOptions {
 impl Default for ScoreOptions {
     fn default() -> Self {
         ScoreOptions {
-            mode: ScoreMode::Full,
+            mode: ScoreMode::Auto,
             batch_tokens: 4096,
             pad: 0,
         }
@@ -93,7 +102,32 @@ pub fn score_groups<M: CausalLm + ?Sized>(
             }
             Ok(out)
         }
+        ScoreMode::Auto => {
+            let (cached, batched): (Vec<usize>, Vec<usize>) =
+                (0..groups.len()).partition(|&i| prefix_pays(groups[i]));
+            let mut out: Vec<Vec<SeqLogp>> = vec![Vec::new(); groups.len()];
+            let full_groups: Vec<&Group> = batched.iter().map(|&i| groups[i]).collect();
+            for (&i, lps) in batched.iter().zip(score_full(model, &full_groups, opts)?) {
+                out[i] = lps;
+            }
+            progress(batched.len());
+            for i in cached {
+                out[i] = score_prefix(model, groups[i], opts)?;
+                progress(1);
+            }
+            Ok(out)
+        }
     }
+}
+
+/// [`ScoreMode::Auto`]'s rule: the prompt cache cuts the tokens run to a third or less,
+/// `3 (P + C W) <= C (P + W)`, with W the longest continuation after the shared prompt.
+fn prefix_pays(g: &Group) -> bool {
+    let p = g.prompt.len();
+    let c = g.seqs.len();
+    let longest = g.seqs.iter().map(Seq::len).max().unwrap_or(0);
+    let tail = longest.saturating_sub(p);
+    p > 0 && c > 1 && 3 * (p + c * tail) <= c * longest
 }
 
 /// One group through the prompt's KV cache.

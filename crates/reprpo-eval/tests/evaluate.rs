@@ -186,3 +186,65 @@ fn base_scores_equal_an_adapters_off_forward() {
         assert!((e["logp_rejected"].as_f64().unwrap() - rj).abs() <= 1e-4 * rj.abs());
     }
 }
+
+/// `ScoreMode::Auto` sends a group with a long shared prompt through the cache and one with a
+/// short prompt to padded batches, keeps the groups in order, and gives the numbers of full mode.
+#[test]
+fn auto_mode_mixes_both_paths_and_equals_full() {
+    use reprpo_data::tokenize::{Group, Seq};
+    use reprpo_eval::scorer::{ScoreOptions, score_groups};
+    let (mut m, idx) = model();
+    m.adapters.active = Some(idx);
+    let group = |p: usize, tails: &[usize], salt: u32| {
+        let prompt: Vec<u32> = (0..p as u32).map(|i| 3 + (i * 7 + salt) % 250).collect();
+        let seqs = tails
+            .iter()
+            .enumerate()
+            .map(|(k, &w)| Seq {
+                prompt: prompt.clone(),
+                completion: (0..w as u32)
+                    .map(|i| 3 + (i * 13 + 31 * k as u32 + salt) % 250)
+                    .collect(),
+            })
+            .collect();
+        Group {
+            prompt,
+            seqs,
+            truncated: false,
+        }
+    };
+    // 3 (P + C W) <= C (P + W): 3 (6 + 2 * 9) = 72 > 30 -> full; 3 (40 + 4 * 5) = 180 <= 180
+    // -> cache; 3 (5 + 2 * 7) = 57 > 24 -> full; 3 (60 + 5 * 2) = 210 <= 310 -> cache.
+    let groups = [
+        group(6, &[9, 4], 1),
+        group(40, &[5, 3, 2, 4], 2),
+        group(5, &[2, 7], 3),
+        group(60, &[1, 2, 2, 1, 2], 4),
+    ];
+    let refs: Vec<&Group> = groups.iter().collect();
+    let run = |mode| {
+        let opts = ScoreOptions {
+            mode,
+            batch_tokens: 64,
+            pad: 0,
+        };
+        let mut calls = Vec::new();
+        let out = score_groups(&m, &refs, &opts, &mut |n| calls.push(n)).unwrap();
+        (out, calls)
+    };
+    let (full, _) = run(ScoreMode::Full);
+    let (auto, calls) = run(ScoreMode::Auto);
+    // Full batches report the two short groups at once, then one call per cached group.
+    assert_eq!(calls, vec![2, 1, 1]);
+    assert_eq!(calls.iter().sum::<usize>(), groups.len());
+    let mut worst: f64 = 0.0;
+    for (g, (a, f)) in groups.iter().zip(auto.iter().zip(&full)) {
+        assert_eq!(a.len(), g.seqs.len());
+        for (x, y) in a.iter().zip(f) {
+            assert_eq!(x.tokens, y.tokens);
+            worst = worst.max((x.sum - y.sum).abs() / y.sum.abs());
+        }
+    }
+    println!("auto vs full: worst relative difference {worst:.2e}");
+    assert!(worst < 1e-5, "{worst}");
+}
