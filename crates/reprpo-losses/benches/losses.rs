@@ -6,15 +6,16 @@
 //! - `reprpo_{variant}/{L}x{B}x{T}x{H}_{f32,bf16}`: `reprpo_loss` at the realistic shape
 //!   3 x 8 x 512 x 2048 and the small shape 3 x 2 x 64 x 256, progress 0.5, backward into the two
 //!   policy hidden-state tensors; `reprpo_original_fused` is the fused kernel (`reprpo_loss`),
-//!   `reprpo_original_unfused` the same loss through `reprpo_loss_unfused`, every other variant
-//!   runs its (unfused) chain of candle ops.
+//!   `reprpo_original_unfused` the same loss through `reprpo_loss_unfused` (in the input dtype),
+//!   every other variant runs its (unfused) chain of candle ops, in f32 for bf16 inputs (what
+//!   `reprpo_loss` does with half-precision hidden states).
 //!
 //! Masks: example `b` of `B` has its chosen sequence left-padded by `b T / (4B)` positions and its
 //! rejected sequence right-padded by `b T / (3B)` (integer division), as in the PyTorch script.
 //! Sample counts are small (10 at the realistic shape, flat sampling) so that the whole bench takes
 //! minutes on two cores; filter with e.g. `cargo bench -p reprpo-losses --bench losses -- 3x2x64`.
-//! The variants other than `original` run in bf16 at the realistic shape only with
-//! `REPRPO_BENCH_FULL=1` (seconds per step each; about 20 more minutes).
+//! `reprpo_original_unfused` runs in bf16 at the realistic shape only with `REPRPO_BENCH_FULL=1`
+//! (candle's native bf16 chain: seconds per step).
 //!
 //! The global allocator is mimalloc, as in the `xtask` binary that trains (with glibc's allocator
 //! every iteration pays page faults for its freshly mapped gradient buffers).
@@ -165,9 +166,9 @@ fn bench_reprpo(c: &mut Criterion) {
             // Made on first use, so that a filtered run does not build the inputs it skips.
             let inputs = std::cell::OnceCell::new();
             for (kname, cfg, f) in kernels() {
-                // The unfused bf16 chains take seconds per step at the realistic shape; they run
+                // The native bf16 chain takes seconds per step at the realistic shape; it runs
                 // only with REPRPO_BENCH_FULL=1 (as tests/reference/bench_losses.sh sets).
-                if big && dtype == DType::BF16 && !kname.starts_with("original") && !full {
+                if big && dtype == DType::BF16 && kname == "original_unfused" && !full {
                     continue;
                 }
                 let mut g = c.benchmark_group(format!("reprpo_{kname}"));

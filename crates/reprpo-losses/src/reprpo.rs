@@ -665,6 +665,34 @@ fn loss_impl(
             f.cos_rejected,
         );
     }
+    if allow_fused && matches!(dtype, DType::BF16 | DType::F16) {
+        // Half-precision hidden states through the chain of candle ops: computed in f32 (one
+        // conversion per input, differentiable) and cast back, as mixed-precision training keeps
+        // losses in f32. candle's bf16/f16 elementwise ops convert element by element and were
+        // 5-20x slower than the f32 chain at the benchmark shapes (docs/perf.md, "Loss
+        // kernels"), and f32 accumulation is closer to exact. `reprpo_loss_unfused` keeps the
+        // native-dtype chain as a reference.
+        let up = |t: &Tensor| t.to_dtype(DType::F32);
+        let inputs32 = HiddenPairs {
+            policy_chosen: up(&inputs.policy_chosen)?,
+            policy_rejected: up(&inputs.policy_rejected)?,
+            reference_chosen: up(&inputs.reference_chosen)?,
+            reference_rejected: up(&inputs.reference_rejected)?,
+            chosen_mask: inputs.chosen_mask.clone(),
+            rejected_mask: inputs.rejected_mask.clone(),
+            dpo_z: inputs.dpo_z.as_ref().map(up).transpose()?,
+        };
+        let out = loss_impl(&inputs32, cfg, progress, false)?;
+        return Ok(LossOut {
+            loss: out.loss.to_dtype(dtype)?,
+            per_example: out.per_example.to_dtype(dtype)?,
+            metrics: out
+                .metrics
+                .into_iter()
+                .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
+                .collect::<Result<_>>()?,
+        });
+    }
     let m_c = inputs.chosen_mask.detach().gt(0.0)?.to_dtype(dtype)?;
     let m_r = inputs.rejected_mask.detach().gt(0.0)?.to_dtype(dtype)?;
     let m_both = m_c.mul(&m_r)?;
