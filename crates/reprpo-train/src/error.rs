@@ -53,6 +53,9 @@ pub enum TrainError {
     /// Loss code.
     #[error(transparent)]
     Loss(#[from] reprpo_losses::LossError),
+    /// Evaluation code (the held-out preference scores).
+    #[error(transparent)]
+    Eval(#[from] reprpo_eval::EvalError),
     /// Tensor code.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -744,12 +744,25 @@ fn preference_scores(
                 TrainError::Model(reprpo_models::ModelError::Invalid("no logits".into()))
             })?;
             let lp = reprpo_models::logps::token_logps(&logits, &b.ids, &b.loss_mask)?;
-            let mean: Vec<f32> = lp.mean()?.to_vec1()?;
+            let sum: Vec<f64> = lp.sum.to_dtype(DType::F64)?.to_vec1()?;
+            let count: Vec<f64> = lp.count.to_dtype(DType::F64)?.to_vec1()?;
             let n = refs.len();
             for i in 0..n {
-                let delta = f64::from(mean[i] - mean[n + i]);
-                probs.push(1.0 / (1.0 + (-delta).exp()));
+                if count[i] == 0.0 || count[n + i] == 0.0 {
+                    continue; // a completion truncated away: nothing to score (not counted in n)
+                }
+                // The same score as `cargo xtask eval` (reprpo-eval's `pref_score`).
+                let s = reprpo_eval::pref_score(
+                    sum[i],
+                    count[i] as usize,
+                    sum[n + i],
+                    count[n + i] as usize,
+                )?;
+                probs.push(s.prob);
             }
+        }
+        if probs.is_empty() {
+            continue;
         }
         let acc = probs.iter().filter(|&&p| p > 0.5).count() as f64 / probs.len() as f64;
         let prob = probs.iter().sum::<f64>() / probs.len() as f64;
