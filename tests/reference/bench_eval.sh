@@ -3,11 +3,14 @@
 # run on the same model; prints items/s and the max abs difference of the per-choice log-probabilities.
 # Usage: tests/reference/bench_eval.sh [ITEMS] [ROUNDS]   (needs ../shared/data and /work/venvs/models; see
 # bench_eval.py). The timings run ROUNDS times (default 5), the sides interleaved so that a slow spell of a shared
-# machine hits all of them; the median items/s of each side is printed at the end.
+# machine hits all of them; the median items/s of each side is printed at the end. FORMAT=qa-primer puts
+# TruthfulQA's six-shot primer (~620 tokens) before every question, on both sides.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N="${1:-100}"
 ROUNDS="${2:-5}"
+FORMAT="${FORMAT:-plain}"
+PYFMT=(); [ "$FORMAT" = qa-primer ] && PYFMT=(--qa-primer)
 PY="${PYTHON:-/work/venvs/models/bin/python}"
 DIR="${BENCH_DIR:-target/bench-eval}"
 mkdir -p "$DIR/model"
@@ -20,9 +23,9 @@ LOG="$DIR/timings.jsonl"
 : > "$LOG"
 for _ in $(seq "$ROUNDS"); do
   for mode in full prefix-cache auto; do
-    "$BIN" "$DIR/model" "$N" "$mode" "$DIR/rust-$mode.json" | tee -a "$LOG"
+    "$BIN" "$DIR/model" "$N" "$mode" "$DIR/rust-$mode.json" "$FORMAT" | tee -a "$LOG"
   done
-  "$PY" tests/reference/bench_eval.py --model-dir "$DIR/model" --items "$N" --time-only 2>/dev/null | tee -a "$LOG"
+  "$PY" tests/reference/bench_eval.py --model-dir "$DIR/model" --items "$N" "${PYFMT[@]}" --time-only 2>/dev/null | tee -a "$LOG"
 done
 "$PY" - "$LOG" <<'PYEOF'
 import json, statistics, sys
@@ -36,5 +39,5 @@ for k, v in by.items():
     m = statistics.median(v)
     print(json.dumps({"mode": k, "median items/s": round(m, 2), "ratio vs python": round(m / py, 3), "runs": [round(x, 1) for x in v]}))
 PYEOF
-"$PY" tests/reference/bench_eval.py --model-dir "$DIR/model" --items "$N" \
+"$PY" tests/reference/bench_eval.py --model-dir "$DIR/model" --items "$N" "${PYFMT[@]}" \
   --rust-json "$DIR/rust-full.json" "$DIR/rust-prefix-cache.json" "$DIR/rust-auto.json"

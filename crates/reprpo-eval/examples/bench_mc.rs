@@ -4,7 +4,8 @@
 //! log-probability to a JSON file for the comparison.
 //!
 //! `cargo run --release -p reprpo-eval --example bench_mc -- MODEL_DIR N MODE OUT.json`
-//! (MODE: `prefix-cache`, `full` or `auto`).
+//! (MODE: `prefix-cache`, `full` or `auto`; an optional sixth argument `qa-primer` puts
+//! TruthfulQA's six-shot primer before every question).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -23,8 +24,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, model_dir, n, mode, out] = args.as_slice() else {
-        anyhow::bail!("usage: bench_mc MODEL_DIR N MODE OUT.json");
+    let (model_dir, n, mode, out, format) = match args.as_slice() {
+        [_, m, n, mode, out] => (m, n, mode, out, "plain"),
+        [_, m, n, mode, out, f] => (m, n, mode, out, f.as_str()),
+        _ => anyhow::bail!("usage: bench_mc MODEL_DIR N MODE OUT.json [plain|qa-primer]"),
     };
     let n: usize = n.parse()?;
     let mode = match mode.as_str() {
@@ -39,7 +42,18 @@ fn main() -> anyhow::Result<()> {
         &root.join("datasets/suites"),
         &root.join("datasets"),
     )?;
-    let loaded = load_dataset(&suite.datasets[0], &root, Some(n))?;
+    // The suite's first dataset is plain MC1, its fourth MC1 with the six-shot QA primer.
+    let spec = match format {
+        "plain" => &suite.datasets[0],
+        "qa-primer" => &suite.datasets[3],
+        other => anyhow::bail!("unknown format {other}: plain or qa-primer"),
+    };
+    anyhow::ensure!(
+        spec.name.starts_with("truthfulqa-mc1"),
+        "unexpected dataset {}",
+        spec.name
+    );
+    let loaded = load_dataset(spec, &root, Some(n))?;
     let Items::Mc(items) = loaded.items else {
         anyhow::bail!("truthfulqa-mc1 is multiple choice");
     };
@@ -70,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(out, serde_json::to_string(&logps)?)?;
     println!(
         "{}",
-        serde_json::json!({"items": groups.len(), "seconds": secs, "items_per_s": groups.len() as f64 / secs, "mode": format!("{mode:?}")})
+        serde_json::json!({"items": groups.len(), "seconds": secs, "items_per_s": groups.len() as f64 / secs, "mode": format!("{mode:?}"), "format": format})
     );
     Ok(())
 }
