@@ -213,8 +213,8 @@ fn auto_mode_mixes_both_paths_and_equals_full() {
             truncated: false,
         }
     };
-    // 3 (P + C W) <= C (P + W): 3 (6 + 2 * 9) = 72 > 30 -> full; 3 (40 + 4 * 5) = 180 <= 180
-    // -> cache; 3 (5 + 2 * 7) = 57 > 24 -> full; 3 (60 + 5 * 2) = 210 <= 310 -> cache.
+    // 2 (P + C W) <= C (P + W): 2 (6 + 2 * 9) = 48 > 30 -> full; 2 (40 + 4 * 5) = 120 <= 180
+    // -> cache; 2 (5 + 2 * 7) = 38 > 24 -> full; 2 (60 + 5 * 2) = 140 <= 310 -> cache.
     let groups = [
         group(6, &[9, 4], 1),
         group(40, &[5, 3, 2, 4], 2),
