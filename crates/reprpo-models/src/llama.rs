@@ -467,50 +467,29 @@ impl Llama {
             ));
         }
         let mut kv = prefix_for_rows(cache, self.layers.len(), c)?;
-        let first = cache.len;
-        let positions = Tensor::arange(first as u32, (first + n) as u32, &self.device)?
-            .unsqueeze(0)?
-            .broadcast_as((c, n))?
-            .contiguous()?;
-        let (cos, sin) = self.rope_tables(&positions)?;
-        let mask = mask_after(c, n, first, attention_mask, &self.device)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            c,
-            n,
-            self.config.hidden_size,
-        ))?;
-        let ctx = Ctx {
-            adapter: self.adapters.active,
-            train: false,
-        };
-        for (blk, slot) in self.layers.iter().zip(kv.iter_mut()) {
-            x = self.block(blk, &x, &cos, &sin, &mask, &ctx, Some(slot))?;
-        }
+        let mask = mask_after(c, n, cache.len, attention_mask, &self.device)?;
+        let x = self.blocks_after(ids, cache.len, &mask, &mut kv)?;
         let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
         head(&normed, &self.lm_head)
     }
 
-    /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
-    /// updates the cache. No padding: for generation.
-    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// The blocks over new tokens `ids` (`[b, n]`) at positions `first..first + n` with the
+    /// additive `mask`, each block attending to and extending its slot of `kv`; returns the
+    /// hidden states after the last block (before the final norm). Shared by
+    /// [`Llama::forward_cached`] and [`Llama::forward_after`].
+    fn blocks_after(
+        &self,
+        ids: &Tensor,
+        first: usize,
+        mask: &Tensor,
+        kv: &mut [Option<(Tensor, Tensor)>],
+    ) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
-        if cache.kv.len() != self.layers.len() {
-            cache.kv = vec![None; self.layers.len()];
-            cache.len = 0;
-        }
-        let start = cache.len as u32;
-        let positions = Tensor::arange(start, start + n as u32, &self.device)?
+        let positions = Tensor::arange(first as u32, (first + n) as u32, &self.device)?
             .unsqueeze(0)?
             .broadcast_as((b, n))?
             .contiguous()?;
         let (cos, sin) = self.rope_tables(&positions)?;
-        // Query i (absolute start+i) sees keys 0..=start+i.
-        let total = cache.len + n;
-        let first = cache.len;
-        let m: Vec<f32> = (0..n)
-            .flat_map(|i| (0..total).map(move |j| if j <= first + i { 0.0 } else { MASK_VALUE }))
-            .collect();
-        let mask = Tensor::from_vec(m, (1, 1, n, total), &self.device)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
             b,
             n,
@@ -520,10 +499,25 @@ impl Llama {
             adapter: self.adapters.active,
             train: false,
         };
-        for (blk, slot) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            x = self.block(blk, &x, &cos, &sin, &mask, &ctx, Some(slot))?;
+        for (blk, slot) in self.layers.iter().zip(kv.iter_mut()) {
+            x = self.block(blk, &x, &cos, &sin, mask, &ctx, Some(slot))?;
         }
-        cache.len = total;
+        Ok(x)
+    }
+
+    /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
+    /// updates the cache. No padding: for generation.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, n) = ids.dims2()?;
+        if cache.kv.len() != self.layers.len() {
+            cache.kv = vec![None; self.layers.len()];
+            cache.len = 0;
+        }
+        // Query i (absolute first + i) sees keys 0..=first + i.
+        let first = cache.len;
+        let mask = mask_after(1, n, first, None, &self.device)?;
+        let x = self.blocks_after(ids, first, &mask, &mut cache.kv)?;
+        cache.len = first + n;
         let last = x.i((.., n - 1..n, ..))?;
         let normed = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
         Ok(head(&normed, &self.lm_head)?.squeeze(1)?)
@@ -570,7 +564,7 @@ pub(crate) fn prefix_for_rows(
 /// Additive mask `[b, 1, n, first + n]` for `n` new tokens after `first` cached ones: query `i`
 /// (absolute `first + i`) may attend every cached key and the new keys `j <= i` that are real
 /// in `attention_mask` (`[b, n]`, 1 = real; `None`: all real). 0 where allowed, [`MASK_VALUE`]
-/// elsewhere. No query row is all masked: every row sees the cached keys (`first > 0`).
+/// elsewhere. No query row is all masked: every query sees its own key (and the cached ones).
 pub(crate) fn mask_after(
     b: usize,
     n: usize,

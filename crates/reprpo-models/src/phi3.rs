@@ -788,12 +788,6 @@ impl Phi3 {
             )));
         }
         let first = cache.len;
-        let total = first + n;
-        let positions = Tensor::arange(first as u32, total as u32, &self.device)?
-            .unsqueeze(0)?
-            .broadcast_as((c, n))?
-            .contiguous()?;
-        let (cos, sin) = self.rope_tables_for(&positions, self.config.uses_long_factors(total))?;
         let full_mask = match attention_mask {
             Some(am) => Some(Tensor::cat(
                 &[
@@ -805,8 +799,31 @@ impl Phi3 {
             None => None,
         };
         let mask = self.mask(c, n, first, full_mask.as_ref())?;
+        let x = self.blocks_after(ids, first, &mask, &mut kv)?;
+        let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        head(&normed, &self.lm_head)
+    }
+
+    /// The blocks over new tokens `ids` (`[b, n]`) at positions `first..first + n` (LongRoPE
+    /// factors for a total length of `first + n`) with the additive `mask`, each block attending
+    /// to and extending its slot of `kv`; returns the hidden states after the last block (before
+    /// the final norm). Shared by [`Phi3::forward_cached`] and [`Phi3::forward_after`].
+    fn blocks_after(
+        &self,
+        ids: &Tensor,
+        first: usize,
+        mask: &Tensor,
+        kv: &mut [Option<(Tensor, Tensor)>],
+    ) -> Result<Tensor> {
+        let (b, n) = ids.dims2()?;
+        let total = first + n;
+        let positions = Tensor::arange(first as u32, total as u32, &self.device)?
+            .unsqueeze(0)?
+            .broadcast_as((b, n))?
+            .contiguous()?;
+        let (cos, sin) = self.rope_tables_for(&positions, self.config.uses_long_factors(total))?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            c,
+            b,
             n,
             self.config.hidden_size,
         ))?;
@@ -815,10 +832,9 @@ impl Phi3 {
             train: false,
         };
         for (blk, slot) in self.layers.iter().zip(kv.iter_mut()) {
-            x = self.block(blk, &x, &cos, &sin, &mask, &ctx, Some(slot))?;
+            x = self.block(blk, &x, &cos, &sin, mask, &ctx, Some(slot))?;
         }
-        let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        head(&normed, &self.lm_head)
+        Ok(x)
     }
 
     /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
@@ -845,26 +861,9 @@ impl Phi3 {
             )));
         }
         let first = cache.len;
-        let total = first + n;
-        let positions = Tensor::arange(first as u32, total as u32, &self.device)?
-            .unsqueeze(0)?
-            .broadcast_as((b, n))?
-            .contiguous()?;
-        let (cos, sin) = self.rope_tables_for(&positions, self.config.uses_long_factors(total))?;
         let mask = self.mask(b, n, first, None)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            n,
-            self.config.hidden_size,
-        ))?;
-        let ctx = Ctx {
-            adapter: self.adapters.active,
-            train: false,
-        };
-        for (blk, slot) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            x = self.block(blk, &x, &cos, &sin, &mask, &ctx, Some(slot))?;
-        }
-        cache.len = total;
+        let x = self.blocks_after(ids, first, &mask, &mut cache.kv)?;
+        cache.len = first + n;
         let last = x.i((.., n - 1..n, ..))?;
         let normed = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
         Ok(head(&normed, &self.lm_head)?.squeeze(1)?)

@@ -366,14 +366,18 @@ fn cached_matches_full(model: &Phi3, ids: &[u32]) -> f32 {
     worst
 }
 
-#[test]
-fn cached_and_full_forward_agree() {
-    let inputs = load("phi3_mini", "inputs.safetensors");
-    let ids: Vec<u32> = u32s(&inputs["input_ids"])
+/// The first row of a fixture's `input_ids`.
+fn first_row_ids(name: &str) -> Vec<u32> {
+    u32s(&load(name, "inputs.safetensors")["input_ids"])
         .get(0)
         .unwrap()
         .to_vec1()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn cached_and_full_forward_agree() {
+    let ids = first_row_ids("phi3_mini");
     let model = Phi3::load(&dir("phi3_mini"), DType::F32, &Device::Cpu).unwrap();
     let worst = cached_matches_full(&model, &ids);
     eprintln!("phi3_mini: cached vs full max abs diff {worst:.2e}");
@@ -384,12 +388,7 @@ fn cached_and_full_forward_agree() {
 /// partial rotary included).
 #[test]
 fn forward_after_matches_full_forward() {
-    let inputs = load("phi3_mini", "inputs.safetensors");
-    let ids: Vec<u32> = u32s(&inputs["input_ids"])
-        .get(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let ids = first_row_ids("phi3_mini");
     let model = Phi3::load(&dir("phi3_mini"), DType::F32, &Device::Cpu).unwrap();
     let worst = common::after_matches_full(&model, &ids);
     eprintln!("phi3_mini: forward_after vs full max abs diff {worst:.2e}");
@@ -403,12 +402,7 @@ fn forward_after_matches_full_forward() {
 #[test]
 fn longrope_cache_refills_at_the_switch_point() {
     let name = "phi3_longrope";
-    let inputs = load(name, "inputs.safetensors");
-    let ids: Vec<u32> = u32s(&inputs["input_ids"])
-        .get(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let ids = first_row_ids(name);
     let model = Phi3::load(&dir(name), DType::F32, &Device::Cpu).unwrap();
     let row = |xs: &[u32]| Tensor::new(xs, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let last_of_full = |xs: &[u32]| {
@@ -607,15 +601,11 @@ fn sliding_window_matches_transformers() {
     assert_eq!(model.config.sliding_window, Some(5));
     check_values(&model, &SLIDING_WINDOW_5, "sliding window 5");
     // With the window, the cache still agrees with the full forward.
-    let inputs = load("phi3_mini", "inputs.safetensors");
-    let ids: Vec<u32> = u32s(&inputs["input_ids"])
-        .get(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let ids = first_row_ids("phi3_mini");
     let worst = cached_matches_full(&model, &ids);
     assert!(worst < 1e-4, "sliding window: cached vs full {worst}");
     // A window as long as the sequence changes nothing.
+    let inputs = load("phi3_mini", "inputs.safetensors");
     cfg["sliding_window"] = serde_json::json!(20);
     let wide = model_with("phi3_mini", cfg, DType::F32);
     let plain = Phi3::load(&dir("phi3_mini"), DType::F32, &Device::Cpu).unwrap();
