@@ -41,28 +41,26 @@ fn half_inputs_give_the_f32_result_rounded_for_every_unfused_variant() {
             if uses_fused_kernel(&cfg, &half[0]) {
                 continue; // tests/fused.rs covers the fused kernel in every dtype
             }
-            let v_half = Var::from_tensor(&half[1]).unwrap();
-            let inputs_half = HiddenPairs::new(
-                half[0].clone(),
-                v_half.as_tensor().clone(),
-                half[2].clone(),
-                half[3].clone(),
-                mc.clone(),
-                mr.clone(),
-            );
+            // The four tensors with the policy's rejected states as a variable (the gradient
+            // checked below).
+            let with_var = |t: &[Tensor]| {
+                let v = Var::from_tensor(&t[1]).unwrap();
+                let inputs = HiddenPairs::new(
+                    t[0].clone(),
+                    v.as_tensor().clone(),
+                    t[2].clone(),
+                    t[3].clone(),
+                    mc.clone(),
+                    mr.clone(),
+                );
+                (v, inputs)
+            };
+            let (v_half, inputs_half) = with_var(&half);
             let f32s: Vec<Tensor> = half
                 .iter()
                 .map(|t| t.to_dtype(DType::F32).unwrap())
                 .collect();
-            let v32 = Var::from_tensor(&f32s[1]).unwrap();
-            let inputs32 = HiddenPairs::new(
-                f32s[0].clone(),
-                v32.as_tensor().clone(),
-                f32s[2].clone(),
-                f32s[3].clone(),
-                mc.clone(),
-                mr.clone(),
-            );
+            let (v32, inputs32) = with_var(&f32s);
             let got = reprpo_loss(&inputs_half, &cfg, 0.3).unwrap();
             let want = reprpo_loss_unfused(&inputs32, &cfg, 0.3).unwrap();
             assert_eq!(
