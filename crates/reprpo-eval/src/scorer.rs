@@ -9,8 +9,8 @@
 //! the model (`model.adapters.active`) is the one scored; `None` scores the base weights
 //! (the same weights in memory, no second model).
 //!
-//! # Two ways ([`ScoreMode`])
-//! - [`ScoreMode::PrefixCache`] (default for multiple choice): the shared prompt of a group is
+//! # Three ways ([`ScoreMode`])
+//! - [`ScoreMode::PrefixCache`]: the shared prompt of a group is
 //!   run **once** through [`CausalLm::forward_cached`], which leaves its keys and values in a
 //!   [`KvCache`] and returns the logits of its last position; all completions of the group then
 //!   run as one right-padded batch on top of that cache ([`CausalLm::forward_after`]), so the
