@@ -6,9 +6,10 @@
 //! - `reprpo_{variant}/{L}x{B}x{T}x{H}_{f32,bf16}`: `reprpo_loss` at the realistic shape
 //!   3 x 8 x 512 x 2048 and the small shape 3 x 2 x 64 x 256, progress 0.5, backward into the two
 //!   policy hidden-state tensors; `reprpo_original_fused` is the fused kernel (`reprpo_loss`),
-//!   `reprpo_original_unfused` the same loss through `reprpo_loss_unfused` (in the input dtype),
-//!   every other variant runs its (unfused) chain of candle ops, in f32 for bf16 inputs (what
-//!   `reprpo_loss` does with half-precision hidden states).
+//!   `reprpo_original_unfused` the same loss through `reprpo_loss_unfused` (in the input dtype);
+//!   every other variant through `reprpo_loss`: the fused kernel for all but `cka`, which runs its
+//!   chain of candle ops, in f32 for bf16 inputs (what `reprpo_loss` does with half-precision
+//!   hidden states off the fused path).
 //!
 //! Masks: example `b` of `B` has its chosen sequence left-padded by `b T / (4B)` positions and its
 //! rejected sequence right-padded by `b T / (3B)` (integer division), as in the PyTorch script.

@@ -1,278 +1,56 @@
-//! The fused reroute/retain kernel of the original ReprPO loss (and of `rr-only`, which reads the
-//! same distances): one pass over the hidden states on the CPU, with its own backward.
+//! The fused reroute/retain kernel of the per-position ReprPO losses: one pass over the hidden
+//! states on the CPU, with its own backward, for every variant that compares one position at a
+//! time (`original`, `rr-only`, `direction`, `normalized-mse`, `topk`, `symlog`, `adaptive`, `ldr`;
+//! the per-row arithmetic of each is in [`rows`]).
 //!
 //! For every position `(l, b, t)` whose chosen token is real the kernel reads the rows
 //! `pi_cho[l,b,t,:]`, `ref_cho[l,b,t,:]` (and `pi_rej[l,b,t,:]` where the rejected token is real
-//! too) once, and accumulates in the same pass
-//! - the retain distance `‖pi_cho - ref_cho‖` (counted where `m_c = 1`),
-//! - the reroute distance `‖pi_rej - ref_cho‖` (counted where `m_c = m_r = 1`),
-//! - the diagnostics `cos(pi_cho, ref_cho)` and `cos(pi_rej, ref_cho)` (same masks),
+//! too) and accumulates in the same pass
+//! - the retain distance `d(pi_cho, ref_cho)` (counted where `m_c = 1`; for `ldr` where
+//!   `m_c = m_r = 1`),
+//! - the reroute distance `d(pi_rej, ref_cho)` (counted where `m_c = m_r = 1`),
+//! - the diagnostics `cos(pi_cho, ref_cho)` (over `m_c`) and `cos(pi_rej, ref_cho)` (over
+//!   `m_c m_r`),
 //!
-//! into the weighted masked means of [`crate::reprpo`] split by example. Rows at padded positions
-//! are never read, so whatever sits there (even NaN) reaches neither the values nor the gradients,
-//! and their gradient is exactly 0. The backward reads the same rows once more and writes
-//! `a_b (x - ref_cho) / ‖x - ref_cho‖` (0 where the distance is 0, the safe-norm convention).
+//! into the weighted masked means of [`crate::reprpo`] split by example. `ldr`'s detached
+//! reference term `ln(‖ref_cho - ref_rej‖ + eps)` is computed per counted row before the op (the
+//! only use of `ref_rej`). Rows at padded positions are never read, so whatever sits there (even
+//! NaN) reaches neither the values nor the gradients, and their gradient is exactly 0. The forward
+//! keeps a few scalars per row (its sums, see [`rows::PairCache`]); the backward reads each counted
+//! row once more and writes `a_b ∂d/∂x`.
 //!
 //! Accumulation is in f32 per row (eight independent lanes) for f32, bf16 and f16 inputs and in
-//! f64 for f64 inputs; sums over rows are in f64. The kernel's output (the per-example parts and
-//! the two cosine means) is f32 (f64 for f64 inputs); [`crate::reprpo::reprpo_loss`] casts its
-//! results back to the input dtype. The unfused chain of candle ops
-//! ([`crate::reprpo::reprpo_loss_unfused`]) is the reference it is tested against.
+//! f64 for f64 inputs; scalar formulas and sums over rows are in f64. The kernel's output (the
+//! per-example parts and the two cosine means) is f32 (f64 for f64 inputs);
+//! [`crate::reprpo::reprpo_loss`] casts its results back to the input dtype. The unfused chain of
+//! candle ops ([`crate::reprpo::reprpo_loss_unfused`]) is the reference it is tested against.
+
+pub(crate) mod rows;
+
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{LossError, Result};
+use rows::{Elem, PairCache, RowDist, Scratch, cos_of, sq_dist, stats3, stats4};
 
 /// Below this many hidden-state elements per tensor the kernel runs on the calling thread.
 const PAR_MIN_ELEMS: usize = 1 << 15;
 
-/// The accumulator type of the kernels (`f32` or `f64`).
-trait Acc:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::AddAssign
-    + 'static
-{
-    const ZERO: Self;
-    fn sqrt(self) -> Self;
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
-    #[inline(always)]
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-}
-
-/// An element type of the hidden states and its accumulator.
-trait Elem: WithDType {
-    type A: Acc;
-    fn up(self) -> Self::A;
-    fn down(a: Self::A) -> Self;
-    /// The kernel's output storage from accumulator values.
-    fn out_storage(v: Vec<Self::A>) -> CpuStorage;
-}
-
-impl Elem for f32 {
-    type A = f32;
-    #[inline(always)]
-    fn up(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn down(a: f32) -> Self {
-        a
-    }
-    fn out_storage(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-impl Elem for f64 {
-    type A = f64;
-    #[inline(always)]
-    fn up(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn down(a: f64) -> Self {
-        a
-    }
-    fn out_storage(v: Vec<f64>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
-
-impl Elem for bf16 {
-    type A = f32;
-    #[inline(always)]
-    fn up(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn down(a: f32) -> Self {
-        bf16::from_f32(a)
-    }
-    fn out_storage(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-impl Elem for f16 {
-    type A = f32;
-    #[inline(always)]
-    fn up(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn down(a: f32) -> Self {
-        f16::from_f32(a)
-    }
-    fn out_storage(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-/// Lanes of the per-row accumulators (independent sums, so the loops vectorise).
-const LANES: usize = 8;
-
-#[inline(always)]
-fn hsum<A: Acc>(v: [A; LANES]) -> A {
-    let mut s = A::ZERO;
-    for x in v {
-        s += x;
-    }
-    s
-}
-
-/// `[‖pc - rc‖^2, pc·rc, ‖pc‖^2, ‖rc‖^2]` of one row.
-#[inline(always)]
-fn stats_chosen<E: Elem>(pc: &[E], rc: &[E]) -> [E::A; 4] {
-    let z = [E::A::ZERO; LANES];
-    let (mut dd, mut dot, mut nx, mut ny) = (z, z, z, z);
-    let (cx, rx) = pc.as_chunks::<LANES>();
-    let (cy, ry) = rc.as_chunks::<LANES>();
-    for (x8, y8) in cx.iter().zip(cy) {
-        let x = x8.map(E::up);
-        let y = y8.map(E::up);
-        for i in 0..LANES {
-            let d = x[i] - y[i];
-            dd[i] += d * d;
-        }
-        for i in 0..LANES {
-            dot[i] += x[i] * y[i];
-        }
-        for i in 0..LANES {
-            nx[i] += x[i] * x[i];
-        }
-        for i in 0..LANES {
-            ny[i] += y[i] * y[i];
-        }
-    }
-    let mut out = [hsum(dd), hsum(dot), hsum(nx), hsum(ny)];
-    for (&x, &y) in rx.iter().zip(ry) {
-        let (x, y) = (x.up(), y.up());
-        let d = x - y;
-        out[0] += d * d;
-        out[1] += x * y;
-        out[2] += x * x;
-        out[3] += y * y;
-    }
-    out
-}
-
-/// `[‖pr - rc‖^2, pr·rc, ‖pr‖^2]` of one row.
-#[inline(always)]
-fn stats_rejected<E: Elem>(pr: &[E], rc: &[E]) -> [E::A; 3] {
-    let z = [E::A::ZERO; LANES];
-    let (mut dd, mut dot, mut nx) = (z, z, z);
-    let (cx, rx) = pr.as_chunks::<LANES>();
-    let (cy, ry) = rc.as_chunks::<LANES>();
-    for (x8, y8) in cx.iter().zip(cy) {
-        let x = x8.map(E::up);
-        let y = y8.map(E::up);
-        for i in 0..LANES {
-            let d = x[i] - y[i];
-            dd[i] += d * d;
-        }
-        for i in 0..LANES {
-            dot[i] += x[i] * y[i];
-        }
-        for i in 0..LANES {
-            nx[i] += x[i] * x[i];
-        }
-    }
-    let mut out = [hsum(dd), hsum(dot), hsum(nx)];
-    for (&x, &y) in rx.iter().zip(ry) {
-        let (x, y) = (x.up(), y.up());
-        let d = x - y;
-        out[0] += d * d;
-        out[1] += x * y;
-        out[2] += x * x;
-    }
-    out
-}
-
-/// `‖x - y‖^2` of one row.
-#[inline(always)]
-fn sq_dist<E: Elem>(x: &[E], y: &[E]) -> E::A {
-    let mut acc = [E::A::ZERO; LANES];
-    let (cx, rx) = x.as_chunks::<LANES>();
-    let (cy, ry) = y.as_chunks::<LANES>();
-    for (x8, y8) in cx.iter().zip(cy) {
-        for i in 0..LANES {
-            let d = x8[i].up() - y8[i].up();
-            acc[i] += d * d;
-        }
-    }
-    let mut s = hsum(acc);
-    for (&a, &b) in rx.iter().zip(ry) {
-        let d = a.up() - b.up();
-        s += d * d;
-    }
-    s
-}
-
-/// `out = f (x - y)` elementwise.
-#[inline(always)]
-fn scaled_diff<E: Elem>(x: &[E], y: &[E], f: E::A, out: &mut [E]) {
-    for ((o, &a), &b) in out.iter_mut().zip(x).zip(y) {
-        *o = E::down(f * (a.up() - b.up()));
-    }
-}
-
-/// `sqrt(s)` (`s >= 0`).
-#[inline(always)]
-fn root<A: Acc>(s: A) -> A {
-    s.sqrt()
-}
-
-/// `cos = dot / max(‖x‖ ‖y‖, 1e-8)` from the squared norms.
-#[inline(always)]
-fn cos_of<A: Acc>(dot: A, nx2: A, ny2: A) -> f64 {
-    let den = (root(nx2) * root(ny2)).to_f64().max(1e-8);
-    dot.to_f64() / den
+/// The forward's per-row caches: retain pair, reroute pair.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowCache {
+    ret: PairCache,
+    rr: PairCache,
 }
 
 /// The fused op. Inputs (in order): `pi_cho`, `pi_rej`, `ref_cho`, each contiguous `[L, B, T, H]`.
 /// Output: `[2B + 2]` = the reroute parts `[B]`, the retain parts `[B]`, the mean of
 /// `cos(pi_cho, ref_cho)` over `m_c` and the mean of `cos(pi_rej, ref_cho)` over `m_c m_r`.
-struct RerouteRetain {
+struct PairLoss {
+    dist: RowDist,
     b: usize,
     t: usize,
     h: usize,
@@ -280,6 +58,10 @@ struct RerouteRetain {
     m_c: Vec<bool>,
     /// `m_r[b, t]`.
     m_r: Vec<bool>,
+    /// Whether the retain term counts only where both masks are 1 (`ldr`).
+    retain_both: bool,
+    /// The detached per-row constant of the distance (`ldr`), empty otherwise.
+    row_const: Vec<f64>,
     /// Reroute weights per example, divided by the reroute denominator.
     w_rr: Vec<f64>,
     /// Retain weights per example, divided by the retain denominator.
@@ -288,6 +70,8 @@ struct RerouteRetain {
     inv_n_c: f64,
     /// `1 / (number of (l, b, t) with m_c = m_r = 1)` (0 when none).
     inv_n_both: f64,
+    /// Written by the forward, read by the backward.
+    cache: Mutex<Vec<RowCache>>,
 }
 
 /// Per chunk of rows: the reroute and retain numerators per example and the two cosine sums.
@@ -298,42 +82,80 @@ struct Partial {
     cos_r: f64,
 }
 
-impl RerouteRetain {
+/// How a row participates: `(example, chosen real, reroute counted, retain counted)`.
+struct RowInfo {
+    b: usize,
+    chosen: bool,
+    rr: bool,
+    ret: bool,
+}
+
+impl PairLoss {
     fn rows_of(&self, len: usize) -> usize {
         len / self.h.max(1)
     }
 
-    /// `(example, m_c, m_r)` of row `r` (row = `(l, b, t)` flattened).
     #[inline(always)]
-    fn row_info(&self, r: usize) -> (usize, bool, bool) {
+    fn row_info(&self, r: usize) -> RowInfo {
         let bt = r % (self.b * self.t);
-        (bt / self.t, self.m_c[bt], self.m_r[bt])
+        let (mc, mr) = (self.m_c[bt], self.m_r[bt]);
+        RowInfo {
+            b: bt / self.t,
+            chosen: mc,
+            rr: mc && mr,
+            ret: mc && (mr || !self.retain_both),
+        }
     }
 
-    /// Rows `[r0, r0 + n)` of the forward.
-    fn fwd_rows<E: Elem>(&self, pc: &[E], pr: &[E], rc: &[E], r0: usize, n: usize) -> Partial {
+    #[inline(always)]
+    fn row_const(&self, r: usize) -> f64 {
+        self.row_const.get(r).copied().unwrap_or(0.0)
+    }
+
+    /// Rows `[r0, r0 + cache.len())` of the forward.
+    fn fwd_rows<E: Elem>(
+        &self,
+        pc: &[E],
+        pr: &[E],
+        rc: &[E],
+        r0: usize,
+        cache: &mut [RowCache],
+    ) -> Partial {
         let h = self.h;
+        let dist = self.dist;
+        let mut scratch = Scratch::<E::A>::new(dist, h);
         let mut p = Partial {
             rr: vec![0.0; self.b],
             ret: vec![0.0; self.b],
             cos_c: 0.0,
             cos_r: 0.0,
         };
-        for r in r0..r0 + n {
-            let (bi, mc, mr) = self.row_info(r);
-            if !mc {
+        for (k, rcache) in cache.iter_mut().enumerate() {
+            let r = r0 + k;
+            let info = self.row_info(r);
+            if !info.chosen {
                 continue;
             }
             let s = r * h..(r + 1) * h;
+            let (x, y) = (&pc[s.clone()], &rc[s.clone()]);
             // Two sweeps of the row (the second reads `ref_cho` from L1): fewer live accumulators
             // than one sweep over the three rows, which spilled.
-            let st = stats_chosen(&pc[s.clone()], &rc[s.clone()]);
-            p.ret[bi] += root(st[0]).to_f64();
+            let st = stats4(x, y);
             p.cos_c += cos_of(st[1], st[2], st[3]);
-            if mr {
-                let sr = stats_rejected(&pr[s.clone()], &rc[s]);
-                p.rr[bi] += root(sr[0]).to_f64();
-                p.cos_r += cos_of(sr[1], sr[2], st[3]);
+            scratch.load_reference(dist, y);
+            let c = self.row_const(r);
+            if info.ret {
+                let (d, pcache) = dist.value(x, y, st, c, &mut scratch);
+                p.ret[info.b] += d;
+                rcache.ret = pcache;
+            }
+            if info.rr {
+                let xr = &pr[s];
+                let [dd, dot, nx2] = stats3(xr, y);
+                p.cos_r += cos_of(dot, nx2, st[3]);
+                let (d, pcache) = dist.value(xr, y, [dd, dot, nx2, st[3]], c, &mut scratch);
+                p.rr[info.b] += d;
+                rcache.rr = pcache;
             }
         }
         p
@@ -344,19 +166,22 @@ impl RerouteRetain {
         if pr.len() != pc.len() || rc.len() != pc.len() {
             candle_core::bail!("fused-reprpo: inputs of different sizes");
         }
+        let mut cache = vec![RowCache::default(); rows];
         let threads = rayon::current_num_threads().max(1);
         let parts: Vec<Partial> = if pc.len() < PAR_MIN_ELEMS || threads == 1 {
-            vec![self.fwd_rows(pc, pr, rc, 0, rows)]
+            vec![self.fwd_rows(pc, pr, rc, 0, &mut cache)]
         } else {
             let per = rows.div_ceil(threads * 4).max(1);
-            (0..rows.div_ceil(per))
-                .into_par_iter()
-                .map(|i| {
-                    let r0 = i * per;
-                    self.fwd_rows(pc, pr, rc, r0, per.min(rows - r0))
-                })
+            cache
+                .par_chunks_mut(per)
+                .enumerate()
+                .map(|(i, c)| self.fwd_rows(pc, pr, rc, i * per, c))
                 .collect()
         };
+        match self.cache.lock() {
+            Ok(mut g) => *g = cache,
+            Err(_) => candle_core::bail!("fused-reprpo: cache lock poisoned"),
+        }
         let b = self.b;
         let mut out = vec![0.0f64; 2 * b + 2];
         for p in &parts {
@@ -374,7 +199,7 @@ impl RerouteRetain {
         out[2 * b] *= self.inv_n_c;
         out[2 * b + 1] *= self.inv_n_both;
         Ok(E::out_storage(
-            out.into_iter().map(<E::A as Acc>::from_f64).collect(),
+            out.into_iter().map(rows::Acc::from_f64).collect(),
         ))
     }
 
@@ -388,41 +213,43 @@ impl RerouteRetain {
         rc: &[E],
         a_rr: &[f64],
         a_ret: &[f64],
+        cache: &[RowCache],
         r0: usize,
         gc: &mut [E],
         gr: &mut [E],
     ) {
         let h = self.h;
+        let dist = self.dist;
         let zero = E::zero();
+        let mut scratch = Scratch::<E::A>::new(dist, h);
         for (k, (oc, or)) in gc
             .chunks_exact_mut(h)
             .zip(gr.chunks_exact_mut(h))
             .enumerate()
         {
             let r = r0 + k;
-            let (bi, mc, mr) = self.row_info(r);
+            let info = self.row_info(r);
             let s = r * h..(r + 1) * h;
-            let ret_on = mc && a_ret[bi] != 0.0;
-            let rr_on = mc && mr && a_rr[bi] != 0.0;
+            let ret_on = info.ret && a_ret[info.b] != 0.0;
+            let rr_on = info.rr && a_rr[info.b] != 0.0;
+            let y = &rc[s.clone()];
+            if ret_on || rr_on {
+                scratch.load_reference(dist, y);
+            }
             if ret_on {
-                let (x, y) = (&pc[s.clone()], &rc[s.clone()]);
-                let d = root(sq_dist(x, y)).to_f64();
-                if d > 0.0 {
-                    scaled_diff(x, y, E::A::from_f64(a_ret[bi] / d), oc);
-                } else {
-                    oc.fill(zero);
-                }
+                dist.grad(
+                    &pc[s.clone()],
+                    y,
+                    a_ret[info.b],
+                    &cache[r].ret,
+                    &scratch,
+                    oc,
+                );
             } else {
                 oc.fill(zero);
             }
             if rr_on {
-                let (x, y) = (&pr[s.clone()], &rc[s]);
-                let d = root(sq_dist(x, y)).to_f64();
-                if d > 0.0 {
-                    scaled_diff(x, y, E::A::from_f64(a_rr[bi] / d), or);
-                } else {
-                    or.fill(zero);
-                }
+                dist.grad(&pr[s], y, a_rr[info.b], &cache[r].rr, &scratch, or);
             } else {
                 or.fill(zero);
             }
@@ -445,22 +272,38 @@ impl RerouteRetain {
         let a_ret: Vec<f64> = (0..b).map(|i| g[b + i] * self.w_ret[i]).collect();
         let len = pc.elem_count();
         let h = self.h;
+        let rows = self.rows_of(len);
+        let Ok(cache) = self.cache.lock() else {
+            candle_core::bail!("fused-reprpo: cache lock poisoned");
+        };
+        if cache.len() != rows {
+            candle_core::bail!("fused-reprpo: backward without its forward");
+        }
         let mut gc = vec![E::zero(); len];
         let mut gr = vec![E::zero(); len];
         with_data::<E, _>(pc, |pcs| {
             with_data::<E, _>(pr, |prs| {
                 with_data::<E, _>(rc, |rcs| {
-                    let rows = self.rows_of(len);
                     let threads = rayon::current_num_threads().max(1);
                     if len < PAR_MIN_ELEMS || threads == 1 {
-                        self.bwd_rows(pcs, prs, rcs, &a_rr, &a_ret, 0, &mut gc, &mut gr);
+                        self.bwd_rows(pcs, prs, rcs, &a_rr, &a_ret, &cache, 0, &mut gc, &mut gr);
                     } else {
                         let per = rows.div_ceil(threads * 4).max(1);
                         gc.par_chunks_mut(per * h)
                             .zip(gr.par_chunks_mut(per * h))
                             .enumerate()
                             .for_each(|(i, (oc, or))| {
-                                self.bwd_rows(pcs, prs, rcs, &a_rr, &a_ret, i * per, oc, or);
+                                self.bwd_rows(
+                                    pcs,
+                                    prs,
+                                    rcs,
+                                    &a_rr,
+                                    &a_ret,
+                                    &cache,
+                                    i * per,
+                                    oc,
+                                    or,
+                                );
                             });
                     }
                     Ok(())
@@ -494,7 +337,7 @@ fn with_data<T: WithDType, R>(
     f(data::<T>(s, layout)?)
 }
 
-impl CustomOp3 for RerouteRetain {
+impl CustomOp3 for PairLoss {
     fn name(&self) -> &'static str {
         "fused-reprpo-reroute-retain"
     }
@@ -572,27 +415,94 @@ pub(crate) struct Fused {
     pub cos_rejected: Tensor,
 }
 
-/// The weighted masked reroute and retain means of the original ReprPO and the cosine
+/// `ln(‖ref_cho - ref_rej‖ + eps)` per row `(l, b, t)` where both masks are 1 (0 elsewhere).
+fn ldr_constants(
+    ref_cho: &Tensor,
+    ref_rej: &Tensor,
+    both: &[bool],
+    h: usize,
+    eps: f64,
+) -> Result<Vec<f64>> {
+    fn typed<E: Elem>(
+        rc: &Tensor,
+        rj: &Tensor,
+        both: &[bool],
+        h: usize,
+        eps: f64,
+    ) -> candle_core::Result<Vec<f64>> {
+        with_data::<E, _>(rc, |x| {
+            with_data::<E, _>(rj, |y| {
+                let rows = x.len() / h.max(1);
+                if y.len() != x.len() {
+                    candle_core::bail!("fused-reprpo: reference tensors of different sizes");
+                }
+                let one = |r: usize| -> f64 {
+                    if both[r % both.len()] {
+                        let s = r * h..(r + 1) * h;
+                        (sq_dist(&x[s.clone()], &y[s]).sqrt() + eps).ln()
+                    } else {
+                        0.0
+                    }
+                };
+                Ok(if x.len() < PAR_MIN_ELEMS {
+                    (0..rows).map(one).collect()
+                } else {
+                    (0..rows).into_par_iter().map(one).collect()
+                })
+            })
+        })
+    }
+    let rc = ref_cho.detach().contiguous()?;
+    let rj = ref_rej.detach().contiguous()?;
+    if rc.dtype() != rj.dtype() {
+        return Err(LossError::InvalidInput(format!(
+            "ReprPO: reference_chosen is {:?} but reference_rejected is {:?}",
+            rc.dtype(),
+            rj.dtype()
+        )));
+    }
+    Ok(match rc.dtype() {
+        DType::F32 => typed::<f32>(&rc, &rj, both, h, eps)?,
+        DType::F64 => typed::<f64>(&rc, &rj, both, h, eps)?,
+        DType::BF16 => typed::<bf16>(&rc, &rj, both, h, eps)?,
+        DType::F16 => typed::<f16>(&rc, &rj, both, h, eps)?,
+        dt => {
+            return Err(LossError::InvalidInput(format!(
+                "ReprPO: the fused kernel does not take {dt:?}"
+            )));
+        }
+    })
+}
+
+/// The hidden states and masks the kernel reads.
+pub(crate) struct KernelInputs<'a> {
+    pub pi_cho: &'a Tensor,
+    pub pi_rej: &'a Tensor,
+    pub ref_cho: &'a Tensor,
+    /// Read only by `ldr`.
+    pub ref_rej: &'a Tensor,
+    pub m_c: &'a Tensor,
+    pub m_r: &'a Tensor,
+}
+
+/// The weighted masked reroute and retain means of a per-position distance and the cosine
 /// diagnostics, in one fused pass (see the [module documentation](self)).
 ///
-/// `v_rr`, `v_ret`: per-example weights (`[B]` each, host values) or `None` for 1. Gradients flow to
-/// `pi_cho` and `pi_rej` only.
+/// `weights`: per-example weights `(v_rr, v_ret)` (`[B]` each, host values) or `None` for 1.
+/// Gradients flow to `pi_cho` and `pi_rej` only.
 ///
 /// # Shapes
-/// `pi_cho`, `pi_rej`, `ref_cho` `[L, B, T, H]`; `m_c`, `m_r` `[B, T]` (`> 0` is a real token);
-/// outputs `[B]`, `[B]`, `[]`, `[]`.
+/// `pi_cho`, `pi_rej`, `ref_cho`, `ref_rej` `[L, B, T, H]`; `m_c`, `m_r` `[B, T]` (`> 0` is a real
+/// token); outputs `[B]`, `[B]`, `[]`, `[]`.
 ///
 /// # Errors
 /// [`LossError::InvalidInput`] for weights of the wrong length; candle errors.
 pub(crate) fn reroute_retain(
-    pi_cho: &Tensor,
-    pi_rej: &Tensor,
-    ref_cho: &Tensor,
-    m_c: &Tensor,
-    m_r: &Tensor,
+    dist: RowDist,
+    inp: &KernelInputs<'_>,
     weights: Option<(&[f64], &[f64])>,
 ) -> Result<Fused> {
-    let (l, b, t, h) = pi_cho.dims4()?;
+    let (l, b, t, h) = inp.pi_cho.dims4()?;
     let host_mask = |m: &Tensor| -> Result<Vec<bool>> {
         Ok(m.detach()
             .gt(0.0)?
@@ -602,8 +512,8 @@ pub(crate) fn reroute_retain(
             .map(|v| v != 0)
             .collect())
     };
-    let mc = host_mask(m_c)?;
-    let mr = host_mask(m_r)?;
+    let mc = host_mask(inp.m_c)?;
+    let mr = host_mask(inp.m_r)?;
     let ones = vec![1.0; b];
     let (v_rr, v_ret) = weights.unwrap_or((&ones, &ones));
     if v_rr.len() != b || v_ret.len() != b {
@@ -613,35 +523,43 @@ pub(crate) fn reroute_retain(
             v_ret.len()
         )));
     }
-    let mut cnt_c = vec![0usize; b];
-    let mut cnt_both = vec![0usize; b];
-    for bi in 0..b {
-        for ti in 0..t {
-            let k = bi * t + ti;
-            cnt_c[bi] += usize::from(mc[k]);
-            cnt_both[bi] += usize::from(mc[k] && mr[k]);
-        }
-    }
+    let both: Vec<bool> = mc.iter().zip(&mr).map(|(&c, &r)| c && r).collect();
+    let retain_both = matches!(dist, RowDist::Ldr { .. });
+    let ret_mask = if retain_both { &both } else { &mc };
+    let count = |m: &[bool]| -> Vec<usize> {
+        (0..b)
+            .map(|bi| m[bi * t..(bi + 1) * t].iter().filter(|&&v| v).count())
+            .collect()
+    };
+    let (cnt_c, cnt_both, cnt_ret) = (count(&mc), count(&both), count(ret_mask));
     let den = |v: &[f64], cnt: &[usize]| -> f64 {
         let d: f64 = v.iter().zip(cnt).map(|(v, &c)| v * c as f64).sum::<f64>() * l as f64;
         if d > 0.0 { d } else { 1.0 }
     };
-    let (d_rr, d_ret) = (den(v_rr, &cnt_both), den(v_ret, &cnt_c));
+    let (d_rr, d_ret) = (den(v_rr, &cnt_both), den(v_ret, &cnt_ret));
     let inv = |n: usize| if n > 0 { 1.0 / n as f64 } else { 0.0 };
-    let op = RerouteRetain {
+    let row_const = match dist {
+        RowDist::Ldr { eps } => ldr_constants(inp.ref_cho, inp.ref_rej, &both, h, eps)?,
+        _ => Vec::new(),
+    };
+    let op = PairLoss {
+        dist,
         b,
         t,
         h,
         m_c: mc,
         m_r: mr,
+        retain_both,
+        row_const,
         w_rr: v_rr.iter().map(|v| v / d_rr).collect(),
         w_ret: v_ret.iter().map(|v| v / d_ret).collect(),
         inv_n_c: inv(l * cnt_c.iter().sum::<usize>()),
         inv_n_both: inv(l * cnt_both.iter().sum::<usize>()),
+        cache: Mutex::new(Vec::new()),
     };
-    let out = pi_cho.contiguous()?.apply_op3(
-        &pi_rej.contiguous()?,
-        &ref_cho.detach().contiguous()?,
+    let out = inp.pi_cho.contiguous()?.apply_op3(
+        &inp.pi_rej.contiguous()?,
+        &inp.ref_cho.detach().contiguous()?,
         op,
     )?;
     Ok(Fused {

@@ -3,8 +3,9 @@
 //! - [`dpo`]: the DPO family of TRL's `DPOTrainer` (every `loss_type` of TRL 1.16, weighted mixtures,
 //!   LD-DPO's `ld_alpha`, the f-divergences, WPO weighting, and the pre-1.x extras `rpo_alpha`, cDPO
 //!   label smoothing and `bco_pair`'s running reward mean), checked against TRL's own code.
-//! - [`reprpo`]: the ReprPO family (hidden-state reroute/retain losses and their variants); the
-//!   original distance runs through the fused CPU kernel of `fused` (one pass, its own backward).
+//! - [`reprpo`]: the ReprPO family (hidden-state reroute/retain losses and their variants); every
+//!   per-position variant runs through the fused CPU kernel of [`fused`] (one pass, its own
+//!   backward).
 
 pub mod dpo;
 pub mod error;

@@ -1,11 +1,11 @@
 //! The ReprPO family of losses: hidden-state distances between the policy and the (frozen) reference
 //! model, as pure functions of tensors.
 //!
-//! [`reprpo_loss`] runs the original distance ([`ReprPoVariant::Original`] and
-//! [`ReprPoVariant::RrOnly`], per position) through the fused CPU kernel of [`crate::fused`] (one
-//! pass over the hidden states, its own backward) when the hidden states are on the CPU in f32, f64,
-//! bf16 or f16; everything else, and [`reprpo_loss_unfused`] always, is the plain chain of
-//! differentiable candle ops, which is the reference the fused kernel is tested against.
+//! [`reprpo_loss`] runs every per-position variant (all but [`ReprPoVariant::Cka`], with
+//! [`TokenReduction::PerPosition`]) through the fused CPU kernel of [`crate::fused`] (one pass over
+//! the hidden states, its own backward) when the hidden states are on the CPU in f32, f64, bf16 or
+//! f16; everything else, and [`reprpo_loss_unfused`] always, is the plain chain of differentiable
+//! candle ops, which is the reference the fused kernel is tested against.
 //!
 //! # Notation
 //! Inputs ([`HiddenPairs`]) at the selected layers: `pi_cho`, `pi_rej` (policy, chosen / rejected),
@@ -71,7 +71,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dpo::LossOut;
 use crate::error::{LossError, Result};
-use crate::fused;
+use crate::fused::{self, rows::RowDist};
 
 /// Which distance the loss uses (serde and [`ReprPoVariant::name`]: kebab-case).
 ///
@@ -447,8 +447,7 @@ fn distance(cfg: &ReprPoConfig, x: &Tensor, y: &Tensor) -> Result<Tensor> {
             mse(&n(x)?, &n(y)?)?
         }
         ReprPoVariant::Topk => {
-            let h = x.dim(D::Minus1)?;
-            let k = ((cfg.topk_fraction * h as f64).ceil() as usize).clamp(1, h.max(1));
+            let k = topk_k(cfg.topk_fraction, x.dim(D::Minus1)?);
             let sq = x.sub(y)?.sqr()?.contiguous()?;
             let (sorted, _) = sq.sort_last_dim(false)?;
             sorted.narrow(D::Minus1, 0, k)?.mean(D::Minus1)?
@@ -565,10 +564,11 @@ fn check_dims(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
 /// [`LossError::InvalidInput`] for mismatched shapes, an empty dimension, or `example_weights`
 /// without `dpo_z`; candle errors.
 ///
-/// The original distance per position (variants `original` and `rr-only`) runs through the fused
-/// CPU kernel of [`crate::fused`] on CPU tensors of f32, f64, bf16 or f16: the same values and
-/// gradients as [`reprpo_loss_unfused`] (to float rounding; accumulation is in f32, or f64 for f64
-/// inputs, so bf16 and f16 results are closer to exact than the unfused chain's).
+/// Every variant but `cka`, per position, runs through the fused CPU kernel of [`crate::fused`] on
+/// CPU tensors of f32, f64, bf16 or f16 ([`uses_fused_kernel`]): the same values and gradients as
+/// [`reprpo_loss_unfused`] to float rounding (accumulation is in f32, or f64 for f64 inputs, scalar
+/// formulas in f64, so f32, bf16 and f16 results are closer to exact than the unfused chain's).
+/// Half-precision inputs on the other paths are computed in f32 and cast back.
 pub fn reprpo_loss(inputs: &HiddenPairs, cfg: &ReprPoConfig, progress: f64) -> Result<LossOut> {
     loss_impl(inputs, cfg, progress, true)
 }
@@ -589,11 +589,39 @@ pub fn reprpo_loss_unfused(
     loss_impl(inputs, cfg, progress, false)
 }
 
-/// Whether [`reprpo_loss`] takes the fused kernel for this configuration and these hidden states.
+/// Whether [`reprpo_loss`] takes the fused kernel for this configuration and these hidden states:
+/// every variant but `cka`, per position, on CPU tensors of f32, f64, bf16 or f16.
 pub fn uses_fused_kernel(cfg: &ReprPoConfig, hidden: &Tensor) -> bool {
-    matches!(cfg.variant, ReprPoVariant::Original | ReprPoVariant::RrOnly)
-        && cfg.token_reduction == TokenReduction::PerPosition
-        && fused::applies(hidden)
+    row_dist(cfg, hidden).is_some()
+}
+
+/// The fused kernel's distance for this configuration, where it applies.
+fn row_dist(cfg: &ReprPoConfig, hidden: &Tensor) -> Option<RowDist> {
+    if cfg.token_reduction != TokenReduction::PerPosition || !fused::applies(hidden) {
+        return None;
+    }
+    let h = hidden.dims().last().copied().unwrap_or(1).max(1);
+    Some(match cfg.variant {
+        ReprPoVariant::Original | ReprPoVariant::RrOnly => RowDist::L2,
+        ReprPoVariant::Direction => RowDist::Direction {
+            w: cfg.direction_weight,
+        },
+        ReprPoVariant::NormalizedMse => RowDist::NormalizedMse,
+        ReprPoVariant::Topk => RowDist::Topk {
+            k: topk_k(cfg.topk_fraction, h),
+        },
+        ReprPoVariant::Symlog => RowDist::Symlog,
+        ReprPoVariant::Adaptive => RowDist::Adaptive {
+            threshold: cfg.adaptive_threshold,
+        },
+        ReprPoVariant::Ldr => RowDist::Ldr { eps: cfg.ldr_eps },
+        ReprPoVariant::Cka => return None,
+    })
+}
+
+/// `k = ceil(f H)` clamped to `[1, H]`.
+fn topk_k(fraction: f64, h: usize) -> usize {
+    ((fraction * h as f64).ceil() as usize).clamp(1, h.max(1))
 }
 
 fn loss_impl(
@@ -631,7 +659,7 @@ fn loss_impl(
     } else {
         None
     };
-    if allow_fused && uses_fused_kernel(cfg, pi_c) {
+    if let Some(dist) = row_dist(cfg, pi_c).filter(|_| allow_fused) {
         // The weights on the host, w = softmax(-s z) in f64 from z in its own dtype (the unfused
         // path first rounds z to the hidden states' dtype); v_rr = 1 - w, v_ret = w.
         let weights = match z_host {
@@ -647,11 +675,15 @@ fn loss_impl(
             None => None,
         };
         let f = fused::reroute_retain(
-            &inputs.policy_chosen,
-            &inputs.policy_rejected,
-            &inputs.reference_chosen,
-            &inputs.chosen_mask,
-            &inputs.rejected_mask,
+            dist,
+            &fused::KernelInputs {
+                pi_cho: &inputs.policy_chosen,
+                pi_rej: &inputs.policy_rejected,
+                ref_cho: &inputs.reference_chosen,
+                ref_rej: &inputs.reference_rejected,
+                m_c: &inputs.chosen_mask,
+                m_r: &inputs.rejected_mask,
+            },
             weights.as_ref().map(|(r, c)| (r.as_slice(), c.as_slice())),
         )?;
         return finish(

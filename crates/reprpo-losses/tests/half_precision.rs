@@ -1,4 +1,5 @@
-//! bf16 / f16 hidden states through `reprpo_loss` for the variants without a fused kernel: the
+//! bf16 / f16 hidden states through `reprpo_loss` for the configurations without a fused kernel
+//! (`cka`, and every variant with `token_reduction = mean`): the
 //! loss is computed in f32 from the half-precision inputs and cast back, so its value must be the
 //! f32 chain's on the same (rounded) inputs, rounded once to the half dtype, and the gradient that
 //! reaches a half-precision variable must be the f32 chain's gradient rounded to that dtype.
@@ -10,7 +11,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use reprpo_losses::reprpo::{
-    HiddenPairs, ReprPoConfig, ReprPoVariant, reprpo_loss, reprpo_loss_unfused, uses_fused_kernel,
+    HiddenPairs, ReprPoConfig, ReprPoVariant, TokenReduction, reprpo_loss, reprpo_loss_unfused,
+    uses_fused_kernel,
 };
 
 fn masks(dev: &Device) -> (Tensor, Tensor) {
@@ -20,7 +22,7 @@ fn masks(dev: &Device) -> (Tensor, Tensor) {
 }
 
 #[test]
-fn half_inputs_give_the_f32_result_rounded_for_every_unfused_variant() {
+fn half_inputs_give_the_f32_result_rounded_for_every_unfused_configuration() {
     let dev = Device::Cpu;
     let (mc, mr) = masks(&dev);
     let shape = (2, 2, 5, 16);
@@ -29,10 +31,18 @@ fn half_inputs_give_the_f32_result_rounded_for_every_unfused_variant() {
             (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * (1.0 + 0.25 * i as f64)).unwrap()
         })
         .collect();
+    let mut checked = 0;
+    let cases = ReprPoVariant::ALL.into_iter().flat_map(|v| {
+        [TokenReduction::PerPosition, TokenReduction::Mean]
+            .into_iter()
+            .filter(move |&r| !(v == ReprPoVariant::Cka && r == TokenReduction::Mean))
+            .map(move |r| (v, r))
+    });
     for (dtype, u) in [(DType::BF16, 2f64.powi(-8)), (DType::F16, 2f64.powi(-11))] {
-        for variant in ReprPoVariant::ALL {
+        for (variant, token_reduction) in cases.clone() {
             let cfg = ReprPoConfig {
                 variant,
+                token_reduction,
                 example_weights: false,
                 ..Default::default()
             };
@@ -41,6 +51,7 @@ fn half_inputs_give_the_f32_result_rounded_for_every_unfused_variant() {
             if uses_fused_kernel(&cfg, &half[0]) {
                 continue; // tests/fused.rs covers the fused kernel in every dtype
             }
+            checked += 1;
             // The four tensors with the policy's rejected states as a variable (the gradient
             // checked below).
             let with_var = |t: &[Tensor]| {
@@ -118,4 +129,6 @@ fn half_inputs_give_the_f32_result_rounded_for_every_unfused_variant() {
             }
         }
     }
+    // cka and the eight other variants with mean token reduction, in two dtypes.
+    assert_eq!(checked, 18);
 }

@@ -1,0 +1,533 @@
+//! The per-row arithmetic of the fused kernels: element and accumulator types, lane-split row
+//! reductions, and for every per-position distance `d(x, y)` of [`crate::reprpo`] its value and its
+//! gradient with respect to `x` on one hidden-state row pair (`x` a policy row, `y` the reference's
+//! chosen row at the same position).
+//!
+//! Every distance starts from one statistics pass over the pair, `[‖x - y‖², x·y, ‖x‖², ‖y‖²]`
+//! (which also gives the cosine diagnostics); the scalar formulas on those sums run in f64. The
+//! forward leaves a [`PairCache`] per pair (the sums and whatever the variant needs) so that the
+//! backward reads each row once more only to write `∂d/∂x` (times the upstream multiplier `a`).
+//! Gradients, with `nx = ‖x‖`, `ny = ‖y‖`, `den = nx ny`, `cos = x·y / max(den, 1e-8)`:
+//!
+//! - `l2`, `d = ‖x - y‖`: `(x - y) / d` (0 at `d = 0`).
+//! - `direction`, `d = w (1 - cos) + (1 - w) |nx - ny|`: with `∂cos/∂x = y / den - cos x / nx²` where
+//!   `den > 1e-8` (else `y / 1e-8`, the clamp's constant taking the gradient), the gradient is
+//!   `-w ∂cos/∂x + (1 - w) sign(nx - ny) x / nx` (`sign(0) = 0`, the term 0 at `nx = 0`).
+//! - `normalized-mse`, `d = ‖u - v‖² / H` with `u = x / max(nx, 1e-12)`, `v` likewise: with
+//!   `r = 2 (u - v) / H`, the gradient is `(r - u (u·r)) / nx` (`u·r = (2/H) s`,
+//!   `s = (u·u - v·v + ‖u - v‖²) / 2`, exact and free of cancellation when `x ≈ y`), and
+//!   `r / 1e-12` where the clamp is active.
+//! - `topk`, `d` = mean of the `k` largest `(x_h - y_h)²`: `2 (x_h - y_h) / k` on those `k` entries
+//!   (ties at the `k`-th value broken by the lowest index), 0 elsewhere.
+//! - `symlog`, `d = ‖s(x) - s(y)‖² / H` with `s(x) = sign(x) ln(|x| + 1e-6)`:
+//!   `2 (s(x_h) - s(y_h)) s'(x_h) / H` with `s'(x) = 1 / (|x| + 1e-6)` (0 at `x = 0`).
+//! - `adaptive`: `2 (x - y) / H` where the (detached) `cos > threshold`, else `-∂cos/∂x`.
+//! - `ldr`, `d = ln(‖x - y‖ + eps) - c` (`c` the detached reference term of the row):
+//!   `(x - y) / (‖x - y‖ (‖x - y‖ + eps))` (0 at `x = y`).
+
+use std::cmp::Ordering;
+
+use candle_core::{CpuStorage, WithDType};
+use half::{bf16, f16};
+
+/// The accumulator type of the kernels (`f32` or `f64`).
+pub(crate) trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+    fn ln(self) -> Self;
+    fn abs(self) -> Self;
+    fn total_cmp(&self, other: &Self) -> Ordering;
+}
+
+macro_rules! impl_acc {
+    ($t:ty) => {
+        impl Acc for $t {
+            const ZERO: Self = 0.0;
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                f64::from(self)
+            }
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn total_cmp(&self, other: &Self) -> Ordering {
+                <$t>::total_cmp(self, other)
+            }
+        }
+    };
+}
+impl_acc!(f32);
+impl_acc!(f64);
+
+/// An element type of the hidden states and its accumulator.
+pub(crate) trait Elem: WithDType {
+    type A: Acc;
+    fn up(self) -> Self::A;
+    fn down(a: Self::A) -> Self;
+    /// The kernel's output storage from accumulator values.
+    fn out_storage(v: Vec<Self::A>) -> CpuStorage;
+}
+
+macro_rules! impl_elem {
+    ($t:ty, $a:ty, $up:expr, $down:expr, $store:ident) => {
+        impl Elem for $t {
+            type A = $a;
+            #[inline(always)]
+            fn up(self) -> $a {
+                $up(self)
+            }
+            #[inline(always)]
+            fn down(a: $a) -> Self {
+                $down(a)
+            }
+            fn out_storage(v: Vec<$a>) -> CpuStorage {
+                CpuStorage::$store(v)
+            }
+        }
+    };
+}
+impl_elem!(f32, f32, |x| x, |a| a, F32);
+impl_elem!(f64, f64, |x| x, |a| a, F64);
+impl_elem!(bf16, f32, bf16::to_f32, bf16::from_f32, F32);
+impl_elem!(f16, f32, f16::to_f32, f16::from_f32, F32);
+
+/// Lanes of the per-row accumulators (independent sums, so the loops vectorise).
+const LANES: usize = 8;
+
+#[inline(always)]
+fn hsum<A: Acc>(v: [A; LANES]) -> A {
+    let mut s = A::ZERO;
+    for x in v {
+        s += x;
+    }
+    s
+}
+
+/// `sum_h f(x_h, y_h)` over one row pair, in eight lanes.
+#[inline(always)]
+fn lane_sum<E: Elem>(x: &[E], y: &[E], f: impl Fn(E::A, E::A) -> E::A) -> E::A {
+    let mut acc = [E::A::ZERO; LANES];
+    let (cx, rx) = x.as_chunks::<LANES>();
+    let (cy, ry) = y.as_chunks::<LANES>();
+    for (x8, y8) in cx.iter().zip(cy) {
+        for i in 0..LANES {
+            acc[i] += f(x8[i].up(), y8[i].up());
+        }
+    }
+    let mut s = hsum(acc);
+    for (&a, &b) in rx.iter().zip(ry) {
+        s += f(a.up(), b.up());
+    }
+    s
+}
+
+/// `[‖x - y‖², x·y, ‖x‖², ‖y‖²]` of one row pair.
+#[inline(always)]
+pub(crate) fn stats4<E: Elem>(x: &[E], y: &[E]) -> [f64; 4] {
+    let z = [E::A::ZERO; LANES];
+    let (mut dd, mut dot, mut nx, mut ny) = (z, z, z, z);
+    let (cx, rx) = x.as_chunks::<LANES>();
+    let (cy, ry) = y.as_chunks::<LANES>();
+    for (x8, y8) in cx.iter().zip(cy) {
+        let x = x8.map(E::up);
+        let y = y8.map(E::up);
+        for i in 0..LANES {
+            let d = x[i] - y[i];
+            dd[i] += d * d;
+        }
+        for i in 0..LANES {
+            dot[i] += x[i] * y[i];
+        }
+        for i in 0..LANES {
+            nx[i] += x[i] * x[i];
+        }
+        for i in 0..LANES {
+            ny[i] += y[i] * y[i];
+        }
+    }
+    let mut out = [hsum(dd), hsum(dot), hsum(nx), hsum(ny)];
+    for (&x, &y) in rx.iter().zip(ry) {
+        let (x, y) = (x.up(), y.up());
+        let d = x - y;
+        out[0] += d * d;
+        out[1] += x * y;
+        out[2] += x * x;
+        out[3] += y * y;
+    }
+    out.map(Acc::to_f64)
+}
+
+/// `[‖x - y‖², x·y, ‖x‖²]` of one row pair (`‖y‖²` is known from the chosen pair).
+#[inline(always)]
+pub(crate) fn stats3<E: Elem>(x: &[E], y: &[E]) -> [f64; 3] {
+    let z = [E::A::ZERO; LANES];
+    let (mut dd, mut dot, mut nx) = (z, z, z);
+    let (cx, rx) = x.as_chunks::<LANES>();
+    let (cy, ry) = y.as_chunks::<LANES>();
+    for (x8, y8) in cx.iter().zip(cy) {
+        let x = x8.map(E::up);
+        let y = y8.map(E::up);
+        for i in 0..LANES {
+            let d = x[i] - y[i];
+            dd[i] += d * d;
+        }
+        for i in 0..LANES {
+            dot[i] += x[i] * y[i];
+        }
+        for i in 0..LANES {
+            nx[i] += x[i] * x[i];
+        }
+    }
+    let mut out = [hsum(dd), hsum(dot), hsum(nx)];
+    for (&x, &y) in rx.iter().zip(ry) {
+        let (x, y) = (x.up(), y.up());
+        let d = x - y;
+        out[0] += d * d;
+        out[1] += x * y;
+        out[2] += x * x;
+    }
+    out.map(Acc::to_f64)
+}
+
+/// `‖x - y‖²` of one row pair.
+#[inline(always)]
+pub(crate) fn sq_dist<E: Elem>(x: &[E], y: &[E]) -> f64 {
+    lane_sum(x, y, |a, b| {
+        let d = a - b;
+        d * d
+    })
+    .to_f64()
+}
+
+/// `cos = dot / max(‖x‖ ‖y‖, 1e-8)` from the squared norms.
+#[inline(always)]
+pub(crate) fn cos_of(dot: f64, nx2: f64, ny2: f64) -> f64 {
+    dot / (nx2.sqrt() * ny2.sqrt()).max(1e-8)
+}
+
+/// `sign(x) ln(|x| + 1e-6)`, 0 at 0.
+#[inline(always)]
+fn symlog<A: Acc>(x: A) -> A {
+    let l = (x.abs() + A::from_f64(1e-6)).ln();
+    if x > A::ZERO {
+        l
+    } else if x < A::ZERO {
+        -l
+    } else {
+        A::ZERO
+    }
+}
+
+/// A per-position distance `d(x, y)` over the hidden dimension (see the [module](self)).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum RowDist {
+    /// `‖x - y‖` (original, rr-only).
+    L2,
+    /// `w (1 - cos) + (1 - w) |‖x‖ - ‖y‖|`.
+    Direction { w: f64 },
+    /// `mse(x / ‖x‖, y / ‖y‖)`.
+    NormalizedMse,
+    /// Mean of the `k` largest squared differences.
+    Topk { k: usize },
+    /// `mse(symlog(x), symlog(y))`.
+    Symlog,
+    /// `mse(x, y)` where the detached `cos > threshold`, else `1 - cos`.
+    Adaptive { threshold: f64 },
+    /// `ln(‖x - y‖ + eps) - c`, `c` a detached per-row constant.
+    Ldr { eps: f64 },
+}
+
+/// What the forward of one row pair leaves for its backward.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PairCache {
+    /// `‖x - y‖²`.
+    dd: f64,
+    /// `x·y`.
+    dot: f64,
+    /// `‖x‖²`.
+    nx2: f64,
+    /// `‖y‖²`.
+    ny2: f64,
+    /// Variant-specific: `‖u - v‖²` (normalized-mse), the `k`-th largest squared difference
+    /// (topk), 1 on the mse branch (adaptive).
+    q: f64,
+    /// topk: how many entries equal to `q` are in the top `k`.
+    ties: usize,
+}
+
+/// Scratch rows of one worker.
+pub(crate) struct Scratch<A> {
+    /// `symlog(y)` of the current row.
+    sy: Vec<A>,
+    /// Squared differences (topk).
+    sq: Vec<A>,
+    /// A copy of `sq` that selection reorders (topk).
+    sel: Vec<A>,
+}
+
+impl<A: Acc> Scratch<A> {
+    pub(crate) fn new(dist: RowDist, h: usize) -> Self {
+        let n = |on: bool| if on { vec![A::ZERO; h] } else { Vec::new() };
+        let topk = matches!(dist, RowDist::Topk { .. });
+        Scratch {
+            sy: n(dist == RowDist::Symlog),
+            sq: n(topk),
+            sel: n(topk),
+        }
+    }
+
+    /// Prepares the per-row data of the reference row `y` that both pairs of the row share.
+    #[inline(always)]
+    pub(crate) fn load_reference<E: Elem<A = A>>(&mut self, dist: RowDist, y: &[E]) {
+        if dist == RowDist::Symlog {
+            for (o, &v) in self.sy.iter_mut().zip(y) {
+                *o = symlog(v.up());
+            }
+        }
+    }
+}
+
+/// The squared difference of one element, the same expression in forward and backward.
+#[inline(always)]
+fn sq<A: Acc>(a: A, b: A) -> A {
+    let d = a - b;
+    d * d
+}
+
+impl RowDist {
+    /// `d(x, y)` of one row pair, given its statistics `[‖x - y‖², x·y, ‖x‖², ‖y‖²]`; `c` is the
+    /// row's detached constant (ldr). Returns the value and the cache for the backward.
+    /// `scratch` must hold [`Scratch::load_reference`] of `y` for symlog.
+    #[inline(always)]
+    pub(crate) fn value<E: Elem>(
+        self,
+        x: &[E],
+        y: &[E],
+        st: [f64; 4],
+        c: f64,
+        scratch: &mut Scratch<E::A>,
+    ) -> (f64, PairCache) {
+        let [dd, dot, nx2, ny2] = st;
+        let mut pc = PairCache {
+            dd,
+            dot,
+            nx2,
+            ny2,
+            q: 0.0,
+            ties: 0,
+        };
+        let h = x.len() as f64;
+        let cos = cos_of(dot, nx2, ny2);
+        let d = match self {
+            RowDist::L2 => dd.sqrt(),
+            RowDist::Direction { w } => {
+                w * (1.0 - cos) + (1.0 - w) * (nx2.sqrt() - ny2.sqrt()).abs()
+            }
+            RowDist::Adaptive { threshold } => {
+                if cos > threshold {
+                    pc.q = 1.0;
+                    dd / h
+                } else {
+                    1.0 - cos
+                }
+            }
+            RowDist::Ldr { eps } => (dd.sqrt() + eps).ln() - c,
+            RowDist::NormalizedMse => {
+                let ix = E::A::from_f64(1.0 / nx2.sqrt().max(1e-12));
+                let iy = E::A::from_f64(1.0 / ny2.sqrt().max(1e-12));
+                let s = lane_sum(x, y, |a, b| sq(a * ix, b * iy)).to_f64();
+                pc.q = s;
+                s / h
+            }
+            RowDist::Symlog => {
+                let mut acc = E::A::ZERO;
+                for (&a, &sb) in x.iter().zip(&scratch.sy) {
+                    acc += sq(symlog(a.up()), sb);
+                }
+                acc.to_f64() / h
+            }
+            RowDist::Topk { k } => {
+                let k = k.clamp(1, x.len().max(1));
+                for ((o, &a), &b) in scratch.sq.iter_mut().zip(x).zip(y) {
+                    *o = sq(a.up(), b.up());
+                }
+                scratch.sel.copy_from_slice(&scratch.sq);
+                let (top, kth, _) = scratch
+                    .sel
+                    .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+                let kth = *kth;
+                let mut sum = kth;
+                for &v in top.iter() {
+                    sum += v;
+                }
+                let above = scratch.sq.iter().filter(|&&v| v > kth).count();
+                pc.q = kth.to_f64();
+                pc.ties = k - above.min(k);
+                sum.to_f64() / k as f64
+            }
+        };
+        (d, pc)
+    }
+
+    /// Writes `a ∂d/∂x` of one row pair into `out`, from the forward's cache. `scratch` must hold
+    /// [`Scratch::load_reference`] of `y` for symlog.
+    #[inline(always)]
+    pub(crate) fn grad<E: Elem>(
+        self,
+        x: &[E],
+        y: &[E],
+        a: f64,
+        pc: &PairCache,
+        scratch: &Scratch<E::A>,
+        out: &mut [E],
+    ) {
+        let h = x.len() as f64;
+        let (nx, ny) = (pc.nx2.sqrt(), pc.ny2.sqrt());
+        // ∂cos/∂x = cy y - cx x.
+        let cos_parts = || {
+            let den = nx * ny;
+            if den > 1e-8 {
+                (pc.dot / den / (nx * nx), 1.0 / den)
+            } else {
+                (0.0, 1e8)
+            }
+        };
+        match self {
+            RowDist::L2 => {
+                let d = pc.dd.sqrt();
+                let f = if d > 0.0 { a / d } else { 0.0 };
+                scaled_diff(x, y, f, out);
+            }
+            RowDist::Ldr { eps } => {
+                let d = pc.dd.sqrt();
+                let f = if d > 0.0 { a / (d * (d + eps)) } else { 0.0 };
+                scaled_diff(x, y, f, out);
+            }
+            RowDist::Direction { w } => {
+                let (cx, cy) = cos_parts();
+                let sg = if nx > 0.0 { sign0(nx - ny) / nx } else { 0.0 };
+                combine(x, y, a * (w * cx + (1.0 - w) * sg), -a * w * cy, out);
+            }
+            RowDist::Adaptive { .. } => {
+                if pc.q == 1.0 {
+                    scaled_diff(x, y, 2.0 * a / h, out);
+                } else {
+                    let (cx, cy) = cos_parts();
+                    combine(x, y, a * cx, -a * cy, out);
+                }
+            }
+            RowDist::NormalizedMse => {
+                let (nxc, nyc) = (nx.max(1e-12), ny.max(1e-12));
+                let s = if nx > 1e-12 {
+                    let (uu, vv) = ((nx / nxc).powi(2), (ny / nyc).powi(2));
+                    (uu - vv + pc.q) / 2.0
+                } else {
+                    0.0
+                };
+                // u - v - s u = (x - y) / nxc + y (1/nxc - 1/nyc) - s x / nxc: no cancellation
+                // between two rounded products where x ≈ y.
+                let f = E::A::from_f64(a * 2.0 / h / nxc);
+                let ix = E::A::from_f64(1.0 / nxc);
+                let dxy = E::A::from_f64((nyc - nxc) / (nxc * nyc));
+                let six = E::A::from_f64(s / nxc);
+                for ((o, &p), &q) in out.iter_mut().zip(x).zip(y) {
+                    let (p, q) = (p.up(), q.up());
+                    *o = E::down(f * ((p - q) * ix + q * dxy - six * p));
+                }
+            }
+            RowDist::Symlog => {
+                let f = E::A::from_f64(2.0 * a / h);
+                let one = E::A::from_f64(1.0);
+                let eps = E::A::from_f64(1e-6);
+                for ((o, &p), &sb) in out.iter_mut().zip(x).zip(&scratch.sy) {
+                    let v = p.up();
+                    *o = if v == E::A::ZERO {
+                        E::zero()
+                    } else {
+                        E::down(f * (symlog(v) - sb) * (one / (v.abs() + eps)))
+                    };
+                }
+            }
+            RowDist::Topk { k } => {
+                let k = k.clamp(1, x.len().max(1));
+                let f = E::A::from_f64(2.0 * a / k as f64);
+                let kth = E::A::from_f64(pc.q);
+                let mut ties = pc.ties;
+                for ((o, &p), &q) in out.iter_mut().zip(x).zip(y) {
+                    let (p, q) = (p.up(), q.up());
+                    let v = sq(p, q);
+                    let take = if v > kth {
+                        true
+                    } else if v == kth && ties > 0 {
+                        ties -= 1;
+                        true
+                    } else {
+                        false
+                    };
+                    *o = if take {
+                        E::down(f * (p - q))
+                    } else {
+                        E::zero()
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `sign(v)` with `sign(0) = 0`.
+#[inline(always)]
+fn sign0(v: f64) -> f64 {
+    if v > 0.0 {
+        1.0
+    } else if v < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// `out = f (x - y)` elementwise.
+#[inline(always)]
+fn scaled_diff<E: Elem>(x: &[E], y: &[E], f: f64, out: &mut [E]) {
+    if f == 0.0 {
+        out.fill(E::zero());
+        return;
+    }
+    let f = E::A::from_f64(f);
+    for ((o, &a), &b) in out.iter_mut().zip(x).zip(y) {
+        *o = E::down(f * (a.up() - b.up()));
+    }
+}
+
+/// `out = cx x + cy y` elementwise.
+#[inline(always)]
+fn combine<E: Elem>(x: &[E], y: &[E], cx: f64, cy: f64, out: &mut [E]) {
+    let (cx, cy) = (E::A::from_f64(cx), E::A::from_f64(cy));
+    for ((o, &a), &b) in out.iter_mut().zip(x).zip(y) {
+        *o = E::down(cx * a.up() + cy * b.up());
+    }
+}
