@@ -474,6 +474,17 @@ fn ldr_constants(
     })
 }
 
+/// A mask on the host: `m > 0`, row-major.
+pub(crate) fn host_mask(m: &Tensor) -> Result<Vec<bool>> {
+    Ok(m.detach()
+        .gt(0.0)?
+        .flatten_all()?
+        .to_vec1::<u8>()?
+        .into_iter()
+        .map(|v| v != 0)
+        .collect())
+}
+
 /// The hidden states and masks the kernel reads.
 pub(crate) struct KernelInputs<'a> {
     pub pi_cho: &'a Tensor,
@@ -503,15 +514,6 @@ pub(crate) fn reroute_retain(
     weights: Option<(&[f64], &[f64])>,
 ) -> Result<Fused> {
     let (l, b, t, h) = inp.pi_cho.dims4()?;
-    let host_mask = |m: &Tensor| -> Result<Vec<bool>> {
-        Ok(m.detach()
-            .gt(0.0)?
-            .flatten_all()?
-            .to_vec1::<u8>()?
-            .into_iter()
-            .map(|v| v != 0)
-            .collect())
-    };
     let mc = host_mask(inp.m_c)?;
     let mr = host_mask(inp.m_r)?;
     let ones = vec![1.0; b];

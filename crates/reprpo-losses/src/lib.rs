@@ -7,6 +7,7 @@
 //!   per-position variant runs through the fused CPU kernel of [`fused`] (one pass, its own
 //!   backward).
 
+mod cka;
 pub mod dpo;
 pub mod error;
 pub mod fused;

@@ -69,6 +69,7 @@ use std::collections::BTreeMap;
 use candle_core::{D, DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::cka;
 use crate::dpo::LossOut;
 use crate::error::{LossError, Result};
 use crate::fused::{self, rows::RowDist};
@@ -589,10 +590,17 @@ pub fn reprpo_loss_unfused(
     loss_impl(inputs, cfg, progress, false)
 }
 
-/// Whether [`reprpo_loss`] takes the fused kernel for this configuration and these hidden states:
-/// every variant but `cka`, per position, on CPU tensors of f32, f64, bf16 or f16.
+/// Whether [`reprpo_loss`] takes a fused kernel for this configuration and these hidden states:
+/// every variant per position (the row kernel of [`crate::fused`]; `cka`'s own kernel), on CPU
+/// tensors of f32, f64, bf16 or f16.
 pub fn uses_fused_kernel(cfg: &ReprPoConfig, hidden: &Tensor) -> bool {
-    row_dist(cfg, hidden).is_some()
+    row_dist(cfg, hidden).is_some() || uses_cka_kernel(cfg, hidden)
+}
+
+fn uses_cka_kernel(cfg: &ReprPoConfig, hidden: &Tensor) -> bool {
+    cfg.variant == ReprPoVariant::Cka
+        && cfg.token_reduction == TokenReduction::PerPosition
+        && fused::applies(hidden)
 }
 
 /// The fused kernel's distance for this configuration, where it applies.
@@ -659,7 +667,9 @@ fn loss_impl(
     } else {
         None
     };
-    if let Some(dist) = row_dist(cfg, pi_c).filter(|_| allow_fused) {
+    let row = row_dist(cfg, pi_c).filter(|_| allow_fused);
+    let cka = allow_fused && uses_cka_kernel(cfg, pi_c);
+    if row.is_some() || cka {
         // The weights on the host, w = softmax(-s z) in f64 from z in its own dtype (the unfused
         // path first rounds z to the hidden states' dtype); v_rr = 1 - w, v_ret = w.
         let weights = match z_host {
@@ -674,25 +684,44 @@ fn loss_impl(
             }
             None => None,
         };
-        let f = fused::reroute_retain(
-            dist,
-            &fused::KernelInputs {
-                pi_cho: &inputs.policy_chosen,
-                pi_rej: &inputs.policy_rejected,
-                ref_cho: &inputs.reference_chosen,
-                ref_rej: &inputs.reference_rejected,
-                m_c: &inputs.chosen_mask,
-                m_r: &inputs.rejected_mask,
-            },
-            weights.as_ref().map(|(r, c)| (r.as_slice(), c.as_slice())),
-        )?;
+        let weights = weights.as_ref().map(|(r, c)| (r.as_slice(), c.as_slice()));
+        let kernel_inputs = |detach: bool| {
+            let d = |t: &Tensor| if detach { t.detach() } else { t.clone() };
+            (d(&inputs.policy_chosen), d(&inputs.policy_rejected))
+        };
+        let (pcd, prd) = kernel_inputs(cka);
+        let ki = fused::KernelInputs {
+            pi_cho: &pcd,
+            pi_rej: &prd,
+            ref_cho: &inputs.reference_chosen,
+            ref_rej: &inputs.reference_rejected,
+            m_c: &inputs.chosen_mask,
+            m_r: &inputs.rejected_mask,
+        };
+        // cka: the row kernel (on detached inputs) gives only the cosine diagnostics.
+        let f = fused::reroute_retain(row.unwrap_or(RowDist::L2), &ki, weights)?;
+        let (rr, ret) = if cka {
+            let ones = vec![1.0; b];
+            let (v_rr, v_ret) = weights.unwrap_or((&ones, &ones));
+            cka::cka_parts(
+                &inputs.policy_chosen,
+                &inputs.policy_rejected,
+                &inputs.reference_chosen,
+                &fused::host_mask(&inputs.chosen_mask)?,
+                &fused::host_mask(&inputs.rejected_mask)?,
+                v_rr,
+                v_ret,
+            )?
+        } else {
+            (f.rr, f.ret)
+        };
         return finish(
             cfg,
             progress,
             b,
             dtype,
-            &f.rr,
-            &f.ret,
+            &rr,
+            &ret,
             f.cos_chosen,
             f.cos_rejected,
         );

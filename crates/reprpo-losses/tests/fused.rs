@@ -1,10 +1,10 @@
-//! The fused reroute/retain kernel (`reprpo_loss` on the original and `rr-only` variants) against
-//! the unfused chain of candle ops (`reprpo_loss_unfused`), on seeded random inputs with left and
-//! right padding, an example with no real token at all, an example whose rejected side is all
+//! The fused kernels (`reprpo_loss` per position on the CPU) against the unfused chain of candle
+//! ops (`reprpo_loss_unfused`), on seeded random inputs with left and right padding, an example with no real token at all, an example whose rejected side is all
 //! padding, and positions where the policy equals the reference exactly (distance 0).
 //!
-//! Every per-position variant (original, rr-only, direction, normalized-mse, topk, symlog,
-//! adaptive, ldr) with default and other parameters, weights and both schedules.
+//! Every variant (original, rr-only, direction, normalized-mse, topk, symlog, adaptive, ldr through
+//! the row kernel of `fused.rs`, cka through `cka.rs`) with default and other parameters, weights
+//! and both schedules.
 //!
 //! - f32: the fused kernel against the unfused chain in f64 on the same (f32) inputs: values,
 //!   per-example losses and metrics within 1e-5 relative, elementwise; gradients within 1e-5
@@ -13,7 +13,11 @@
 //!   scaled rows (the cosine's `y / (‖x‖ ‖y‖) - cos x / ‖x‖²`, the normalised difference
 //!   `x / ‖x‖ - y / ‖y‖`), single elements near a sign change carry f32's absolute rounding of the
 //!   terms, 1e-4 of their own size and more, in the unfused f32 chain as much as here. The
-//!   unfused f32 chain's error against the same reference is printed alongside.
+//!   unfused f32 chain's error against the same reference is printed alongside. One exception:
+//!   `cka` on the shapes with fewer than 10 tokens, where CKA is close to 1 (few centred rows) and
+//!   `1 - CKA` and its gradient are ill-conditioned in f32: the unfused f32 chain is off by up to
+//!   1.2e-3 there, and the kernel must stay within 4x the chain's error (seen: 0.3x-3.4x). At
+//!   40 tokens cka meets 1e-5 like every other variant.
 //! - f64: fused against unfused, values and gradients elementwise within 1e-11 (same floor).
 //! - f64: the fused backward against central finite differences of the fused forward.
 //! - bf16 / f16: the fused kernel on rounded inputs against the unfused f32 chain on the same
@@ -283,6 +287,16 @@ fn configs() -> Vec<(String, ReprPoConfig, f64)> {
             },
             0.5,
         ),
+        v("cka", ReprPoVariant::Cka, |_| {}, 0.5),
+        v(
+            "cka_weights_cb",
+            ReprPoVariant::Cka,
+            |c| {
+                c.example_weights = true;
+                c.schedule = Schedule::CircuitBreakers;
+            },
+            0.3,
+        ),
         v("ldr", ReprPoVariant::Ldr, |_| {}, 0.5),
         v(
             "ldr_weights_eps",
@@ -319,6 +333,7 @@ struct Worst {
 fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -> Result<Worst> {
     let mut worst = Worst::default();
     let mut failures = Vec::new();
+    let mut relaxed = Vec::new();
     for (si, &(l, b, t, h)) in SHAPES.iter().enumerate() {
         let r = raw(si as u64 + 1, l, b, t, h);
         let (hp, pc, pr) = inputs(&r, dtype, dtype)?;
@@ -329,41 +344,65 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
             }
             let got = run(reprpo_loss, &hp, &pc, &pr, &cfg, p)?;
             let want = run(reprpo_loss_unfused, &hq, &qc, &qr, &cfg, p)?;
-            if rowwise {
-                let un = run(reprpo_loss_unfused, &hp, &pc, &pr, &cfg, p)?;
-                worst.unfused_grad = worst
-                    .unfused_grad
-                    .max(row_err(&un.grad_c, &want.grad_c, h))
-                    .max(row_err(&un.grad_r, &want.grad_r, h));
-            }
+            // Row-wise (f32) mode: the unfused chain in the same dtype is measured against the
+            // same reference. It sets the bar (4x its error) for cka on fewer than 10 tokens only,
+            // where CKA is near 1 and both are off by 1e-4..1e-3 in f32 (see the file's docs).
+            let few_row_cka = rowwise && cfg.variant == ReprPoVariant::Cka && t < 10;
+            let un = if rowwise {
+                Some(run(reprpo_loss_unfused, &hp, &pc, &pr, &cfg, p)?)
+            } else {
+                None
+            };
             let tag = format!("{dtype:?} {:?} {name}", (l, b, t, h));
-            let mut check = |what: &str, g: &[f64], w: &[f64], grad: bool| {
-                let e = if grad && rowwise {
-                    row_err(g, w, h)
-                } else {
-                    rel_err(g, w, atol)
+            if !got
+                .metrics
+                .iter()
+                .map(|x| &x.0)
+                .eq(want.metrics.iter().map(|x| &x.0))
+            {
+                failures.push(format!("{tag}: metric names differ"));
+            }
+            let mut check = |what: &str, pick: &dyn Fn(&Got) -> Vec<f64>, grad: bool| {
+                let err = |g: &Got| {
+                    if grad && rowwise {
+                        row_err(&pick(g), &pick(&want), h)
+                    } else {
+                        rel_err(&pick(g), &pick(&want), atol)
+                    }
                 };
+                let e = err(&got);
+                let e_un = un.as_ref().map_or(0.0, err);
                 if grad {
                     worst.grad = worst.grad.max(e);
+                    worst.unfused_grad = worst.unfused_grad.max(e_un);
                 } else {
                     worst.value = worst.value.max(e);
                 }
-                if e > tol {
+                let allowed = if few_row_cka {
+                    tol.max(4.0 * e_un)
+                } else {
+                    tol
+                };
+                if e > tol && e <= allowed {
+                    relaxed.push(format!(
+                        "{tag}: {what} error {e:.2e} (unfused {dtype:?} chain {e_un:.2e})"
+                    ));
+                }
+                if e > allowed {
                     failures.push(format!("{tag}: {what} error {e:.3e}"));
                 }
             };
-            let names = |m: &[(String, f64)]| m.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
-            let same_names = names(&got.metrics) == names(&want.metrics);
-            check("loss", &got.loss, &want.loss, false);
-            check("per_example", &got.per_example, &want.per_example, false);
-            if !same_names {
-                check("metric names", &[1.0], &[f64::NAN], false);
+            check("loss", &|g| g.loss.clone(), false);
+            check("per_example", &|g| g.per_example.clone(), false);
+            for (i, (k, _)) in want.metrics.iter().enumerate() {
+                check(
+                    k,
+                    &|g| vec![g.metrics.get(i).map_or(f64::NAN, |m| m.1)],
+                    false,
+                );
             }
-            for ((k, g), (_, w)) in got.metrics.iter().zip(&want.metrics) {
-                check(k, &[*g], &[*w], false);
-            }
-            check("grad policy_chosen", &got.grad_c, &want.grad_c, true);
-            check("grad policy_rejected", &got.grad_r, &want.grad_r, true);
+            check("grad policy_chosen", &|g| g.grad_c.clone(), true);
+            check("grad policy_rejected", &|g| g.grad_r.clone(), true);
             // Padded positions get exactly zero gradient.
             for (li, bi, ti) in
                 (0..l).flat_map(|li| (0..b).flat_map(move |bi| (0..t).map(move |ti| (li, bi, ti))))
@@ -380,6 +419,9 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
         }
     }
     eprintln!("fused {dtype:?} vs unfused {ref_dtype:?}: worst relative errors {worst:?}");
+    for r in &relaxed {
+        eprintln!("  few-row cka, beyond {tol:.0e}, within 4x the unfused chain's error: {r}");
+    }
     if !failures.is_empty() {
         bail!("{} failures:\n{}", failures.len(), failures.join("\n"));
     }
@@ -599,9 +641,8 @@ fn fused_kernel_selection() -> Result<()> {
         &x
     ));
     for v in ReprPoVariant::ALL {
-        let want = v != ReprPoVariant::Cka;
         let cfg = ReprPoConfig { variant: v, ..d() };
-        assert_eq!(uses_fused_kernel(&cfg, &x), want, "{v:?}");
+        assert!(uses_fused_kernel(&cfg, &x), "{v:?}");
     }
     Ok(())
 }
