@@ -8,7 +8,7 @@ reports them too).
   (IPO on length-averaged log-probs) plus TRL's reward metrics; backward into the policy log-probs.
 - reprpo_{variant}/{L}x{B}x{T}x{H}_{f32,bf16}: the ReprPO family at 3x8x512x2048 and 3x2x64x256,
   progress 0.5, alpha 10, the reprpo schedule, no example weights, backward into the two policy
-  hidden-state tensors. Masks: example b of B has its chosen sequence left-padded by b*T//(4B)
+  hidden-state tensors; original-mean is the original distance with token reduction "mean". Masks: example b of B has its chosen sequence left-padded by b*T//(4B)
   positions and its rejected sequence right-padded by b*T//(3B), as in the Rust bench.
 
 Prints one JSON line per kernel: {"id": ..., "median_s": ..., "reps": ...} (median of the timed
@@ -135,7 +135,18 @@ def masked_parts(d, em):
 def reprpo(v, pi_c, pi_r, ref_c, ref_r, m_c, m_r, p=0.5, alpha=10.0):
     H = pi_c.shape[-1]
     m_b = m_c & m_r
-    if v == "cka":
+    if v == "original-mean":
+        # Token reduction "mean": each sequence pooled over its real tokens, compared per (l, b).
+        def pool(x, m):
+            mm = m[None, :, :, None].to(x.dtype)
+            return (x * mm).sum(2) / torch.clamp(m.sum(-1), min=1).to(x.dtype)[None, :, None]
+
+        pcm, prm, rcm = pool(pi_c, m_c), pool(pi_r, m_r), pool(ref_c, m_c)
+        has_c = m_c.sum(-1) > 0
+        has_b = has_c & (m_r.sum(-1) > 0)
+        part_rr = masked_parts(vnorm(prm - rcm), has_b[None])
+        part_ret = masked_parts(vnorm(pcm - rcm), has_c[None])
+    elif v == "cka":
         d_rr, val_rr = cka_dist(pi_r, ref_c, m_b)
         d_ret, val_ret = cka_dist(pi_c, ref_c, m_c)
         part_rr, part_ret = masked_parts(d_rr, val_rr[None]), masked_parts(d_ret, val_ret[None])
@@ -161,7 +172,7 @@ def reprpo(v, pi_c, pi_r, ref_c, ref_r, m_c, m_r, p=0.5, alpha=10.0):
     return loss, per_example, metrics
 
 
-VARIANTS = ["original", "direction", "normalized-mse", "topk", "symlog", "cka", "adaptive", "rr-only", "ldr"]
+VARIANTS = ["original", "direction", "normalized-mse", "topk", "symlog", "cka", "adaptive", "rr-only", "ldr", "original-mean"]
 
 
 def emit(id_, med, reps):

@@ -9,7 +9,8 @@
 //!   `reprpo_original_unfused` the same loss through `reprpo_loss_unfused` (in the input dtype);
 //!   every other variant through `reprpo_loss`: the fused kernel for all but `cka`, which runs its
 //!   chain of candle ops, in f32 for bf16 inputs (what `reprpo_loss` does with half-precision
-//!   hidden states off the fused path).
+//!   hidden states off the fused path); `reprpo_original_mean` is the original distance with
+//!   `token_reduction = mean` (pooled sequences; the chain of candle ops).
 //!
 //! Masks: example `b` of `B` has its chosen sequence left-padded by `b T / (4B)` positions and its
 //! rejected sequence right-padded by `b T / (3B)` (integer division), as in the PyTorch script.
@@ -30,7 +31,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use reprpo_losses::{
     DpoConfig, DpoInputs, DpoState, HiddenPairs, LossType, ReprPoConfig, ReprPoVariant,
-    reprpo_loss, reprpo_loss_unfused,
+    TokenReduction, reprpo_loss, reprpo_loss_unfused,
 };
 
 #[global_allocator]
@@ -156,6 +157,16 @@ fn kernels() -> Vec<(String, ReprPoConfig, LossFn)> {
         // multiply by 0.
         v.push((var.name().replace('-', "_"), cfg, reprpo_loss));
     }
+    // Token reduction `mean` (pool each sequence over its real tokens, then compare per (l, b)):
+    // the chain of candle ops (no fused kernel), in f32 for bf16 inputs.
+    v.push((
+        "original_mean".into(),
+        ReprPoConfig {
+            token_reduction: TokenReduction::Mean,
+            ..Default::default()
+        },
+        reprpo_loss,
+    ));
     v
 }
 

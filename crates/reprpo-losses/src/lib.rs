@@ -11,6 +11,7 @@ mod cka;
 pub mod dpo;
 pub mod error;
 pub mod fused;
+mod pool;
 pub mod reprpo;
 
 pub use dpo::{

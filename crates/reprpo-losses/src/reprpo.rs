@@ -1,11 +1,13 @@
 //! The ReprPO family of losses: hidden-state distances between the policy and the (frozen) reference
 //! model, as pure functions of tensors.
 //!
-//! [`reprpo_loss`] runs every per-position variant (all but [`ReprPoVariant::Cka`], with
-//! [`TokenReduction::PerPosition`]) through the fused CPU kernel of [`crate::fused`] (one pass over
-//! the hidden states, its own backward) when the hidden states are on the CPU in f32, f64, bf16 or
-//! f16; everything else, and [`reprpo_loss_unfused`] always, is the plain chain of differentiable
-//! candle ops, which is the reference the fused kernel is tested against.
+//! On the CPU (hidden states in f32, f64, bf16 or f16) [`reprpo_loss`] runs fused kernels with
+//! their own backward: every per-position variant but [`ReprPoVariant::Cka`] through the row kernel
+//! of [`crate::fused`] (one pass over the hidden states), `cka` through its own (`cka.rs`: real
+//! rows only, three Gram products per example), and [`TokenReduction::Mean`] pools the sequences
+//! with a one-pass pooling op (`pool.rs`) before the distances on the small pooled tensors. Other
+//! devices, and [`reprpo_loss_unfused`] always, take the plain chain of differentiable candle ops,
+//! which is the reference the kernels are tested against.
 //!
 //! # Notation
 //! Inputs ([`HiddenPairs`]) at the selected layers: `pi_cho`, `pi_rej` (policy, chosen / rejected),
@@ -73,6 +75,7 @@ use crate::cka;
 use crate::dpo::LossOut;
 use crate::error::{LossError, Result};
 use crate::fused::{self, rows::RowDist};
+use crate::pool;
 
 /// Which distance the loss uses (serde and [`ReprPoVariant::name`]: kebab-case).
 ///
@@ -591,10 +594,14 @@ pub fn reprpo_loss_unfused(
 }
 
 /// Whether [`reprpo_loss`] takes a fused kernel for this configuration and these hidden states:
-/// every variant per position (the row kernel of [`crate::fused`]; `cka`'s own kernel), on CPU
-/// tensors of f32, f64, bf16 or f16.
+/// on CPU tensors of f32, f64, bf16 or f16, always (per position: the row kernel of
+/// [`crate::fused`], `cka`'s own kernel; token reduction `mean`: the pooling op of `pool.rs`).
 pub fn uses_fused_kernel(cfg: &ReprPoConfig, hidden: &Tensor) -> bool {
-    row_dist(cfg, hidden).is_some() || uses_cka_kernel(cfg, hidden)
+    row_dist(cfg, hidden).is_some() || uses_cka_kernel(cfg, hidden) || uses_pool_kernel(cfg, hidden)
+}
+
+fn uses_pool_kernel(cfg: &ReprPoConfig, hidden: &Tensor) -> bool {
+    cfg.token_reduction == TokenReduction::Mean && fused::applies(hidden)
 }
 
 fn uses_cka_kernel(cfg: &ReprPoConfig, hidden: &Tensor) -> bool {
@@ -726,6 +733,59 @@ fn loss_impl(
             f.cos_rejected,
         );
     }
+    if allow_fused && uses_pool_kernel(cfg, pi_c) {
+        // Token reduction `mean`: the sequences pooled by the fused pooling op (f32, or f64 for
+        // f64 inputs; padded rows never read), the distances on the small pooled tensors by the
+        // chain of candle ops, the per-position cosines by the row kernel on detached inputs.
+        let (mc, mr) = (
+            fused::host_mask(&inputs.chosen_mask)?,
+            fused::host_mask(&inputs.rejected_mask)?,
+        );
+        let pc = pool::masked_mean(&inputs.policy_chosen, &mc)?;
+        let pr = pool::masked_mean(&inputs.policy_rejected, &mr)?;
+        let rc = pool::masked_mean(&inputs.reference_chosen.detach(), &mc)?;
+        let rj = pool::masked_mean(&inputs.reference_rejected.detach(), &mr)?;
+        let pd = pc.dtype();
+        let fmask = |m: &Tensor| -> Result<Tensor> { Ok(m.detach().gt(0.0)?.to_dtype(pd)?) };
+        let (v_rr, v_ret) = match z_host {
+            Some(z) => {
+                let (r, c) = example_weight_tensors(z, cfg.weight_scale, pd)?;
+                (Some(r), Some(c))
+            }
+            None => (None, None),
+        };
+        let (rr, ret) = mean_parts(
+            cfg,
+            [&pc, &pr, &rc, &rj],
+            &fmask(&inputs.chosen_mask)?,
+            &fmask(&inputs.rejected_mask)?,
+            v_rr.as_ref(),
+            v_ret.as_ref(),
+        )?;
+        let (pcd, prd) = (
+            inputs.policy_chosen.detach(),
+            inputs.policy_rejected.detach(),
+        );
+        let ki = fused::KernelInputs {
+            pi_cho: &pcd,
+            pi_rej: &prd,
+            ref_cho: &inputs.reference_chosen,
+            ref_rej: &inputs.reference_rejected,
+            m_c: &inputs.chosen_mask,
+            m_r: &inputs.rejected_mask,
+        };
+        let f = fused::reroute_retain(RowDist::L2, &ki, None)?;
+        return finish(
+            cfg,
+            progress,
+            b,
+            dtype,
+            &rr,
+            &ret,
+            f.cos_chosen,
+            f.cos_rejected,
+        );
+    }
     if allow_fused && matches!(dtype, DType::BF16 | DType::F16) {
         // Half-precision hidden states through the chain of candle ops: computed in f32 (one
         // conversion per input, differentiable) and cast back, as mixed-precision training keeps
@@ -771,13 +831,12 @@ fn loss_impl(
     let ref_r = keep(&inputs.reference_rejected.detach(), &m_r)?;
 
     // Per-example weights: w for retain, 1 - w for reroute.
-    let (v_rr, v_ret) = if let Some(z) = z_host {
-        let s = z.detach().to_dtype(dtype)?.affine(-cfg.weight_scale, 0.0)?;
-        let e = s.broadcast_sub(&s.max_keepdim(0)?)?.exp()?;
-        let w = e.broadcast_div(&e.sum_all()?)?;
-        (Some(w.affine(-1.0, 1.0)?), Some(w))
-    } else {
-        (None, None)
+    let (v_rr, v_ret) = match z_host {
+        Some(z) => {
+            let (r, c) = example_weight_tensors(z, cfg.weight_scale, dtype)?;
+            (Some(r), Some(c))
+        }
+        None => (None, None),
     };
 
     let variant = cfg.variant;
@@ -815,27 +874,8 @@ fn loss_impl(
         (_, TokenReduction::Mean) => {
             let (pc, pr) = (pool(pi_c, &m_c)?, pool(pi_r, &m_r)?);
             let (rc, rj) = (pool(&ref_c, &m_c)?, pool(&ref_r, &m_r)?);
-            let (d_rr, d_ret) = if variant == ReprPoVariant::Ldr {
-                (
-                    ldr(&rc, &pr, &rc, &rj, cfg.ldr_eps)?,
-                    ldr(&rc, &pc, &rc, &rj, cfg.ldr_eps)?,
-                )
-            } else {
-                (distance(cfg, &pr, &rc)?, distance(cfg, &pc, &rc)?)
-            };
-            let has =
-                |m: &Tensor| -> Result<Tensor> { Ok(m.sum(D::Minus1)?.gt(0.0)?.to_dtype(dtype)?) };
-            let has_c = has(&m_c)?;
-            let has_both = has_c.mul(&has(&m_r)?)?.unsqueeze(0)?;
-            let has_ret = if variant == ReprPoVariant::Ldr {
-                has_both.clone()
-            } else {
-                has_c.unsqueeze(0)?
-            };
-            (
-                weighted_parts(&d_rr, &has_both, v_rr.as_ref())?,
-                weighted_parts(&d_ret, &has_ret, v_ret.as_ref())?,
-            )
+            let pooled = [&pc, &pr, &rc, &rj];
+            mean_parts(cfg, pooled, &m_c, &m_r, v_rr.as_ref(), v_ret.as_ref())?
         }
     };
 
@@ -843,6 +883,49 @@ fn loss_impl(
     let cos_c = masked_mean(&cosine(&pcd, &ref_c)?, &m_c)?;
     let cos_r = masked_mean(&cosine(&prd, &ref_c)?, &m_both)?;
     finish(cfg, progress, b, dtype, &rr, &ret, cos_c, cos_r)
+}
+
+/// The reroute and retain parts (`[B]` each) of token reduction `mean` from the pooled hidden
+/// states `[pi_cho, pi_rej, ref_cho, ref_rej]` (each `[L, B, H]`), float masks `m_c`, `m_r` `[B, T]`
+/// in the pooled dtype, and the per-example weights.
+fn mean_parts(
+    cfg: &ReprPoConfig,
+    [pc, pr, rc, rj]: [&Tensor; 4],
+    m_c: &Tensor,
+    m_r: &Tensor,
+    v_rr: Option<&Tensor>,
+    v_ret: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let dtype = pc.dtype();
+    let ldr_variant = cfg.variant == ReprPoVariant::Ldr;
+    let (d_rr, d_ret) = if ldr_variant {
+        (
+            ldr(rc, pr, rc, rj, cfg.ldr_eps)?,
+            ldr(rc, pc, rc, rj, cfg.ldr_eps)?,
+        )
+    } else {
+        (distance(cfg, pr, rc)?, distance(cfg, pc, rc)?)
+    };
+    let has = |m: &Tensor| -> Result<Tensor> { Ok(m.sum(D::Minus1)?.gt(0.0)?.to_dtype(dtype)?) };
+    let has_c = has(m_c)?;
+    let has_both = has_c.mul(&has(m_r)?)?.unsqueeze(0)?;
+    let has_ret = if ldr_variant {
+        has_both.clone()
+    } else {
+        has_c.unsqueeze(0)?
+    };
+    Ok((
+        weighted_parts(&d_rr, &has_both, v_rr)?,
+        weighted_parts(&d_ret, &has_ret, v_ret)?,
+    ))
+}
+
+/// Per-example weights `(v_rr, v_ret) = (1 - w, w)`, `w = softmax(-s z)`, detached, in `dtype`.
+fn example_weight_tensors(z: &Tensor, scale: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let s = z.detach().to_dtype(dtype)?.affine(-scale, 0.0)?;
+    let e = s.broadcast_sub(&s.max_keepdim(0)?)?.exp()?;
+    let w = e.broadcast_div(&e.sum_all()?)?;
+    Ok((w.affine(-1.0, 1.0)?, w))
 }
 
 /// The loss, per-example loss and metrics from the reroute and retain parts per example (`[B]`,

@@ -13,11 +13,13 @@
 //!   scaled rows (the cosine's `y / (‖x‖ ‖y‖) - cos x / ‖x‖²`, the normalised difference
 //!   `x / ‖x‖ - y / ‖y‖`), single elements near a sign change carry f32's absolute rounding of the
 //!   terms, 1e-4 of their own size and more, in the unfused f32 chain as much as here. The
-//!   unfused f32 chain's error against the same reference is printed alongside. One exception:
+//!   unfused f32 chain's error against the same reference is printed alongside. Two
+//!   ill-conditioned cases must instead stay within 4x the unfused f32 chain's own error:
 //!   `cka` on the shapes with fewer than 10 tokens, where CKA is close to 1 (few centred rows) and
-//!   `1 - CKA` and its gradient are ill-conditioned in f32: the unfused f32 chain is off by up to
-//!   1.2e-3 there, and the kernel must stay within 4x the chain's error (seen: 0.3x-3.4x). At
-//!   40 tokens cka meets 1e-5 like every other variant.
+//!   `1 - CKA` and its gradient lose digits in f32 (the chain is off by up to 1.2e-3; the kernel
+//!   0.3x-3.4x of that; at 40 tokens cka meets 1e-5 like every other variant), and `symlog` of
+//!   pooled means (token reduction `mean`), whose `ln(|x| + 1e-6)` amplifies the rounding of
+//!   near-zero means (both 1.1e-5-3.3e-5, equal: the distance part is the same f32 chain).
 //! - f64: fused against unfused, values and gradients elementwise within 1e-11 (same floor).
 //! - f64: the fused backward against central finite differences of the fused forward.
 //! - bf16 / f16: the fused kernel on rounded inputs against the unfused f32 chain on the same
@@ -297,6 +299,36 @@ fn configs() -> Vec<(String, ReprPoConfig, f64)> {
             },
             0.3,
         ),
+        v(
+            "mean_original",
+            ReprPoVariant::Original,
+            |c| c.token_reduction = TokenReduction::Mean,
+            0.5,
+        ),
+        v(
+            "mean_direction_weights",
+            ReprPoVariant::Direction,
+            |c| {
+                c.token_reduction = TokenReduction::Mean;
+                c.example_weights = true;
+            },
+            0.4,
+        ),
+        v(
+            "mean_ldr",
+            ReprPoVariant::Ldr,
+            |c| c.token_reduction = TokenReduction::Mean,
+            0.6,
+        ),
+        v(
+            "mean_symlog_cb",
+            ReprPoVariant::Symlog,
+            |c| {
+                c.token_reduction = TokenReduction::Mean;
+                c.schedule = Schedule::CircuitBreakers;
+            },
+            0.5,
+        ),
         v("ldr", ReprPoVariant::Ldr, |_| {}, 0.5),
         v(
             "ldr_weights_eps",
@@ -345,9 +377,12 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
             let got = run(reprpo_loss, &hp, &pc, &pr, &cfg, p)?;
             let want = run(reprpo_loss_unfused, &hq, &qc, &qr, &cfg, p)?;
             // Row-wise (f32) mode: the unfused chain in the same dtype is measured against the
-            // same reference. It sets the bar (4x its error) for cka on fewer than 10 tokens only,
-            // where CKA is near 1 and both are off by 1e-4..1e-3 in f32 (see the file's docs).
-            let few_row_cka = rowwise && cfg.variant == ReprPoVariant::Cka && t < 10;
+            // same reference. It sets the bar (4x its error) for the two ill-conditioned cases
+            // only (see the file's docs).
+            let ill_conditioned = rowwise
+                && ((cfg.variant == ReprPoVariant::Cka && t < 10)
+                    || (cfg.variant == ReprPoVariant::Symlog
+                        && cfg.token_reduction == TokenReduction::Mean));
             let un = if rowwise {
                 Some(run(reprpo_loss_unfused, &hp, &pc, &pr, &cfg, p)?)
             } else {
@@ -378,7 +413,7 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
                 } else {
                     worst.value = worst.value.max(e);
                 }
-                let allowed = if few_row_cka {
+                let allowed = if ill_conditioned {
                     tol.max(4.0 * e_un)
                 } else {
                     tol
@@ -411,8 +446,13 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
                 if r.mc[bi * t + ti] == 0.0 && got.grad_c[o..o + h].iter().any(|&x| x != 0.0) {
                     failures.push(format!("{tag}: gradient at a padded chosen position"));
                 }
-                let both = r.mc[bi * t + ti] * r.mr[bi * t + ti];
-                if both == 0.0 && got.grad_r[o..o + h].iter().any(|&x| x != 0.0) {
+                // Token reduction `mean` pools the rejected sequence over all its real tokens.
+                let counted = if cfg.token_reduction == TokenReduction::Mean {
+                    r.mr[bi * t + ti]
+                } else {
+                    r.mc[bi * t + ti] * r.mr[bi * t + ti]
+                };
+                if counted == 0.0 && got.grad_r[o..o + h].iter().any(|&x| x != 0.0) {
                     failures.push(format!("{tag}: gradient at an uncounted rejected position"));
                 }
             }
@@ -420,7 +460,7 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
     }
     eprintln!("fused {dtype:?} vs unfused {ref_dtype:?}: worst relative errors {worst:?}");
     for r in &relaxed {
-        eprintln!("  few-row cka, beyond {tol:.0e}, within 4x the unfused chain's error: {r}");
+        eprintln!("  ill-conditioned case, beyond {tol:.0e}, within 4x the unfused chain's: {r}");
     }
     if !failures.is_empty() {
         bail!("{} failures:\n{}", failures.len(), failures.join("\n"));
@@ -633,7 +673,7 @@ fn fused_kernel_selection() -> Result<()> {
     let d = ReprPoConfig::default;
     assert!(uses_fused_kernel(&d(), &x));
     assert!(!uses_fused_kernel(&d(), &xi));
-    assert!(!uses_fused_kernel(
+    assert!(uses_fused_kernel(
         &ReprPoConfig {
             token_reduction: TokenReduction::Mean,
             ..d()

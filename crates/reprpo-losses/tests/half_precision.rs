@@ -1,5 +1,6 @@
-//! bf16 / f16 hidden states through `reprpo_loss` for the configurations without a fused kernel
-//! (every variant with `token_reduction = mean`): the
+//! bf16 / f16 hidden states through `reprpo_loss`, every variant and both token reductions (on
+//! the CPU all of them take a fused kernel, which accumulates in f32; off the CPU the chain of
+//! candle ops runs in f32): the
 //! loss is computed in f32 from the half-precision inputs and cast back, so its value must be the
 //! f32 chain's on the same (rounded) inputs, rounded once to the half dtype, and the gradient that
 //! reaches a half-precision variable must be the f32 chain's gradient rounded to that dtype.
@@ -12,7 +13,6 @@
 use candle_core::{DType, Device, Tensor, Var};
 use reprpo_losses::reprpo::{
     HiddenPairs, ReprPoConfig, ReprPoVariant, TokenReduction, reprpo_loss, reprpo_loss_unfused,
-    uses_fused_kernel,
 };
 
 fn masks(dev: &Device) -> (Tensor, Tensor) {
@@ -22,7 +22,7 @@ fn masks(dev: &Device) -> (Tensor, Tensor) {
 }
 
 #[test]
-fn half_inputs_give_the_f32_result_rounded_for_every_unfused_configuration() {
+fn half_inputs_give_the_f32_result_rounded_for_every_configuration() {
     let dev = Device::Cpu;
     let (mc, mr) = masks(&dev);
     let shape = (2, 2, 5, 16);
@@ -48,9 +48,6 @@ fn half_inputs_give_the_f32_result_rounded_for_every_unfused_configuration() {
             };
             // The same values in both dtypes: round to the half dtype first.
             let half: Vec<Tensor> = base.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
-            if uses_fused_kernel(&cfg, &half[0]) {
-                continue; // tests/fused.rs covers the fused kernel in every dtype
-            }
             checked += 1;
             // The four tensors with the policy's rejected states as a variable (the gradient
             // checked below).
@@ -129,7 +126,7 @@ fn half_inputs_give_the_f32_result_rounded_for_every_unfused_configuration() {
             }
         }
     }
-    // The eight variants with mean token reduction (cka has its own kernel and takes no mean), in
-    // two dtypes.
-    assert_eq!(checked, 16);
+    // Nine variants per position and eight with mean token reduction (cka takes no mean), in two
+    // dtypes.
+    assert_eq!(checked, 34);
 }
