@@ -1,7 +1,7 @@
-//! reprpo-models: Llama (and, later, Phi-3) on candle, written for training: full-sequence
-//! logits, hidden states of chosen layers in `transformers`' `output_hidden_states` convention,
-//! padding-aware attention masks, early exit, and (next) adapters whose weights alone are
-//! trainable.
+//! reprpo-models: Llama and Phi-3 on candle, written for training: full-sequence logits, hidden
+//! states of chosen layers in `transformers`' `output_hidden_states` convention, padding-aware
+//! attention masks, early exit, and adapters (LoRA, DoRA, BOFT, OFT, HRA, and full fine-tuning of
+//! linear layers) whose weights alone are trainable.
 
 pub mod error;
 
@@ -12,6 +12,7 @@ pub use config::LlamaConfig;
 pub use llama::{ForwardSpec, KvCache, Llama, Output};
 pub mod adapter;
 pub mod checkpoint;
+pub mod full;
 pub mod generate;
 pub mod hub;
 pub mod llama2c;

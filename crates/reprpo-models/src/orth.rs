@@ -252,7 +252,7 @@ pub fn parse(peft_type: &str, raw: &Map<String, Value>, file: &Path) -> Result<O
 pub fn validate(config: &AdapterConfig, file: &Path) -> Result<()> {
     match &config.kind {
         AdapterKind::Orth(raw) => parse(&config.peft_type, raw, file).map(|_| ()),
-        AdapterKind::Lora { .. } => Ok(()),
+        AdapterKind::Lora { .. } | AdapterKind::Full => Ok(()),
     }
 }
 

@@ -62,12 +62,15 @@ pub enum AdapterKind {
     },
     /// Orthogonal kinds, configured by their own module (`orth.rs`).
     Orth(Map<String, Value>),
+    /// Full fine-tuning of the targeted layers (`peft_type` `"FULL"`, a reprpo extension; see
+    /// `full.rs`).
+    Full,
 }
 
 /// A validated adapter config.
 #[derive(Debug, Clone)]
 pub struct AdapterConfig {
-    /// `LORA`, `BOFT`, `OFT`, `HRA`.
+    /// `LORA`, `BOFT`, `OFT`, `HRA`, or `FULL` (full fine-tuning, a reprpo extension).
     pub peft_type: String,
     /// Kind-specific settings.
     pub kind: AdapterKind,
@@ -255,6 +258,7 @@ impl AdapterConfig {
                 known.extend(crate::orth::config_keys(&peft_type));
                 AdapterKind::Orth(raw.clone())
             }
+            "FULL" => AdapterKind::Full,
             other => {
                 return Err(cfg_err(
                     file,
@@ -501,6 +505,15 @@ pub fn add_adapter(
                     scale: lora_scale(*alpha, *r, *rslora),
                     dropout: *dropout,
                 })
+            }
+            (AdapterKind::Full, None) => {
+                ModuleAdapter::Transform(Arc::new(crate::full::FullDelta::zeros(out, inp, &dev)?))
+            }
+            (AdapterKind::Full, Some((w, file))) => {
+                let delta =
+                    trainable_from(w, file, &key(crate::full::DELTA_KEY), &[out, inp], &dev)?;
+                used += 1;
+                ModuleAdapter::Transform(Arc::new(crate::full::FullDelta { delta }))
             }
             (AdapterKind::Orth(_), w) => {
                 let t: Arc<dyn WeightTransform> =
