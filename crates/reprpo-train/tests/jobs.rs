@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! End-to-end training jobs on the embedded default data and the tiny random model:
 //!
-//! - every loss family x every adapter kind: a short run lowers the loss on its training pairs
+//! - every loss family x every adapter kind (and full fine-tuning): a short run lowers the loss on
+//!   its training pairs
 //!   (evaluated at the same progress before and after, so ReprPO's coefficient schedule cannot
 //!   fake a fall), and the saved PEFT adapter, reloaded into a fresh base, reproduces the run's
 //!   own final evaluation exactly;
@@ -152,6 +153,21 @@ fn sft_every_adapter_kind() {
     for kind in ["lora", "dora", "boft", "oft", "hra"] {
         check_family_kind("sft", kind, "5e-3", "6");
     }
+}
+
+/// Full fine-tuning (`adapter.kind=full`: a dense delta on every linear layer) with each loss
+/// family, at a tenth of the adapters' learning rates (every weight moves).
+#[test]
+fn every_family_full_fine_tuning() {
+    check_family_kind("sft", "full", "5e-4", "6");
+    check_family_kind("dpo", "full", "5e-4", "6");
+    check_family_kind_with(
+        "reprpo",
+        "full",
+        "1e-4",
+        "12",
+        &["train.hidden_mask=completion"],
+    );
 }
 
 fn load_adapter_tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
