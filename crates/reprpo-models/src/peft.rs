@@ -684,3 +684,86 @@ pub fn bake_adapter(host: &mut dyn AdapterHost, dir: &Path) -> Result<()> {
     *host.adapter_set_mut() = AdapterSet::default();
     Ok(())
 }
+
+/// Write a Hugging Face model folder with adapter `name` merged into the weights, for a full
+/// fine-tune (or any adapter) to be used without this crate: `out_dir/model.safetensors` holds
+/// every tensor of the base folder's safetensors (one file, even from a sharded base), with each
+/// linear layer's weight replaced by the model's effective weight (the adapted weight where the
+/// adapter targets the layer, the current base weight elsewhere, so an SFT stage folded in with
+/// [`bake_adapter`] is kept), cast to the dtype of the base file's tensor; `config.json`,
+/// `generation_config.json` and the tokenizer files of the base folder are copied when present.
+/// Each file is written to a temporary name and renamed into place.
+///
+/// # Errors
+/// [`ModelError::Invalid`] for an unknown adapter, [`ModelError::Weight`] when a linear layer has
+/// no `<module>.weight` in the base files, I/O and format errors naming the file.
+pub fn export_merged(
+    host: &dyn AdapterHost,
+    name: &str,
+    base_dir: &Path,
+    out_dir: &Path,
+) -> Result<()> {
+    let idx = host
+        .adapter_set()
+        .index(name)
+        .ok_or_else(|| ModelError::Invalid(format!("no adapter named {name:?}")))?;
+    let mut tensors = crate::llama::load_safetensors(base_dir, &Device::Cpu)?;
+    for lin in host.linears() {
+        let key = format!("{}.weight", lin.name);
+        let Some(old) = tensors.get(&key) else {
+            return Err(ModelError::Weight {
+                file: base_dir.to_path_buf(),
+                name: key,
+                problem: "missing from the base model's safetensors".into(),
+            });
+        };
+        let w = match &lin.merged {
+            Some((j, _)) if *j == idx => lin.weight.clone(),
+            _ => lin.adapted_weight(idx)?,
+        };
+        if w.dims() != old.dims() {
+            return Err(ModelError::Weight {
+                file: base_dir.to_path_buf(),
+                name: key,
+                problem: format!(
+                    "shape {:?} in the file, {:?} in the model",
+                    old.dims(),
+                    w.dims()
+                ),
+            });
+        }
+        let w = w.to_device(&Device::Cpu)?.to_dtype(old.dtype())?;
+        tensors.insert(key, w);
+    }
+    std::fs::create_dir_all(out_dir).map_err(|source| ModelError::Write {
+        file: out_dir.to_path_buf(),
+        source,
+    })?;
+    let dst = out_dir.join("model.safetensors");
+    let tmp = out_dir.join("model.safetensors.tmp");
+    candle_core::safetensors::save(&tensors, &tmp).map_err(|e| ModelError::Format {
+        file: tmp.clone(),
+        problem: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, &dst).map_err(|source| ModelError::Write { file: dst, source })?;
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+    ] {
+        let src = base_dir.join(f);
+        if src.is_file() {
+            let tmp = out_dir.join(format!("{f}.tmp"));
+            std::fs::copy(&src, &tmp).map_err(|source| ModelError::Write {
+                file: tmp.clone(),
+                source,
+            })?;
+            let d = out_dir.join(f);
+            std::fs::rename(&tmp, &d).map_err(|source| ModelError::Write { file: d, source })?;
+        }
+    }
+    Ok(())
+}

@@ -273,3 +273,64 @@ fn candle_nn_free_log_softmax(x: &Tensor) -> Tensor {
         .unwrap();
     s.broadcast_sub(&lse).unwrap()
 }
+
+/// The merged export of a full fine-tune loads as a plain model with the adapted model's logits,
+/// for Llama and for Phi-3's fused `qkv_proj` / `gate_up_proj`.
+#[test]
+fn export_merged_reloads_as_the_adapted_model() {
+    use reprpo_models::{CausalLm, Phi3};
+    let dev = Device::Cpu;
+    let fx = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+    let (ids, mask, pos) = inputs();
+    let run = |m: &dyn CausalLm| -> Tensor {
+        m.forward(&ids, Some(&mask), Some(&pos), &ForwardSpec::logits())
+            .unwrap()
+            .logits
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // Llama.
+    let dir = fx.join("llama_gqa_rope3");
+    let mut m = Llama::load(&dir, DType::F32, &dev).unwrap();
+    peft::add_adapter(&mut m, "default", full_config("all-linear".into()), None, 0).unwrap();
+    randomise(&m);
+    let out = tmp.path().join("llama");
+    peft::export_merged(&m, "default", &dir, &out).unwrap();
+    let merged = Llama::load(&out, DType::F32, &dev).unwrap();
+    let (a, b) = (run(&m), run(&merged));
+    let e = max_abs(&(&a - &b).unwrap()) / max_abs(&a);
+    assert!(e < 1e-5, "llama merged export: {e:e}");
+    assert!(out.join("config.json").is_file());
+    // Phi-3 (fused projections), only the attention's qkv_proj targeted.
+    let dir = fx.join("phi3_mini");
+    let mut p = Phi3::load(&dir, DType::F32, &dev).unwrap();
+    let plain = run(&p);
+    peft::add_adapter(
+        &mut p,
+        "default",
+        full_config(serde_json::json!(["qkv_proj"])),
+        None,
+        0,
+    )
+    .unwrap();
+    randomise_host(&p);
+    let out = tmp.path().join("phi3");
+    peft::export_merged(&p, "default", &dir, &out).unwrap();
+    let merged = Phi3::load(&out, DType::F32, &dev).unwrap();
+    let (a, b) = (run(&p), run(&merged));
+    let e = max_abs(&(&a - &b).unwrap()) / max_abs(&a);
+    assert!(e < 1e-5, "phi3 merged export: {e:e}");
+    assert!(
+        max_abs(&(&a - &plain).unwrap()) > 1e-3 * max_abs(&a),
+        "deltas change nothing"
+    );
+}
+
+fn randomise_host(model: &dyn AdapterHost) {
+    for (_, var) in peft::adapter_params(model, 0) {
+        var.set(&var.as_tensor().randn_like(0.0, 0.05).unwrap())
+            .unwrap();
+    }
+}

@@ -559,6 +559,18 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
         });
     }
     peft::save_adapter(model.as_ref(), "policy", &run_dir.join("adapter"))?;
+    // A full fine-tune of a model read from a folder also gets a plain Hugging Face folder with
+    // the weights merged (the random presets have no base files to copy).
+    if cfg.adapter.kind == "full" && LlamaConfig::preset(&cfg.model.name_or_path).is_none() {
+        let base = reprpo_models::hub::model_dir(&cfg.model.name_or_path).map_err(|e| {
+            TrainError::Config {
+                key: "model.name_or_path".into(),
+                problem: format!("{:?}: {e}", cfg.model.name_or_path),
+            }
+        })?;
+        peft::export_merged(model.as_ref(), "policy", &base, &run_dir.join("merged"))?;
+        summary.insert("merged_model".into(), json!(run_dir.join("merged")));
+    }
     let final_pairs = if eval_pairs.is_empty() {
         &train_pairs
     } else {

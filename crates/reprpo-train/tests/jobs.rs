@@ -506,3 +506,75 @@ fn gradient_checkpointing_trains_the_same_adapter() {
         assert!(moved, "{loss}: the adapter did not train");
     }
 }
+
+/// A full fine-tune of a model read from a folder (the train fixture's small Llama) also writes
+/// `merged/`, a plain Hugging Face folder that loads without adapters and gives the logits of the
+/// base with the run's adapter (1e-5 relative), tokenizer and config copied.
+#[test]
+fn full_fine_tune_of_a_folder_model_exports_the_merged_model() {
+    use candle_core::{DType, Device, Tensor};
+    use reprpo_models::{ForwardSpec, Llama};
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train");
+    let tmp = tempfile::tempdir().unwrap();
+    let overrides: Vec<String> = vec![
+        format!("model.name_or_path={}", fx.join("model").display()),
+        "data.datasets=[train-fixture]".into(),
+        "data.eval_datasets=[]".into(),
+        "data.ood_datasets=[]".into(),
+        "loss=sft".into(),
+        "adapter=full".into(),
+        "train.lr=1e-3".into(),
+        "train.max_steps=3".into(),
+        "train.batch_size=4".into(),
+        "train.warmup_ratio=0".into(),
+        format!("run.out_dir={}", tmp.path().display()),
+        "run.plots=false".into(),
+    ];
+    let cfg = TrainConfig::resolve(&Sources {
+        file: None,
+        overrides,
+        env: false,
+    })
+    .unwrap();
+    let c = JobContext {
+        datasets_dir: fx.join("datasets"),
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: false,
+    };
+    let out = trainer::train(&cfg, &c, None).unwrap();
+    let merged_dir = out.run_dir.join("merged");
+    for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+        assert!(merged_dir.join(f).is_file(), "merged/{f} missing");
+    }
+    let dev = Device::Cpu;
+    let mut adapted = Llama::load(&fx.join("model"), DType::F32, &dev).unwrap();
+    let idx = peft::load_adapter(&mut adapted, &out.run_dir.join("adapter"), "policy").unwrap();
+    adapted.adapters.active = Some(idx);
+    let merged = Llama::load(&merged_dir, DType::F32, &dev).unwrap();
+    let base = Llama::load(&fx.join("model"), DType::F32, &dev).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 14, 3, 7, 2, 11]], &dev).unwrap();
+    let logits = |m: &Llama| {
+        m.forward(&ids, None, None, &ForwardSpec::logits())
+            .unwrap()
+            .logits
+            .unwrap()
+    };
+    let (a, m, b) = (logits(&adapted), logits(&merged), logits(&base));
+    let max = |t: Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let scale = max(a.clone());
+    let e = max((&a - &m).unwrap()) / scale;
+    assert!(e < 1e-5, "merged vs base + adapter: {e:e}");
+    assert!(
+        max((&a - &b).unwrap()) > 1e-4 * scale,
+        "three steps of full fine-tuning changed nothing"
+    );
+}
