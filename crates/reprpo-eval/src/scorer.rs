@@ -270,19 +270,50 @@ fn run_batch<M: CausalLm + ?Sized>(
     if b.seq_len < 2 {
         return Ok(vec![0.0; b.rows]);
     }
-    let shape = (b.rows, b.seq_len);
+    let (rows, t) = (b.rows, b.seq_len);
+    // The positions whose logits are needed: t - 1 for every counted token t. Only those rows of
+    // the final hidden states are projected onto the vocabulary (the prompt's other positions and
+    // the padding never are), which is most of the vocabulary projection's work saved on short
+    // answers after longer prompts.
+    let mut pick = Vec::new();
+    let mut targets = Vec::new();
+    let mut owner = Vec::new();
+    for r in 0..rows {
+        for ti in 1..t {
+            if b.loss_mask[r * t + ti] > 0 {
+                pick.push((r * t + ti - 1) as u32);
+                targets.push(b.input_ids[r * t + ti]);
+                owner.push(r);
+            }
+        }
+    }
+    let mut sums = vec![0.0; rows];
+    if pick.is_empty() {
+        return Ok(sums);
+    }
+    let shape = (rows, t);
     let ids = Tensor::from_vec(b.input_ids, shape, dev)?;
     let mask = Tensor::from_vec(b.attention_mask, shape, dev)?;
-    let loss = Tensor::from_vec(b.loss_mask, shape, dev)?;
-    let out = model.forward(&ids, Some(&mask), None, &ForwardSpec::logits())?;
-    let logits = out
-        .logits
-        .ok_or_else(|| EvalError::Invalid("the forward returned no logits".into()))?;
-    let lp = token_logps(&logits, &ids, &loss)?;
-    Ok(lp
-        .sum
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?
+    let last = model.num_layers();
+    let spec = ForwardSpec {
+        hidden_layers: vec![last as isize],
+        ..Default::default()
+    };
+    let out = model.forward(&ids, Some(&mask), None, &spec)?;
+    let normed = out
+        .hidden
         .into_iter()
-        .collect())
+        .find(|(i, _)| *i == last)
+        .map(|(_, h)| h)
+        .ok_or_else(|| EvalError::Invalid("the forward returned no final hidden state".into()))?;
+    let hdim = normed.dim(2)?;
+    let n = pick.len();
+    let sel = normed
+        .reshape((rows * t, hdim))?
+        .index_select(&Tensor::from_vec(pick, n, dev)?, 0)?;
+    let logits = model.project(&sel)?;
+    for (lp, r) in reprpo_models::logps::row_logps(&logits, &targets)?.into_iter().zip(owner) {
+        sums[r] += lp;
+    }
+    Ok(sums)
 }

@@ -326,6 +326,11 @@ impl Llama {
         self.dtype
     }
 
+    /// The vocabulary projection of final hidden states `[N, hidden]` -> logits `[N, vocab]`.
+    pub fn project(&self, normed: &Tensor) -> Result<Tensor> {
+        Ok(crate::frozen::frozen_matmul(normed, &self.lm_head)?)
+    }
+
     /// The device.
     pub fn device(&self) -> &Device {
         &self.device

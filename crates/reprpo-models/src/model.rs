@@ -31,6 +31,10 @@ pub trait CausalLm {
     fn device(&self) -> &Device;
     /// Decoder layers (hidden states are indexed 0..=layers).
     fn num_layers(&self) -> usize;
+    /// The vocabulary projection of final hidden states (hidden state `L`, after the final norm):
+    /// `[N, hidden]` -> `[N, vocab]` logits, the rows of what a forward with `logits` returns
+    /// (for callers that need the logits of a few positions only).
+    fn project(&self, normed: &Tensor) -> Result<Tensor>;
     /// Whether feeding `new_tokens` more tokens needs the cache rebuilt from the whole sequence
     /// (Phi-3 LongRoPE switches RoPE factors when the sequence passes its original context).
     fn cache_needs_refill(&self, cache: &KvCache, new_tokens: usize) -> bool {
@@ -66,6 +70,9 @@ impl CausalLm for Llama {
     fn num_layers(&self) -> usize {
         self.config.num_layers
     }
+    fn project(&self, normed: &Tensor) -> Result<Tensor> {
+        Llama::project(self, normed)
+    }
 }
 
 impl CausalLm for Phi3 {
@@ -97,5 +104,8 @@ impl CausalLm for Phi3 {
     }
     fn cache_needs_refill(&self, cache: &KvCache, new_tokens: usize) -> bool {
         Phi3::cache_needs_refill(self, cache, new_tokens)
+    }
+    fn project(&self, normed: &Tensor) -> Result<Tensor> {
+        Phi3::project(self, normed)
     }
 }

@@ -584,6 +584,11 @@ impl Phi3 {
         self.dtype
     }
 
+    /// The vocabulary projection of final hidden states `[N, hidden]` -> logits `[N, vocab]`.
+    pub fn project(&self, normed: &Tensor) -> Result<Tensor> {
+        Ok(crate::frozen::frozen_matmul(normed, &self.lm_head)?)
+    }
+
     /// The device.
     pub fn device(&self) -> &Device {
         &self.device

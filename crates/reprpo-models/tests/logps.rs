@@ -216,3 +216,51 @@ fn edge_cases() {
     let ids = Tensor::new(&[[1u32, 2, 8]], &dev).unwrap();
     assert!(token_logps(&logits, &ids, &mask).is_err());
 }
+
+/// `row_logps` on the rows `(b, t-1)` of `[B, T, V]` logits with targets `ids[b, t]` gives
+/// `shifted_logps`' values (the kernel of `token_logps`; f32 and bf16 logits: the same arithmetic,
+/// 1e-6 relative; f64: 1e-12).
+#[test]
+fn row_logps_equals_token_logps_per_token() {
+    use reprpo_models::logps::row_logps;
+    let dev = candle_core::Device::Cpu;
+    let (b, t, v) = (3usize, 6usize, 97usize);
+    for dt in [
+        candle_core::DType::F32,
+        candle_core::DType::BF16,
+        candle_core::DType::F64,
+    ] {
+        let logits = candle_core::Tensor::randn(0f32, 3.0, (b, t, v), &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 11) % v) as u32).collect();
+        let ids_t = candle_core::Tensor::from_vec(ids.clone(), (b, t), &dev).unwrap();
+        let want: Vec<Vec<f64>> = shifted_logps(&logits, &ids_t)
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for bi in 0..b {
+            for ti in 1..t {
+                rows.push((bi * t + ti - 1) as u32);
+                targets.push(ids[bi * t + ti]);
+            }
+        }
+        let idx = candle_core::Tensor::from_vec(rows, b * (t - 1), &dev).unwrap();
+        let sel = logits.reshape((b * t, v)).unwrap().index_select(&idx, 0).unwrap();
+        let got = row_logps(&sel, &targets).unwrap();
+        let tol = if dt == candle_core::DType::F64 { 1e-12 } else { 1e-6 };
+        for bi in 0..b {
+            for ti in 1..t {
+                let g = got[bi * (t - 1) + ti - 1];
+                let w = want[bi][ti - 1];
+                assert!((g - w).abs() <= tol * w.abs().max(1.0), "{dt:?} ({bi},{ti}): {g} vs {w}");
+            }
+        }
+        assert!(row_logps(&sel, &targets[1..]).is_err());
+    }
+}
