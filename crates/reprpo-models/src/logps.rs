@@ -217,7 +217,9 @@ pub fn row_logps(logits: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
     let logits = logits.contiguous()?;
     let (st, l) = logits.storage_and_layout();
     let Storage::Cpu(cs) = &*st else {
-        return Err(ModelError::Invalid("row_logps: logits are not on the CPU".into()));
+        return Err(ModelError::Invalid(
+            "row_logps: logits are not on the CPU".into(),
+        ));
     };
     let out = match cs {
         CpuStorage::F32(_) => rows(TokenLogps::slice::<f32>(cs, l)?, v, targets),

@@ -251,14 +251,25 @@ fn row_logps_equals_token_logps_per_token() {
             }
         }
         let idx = candle_core::Tensor::from_vec(rows, b * (t - 1), &dev).unwrap();
-        let sel = logits.reshape((b * t, v)).unwrap().index_select(&idx, 0).unwrap();
+        let sel = logits
+            .reshape((b * t, v))
+            .unwrap()
+            .index_select(&idx, 0)
+            .unwrap();
         let got = row_logps(&sel, &targets).unwrap();
-        let tol = if dt == candle_core::DType::F64 { 1e-12 } else { 1e-6 };
+        let tol = if dt == candle_core::DType::F64 {
+            1e-12
+        } else {
+            1e-6
+        };
         for bi in 0..b {
             for ti in 1..t {
                 let g = got[bi * (t - 1) + ti - 1];
                 let w = want[bi][ti - 1];
-                assert!((g - w).abs() <= tol * w.abs().max(1.0), "{dt:?} ({bi},{ti}): {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= tol * w.abs().max(1.0),
+                    "{dt:?} ({bi},{ti}): {g} vs {w}"
+                );
             }
         }
         assert!(row_logps(&sel, &targets[1..]).is_err());
