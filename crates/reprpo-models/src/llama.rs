@@ -328,7 +328,7 @@ impl Llama {
 
     /// The vocabulary projection of final hidden states `[N, hidden]` -> logits `[N, vocab]`.
     pub fn project(&self, normed: &Tensor) -> Result<Tensor> {
-        Ok(crate::frozen::frozen_matmul(normed, &self.lm_head)?)
+        crate::frozen::frozen_matmul(normed, &self.lm_head)
     }
 
     /// The device.
