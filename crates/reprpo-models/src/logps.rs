@@ -231,6 +231,156 @@ pub fn row_logps(logits: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
     Ok(out)
 }
 
+/// `logits[r, targets[r]] - logsumexp logits[r, :]` per row of `[N, V]` logits as a
+/// differentiable `[N]` tensor (f32, or f64 for f64 logits): [`token_logps`] for callers that
+/// project only the positions of counted tokens (the gradient is `g (onehot - softmax)` per row,
+/// as in the module docs). Fused on the CPU, composed candle ops elsewhere.
+///
+/// # Errors
+/// [`ModelError::Invalid`] for a target out of range or a length mismatch; candle errors.
+pub fn row_token_logps(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.len() != n {
+        return Err(ModelError::Invalid(format!(
+            "{} targets for {n} logits rows",
+            targets.len()
+        )));
+    }
+    if let Some(bad) = targets.iter().find(|&&id| id as usize >= v) {
+        return Err(ModelError::Invalid(format!(
+            "token id {bad} out of range for {v} logits"
+        )));
+    }
+    if !fused_ok(logits) || n == 0 {
+        let acc = if logits.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let x = logits.to_dtype(acc)?;
+        let ids = Tensor::from_slice(targets, (n, 1), logits.device())?;
+        let m = x.max_keepdim(D::Minus1)?.detach();
+        let lse = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?;
+        return Ok((x.gather(&ids, D::Minus1)? - lse)?.squeeze(1)?);
+    }
+    Ok(logits.contiguous()?.apply_op1(RowLogps {
+        targets: targets.to_vec(),
+        lse: Mutex::new(Vec::new()),
+    })?)
+}
+
+/// The fused op of [`row_token_logps`]: argument `[N, V]` logits, output `[N]`.
+struct RowLogps {
+    targets: Vec<u32>,
+    /// Per row `(max, ln sum exp(x - max))`, for the backward.
+    lse: Mutex<Vec<(f64, f64)>>,
+}
+
+impl RowLogps {
+    fn run_fwd<E: Elem>(&self, x: &[E], v: usize) -> (CpuStorage, Vec<(f64, f64)>) {
+        let n = self.targets.len();
+        let mut logp = vec![E::A::ZERO; n];
+        let mut lse = vec![(0f64, 0f64); n];
+        let per = (TASK_ELEMS / v.max(1)).max(1);
+        logp.par_iter_mut()
+            .zip(lse.par_iter_mut())
+            .enumerate()
+            .with_min_len(per)
+            .for_each(|(r, (lp, ls))| {
+                let row = &x[r * v..(r + 1) * v];
+                let (m, ln_s) = row_lse(row);
+                *lp = (row[self.targets[r] as usize].up() - m) - ln_s;
+                *ls = (m.to_f64(), ln_s.to_f64());
+            });
+        (E::A::storage(logp), lse)
+    }
+
+    fn run_bwd<E: Elem>(&self, x: &[E], v: usize, lse: &[(f64, f64)], g: &[f64]) -> Vec<E> {
+        let mut dx = vec![E::zero(); x.len()];
+        let per = (TASK_ELEMS / v.max(1)).max(1);
+        dx.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .enumerate()
+            .with_min_len(per)
+            .for_each(|(r, (d, row))| {
+                let gr = E::A::from_f64(g[r]);
+                if gr == E::A::ZERO {
+                    return;
+                }
+                let (m, ln_s) = (E::A::from_f64(lse[r].0), E::A::from_f64(lse[r].1));
+                let ng = E::A::ZERO - gr;
+                for (o, &xv) in d.iter_mut().zip(row) {
+                    *o = E::down(ng * ((xv.up() - m) - ln_s).exp());
+                }
+                let k = self.targets[r] as usize;
+                d[k] = E::down(gr + ng * ((row[k].up() - m) - ln_s).exp());
+            });
+        dx
+    }
+}
+
+impl CustomOp1 for RowLogps {
+    fn name(&self) -> &'static str {
+        "row-token-logps"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = l.dims().get(1).copied().unwrap_or(1);
+        let (out, lse) = match s {
+            CpuStorage::F32(_) => self.run_fwd(TokenLogps::slice::<f32>(s, l)?, v),
+            CpuStorage::F64(_) => self.run_fwd(TokenLogps::slice::<f64>(s, l)?, v),
+            CpuStorage::BF16(_) => self.run_fwd(TokenLogps::slice::<bf16>(s, l)?, v),
+            CpuStorage::F16(_) => self.run_fwd(TokenLogps::slice::<f16>(s, l)?, v),
+            _ => candle_core::bail!("row-token-logps: unsupported dtype"),
+        };
+        match self.lse.lock() {
+            Ok(mut g) => *g = lse,
+            Err(_) => candle_core::bail!("row-token-logps: lock poisoned"),
+        }
+        Ok((out, Shape::from(self.targets.len())))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let Ok(lse) = self.lse.lock() else {
+            candle_core::bail!("row-token-logps: lock poisoned");
+        };
+        if lse.len() != self.targets.len() || g.len() != self.targets.len() {
+            candle_core::bail!("row-token-logps: backward without its forward");
+        }
+        let x = x.contiguous()?;
+        let v = x.dim(1)?;
+        let (st, l) = x.storage_and_layout();
+        let Storage::Cpu(cs) = &*st else {
+            candle_core::bail!("row-token-logps: logits are not on the CPU");
+        };
+        let dx = match cs {
+            CpuStorage::F32(_) => Tensor::from_vec(
+                self.run_bwd(TokenLogps::slice::<f32>(cs, l)?, v, &lse, &g),
+                x.shape(),
+                x.device(),
+            )?,
+            CpuStorage::F64(_) => Tensor::from_vec(
+                self.run_bwd(TokenLogps::slice::<f64>(cs, l)?, v, &lse, &g),
+                x.shape(),
+                x.device(),
+            )?,
+            CpuStorage::BF16(_) => Tensor::from_vec(
+                self.run_bwd(TokenLogps::slice::<bf16>(cs, l)?, v, &lse, &g),
+                x.shape(),
+                x.device(),
+            )?,
+            CpuStorage::F16(_) => Tensor::from_vec(
+                self.run_bwd(TokenLogps::slice::<f16>(cs, l)?, v, &lse, &g),
+                x.shape(),
+                x.device(),
+            )?,
+            _ => candle_core::bail!("row-token-logps: unsupported dtype"),
+        };
+        Ok(Some(dx))
+    }
+}
+
 /// The fused op: argument the whole `[B, T, V]` logits, output `[B, T-1]` log-probabilities.
 struct TokenLogps {
     /// `ids[:, 1..]` flattened, `B * (T-1)`.

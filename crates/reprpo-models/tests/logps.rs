@@ -275,3 +275,82 @@ fn row_logps_equals_token_logps_per_token() {
         assert!(row_logps(&sel, &targets[1..]).is_err());
     }
 }
+
+/// `row_token_logps` on the selected rows `(b, t-1)` equals `token_logps`, values and the
+/// gradient of a weighted sum with respect to the full logits (through the row selection), in f32
+/// (1e-6) and f64 (1e-12).
+#[test]
+fn row_token_logps_values_and_gradient_equal_token_logps() {
+    use reprpo_models::logps::row_token_logps;
+    let dev = Device::Cpu;
+    let (b, t, v) = (3usize, 7usize, 61usize);
+    // Counted positions: a ragged completion mask.
+    let mask: Vec<f32> = (0..b * t)
+        .map(|i| f32::from(u8::from(i % t >= 2 + i / t)))
+        .collect();
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 29 + 5) % v) as u32).collect();
+    let weights: Vec<f32> = (0..b).map(|i| 0.5 + i as f32).collect();
+    for (dt, tol) in [(DType::F32, 1e-6), (DType::F64, 1e-12)] {
+        let x = Var::from_tensor(
+            &Tensor::randn(0f32, 2.0, (b, t, v), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap(),
+        )
+        .unwrap();
+        let ids_t = Tensor::from_vec(ids.clone(), (b, t), &dev).unwrap();
+        let mask_t = Tensor::from_vec(mask.clone(), (b, t), &dev).unwrap();
+        let w = Tensor::from_vec(weights.clone(), b, &dev).unwrap();
+        let full = token_logps(x.as_tensor(), &ids_t, &mask_t).unwrap();
+        let loss_full = (full.sum * &w).unwrap().sum_all().unwrap();
+        let (mut pick, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        for bi in 0..b {
+            for ti in 1..t {
+                if mask[bi * t + ti] > 0.0 {
+                    pick.push((bi * t + ti - 1) as u32);
+                    targets.push(ids[bi * t + ti]);
+                    owner.push(bi);
+                }
+            }
+        }
+        let n = pick.len();
+        let sel = x
+            .as_tensor()
+            .reshape((b * t, v))
+            .unwrap()
+            .index_select(&Tensor::from_vec(pick, n, &dev).unwrap(), 0)
+            .unwrap();
+        let lp = row_token_logps(&sel, &targets).unwrap();
+        let wr: Vec<f32> = owner.iter().map(|&o| weights[o]).collect();
+        let wr = Tensor::from_vec(wr, n, &dev).unwrap();
+        let loss_rows = (lp.to_dtype(DType::F32).unwrap() * &wr)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let (a, c) = (
+            loss_full
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            loss_rows
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+        );
+        assert!(
+            (a - c).abs() <= tol * a.abs().max(1.0),
+            "{dt:?}: {a} vs {c}"
+        );
+        let ga = loss_full.backward().unwrap();
+        let gb = loss_rows.backward().unwrap();
+        let ga = ga.get(x.as_tensor()).unwrap();
+        let gb = gb.get(x.as_tensor()).unwrap();
+        let e = err(ga, gb);
+        assert!(
+            f64::from(e) <= tol.max(1e-7),
+            "{dt:?}: gradient differs by {e}"
+        );
+    }
+}

@@ -88,20 +88,31 @@ pub fn batch_loss(
     };
     match family {
         LossFamily::Sft => {
-            let out = model.forward(
-                &batch.ids,
-                Some(&batch.attention),
-                None,
-                &spec(&[], true, false, train, ckpt),
-            )?;
-            let logits = out.logits.ok_or_else(|| missing("logits"))?;
-            let lp = token_logps(&logits, &batch.ids, &batch.loss_mask)?;
+            let last = [model.num_layers()];
+            let lp = counted_logps(model, batch, &spec(&last, false, false, train, ckpt))?;
             let n = lp.count.sum_all()?.to_scalar::<f32>()?.max(1.0);
             let loss = (lp.sum.sum_all()?.neg()? / f64::from(n))?;
             let mut metrics = BTreeMap::new();
             metrics.insert("loss".into(), scalar(&loss)?);
             metrics.insert("nll_loss".into(), scalar(&loss)?);
             Ok(BatchLoss { loss, metrics })
+        }
+        LossFamily::Dpo if cfg.dpo.ld_alpha.is_none() && !cfg.dpo.use_weighting => {
+            // Only the counted positions are projected onto the vocabulary (LD-DPO's tails and
+            // WPO's weights read per-token values and full logits: the branch below).
+            let b = batch.pairs;
+            let last = [model.num_layers()];
+            let p = counted_logps(model, batch, &spec(&last, false, false, train, ckpt))?;
+            let r = counted_logps(model, batch, &spec(&last, false, true, false, false))?;
+            let (pc, pr) = halves(&p.sum, b)?;
+            let (rc, rr) = halves(&r.sum.detach(), b)?;
+            let (nc, nr) = halves(&p.count, b)?;
+            let mut inputs = DpoInputs::new(pc, pr, rc, rr, nc, nr);
+            let (lc, lr) = halves(&p.logits_sum, b)?;
+            inputs.chosen_logits_sum = Some(lc);
+            inputs.rejected_logits_sum = Some(lr);
+            let out = dpo_loss(&inputs, &cfg.dpo, dpo_state)?;
+            finish(out)
         }
         LossFamily::Dpo => {
             let b = batch.pairs;
@@ -206,6 +217,81 @@ pub fn batch_loss(
             finish(out)
         }
     }
+}
+
+/// Summed log-probabilities of the counted tokens per sequence, with only the positions they are
+/// predicted from projected onto the vocabulary (the rows `t - 1` of the final hidden states for
+/// every counted token `t`): the same values as [`token_logps`] on full logits, without the
+/// prompt's and the padding's logits (most of the vocabulary projection's work, forward and
+/// backward). Differentiable through the policy's forward when `spec` tracks it.
+struct Counted {
+    /// `[rows]` f32.
+    sum: Tensor,
+    /// `[rows]` f32, constant.
+    count: Tensor,
+    /// `[rows]`: the sum over counted positions of the mean logit over the vocabulary (TRL's
+    /// `logits/chosen` numerator), detached.
+    logits_sum: Tensor,
+}
+
+fn counted_logps(model: &dyn CausalLm, batch: &DeviceBatch, spec: &ForwardSpec) -> Result<Counted> {
+    let (rows, t) = batch.ids.dims2()?;
+    let dev = batch.ids.device();
+    let ids: Vec<u32> = batch.ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+    let lm: Vec<f32> = batch
+        .loss_mask
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let (mut pick, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    let mut count = vec![0f32; rows];
+    for r in 0..rows {
+        for ti in 1..t {
+            if lm[r * t + ti] > 0.0 {
+                pick.push((r * t + ti - 1) as u32);
+                targets.push(ids[r * t + ti]);
+                owner.push(r);
+                count[r] += 1.0;
+            }
+        }
+    }
+    let n = pick.len();
+    let count = Tensor::from_vec(count, rows, dev)?;
+    if n == 0 {
+        let z = Tensor::zeros(rows, DType::F32, dev)?;
+        return Ok(Counted {
+            sum: z.clone(),
+            count,
+            logits_sum: z,
+        });
+    }
+    let last = model.num_layers();
+    let out = model.forward(&batch.ids, Some(&batch.attention), None, spec)?;
+    let normed = out
+        .hidden
+        .into_iter()
+        .find(|(i, _)| *i == last)
+        .map(|(_, h)| h)
+        .ok_or_else(|| missing("final hidden state"))?;
+    let hdim = normed.dim(2)?;
+    let sel = normed
+        .reshape((rows * t, hdim))?
+        .index_select(&Tensor::from_vec(pick, n, dev)?, 0)?;
+    let logits = model.project(&sel)?;
+    let lp = reprpo_models::logps::row_token_logps(&logits, &targets)?.to_dtype(DType::F32)?;
+    // [rows, n] 0/1: which sequence each counted token belongs to.
+    let mut onehot = vec![0f32; rows * n];
+    for (k, &r) in owner.iter().enumerate() {
+        onehot[r * n + k] = 1.0;
+    }
+    let s = Tensor::from_vec(onehot, (rows, n), dev)?;
+    let per_seq = |x: &Tensor| -> Result<Tensor> { Ok(s.matmul(&x.unsqueeze(1)?)?.squeeze(1)?) };
+    let mean_logit = logits.detach().mean(D::Minus1)?.to_dtype(DType::F32)?;
+    Ok(Counted {
+        sum: per_seq(&lp)?,
+        count,
+        logits_sum: per_seq(&mean_logit)?,
+    })
 }
 
 /// LD-DPO's tail mask `[2B, T-1]`: completion tokens beyond the shared length
