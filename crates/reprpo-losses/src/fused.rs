@@ -487,8 +487,8 @@ pub(crate) fn host_mask(m: &Tensor) -> Result<Vec<bool>> {
 
 /// The hidden states and masks the kernel reads.
 pub(crate) struct KernelInputs<'a> {
-    pub pi_cho: &'a Tensor,
-    pub pi_rej: &'a Tensor,
+    pub pi_cho: Tensor,
+    pub pi_rej: Tensor,
     pub ref_cho: &'a Tensor,
     /// Read only by `ldr`.
     pub ref_rej: &'a Tensor,

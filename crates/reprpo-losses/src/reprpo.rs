@@ -692,25 +692,13 @@ fn loss_impl(
             None => None,
         };
         let weights = weights.as_ref().map(|(r, c)| (r.as_slice(), c.as_slice()));
-        let kernel_inputs = |detach: bool| {
-            let d = |t: &Tensor| if detach { t.detach() } else { t.clone() };
-            (d(&inputs.policy_chosen), d(&inputs.policy_rejected))
-        };
-        let (pcd, prd) = kernel_inputs(cka);
-        let ki = fused::KernelInputs {
-            pi_cho: &pcd,
-            pi_rej: &prd,
-            ref_cho: &inputs.reference_chosen,
-            ref_rej: &inputs.reference_rejected,
-            m_c: &inputs.chosen_mask,
-            m_r: &inputs.rejected_mask,
-        };
-        // cka: the row kernel (on detached inputs) gives only the cosine diagnostics.
-        let f = fused::reroute_retain(row.unwrap_or(RowDist::L2), &ki, weights)?;
-        let (rr, ret) = if cka {
+        let (rr, ret, cos_c, cos_r) = if let Some(dist) = row {
+            let f = fused::reroute_retain(dist, &kernel_inputs(inputs, false), weights)?;
+            (f.rr, f.ret, f.cos_chosen, f.cos_rejected)
+        } else {
             let ones = vec![1.0; b];
             let (v_rr, v_ret) = weights.unwrap_or((&ones, &ones));
-            cka::cka_parts(
+            let (rr, ret) = cka::cka_parts(
                 &inputs.policy_chosen,
                 &inputs.policy_rejected,
                 &inputs.reference_chosen,
@@ -718,20 +706,11 @@ fn loss_impl(
                 &fused::host_mask(&inputs.rejected_mask)?,
                 v_rr,
                 v_ret,
-            )?
-        } else {
-            (f.rr, f.ret)
+            )?;
+            let (cos_c, cos_r) = kernel_cosines(inputs)?;
+            (rr, ret, cos_c, cos_r)
         };
-        return finish(
-            cfg,
-            progress,
-            b,
-            dtype,
-            &rr,
-            &ret,
-            f.cos_chosen,
-            f.cos_rejected,
-        );
+        return finish(cfg, progress, b, dtype, &rr, &ret, cos_c, cos_r);
     }
     if allow_fused && uses_pool_kernel(cfg, pi_c) {
         // Token reduction `mean`: the sequences pooled by the fused pooling op (f32, or f64 for
@@ -762,29 +741,8 @@ fn loss_impl(
             v_rr.as_ref(),
             v_ret.as_ref(),
         )?;
-        let (pcd, prd) = (
-            inputs.policy_chosen.detach(),
-            inputs.policy_rejected.detach(),
-        );
-        let ki = fused::KernelInputs {
-            pi_cho: &pcd,
-            pi_rej: &prd,
-            ref_cho: &inputs.reference_chosen,
-            ref_rej: &inputs.reference_rejected,
-            m_c: &inputs.chosen_mask,
-            m_r: &inputs.rejected_mask,
-        };
-        let f = fused::reroute_retain(RowDist::L2, &ki, None)?;
-        return finish(
-            cfg,
-            progress,
-            b,
-            dtype,
-            &rr,
-            &ret,
-            f.cos_chosen,
-            f.cos_rejected,
-        );
+        let (cos_c, cos_r) = kernel_cosines(inputs)?;
+        return finish(cfg, progress, b, dtype, &rr, &ret, cos_c, cos_r);
     }
     if allow_fused && matches!(dtype, DType::BF16 | DType::F16) {
         // Half-precision hidden states through the chain of candle ops: computed in f32 (one
@@ -883,6 +841,26 @@ fn loss_impl(
     let cos_c = masked_mean(&cosine(&pcd, &ref_c)?, &m_c)?;
     let cos_r = masked_mean(&cosine(&prd, &ref_c)?, &m_both)?;
     finish(cfg, progress, b, dtype, &rr, &ret, cos_c, cos_r)
+}
+
+/// The row kernel's view of `inputs`, the policy tensors detached or not.
+fn kernel_inputs(inputs: &HiddenPairs, detach: bool) -> fused::KernelInputs<'_> {
+    let pol = |t: &Tensor| if detach { t.detach() } else { t.clone() };
+    fused::KernelInputs {
+        pi_cho: pol(&inputs.policy_chosen),
+        pi_rej: pol(&inputs.policy_rejected),
+        ref_cho: &inputs.reference_chosen,
+        ref_rej: &inputs.reference_rejected,
+        m_c: &inputs.chosen_mask,
+        m_r: &inputs.rejected_mask,
+    }
+}
+
+/// The per-position cosine diagnostics (`cosine/chosen`, `cosine/rejected`) by the row kernel on
+/// detached inputs, for the kernels that do not compute them (cka, token reduction `mean`).
+fn kernel_cosines(inputs: &HiddenPairs) -> Result<(Tensor, Tensor)> {
+    let f = fused::reroute_retain(RowDist::L2, &kernel_inputs(inputs, true), None)?;
+    Ok((f.cos_chosen, f.cos_rejected))
 }
 
 /// The reroute and retain parts (`[B]` each) of token reduction `mean` from the pooled hidden

@@ -167,68 +167,18 @@ pub fn shifted_logps(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
 
 /// `logits[r, targets[r]] - logsumexp logits[r, :]` per row of `[N, V]` logits (f32, bf16, f16 or
 /// f64), in f64 on the host: for evaluation, where only the positions of counted tokens are
-/// projected onto the vocabulary. Not differentiable. The same per-row arithmetic as
-/// [`token_logps`]'s kernel on the CPU (composed candle ops elsewhere).
+/// projected onto the vocabulary. Not differentiable: [`row_token_logps`] on detached logits, read
+/// back to the host.
 ///
 /// # Errors
 /// [`ModelError::Invalid`] for a target out of range or a length mismatch; candle errors.
 pub fn row_logps(logits: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
-    let (n, v) = logits.dims2()?;
-    if targets.len() != n {
-        return Err(ModelError::Invalid(format!(
-            "{} targets for {n} logits rows",
-            targets.len()
-        )));
-    }
-    if let Some(bad) = targets.iter().find(|&&id| id as usize >= v) {
-        return Err(ModelError::Invalid(format!(
-            "token id {bad} out of range for {v} logits"
-        )));
-    }
-    if n == 0 {
+    if logits.dims2()?.0 == 0 && targets.is_empty() {
         return Ok(Vec::new());
     }
-    if !fused_ok(logits) {
-        let acc = if logits.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let x = logits.to_dtype(acc)?;
-        let ids = Tensor::from_slice(targets, (n, 1), logits.device())?;
-        let m = x.max_keepdim(D::Minus1)?;
-        let lse = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?;
-        let lp = (x.gather(&ids, D::Minus1)? - lse)?;
-        return Ok(lp.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?);
-    }
-    fn rows<E: Elem>(x: &[E], v: usize, targets: &[u32]) -> Vec<f64> {
-        let per = (TASK_ELEMS / v.max(1)).max(1);
-        let mut out = vec![0f64; targets.len()];
-        out.par_iter_mut()
-            .enumerate()
-            .with_min_len(per)
-            .for_each(|(r, o)| {
-                let row = &x[r * v..(r + 1) * v];
-                let (m, ln_s) = row_lse(row);
-                *o = ((row[targets[r] as usize].up() - m) - ln_s).to_f64();
-            });
-        out
-    }
-    let logits = logits.contiguous()?;
-    let (st, l) = logits.storage_and_layout();
-    let Storage::Cpu(cs) = &*st else {
-        return Err(ModelError::Invalid(
-            "row_logps: logits are not on the CPU".into(),
-        ));
-    };
-    let out = match cs {
-        CpuStorage::F32(_) => rows(TokenLogps::slice::<f32>(cs, l)?, v, targets),
-        CpuStorage::F64(_) => rows(TokenLogps::slice::<f64>(cs, l)?, v, targets),
-        CpuStorage::BF16(_) => rows(TokenLogps::slice::<bf16>(cs, l)?, v, targets),
-        CpuStorage::F16(_) => rows(TokenLogps::slice::<f16>(cs, l)?, v, targets),
-        _ => return Err(ModelError::Invalid("row_logps: unsupported dtype".into())),
-    };
-    Ok(out)
+    Ok(row_token_logps(&logits.detach(), targets)?
+        .to_dtype(DType::F64)?
+        .to_vec1()?)
 }
 
 /// `logits[r, targets[r]] - logsumexp logits[r, :]` per row of `[N, V]` logits as a
