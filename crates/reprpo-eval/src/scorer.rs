@@ -34,7 +34,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use reprpo_data::tokenize::{Group, Layout, Seq, collate};
-use reprpo_models::logps::token_logps;
+use reprpo_models::logps::{CountedRows, row_logps, token_logps};
 use reprpo_models::{CausalLm, ForwardSpec, KvCache};
 use serde::{Deserialize, Serialize};
 
@@ -278,20 +278,9 @@ fn run_batch<M: CausalLm + ?Sized>(
     // the final hidden states are projected onto the vocabulary (the prompt's other positions and
     // the padding never are), which is most of the vocabulary projection's work saved on short
     // answers after longer prompts.
-    let mut pick = Vec::new();
-    let mut targets = Vec::new();
-    let mut owner = Vec::new();
-    for r in 0..rows {
-        for ti in 1..t {
-            if b.loss_mask[r * t + ti] > 0 {
-                pick.push((r * t + ti - 1) as u32);
-                targets.push(b.input_ids[r * t + ti]);
-                owner.push(r);
-            }
-        }
-    }
+    let counted = CountedRows::new(&b.input_ids, rows, t, |i| b.loss_mask[i] > 0);
     let mut sums = vec![0.0; rows];
-    if pick.is_empty() {
+    if counted.pick.is_empty() {
         return Ok(sums);
     }
     let shape = (rows, t);
@@ -310,14 +299,14 @@ fn run_batch<M: CausalLm + ?Sized>(
         .map(|(_, h)| h)
         .ok_or_else(|| EvalError::Invalid("the forward returned no final hidden state".into()))?;
     let hdim = normed.dim(2)?;
-    let n = pick.len();
+    let n = counted.pick.len();
     let sel = normed
         .reshape((rows * t, hdim))?
-        .index_select(&Tensor::from_vec(pick, n, dev)?, 0)?;
+        .index_select(&Tensor::from_slice(&counted.pick, n, dev)?, 0)?;
     let logits = model.project(&sel)?;
-    for (lp, r) in reprpo_models::logps::row_logps(&logits, &targets)?
+    for (lp, &r) in row_logps(&logits, &counted.targets)?
         .into_iter()
-        .zip(owner)
+        .zip(&counted.owner)
     {
         sums[r] += lp;
     }

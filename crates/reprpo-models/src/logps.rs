@@ -165,6 +165,37 @@ pub fn shifted_logps(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     })?)
 }
 
+/// The positions of a padded batch `[rows, T]` whose logits its counted tokens need: for every
+/// row `r` and position `t >= 1` with `counted(r T + t)`, the flat index `r T + t - 1` of the
+/// predicting position, the token `ids[r T + t]`, and `r`. For callers that project only those
+/// rows of the final hidden states ([`row_token_logps`], [`row_logps`]).
+#[derive(Debug, Clone, Default)]
+pub struct CountedRows {
+    /// Flat indices `r T + t - 1` into `[rows T]`.
+    pub pick: Vec<u32>,
+    /// The counted tokens, in the same order.
+    pub targets: Vec<u32>,
+    /// The row of each.
+    pub owner: Vec<usize>,
+}
+
+impl CountedRows {
+    /// From the flat `ids` (`[rows, t]`, row-major) and which flat positions are counted.
+    pub fn new(ids: &[u32], rows: usize, t: usize, counted: impl Fn(usize) -> bool) -> Self {
+        let mut c = CountedRows::default();
+        for r in 0..rows {
+            for ti in 1..t {
+                if counted(r * t + ti) {
+                    c.pick.push((r * t + ti - 1) as u32);
+                    c.targets.push(ids[r * t + ti]);
+                    c.owner.push(r);
+                }
+            }
+        }
+        c
+    }
+}
+
 /// `logits[r, targets[r]] - logsumexp logits[r, :]` per row of `[N, V]` logits (f32, bf16, f16 or
 /// f64), in f64 on the host: for evaluation, where only the positions of counted tokens are
 /// projected onto the vocabulary. Not differentiable: [`row_token_logps`] on detached logits, read

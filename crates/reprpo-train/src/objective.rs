@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use candle_core::{D, DType, IndexOp, Tensor};
 use reprpo_losses::dpo::{DpoInputs, DpoState, LdTails, LossOut, WpoLogWeights, dpo_loss};
 use reprpo_losses::reprpo::{HiddenPairs, reprpo_loss, stack_layers};
-use reprpo_models::logps::{SeqLogps, token_logps};
+use reprpo_models::logps::{CountedRows, SeqLogps, row_token_logps, token_logps};
 use reprpo_models::{CausalLm, ForwardSpec};
 
 use crate::config::{LossFamily, TrainConfig};
@@ -89,7 +89,8 @@ pub fn batch_loss(
     match family {
         LossFamily::Sft => {
             let last = [model.num_layers()];
-            let lp = counted_logps(model, batch, &spec(&last, false, false, train, ckpt))?;
+            let rows = counted_rows(batch)?;
+            let lp = counted_logps(model, batch, &rows, &spec(&last, false, false, train, ckpt))?;
             let n = lp.count.sum_all()?.to_scalar::<f32>()?.max(1.0);
             let loss = (lp.sum.sum_all()?.neg()? / f64::from(n))?;
             let mut metrics = BTreeMap::new();
@@ -102,8 +103,9 @@ pub fn batch_loss(
             // WPO's weights read per-token values and full logits: the branch below).
             let b = batch.pairs;
             let last = [model.num_layers()];
-            let p = counted_logps(model, batch, &spec(&last, false, false, train, ckpt))?;
-            let r = counted_logps(model, batch, &spec(&last, false, true, false, false))?;
+            let rows = counted_rows(batch)?;
+            let p = counted_logps(model, batch, &rows, &spec(&last, false, false, train, ckpt))?;
+            let r = counted_logps(model, batch, &rows, &spec(&last, false, true, false, false))?;
             let (pc, pr) = halves(&p.sum, b)?;
             let (rc, rr) = halves(&r.sum.detach(), b)?;
             let (nc, nr) = halves(&p.count, b)?;
@@ -234,28 +236,31 @@ struct Counted {
     logits_sum: Tensor,
 }
 
-fn counted_logps(model: &dyn CausalLm, batch: &DeviceBatch, spec: &ForwardSpec) -> Result<Counted> {
+/// The counted positions of `batch` (its loss mask), read to the host once per batch.
+fn counted_rows(batch: &DeviceBatch) -> Result<CountedRows> {
     let (rows, t) = batch.ids.dims2()?;
-    let dev = batch.ids.device();
     let ids: Vec<u32> = batch.ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
     let lm: Vec<f32> = batch
         .loss_mask
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1()?;
-    let (mut pick, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    Ok(CountedRows::new(&ids, rows, t, |i| lm[i] > 0.0))
+}
+
+fn counted_logps(
+    model: &dyn CausalLm,
+    batch: &DeviceBatch,
+    counted: &CountedRows,
+    spec: &ForwardSpec,
+) -> Result<Counted> {
+    let (rows, t) = batch.ids.dims2()?;
+    let dev = batch.ids.device();
     let mut count = vec![0f32; rows];
-    for r in 0..rows {
-        for ti in 1..t {
-            if lm[r * t + ti] > 0.0 {
-                pick.push((r * t + ti - 1) as u32);
-                targets.push(ids[r * t + ti]);
-                owner.push(r);
-                count[r] += 1.0;
-            }
-        }
+    for &r in &counted.owner {
+        count[r] += 1.0;
     }
-    let n = pick.len();
+    let n = counted.pick.len();
     let count = Tensor::from_vec(count, rows, dev)?;
     if n == 0 {
         let z = Tensor::zeros(rows, DType::F32, dev)?;
@@ -276,12 +281,12 @@ fn counted_logps(model: &dyn CausalLm, batch: &DeviceBatch, spec: &ForwardSpec) 
     let hdim = normed.dim(2)?;
     let sel = normed
         .reshape((rows * t, hdim))?
-        .index_select(&Tensor::from_vec(pick, n, dev)?, 0)?;
+        .index_select(&Tensor::from_slice(&counted.pick, n, dev)?, 0)?;
     let logits = model.project(&sel)?;
-    let lp = reprpo_models::logps::row_token_logps(&logits, &targets)?.to_dtype(DType::F32)?;
+    let lp = row_token_logps(&logits, &counted.targets)?.to_dtype(DType::F32)?;
     // [rows, n] 0/1: which sequence each counted token belongs to.
     let mut onehot = vec![0f32; rows * n];
-    for (k, &r) in owner.iter().enumerate() {
+    for (k, &r) in counted.owner.iter().enumerate() {
         onehot[r * n + k] = 1.0;
     }
     let s = Tensor::from_vec(onehot, (rows, n), dev)?;
