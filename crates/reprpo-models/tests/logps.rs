@@ -301,8 +301,34 @@ fn row_token_logps_values_and_gradient_equal_token_logps() {
         let ids_t = Tensor::from_vec(ids.clone(), (b, t), &dev).unwrap();
         let mask_t = Tensor::from_vec(mask.clone(), (b, t), &dev).unwrap();
         let w = Tensor::from_vec(weights.clone(), b, &dev).unwrap();
-        let full = token_logps(x.as_tensor(), &ids_t, &mask_t).unwrap();
-        let loss_full = (full.sum * &w).unwrap().sum_all().unwrap();
+        // The reference in the logits' precision: `shifted_logps` is f64 for f64 logits
+        // (`token_logps` rounds its sums to f32).
+        let acc = if dt == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let per_token = shifted_logps(x.as_tensor(), &ids_t).unwrap();
+        let m = mask_t.narrow(1, 1, t - 1).unwrap().to_dtype(acc).unwrap();
+        let full_sum = (per_token * m).unwrap().sum(1).unwrap();
+        let loss_full = (full_sum * w.to_dtype(acc).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        // And `token_logps` itself agrees with it to f32 rounding.
+        let tl = token_logps(x.as_tensor(), &ids_t, &mask_t).unwrap();
+        let tl_loss = (tl.sum * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let fl = loss_full
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((f64::from(tl_loss) - fl).abs() <= 1e-6 * fl.abs().max(1.0));
         let (mut pick, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
         for bi in 0..b {
             for ti in 1..t {
@@ -322,11 +348,11 @@ fn row_token_logps_values_and_gradient_equal_token_logps() {
             .unwrap();
         let lp = row_token_logps(&sel, &targets).unwrap();
         let wr: Vec<f32> = owner.iter().map(|&o| weights[o]).collect();
-        let wr = Tensor::from_vec(wr, n, &dev).unwrap();
-        let loss_rows = (lp.to_dtype(DType::F32).unwrap() * &wr)
+        let wr = Tensor::from_vec(wr, n, &dev)
             .unwrap()
-            .sum_all()
+            .to_dtype(acc)
             .unwrap();
+        let loss_rows = (lp * &wr).unwrap().sum_all().unwrap();
         let (a, c) = (
             loss_full
                 .to_dtype(DType::F64)
