@@ -513,7 +513,15 @@ fn bench_step(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<()
 
 fn main() {
     keep_freed_memory();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Every job runs on a thread of candle's CPU pool (`Device::with_context`): the parallel parts
+    // of each op (GEMM, the fused row ops, candle's elementwise ops through the vendored patch)
+    // then share that pool's threads by work stealing, where the main thread would hand each of
+    // them to sleeping workers and wait (futex round trips), and candle's spinning barrier pool
+    // would compete with rayon for the cores. A tiny LoRA step: 72 -> 47 ms on 2 cores
+    // (docs/perf.md). Harmless for CUDA runs: only CPU work uses the pool.
+    let res = candle_core::Device::Cpu.with_context(|| run(cli));
+    if let Err(e) = res {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -182,7 +182,24 @@ fn mc_item_err(item: &McItem, e: EvalError) -> EvalError {
 
 /// Score every subject on every dataset and generate side by side. `subjects[0]` must be the
 /// base (`adapter: None`).
-pub fn evaluate<M: CausalLm + AdapterHost + ?Sized>(
+///
+/// The job runs on a thread of candle's CPU pool (`Device::with_context`; a no-op when the caller
+/// is already there), so that the parallel parts of every op share that pool's threads instead of
+/// the calling thread handing each one over and waiting (docs/perf.md).
+pub fn evaluate<M: CausalLm + AdapterHost + Send + ?Sized>(
+    model: &mut M,
+    tok: &Tok,
+    subjects: &[Subject],
+    datasets: &[Loaded],
+    shifts: &[Shift],
+    suite: &str,
+    opts: &EvalOptions,
+) -> Result<Report> {
+    candle_core::Device::Cpu
+        .with_context(|| evaluate_job(model, tok, subjects, datasets, shifts, suite, opts))
+}
+
+fn evaluate_job<M: CausalLm + AdapterHost + ?Sized>(
     model: &mut M,
     tok: &Tok,
     subjects: &[Subject],

@@ -305,6 +305,10 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
+        if rayon::current_thread_index().is_some() {
+            let chunk = n_items.div_ceil(rayon::current_num_threads());
+            return on_rayon(n_items, chunk, f);
+        }
         let chunk = n_items.div_ceil(self.threads.len() + 1);
         self.execute(|tid| {
             let start = tid * chunk;
@@ -325,6 +329,10 @@ impl BarrierPool {
             f(0..n_items);
             return;
         }
+        if rayon::current_thread_index().is_some() {
+            let chunk = n_items.div_ceil(rayon::current_num_threads() * 8).max(1);
+            return on_rayon(n_items, chunk, f);
+        }
         let n_threads = self.threads.len() + 1;
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
         let chunk = n_items.div_ceil(n_threads * 8).max(1);
@@ -337,6 +345,19 @@ impl BarrierPool {
             f(start..n_items.min(start + chunk));
         });
     }
+}
+
+/// reprpo: runs `f` over `0..n_items` in ranges of `chunk` on the rayon pool of the calling
+/// worker thread. A caller that is already a rayon worker (inside `Device::with_context`) shares
+/// the work with that pool's idle threads; waking the barrier pool instead would run its spinning
+/// workers beside the rayon threads (more runnable threads than cores: on 2 cores this made a LoRA
+/// step no faster than one thread, docs/perf.md).
+fn on_rayon<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, chunk: usize, f: F) {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    (0..n_items.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
 }
 
 impl Drop for BarrierPool {
@@ -418,7 +439,10 @@ fn candle_num_threads() -> usize {
 
 pub fn get_num_threads() -> usize {
     // Respond to the same environment variable as rayon.
-    rayon_num_threads()
+    // reprpo: computed once. The CPU matmul asks for every product, and without `RAYON_NUM_THREADS`
+    // this parsed /proc/cpuinfo each time (`num_cpus::get_physical`), ~3% of a small LoRA step.
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(rayon_num_threads)
 }
 
 /// On Apple Silicon: P-core count via `hw.perflevel0.logicalcpu`.
@@ -548,6 +572,9 @@ pub(crate) fn candle_pool() -> &'static rayon::ThreadPool {
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(get_num_threads())
+            // reprpo: `Device::with_context` runs whole training and scoring jobs on these
+            // threads, whose backward recursion is as deep as the graph; reserved, not touched.
+            .stack_size(64 << 20)
             .start_handler(|_| set_thread_affinity())
             .build()
             .expect("failed to build candle rayon threadpool")
