@@ -75,7 +75,8 @@ fn main() -> anyhow::Result<()> {
         batch_tokens: 4096,
         pad: tok.pad,
     };
-    let lps = score_groups(&model, &refs, &opts, &mut |_| {})?;
+    // On candle's CPU pool, as `reprpo_eval::evaluate` (and so `cargo xtask eval`) scores.
+    let lps = Device::Cpu.with_context(|| score_groups(&model, &refs, &opts, &mut |_| {}))?;
     let secs = t0.elapsed().as_secs_f64();
     let logps: Vec<Vec<f64>> = lps
         .iter()
