@@ -103,7 +103,11 @@ pub fn load_model(cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Device
                 })?;
             Device::new_cuda(n).map_err(|e| TrainError::Config {
                 key: "model.device".into(),
-                problem: format!("{e} (build with --features cuda)"),
+                problem: if cfg!(feature = "cuda") {
+                    format!("cannot open CUDA device {n}: {e}")
+                } else {
+                    format!("{e} (this build has no CUDA: build with --features cuda)")
+                },
             })?
         }
     };

@@ -337,6 +337,30 @@ fn model_dependent_config_errors_name_the_key() {
 }
 
 #[test]
+fn device_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device_error = |d: &str| {
+        let cfg = config(tmp.path(), &[&format!("model.device={d}")]);
+        match trainer::load_model(&cfg).map(|_| ()).unwrap_err() {
+            TrainError::Config { key, problem } => (key, problem),
+            other => panic!("expected a config error, got {other}"),
+        }
+    };
+    let (k, p) = device_error("gpu");
+    assert_eq!(k, "model.device");
+    assert!(p.contains("expected cpu, cuda or cuda:N"), "{p}");
+    let (k, p) = device_error("cuda:x");
+    assert_eq!(k, "model.device");
+    assert!(p.contains("expected cpu, cuda or cuda:N"), "{p}");
+    if !cfg!(feature = "cuda") {
+        // CI builds without CUDA: asking for it says how to get it.
+        let (k, p) = device_error("cuda:0");
+        assert_eq!(k, "model.device");
+        assert!(p.contains("build with --features cuda"), "{p}");
+    }
+}
+
+#[test]
 fn presets_layer_under_overrides() {
     let tmp = tempfile::tempdir().unwrap();
     // The dpo preset sets its own lr; an override wins over it.
