@@ -48,7 +48,7 @@ pub struct EvalOptions {
 impl Default for EvalOptions {
     fn default() -> Self {
         EvalOptions {
-            // Per group, the prompt cache where it at least halves the work, else padded
+            // Per group, the prompt cache where it cuts the work by 1.5x or more, else padded
             // batches (see `ScoreMode::Auto`; docs/perf.md, "Evaluation").
             mc_mode: ScoreMode::Auto,
             pair_mode: ScoreMode::Auto,

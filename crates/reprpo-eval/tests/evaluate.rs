@@ -213,13 +213,15 @@ fn auto_mode_mixes_both_paths_and_equals_full() {
             truncated: false,
         }
     };
-    // 2 (P + C W) <= C (P + W): 2 (6 + 2 * 9) = 48 > 30 -> full; 2 (40 + 4 * 5) = 120 <= 180
-    // -> cache; 2 (5 + 2 * 7) = 38 > 24 -> full; 2 (60 + 5 * 2) = 140 <= 310 -> cache.
+    // 3 (P + C W) <= 2 C (P + W): 3 (6 + 2 * 9) = 72 > 60 -> full; 3 (40 + 4 * 5) = 180 <= 360
+    // -> cache; 3 (5 + 2 * 7) = 57 > 48 -> full; 3 (60 + 5 * 2) = 210 <= 620 -> cache;
+    // 3 (10 + 2 * 2) = 42 <= 48 -> cache (a factor of 1.71: factor 2 would have sent it to full).
     let groups = [
         group(6, &[9, 4], 1),
         group(40, &[5, 3, 2, 4], 2),
         group(5, &[2, 7], 3),
         group(60, &[1, 2, 2, 1, 2], 4),
+        group(10, &[2, 1], 5),
     ];
     let refs: Vec<&Group> = groups.iter().collect();
     let run = |mode| {
@@ -235,7 +237,7 @@ fn auto_mode_mixes_both_paths_and_equals_full() {
     let (full, _) = run(ScoreMode::Full);
     let (auto, calls) = run(ScoreMode::Auto);
     // Full batches report the two short groups at once, then one call per cached group.
-    assert_eq!(calls, vec![2, 1, 1]);
+    assert_eq!(calls, vec![2, 1, 1, 1]);
     assert_eq!(calls.iter().sum::<usize>(), groups.len());
     let mut worst: f64 = 0.0;
     for (g, (a, f)) in groups.iter().zip(auto.iter().zip(&full)) {
