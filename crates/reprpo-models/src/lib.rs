@@ -7,6 +7,7 @@ pub mod error;
 
 pub use error::{ModelError, Result};
 pub mod config;
+pub(crate) mod decoder;
 pub mod llama;
 pub use config::LlamaConfig;
 pub use llama::{ForwardSpec, KvCache, Llama, Output};

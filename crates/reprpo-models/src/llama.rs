@@ -10,14 +10,18 @@
 //! # Hidden-state convention (as `transformers`' `output_hidden_states`)
 //! There are `L + 1` states: index 0 is the token embeddings, index `i` (1..L-1) the output of
 //! layer `i`, and index `L` the output of the last layer after the final norm.
+//!
+//! This file has Llama's weights, block and RoPE tables; the stack around the blocks (full and
+//! cached forwards, masks, hidden states, checkpointing) is `crate::decoder`, shared with Phi-3.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_core::{D, DType, Device, Tensor, Var};
 
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::config::LlamaConfig;
+use crate::decoder::{self, Decoder, KvSlot, Stack};
 use crate::error::{ModelError, Result};
 
 /// The additive mask value for disallowed attention: finite, so fully masked rows stay finite.
@@ -359,63 +363,11 @@ impl Llama {
         position_ids: Option<&Tensor>,
         spec: &ForwardSpec,
     ) -> Result<Output> {
-        let (b, t) = input_ids.dims2()?;
-        let positions = match position_ids {
-            Some(p) => p.clone(),
-            None => Tensor::arange(0u32, t as u32, &self.device)?
-                .unsqueeze(0)?
-                .broadcast_as((b, t))?
-                .contiguous()?,
-        };
-        let (cos, sin) = self.rope_tables(&positions)?;
-        let mask = self.mask(b, t, attention_mask)?;
-        let ctx = spec.ctx(self.adapters.active);
-        run_decoder(
-            spec,
-            self.config.num_layers,
-            &self.embed,
-            input_ids,
-            &self.norm,
-            self.config.rms_norm_eps,
-            &self.lm_head,
-            Layers {
-                block: |l: usize, x: &Tensor| {
-                    self.block(&self.layers[l], x, &cos, &sin, &mask, &ctx, None)
-                },
-                owned: || -> crate::checkpoint::BlockFn {
-                    let m = std::sync::Arc::new(self.clone());
-                    let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
-                    std::sync::Arc::new(move |l: usize, x: &Tensor| {
-                        m.block(&m.layers[l], x, &cos, &sin, &mask, &ctx, None)
-                    })
-                },
-                params: |l: usize| {
-                    self.layers[l]
-                        .linears()
-                        .iter()
-                        .flat_map(|lin| lin.active_params(&ctx))
-                        .collect()
-                },
-            },
-        )
-    }
-
-    /// Additive mask `[B, 1, T, T]` (`[1, 1, T, T]` without an attention mask) in f32: 0 where query i may attend key j (j <= i and key j
-    /// is real), [`MASK_VALUE`] elsewhere.
-    fn mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i { 1.0 } else { 0.0 }))
-            .collect();
-        let causal = Tensor::from_vec(causal, (1, t, t), &self.device)?;
-        let allowed = match attention_mask {
-            Some(am) => causal.broadcast_mul(&am.to_dtype(DType::F32)?.reshape((b, 1, t))?)?,
-            None => causal,
-        };
-        Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
+        decoder::forward(self, input_ids, attention_mask, position_ids, spec)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn block(
+    fn run_block(
         &self,
         blk: &Block,
         x: &Tensor,
@@ -423,7 +375,7 @@ impl Llama {
         sin: &Tensor,
         mask: &Tensor,
         ctx: &Ctx,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -471,132 +423,24 @@ impl Llama {
                 "forward_after needs at least one token per row".into(),
             ));
         }
-        let mut kv = prefix_for_rows(cache, self.layers.len(), c)?;
-        let mask = mask_after(c, n, cache.len, attention_mask, &self.device)?;
-        let x = self.blocks_after(ids, cache.len, &mask, &mut kv)?;
-        let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        head(&normed, &self.lm_head)
-    }
-
-    /// The blocks over new tokens `ids` (`[b, n]`) at positions `first..first + n` with the
-    /// additive `mask`, each block attending to and extending its slot of `kv`; returns the
-    /// hidden states after the last block (before the final norm). Shared by
-    /// [`Llama::forward_cached`] and [`Llama::forward_after`].
-    fn blocks_after(
-        &self,
-        ids: &Tensor,
-        first: usize,
-        mask: &Tensor,
-        kv: &mut [Option<(Tensor, Tensor)>],
-    ) -> Result<Tensor> {
-        let (b, n) = ids.dims2()?;
-        let positions = Tensor::arange(first as u32, (first + n) as u32, &self.device)?
-            .unsqueeze(0)?
-            .broadcast_as((b, n))?
-            .contiguous()?;
-        let (cos, sin) = self.rope_tables(&positions)?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            n,
-            self.config.hidden_size,
-        ))?;
-        let ctx = Ctx {
-            adapter: self.adapters.active,
-            train: false,
-        };
-        for (blk, slot) in self.layers.iter().zip(kv.iter_mut()) {
-            x = self.block(blk, &x, &cos, &sin, mask, &ctx, Some(slot))?;
-        }
-        Ok(x)
+        let mut kv = decoder::prefix_for_rows(cache, self.layers.len(), c)?;
+        let mask = decoder::mask_after(c, n, cache.len, None, attention_mask, &self.device)?;
+        let x = decoder::blocks_after(self, ids, cache.len, &mask, &mut kv)?;
+        decoder::logits(self, &x)
     }
 
     /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
     /// updates the cache. No padding: for generation.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, n) = ids.dims2()?;
-        if cache.kv.len() != self.layers.len() {
-            cache.kv = vec![None; self.layers.len()];
-            cache.len = 0;
-        }
+        decoder::fit_cache(cache, self.layers.len());
         // Query i (absolute first + i) sees keys 0..=first + i.
         let first = cache.len;
-        let mask = mask_after(1, n, first, None, &self.device)?;
-        let x = self.blocks_after(ids, first, &mask, &mut cache.kv)?;
+        let mask = decoder::mask_after(1, n, first, None, None, &self.device)?;
+        let x = decoder::blocks_after(self, ids, first, &mask, &mut cache.kv)?;
         cache.len = first + n;
-        let last = x.i((.., n - 1..n, ..))?;
-        let normed = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
-        Ok(head(&normed, &self.lm_head)?.squeeze(1)?)
+        decoder::last_logits(self, &x)
     }
-}
-
-/// The prefix cache of [`Llama::forward_after`] / `Phi3::forward_after`, per layer, with its
-/// batch made `rows` (a batch-1 prefix is broadcast to every row and copied; a prefix with
-/// `rows` rows is used as it is).
-pub(crate) fn prefix_for_rows(
-    cache: &KvCache,
-    layers: usize,
-    rows: usize,
-) -> Result<Vec<Option<(Tensor, Tensor)>>> {
-    if cache.len == 0 || cache.kv.len() != layers {
-        return Err(ModelError::Invalid(
-            "forward_after needs a filled cache: run forward_cached on the prefix first".into(),
-        ));
-    }
-    cache
-        .kv
-        .iter()
-        .map(|slot| {
-            let Some((k, v)) = slot else {
-                return Err(ModelError::Invalid(
-                    "forward_after: a layer of the cache is empty".into(),
-                ));
-            };
-            let widen = |t: &Tensor| -> Result<Tensor> {
-                let (b, h, len, d) = t.dims4()?;
-                match b {
-                    _ if b == rows => Ok(t.clone()),
-                    1 => Ok(t.broadcast_as((rows, h, len, d))?.contiguous()?),
-                    _ => Err(ModelError::Invalid(format!(
-                        "forward_after: the cache has batch {b}, the continuations {rows} rows"
-                    ))),
-                }
-            };
-            Ok(Some((widen(k)?, widen(v)?)))
-        })
-        .collect()
-}
-
-/// Additive mask `[b, 1, n, first + n]` for `n` new tokens after `first` cached ones: query `i`
-/// (absolute `first + i`) may attend every cached key and the new keys `j <= i` that are real
-/// in `attention_mask` (`[b, n]`, 1 = real; `None`: all real). 0 where allowed, [`MASK_VALUE`]
-/// elsewhere. No query row is all masked: every query sees its own key (and the cached ones).
-pub(crate) fn mask_after(
-    b: usize,
-    n: usize,
-    first: usize,
-    attention_mask: Option<&Tensor>,
-    device: &Device,
-) -> Result<Tensor> {
-    let total = first + n;
-    let allowed: Vec<f32> = (0..n)
-        .flat_map(|i| (0..total).map(move |j| if j <= first + i { 1.0 } else { 0.0 }))
-        .collect();
-    let allowed = Tensor::from_vec(allowed, (1, n, total), device)?;
-    let allowed = match attention_mask {
-        Some(am) => {
-            let am = am.to_dtype(DType::F32)?;
-            let full = Tensor::cat(&[&Tensor::ones((b, first), DType::F32, device)?, &am], 1)?;
-            allowed.broadcast_mul(&full.reshape((b, 1, total))?)?
-        }
-        None => allowed.broadcast_as((b, n, total))?.contiguous()?,
-    };
-    Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
-}
-
-/// The output head `x W^T` (never adapted).
-pub(crate) fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (b, t, h) = x.dims3()?;
-    Ok(crate::frozen::frozen_matmul(&x.reshape((b * t, h))?, w)?.reshape((b, t, w.dim(0)?))?)
 }
 
 impl Block {
@@ -650,122 +494,46 @@ impl ForwardSpec {
     }
 }
 
-/// Resolve requested hidden indices (negative from the end) into `0..=num_layers`.
-pub(crate) fn resolve_layers(spec: &ForwardSpec, num_layers: usize) -> Result<Vec<usize>> {
-    let n = num_layers as isize + 1;
-    spec.hidden_layers
-        .iter()
-        .map(|&i| {
-            let j = if i < 0 { n + i } else { i };
-            if (0..n).contains(&j) {
-                Ok(j as usize)
-            } else {
-                Err(ModelError::Invalid(format!(
-                    "hidden layer {i} out of range for {n} states"
-                )))
-            }
-        })
-        .collect()
-}
+impl Decoder for Llama {
+    fn stack(&self) -> Stack<'_> {
+        Stack {
+            embed: &self.embed,
+            norm: &self.norm,
+            eps: self.config.rms_norm_eps,
+            lm_head: &self.lm_head,
+            num_layers: self.config.num_layers,
+            active: self.adapters.active,
+            device: &self.device,
+        }
+    }
 
-/// An architecture's decoder blocks as [`run_decoder`] needs them.
-pub(crate) struct Layers<B, O, P> {
-    /// `block(l, x)`: layer `l` on `x` (borrowing the model).
-    pub block: B,
-    /// The same as an owned closure, for checkpointed blocks (called once per forward, only
-    /// when checkpointing).
-    pub owned: O,
-    /// The adapter parameters layer `l` reads in this forward.
-    pub params: P,
-}
+    fn rope(&self, positions: &Tensor, _total: Option<usize>) -> Result<(Tensor, Tensor)> {
+        self.rope_tables(positions)
+    }
 
-/// The decoder stack shared by every architecture: embedding, `block(l, x)` for each layer up
-/// to the deepest one `spec` needs (checkpointed when `spec.checkpoint`), final norm, output
-/// head, and the hidden states asked for (the module docs give the indexing).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run_decoder<B, O, P>(
-    spec: &ForwardSpec,
-    num_layers: usize,
-    embed: &Tensor,
-    input_ids: &Tensor,
-    norm: &Tensor,
-    eps: f64,
-    lm_head: &Tensor,
-    layers: Layers<B, O, P>,
-) -> Result<Output>
-where
-    B: Fn(usize, &Tensor) -> Result<Tensor>,
-    O: FnOnce() -> crate::checkpoint::BlockFn,
-    P: Fn(usize) -> Vec<candle_core::Var>,
-{
-    let Layers {
-        block,
-        owned,
-        params,
-    } = layers;
-    let seed = match spec.dropout_seed {
-        Some(s) => Some(s),
-        None if spec.checkpoint && spec.train => Some(crate::checkpoint::fresh_seed()),
-        None => None,
-    };
-    let mut owned = Some(owned);
-    let mut shared: Option<crate::checkpoint::BlockFn> = None;
-    let mut block = |l: usize, x: &Tensor| -> Result<Tensor> {
-        let block_seed = seed.map(|s| crate::checkpoint::block_seed(s, l));
-        if !spec.checkpoint {
-            return match block_seed {
-                None => block(l, x),
-                Some(_) => crate::checkpoint::scoped(false, block_seed, || block(l, x)),
-            };
-        }
-        if shared.is_none() {
-            shared = owned.take().map(|f| f());
-        }
-        let Some(run) = shared.as_ref() else {
-            return Err(ModelError::Invalid("checkpoint: no owned block".into()));
-        };
-        crate::checkpoint::checkpointed(run, l, x, params(l), block_seed)
-    };
-    let (b, t) = input_ids.dims2()?;
-    let wanted = resolve_layers(spec, num_layers)?;
-    // Deepest state needed; index L needs every layer plus the final norm.
-    let deepest = if spec.logits {
-        num_layers
-    } else {
-        wanted.iter().copied().max().unwrap_or(0)
-    };
-    let mut x = embed
-        .index_select(&input_ids.flatten_all()?, 0)?
-        .reshape((b, t, embed.dim(1)?))?;
-    let mut states: Vec<Option<Tensor>> = vec![None; num_layers + 1];
-    if wanted.contains(&0) {
-        states[0] = Some(x.clone());
+    /// `[B, 1, T, T]` (`[1, 1, T, T]` without an attention mask): causal, padding masked.
+    fn full_mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        decoder::causal_mask(b, t, 0, None, attention_mask, &self.device)
     }
-    for l in 0..deepest {
-        x = block(l, &x)?;
-        let idx = l + 1;
-        if idx < num_layers && wanted.contains(&idx) {
-            states[idx] = Some(x.clone());
-        }
+
+    fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        ctx: &Ctx,
+        cache: Option<&mut KvSlot>,
+    ) -> Result<Tensor> {
+        self.run_block(&self.layers[l], x, cos, sin, mask, ctx, cache)
     }
-    let mut logits = None;
-    if deepest == num_layers {
-        let normed = rms_norm(&x, norm, eps)?;
-        if wanted.contains(&num_layers) {
-            states[num_layers] = Some(normed.clone());
-        }
-        if spec.logits {
-            logits = Some(head(&normed, lm_head)?);
-        }
+
+    fn layer_params(&self, l: usize, ctx: &Ctx) -> Vec<Var> {
+        self.layers[l]
+            .linears()
+            .iter()
+            .flat_map(|lin| lin.active_params(ctx))
+            .collect()
     }
-    let hidden = wanted
-        .iter()
-        .map(|&i| {
-            states[i]
-                .clone()
-                .map(|s| (i, s))
-                .ok_or_else(|| ModelError::Invalid(format!("hidden state {i} was not computed")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Output { logits, hidden })
 }

@@ -23,21 +23,19 @@
 //!   (sequence indices, not position ids), as transformers' `sliding_window_overlay`.
 //!
 //! Only differentiable ops are used (see `../shared/docs/candle-notes.md`; the fused ones of
-//! [`crate::ops`] have their own backward), and masks use the finite [`MASK_VALUE`].
+//! [`crate::ops`] have their own backward), and masks use the finite [`crate::llama::MASK_VALUE`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_core::{D, DType, Device, Tensor, Var};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
+use crate::decoder::{self, Decoder, KvSlot, Stack};
 use crate::error::{ModelError, Result};
-use crate::llama::{
-    ForwardSpec, KvCache, Layers, MASK_VALUE, Output, head, load_safetensors, rms_norm,
-    run_decoder, take,
-};
+use crate::llama::{ForwardSpec, KvCache, Output, load_safetensors, rms_norm, take};
 
 /// The subset of a Phi-3 `config.json` this crate reads, in both layouts (transformers 4.x
 /// `rope_theta` / `rope_scaling`, 5.x `rope_parameters`). Keys irrelevant to the forward pass are
@@ -640,75 +638,7 @@ impl Phi3 {
         position_ids: Option<&Tensor>,
         spec: &ForwardSpec,
     ) -> Result<Output> {
-        let (b, t) = input_ids.dims2()?;
-        let positions = match position_ids {
-            Some(p) => p.clone(),
-            None => Tensor::arange(0u32, t as u32, &self.device)?
-                .unsqueeze(0)?
-                .broadcast_as((b, t))?
-                .contiguous()?,
-        };
-        let (cos, sin) = self.rope_tables(&positions)?;
-        let mask = self.mask(b, t, 0, attention_mask)?;
-        let ctx = spec.ctx(self.adapters.active);
-        run_decoder(
-            spec,
-            self.config.num_layers,
-            &self.embed,
-            input_ids,
-            &self.norm,
-            self.config.rms_norm_eps,
-            &self.lm_head,
-            Layers {
-                block: |l: usize, x: &Tensor| {
-                    self.block(&self.layers[l], x, &cos, &sin, &mask, &ctx, None)
-                },
-                owned: || -> crate::checkpoint::BlockFn {
-                    let m = std::sync::Arc::new(self.clone());
-                    let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
-                    std::sync::Arc::new(move |l: usize, x: &Tensor| {
-                        m.block(&m.layers[l], x, &cos, &sin, &mask, &ctx, None)
-                    })
-                },
-                params: |l: usize| {
-                    self.layers[l]
-                        .linears()
-                        .iter()
-                        .flat_map(|lin| lin.active_params(&ctx))
-                        .collect()
-                },
-            },
-        )
-    }
-
-    /// Additive mask `[B or 1, 1, n, first + n]` in f32 for `n` queries at sequence indices
-    /// `first..first + n`: 0 where query `i` may attend key `j` (`j <= i`, `j > i - window`, key
-    /// real), [`MASK_VALUE`] elsewhere.
-    fn mask(
-        &self,
-        b: usize,
-        n: usize,
-        first: usize,
-        attention_mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let total = first + n;
-        let window = self.config.sliding_window;
-        let allowed: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                let q = first + i;
-                (0..total).map(move |j| {
-                    let causal = j <= q;
-                    let in_window = window.is_none_or(|w| j + w > q);
-                    if causal && in_window { 1.0 } else { 0.0 }
-                })
-            })
-            .collect();
-        let allowed = Tensor::from_vec(allowed, (1, n, total), &self.device)?;
-        let allowed = match attention_mask {
-            Some(am) => allowed.broadcast_mul(&am.to_dtype(DType::F32)?.reshape((b, 1, total))?)?,
-            None => allowed,
-        };
-        Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
+        decoder::forward(self, input_ids, attention_mask, position_ids, spec)
     }
 
     /// RoPE on the first `rotary_dim` features of `x` (`[B, H, T, head_dim]`; `cos`, `sin` are
@@ -718,7 +648,7 @@ impl Phi3 {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn block(
+    fn run_block(
         &self,
         blk: &Block,
         x: &Tensor,
@@ -726,7 +656,7 @@ impl Phi3 {
         sin: &Tensor,
         mask: &Tensor,
         ctx: &Ctx,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -783,7 +713,7 @@ impl Phi3 {
                 "forward_after needs at least one token per row".into(),
             ));
         }
-        let mut kv = crate::llama::prefix_for_rows(cache, self.layers.len(), c)?;
+        let mut kv = decoder::prefix_for_rows(cache, self.layers.len(), c)?;
         if self.cache_needs_refill(cache, n) {
             return Err(ModelError::Invalid(format!(
                 "LongRoPE: {} cached tokens used the short factors and {} tokens need the long \
@@ -792,54 +722,10 @@ impl Phi3 {
                 cache.len + n
             )));
         }
-        let first = cache.len;
-        let full_mask = match attention_mask {
-            Some(am) => Some(Tensor::cat(
-                &[
-                    &Tensor::ones((c, first), DType::F32, &self.device)?,
-                    &am.to_dtype(DType::F32)?,
-                ],
-                1,
-            )?),
-            None => None,
-        };
-        let mask = self.mask(c, n, first, full_mask.as_ref())?;
-        let x = self.blocks_after(ids, first, &mask, &mut kv)?;
-        let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        head(&normed, &self.lm_head)
-    }
-
-    /// The blocks over new tokens `ids` (`[b, n]`) at positions `first..first + n` (LongRoPE
-    /// factors for a total length of `first + n`) with the additive `mask`, each block attending
-    /// to and extending its slot of `kv`; returns the hidden states after the last block (before
-    /// the final norm). Shared by [`Phi3::forward_cached`] and [`Phi3::forward_after`].
-    fn blocks_after(
-        &self,
-        ids: &Tensor,
-        first: usize,
-        mask: &Tensor,
-        kv: &mut [Option<(Tensor, Tensor)>],
-    ) -> Result<Tensor> {
-        let (b, n) = ids.dims2()?;
-        let total = first + n;
-        let positions = Tensor::arange(first as u32, total as u32, &self.device)?
-            .unsqueeze(0)?
-            .broadcast_as((b, n))?
-            .contiguous()?;
-        let (cos, sin) = self.rope_tables_for(&positions, self.config.uses_long_factors(total))?;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            n,
-            self.config.hidden_size,
-        ))?;
-        let ctx = Ctx {
-            adapter: self.adapters.active,
-            train: false,
-        };
-        for (blk, slot) in self.layers.iter().zip(kv.iter_mut()) {
-            x = self.block(blk, &x, &cos, &sin, mask, &ctx, Some(slot))?;
-        }
-        Ok(x)
+        let window = self.config.sliding_window;
+        let mask = decoder::mask_after(c, n, cache.len, window, attention_mask, &self.device)?;
+        let x = decoder::blocks_after(self, ids, cache.len, &mask, &mut kv)?;
+        decoder::logits(self, &x)
     }
 
     /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
@@ -853,10 +739,7 @@ impl Phi3 {
                 "forward_cached needs at least one token".into(),
             ));
         }
-        if cache.kv.len() != self.layers.len() {
-            cache.kv = vec![None; self.layers.len()];
-            cache.len = 0;
-        }
+        decoder::fit_cache(cache, self.layers.len());
         if self.cache_needs_refill(cache, n) {
             return Err(ModelError::Invalid(format!(
                 "LongRoPE: {} cached tokens used the short factors and {} tokens need the long \
@@ -866,12 +749,11 @@ impl Phi3 {
             )));
         }
         let first = cache.len;
-        let mask = self.mask(b, n, first, None)?;
-        let x = self.blocks_after(ids, first, &mask, &mut cache.kv)?;
+        let window = self.config.sliding_window;
+        let mask = decoder::mask_after(b, n, first, window, None, &self.device)?;
+        let x = decoder::blocks_after(self, ids, first, &mask, &mut cache.kv)?;
         cache.len = first + n;
-        let last = x.i((.., n - 1..n, ..))?;
-        let normed = rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
-        Ok(head(&normed, &self.lm_head)?.squeeze(1)?)
+        decoder::last_logits(self, &x)
     }
 }
 
@@ -908,5 +790,56 @@ impl AdapterHost for Phi3 {
 
     fn adapter_set_mut(&mut self) -> &mut AdapterSet {
         &mut self.adapters
+    }
+}
+
+impl Decoder for Phi3 {
+    fn stack(&self) -> Stack<'_> {
+        Stack {
+            embed: &self.embed,
+            norm: &self.norm,
+            eps: self.config.rms_norm_eps,
+            lm_head: &self.lm_head,
+            num_layers: self.config.num_layers,
+            active: self.adapters.active,
+            device: &self.device,
+        }
+    }
+
+    /// With LongRoPE the factor set follows `total` (new tokens after a cache) or, in a full
+    /// forward, `max(positions) + 1` for the whole batch.
+    fn rope(&self, positions: &Tensor, total: Option<usize>) -> Result<(Tensor, Tensor)> {
+        match total {
+            Some(total) => self.rope_tables_for(positions, self.config.uses_long_factors(total)),
+            None => self.rope_tables(positions),
+        }
+    }
+
+    /// `[B, 1, T, T]` (`[1, 1, T, T]` without an attention mask): causal, the sliding window,
+    /// padding masked.
+    fn full_mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let window = self.config.sliding_window;
+        decoder::causal_mask(b, t, 0, window, attention_mask, &self.device)
+    }
+
+    fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        ctx: &Ctx,
+        cache: Option<&mut KvSlot>,
+    ) -> Result<Tensor> {
+        self.run_block(&self.layers[l], x, cos, sin, mask, ctx, cache)
+    }
+
+    fn layer_params(&self, l: usize, ctx: &Ctx) -> Vec<Var> {
+        self.layers[l]
+            .linears()
+            .iter()
+            .flat_map(|lin| lin.active_params(ctx))
+            .collect()
     }
 }

@@ -1,0 +1,314 @@
+//! The decoder stack shared by Llama and Phi-3: the forward over a padded batch (embedding,
+//! blocks up to the deepest one a [`ForwardSpec`] needs, checkpointed or not, final norm, output
+//! head, hidden states), the cached forward over new tokens (generation and prompt-cache
+//! scoring), and the additive attention masks. An architecture supplies what differs through
+//! [`Decoder`]: its block, its RoPE tables and the parts of the stack around the blocks.
+//!
+//! # Hidden-state convention (as `transformers`' `output_hidden_states`)
+//! There are `L + 1` states: index 0 is the token embeddings, index `i` (1..L-1) the output of
+//! layer `i`, and index `L` the output of the last layer after the final norm.
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+
+use crate::adapter::Ctx;
+use crate::error::{ModelError, Result};
+use crate::llama::{ForwardSpec, KvCache, MASK_VALUE, Output};
+use crate::ops::rms_norm;
+
+/// The per-layer key/value slot a block attends to and extends (`None`: empty).
+pub(crate) type KvSlot = Option<(Tensor, Tensor)>;
+
+/// The weights around the blocks, borrowed from a model.
+pub(crate) struct Stack<'a> {
+    /// Token embeddings `[vocab, hidden]`.
+    pub embed: &'a Tensor,
+    /// Final RMSNorm weight and epsilon.
+    pub norm: &'a Tensor,
+    pub eps: f64,
+    /// Output head `[vocab, hidden]` (never adapted).
+    pub lm_head: &'a Tensor,
+    pub num_layers: usize,
+    /// The adapter that is active when a forward does not turn adapters off.
+    pub active: Option<usize>,
+    pub device: &'a Device,
+}
+
+/// What an architecture gives the shared stack.
+pub(crate) trait Decoder: Clone + Send + Sync + 'static {
+    fn stack(&self) -> Stack<'_>;
+    /// `cos`, `sin` (`[B, 1, T, rotary dim]`, model dtype) for `positions` (`[B, T]`). `total`:
+    /// the sequence length when the caller knows it (new tokens after a cache); `None` in a full
+    /// forward, where an architecture that depends on it derives it from the positions.
+    fn rope(&self, positions: &Tensor, total: Option<usize>) -> Result<(Tensor, Tensor)>;
+    /// The additive mask of a full forward over `t` tokens, `attention_mask` `[b, t]` (1 = real).
+    fn full_mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor>;
+    /// Layer `l` on `x` (`[B, T, hidden]`), attending to and extending `cache` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        l: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        ctx: &Ctx,
+        cache: Option<&mut KvSlot>,
+    ) -> Result<Tensor>;
+    /// The adapter parameters layer `l` reads under `ctx`.
+    fn layer_params(&self, l: usize, ctx: &Ctx) -> Vec<Var>;
+}
+
+/// A forward over a padded batch (see `Llama::forward`): `positions` default to `0..T` for every
+/// row, as in a plain `transformers` forward.
+pub(crate) fn forward<M: Decoder>(
+    m: &M,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    position_ids: Option<&Tensor>,
+    spec: &ForwardSpec,
+) -> Result<Output> {
+    let stack = m.stack();
+    let (b, t) = input_ids.dims2()?;
+    let positions = match position_ids {
+        Some(p) => p.clone(),
+        None => Tensor::arange(0u32, t as u32, stack.device)?
+            .unsqueeze(0)?
+            .broadcast_as((b, t))?
+            .contiguous()?,
+    };
+    let (cos, sin) = m.rope(&positions, None)?;
+    let mask = m.full_mask(b, t, attention_mask)?;
+    let ctx = spec.ctx(stack.active);
+    let seed = match spec.dropout_seed {
+        Some(s) => Some(s),
+        None if spec.checkpoint && spec.train => Some(crate::checkpoint::fresh_seed()),
+        None => None,
+    };
+    // Checkpointed blocks need an owned closure (recomputed in the backward); built once.
+    let mut shared: Option<crate::checkpoint::BlockFn> = None;
+    let mut block = |l: usize, x: &Tensor| -> Result<Tensor> {
+        let block_seed = seed.map(|s| crate::checkpoint::block_seed(s, l));
+        let run = |x: &Tensor| m.block(l, x, &cos, &sin, &mask, &ctx, None);
+        if !spec.checkpoint {
+            return match block_seed {
+                None => run(x),
+                Some(_) => crate::checkpoint::scoped(false, block_seed, || run(x)),
+            };
+        }
+        let owned = shared.get_or_insert_with(|| {
+            let m = std::sync::Arc::new(m.clone());
+            let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
+            std::sync::Arc::new(move |l: usize, x: &Tensor| {
+                m.block(l, x, &cos, &sin, &mask, &ctx, None)
+            })
+        });
+        crate::checkpoint::checkpointed(owned, l, x, m.layer_params(l, &ctx), block_seed)
+    };
+    let num_layers = stack.num_layers;
+    let wanted = resolve_layers(spec, num_layers)?;
+    // Deepest state needed; index L needs every layer plus the final norm.
+    let deepest = if spec.logits {
+        num_layers
+    } else {
+        wanted.iter().copied().max().unwrap_or(0)
+    };
+    let mut x = embed(&stack, input_ids)?;
+    let mut states: Vec<Option<Tensor>> = vec![None; num_layers + 1];
+    if wanted.contains(&0) {
+        states[0] = Some(x.clone());
+    }
+    for l in 0..deepest {
+        x = block(l, &x)?;
+        let idx = l + 1;
+        if idx < num_layers && wanted.contains(&idx) {
+            states[idx] = Some(x.clone());
+        }
+    }
+    let mut logits = None;
+    if deepest == num_layers {
+        let normed = rms_norm(&x, stack.norm, stack.eps)?;
+        if wanted.contains(&num_layers) {
+            states[num_layers] = Some(normed.clone());
+        }
+        if spec.logits {
+            logits = Some(head(&normed, stack.lm_head)?);
+        }
+    }
+    let hidden = wanted
+        .iter()
+        .map(|&i| {
+            states[i]
+                .clone()
+                .map(|s| (i, s))
+                .ok_or_else(|| ModelError::Invalid(format!("hidden state {i} was not computed")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Output { logits, hidden })
+}
+
+/// Token embeddings `[B, T, hidden]` of `ids` (`[B, T]`).
+fn embed(stack: &Stack<'_>, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    Ok(stack
+        .embed
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, stack.embed.dim(1)?))?)
+}
+
+/// The blocks over new tokens `ids` (`[b, n]`) at positions `first..first + n` with the
+/// additive `mask`, each block attending to and extending its slot of `kv`, the active adapter
+/// on, no dropout; returns the hidden states after the last block (before the final norm).
+pub(crate) fn blocks_after<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    first: usize,
+    mask: &Tensor,
+    kv: &mut [KvSlot],
+) -> Result<Tensor> {
+    let stack = m.stack();
+    let (b, n) = ids.dims2()?;
+    let positions = Tensor::arange(first as u32, (first + n) as u32, stack.device)?
+        .unsqueeze(0)?
+        .broadcast_as((b, n))?
+        .contiguous()?;
+    let (cos, sin) = m.rope(&positions, Some(first + n))?;
+    let mut x = embed(&stack, ids)?;
+    let ctx = Ctx {
+        adapter: stack.active,
+        train: false,
+    };
+    for (l, slot) in kv.iter_mut().enumerate() {
+        x = m.block(l, &x, &cos, &sin, mask, &ctx, Some(slot))?;
+    }
+    Ok(x)
+}
+
+/// Logits `[b, n, vocab]` of hidden states after the last block (final norm, then the head).
+pub(crate) fn logits<M: Decoder>(m: &M, x: &Tensor) -> Result<Tensor> {
+    let stack = m.stack();
+    head(&rms_norm(x, stack.norm, stack.eps)?, stack.lm_head)
+}
+
+/// Logits `[b, vocab]` of the last position of hidden states `x` (`[b, n, hidden]`).
+pub(crate) fn last_logits<M: Decoder>(m: &M, x: &Tensor) -> Result<Tensor> {
+    let n = x.dim(1)?;
+    Ok(logits(m, &x.i((.., n - 1..n, ..))?)?.squeeze(1)?)
+}
+
+/// Resets `cache` when it does not have one slot per layer.
+pub(crate) fn fit_cache(cache: &mut KvCache, layers: usize) {
+    if cache.kv.len() != layers {
+        cache.kv = vec![None; layers];
+        cache.len = 0;
+    }
+}
+
+/// Resolve requested hidden indices (negative from the end) into `0..=num_layers`.
+pub(crate) fn resolve_layers(spec: &ForwardSpec, num_layers: usize) -> Result<Vec<usize>> {
+    let n = num_layers as isize + 1;
+    spec.hidden_layers
+        .iter()
+        .map(|&i| {
+            let j = if i < 0 { n + i } else { i };
+            if (0..n).contains(&j) {
+                Ok(j as usize)
+            } else {
+                Err(ModelError::Invalid(format!(
+                    "hidden layer {i} out of range for {n} states"
+                )))
+            }
+        })
+        .collect()
+}
+
+/// The output head `x W^T` (never adapted).
+pub(crate) fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (b, t, h) = x.dims3()?;
+    Ok(crate::frozen::frozen_matmul(&x.reshape((b * t, h))?, w)?.reshape((b, t, w.dim(0)?))?)
+}
+
+/// Additive mask `[b, 1, n, first + n]` (`[1, 1, n, first + n]` without `attention_mask`) in f32
+/// for `n` queries at sequence indices `first..first + n`: 0 where query `i` (absolute `q`) may
+/// attend key `j` (`j <= q`, `j > q - window` when there is a window, key real in
+/// `attention_mask`, `[b, first + n]`, 1 = real), [`MASK_VALUE`] elsewhere.
+pub(crate) fn causal_mask(
+    b: usize,
+    n: usize,
+    first: usize,
+    window: Option<usize>,
+    attention_mask: Option<&Tensor>,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = first + n;
+    let allowed: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let q = first + i;
+            (0..total).map(move |j| {
+                let causal = j <= q;
+                let in_window = window.is_none_or(|w| j + w > q);
+                if causal && in_window { 1.0 } else { 0.0 }
+            })
+        })
+        .collect();
+    let allowed = Tensor::from_vec(allowed, (1, n, total), device)?;
+    let allowed = match attention_mask {
+        Some(am) => allowed.broadcast_mul(&am.to_dtype(DType::F32)?.reshape((b, 1, total))?)?,
+        None => allowed,
+    };
+    Ok(((allowed - 1.0)? * f64::from(-MASK_VALUE))?.unsqueeze(1)?)
+}
+
+/// [`causal_mask`] for `n` new tokens after `first` cached ones, `attention_mask` (`[b, n]`)
+/// covering the new tokens only (the cached ones are real), and `[b, 1, n, first + n]` in every
+/// case. No query row is all masked: every query sees its own key (and the cached ones).
+pub(crate) fn mask_after(
+    b: usize,
+    n: usize,
+    first: usize,
+    window: Option<usize>,
+    attention_mask: Option<&Tensor>,
+    device: &Device,
+) -> Result<Tensor> {
+    match attention_mask {
+        Some(am) => {
+            let ones = Tensor::ones((b, first), DType::F32, device)?;
+            let full = Tensor::cat(&[&ones, &am.to_dtype(DType::F32)?], 1)?;
+            causal_mask(b, n, first, window, Some(&full), device)
+        }
+        None => Ok(causal_mask(b, n, first, window, None, device)?
+            .broadcast_as((b, 1, n, first + n))?
+            .contiguous()?),
+    }
+}
+
+/// The prefix cache of `forward_after`, per layer, with its batch made `rows` (a batch-1 prefix
+/// is broadcast to every row and copied; a prefix with `rows` rows is used as it is).
+pub(crate) fn prefix_for_rows(cache: &KvCache, layers: usize, rows: usize) -> Result<Vec<KvSlot>> {
+    if cache.len == 0 || cache.kv.len() != layers {
+        return Err(ModelError::Invalid(
+            "forward_after needs a filled cache: run forward_cached on the prefix first".into(),
+        ));
+    }
+    cache
+        .kv
+        .iter()
+        .map(|slot| {
+            let Some((k, v)) = slot else {
+                return Err(ModelError::Invalid(
+                    "forward_after: a layer of the cache is empty".into(),
+                ));
+            };
+            let widen = |t: &Tensor| -> Result<Tensor> {
+                let (b, h, len, d) = t.dims4()?;
+                match b {
+                    _ if b == rows => Ok(t.clone()),
+                    1 => Ok(t.broadcast_as((rows, h, len, d))?.contiguous()?),
+                    _ => Err(ModelError::Invalid(format!(
+                        "forward_after: the cache has batch {b}, the continuations {rows} rows"
+                    ))),
+                }
+            };
+            Ok(Some((widen(k)?, widen(v)?)))
+        })
+        .collect()
+}
