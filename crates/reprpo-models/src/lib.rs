@@ -25,5 +25,6 @@ pub mod frozen;
 pub mod linalg;
 pub mod logps;
 pub mod model;
+pub(crate) mod num;
 pub mod ops;
 pub use model::CausalLm;

@@ -38,6 +38,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
+use crate::num::{Elem, Real as _};
 
 /// Log-probabilities of the tokens of a batch (see the module docs).
 #[derive(Debug, Clone)]
@@ -273,7 +274,7 @@ impl RowLogps {
                 *lp = (row[self.targets[r] as usize].up() - m) - ln_s;
                 *ls = (m.to_f64(), ln_s.to_f64());
             });
-        (E::A::storage(logp), lse)
+        (E::A::to_cpu_storage_owned(logp), lse)
     }
 
     fn run_bwd<E: Elem>(&self, x: &[E], v: usize, lse: &[(f64, f64)], g: &[f64]) -> Vec<E> {
@@ -369,123 +370,6 @@ struct TokenLogps {
     /// Per output row, `(max, ln sum exp(x - max))` of its logits row (the logsumexp in two
     /// parts; set by the forward, for the backward).
     lse: Mutex<Vec<(f64, f64)>>,
-}
-
-/// An element type of the logits and the type its arithmetic runs in.
-trait Elem: WithDType + Send + Sync {
-    type A: Acc;
-    fn up(self) -> Self::A;
-    fn down(a: Self::A) -> Self;
-}
-
-/// The arithmetic type (f32 or f64).
-trait Acc:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::AddAssign
-{
-    const ZERO: Self;
-    const NEG_INF: Self;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-    fn storage(v: Vec<Self>) -> CpuStorage;
-}
-
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
-    const NEG_INF: Self = f32::NEG_INFINITY;
-    #[inline(always)]
-    fn exp(self) -> Self {
-        crate::ops::exp_f32(self)
-    }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    fn to_f64(self) -> f64 {
-        f64::from(self)
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
-    const NEG_INF: Self = f64::NEG_INFINITY;
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn storage(v: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
-
-impl Elem for f32 {
-    type A = f32;
-    #[inline(always)]
-    fn up(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn down(a: f32) -> Self {
-        a
-    }
-}
-
-impl Elem for f64 {
-    type A = f64;
-    #[inline(always)]
-    fn up(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn down(a: f64) -> Self {
-        a
-    }
-}
-
-impl Elem for bf16 {
-    type A = f32;
-    #[inline(always)]
-    fn up(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn down(a: f32) -> Self {
-        bf16::from_f32(a)
-    }
-}
-
-impl Elem for f16 {
-    type A = f32;
-    #[inline(always)]
-    fn up(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn down(a: f32) -> Self {
-        f16::from_f32(a)
-    }
 }
 
 /// Rows of about this many elements per rayon task at least.
@@ -601,13 +485,10 @@ impl TokenLogps {
             .lse
             .lock()
             .map_err(|_| candle_core::Error::Msg("token-logps: lock poisoned".into()))? = lse;
-        Ok((E::A::storage(logp), Shape::from((b, t - 1))))
+        Ok((E::A::to_cpu_storage_owned(logp), Shape::from((b, t - 1))))
     }
 
-    fn run_bwd<E: Elem>(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor>
-    where
-        E::A: WithDType,
-    {
+    fn run_bwd<E: Elem>(&self, x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
         let (_, t, v) = x.dims3()?;
         let lse = self
             .lse

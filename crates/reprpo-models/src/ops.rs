@@ -15,63 +15,12 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout,
 use candle_core::{Storage, WithDType};
 use rayon::prelude::*;
 
+use crate::num::Real;
+
 use crate::error::Result;
 
 /// Below this many elements an op runs on the calling thread (spawning costs more than it buys).
 const PAR_MIN_ELEMS: usize = 1 << 15;
-
-/// The float types the fused kernels run on.
-trait Real: WithDType + std::ops::Neg<Output = Self> {
-    fn exp(self) -> Self;
-}
-
-impl Real for f32 {
-    #[inline(always)]
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-}
-
-/// `e^x` in f32 without a libm call, so loops over it vectorise: Cody-Waite range reduction and
-/// Cephes' degree-6 polynomial (about 1 ulp, as `expf`). Results below the smallest normal
-/// (x < -87.34, i.e. < 1.2e-38) are flushed to 0; x > 88.72 gives infinity.
-#[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let xc = x.clamp(-87.336_54, 88.722_83);
-    let n = (xc * LOG2E + ROUND) - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    // 2^n for n in [-126, 128] as two normal factors 2^(n >> 1) * 2^(n - (n >> 1)).
-    let n = n as i32;
-    let h = n >> 1;
-    let s1 = f32::from_bits(((h + 127) as u32) << 23);
-    let s2 = f32::from_bits(((n - h + 127) as u32) << 23);
-    let out = y * s1 * s2;
-    if x < -87.336_54 {
-        0.0
-    } else if x > 88.722_83 {
-        f32::INFINITY
-    } else {
-        out
-    }
-}
-
-impl Real for f64 {
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-}
 
 /// Sum with eight independent accumulators (vectorises; the order differs from a plain loop
 /// only by float rounding).
@@ -902,23 +851,4 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
         .reshape((b, nh, t, hd))?
         .transpose(1, 2)?
         .reshape((b, t, nh * hd))?)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fast_exp_is_within_two_ulp_of_std() {
-        let mut worst = 0f32;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let (a, b) = (super::exp_f32(x), x.exp());
-            worst = worst.max(((a - b) / b).abs());
-            x += 0.001_3;
-        }
-        assert!(worst < 2.5e-7, "relative error {worst}");
-        assert_eq!(super::exp_f32(-1e30), 0.0);
-        assert_eq!(super::exp_f32(-100.0), 0.0);
-        assert_eq!(super::exp_f32(1e30), f32::INFINITY);
-        assert_eq!(super::exp_f32(0.0), 1.0);
-    }
 }
