@@ -1,8 +1,10 @@
 //! Criterion bench of one training step of a random Llama at the `tiny` shape of
 //! `xtask bench step` (vocab 512, hidden 128, 4 layers, 4 heads, 2 key/value heads, LoRA r=16 on
 //! all seven projections, batch 4 x 64 and 8 x 128): forward alone, and forward + backward of
-//! `sum(logits * W)` into the LoRA parameters. The side-by-side comparison with PyTorch + PEFT is
-//! `tests/reference/bench_step.sh`.
+//! `sum(logits * W)` into the LoRA parameters. Each iteration runs on a thread of candle's CPU
+//! pool (`Device::with_context`), as the train and eval jobs do (docs/ARCHITECTURE.md); handing
+//! the iteration over costs tens of microseconds against steps of milliseconds. The side-by-side
+//! comparison with PyTorch + PEFT is `tests/reference/bench_step.sh`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -48,25 +50,29 @@ fn bench(c: &mut Criterion) {
         let weight = Tensor::randn(0f32, 1.0, (batch, seq, vocab), &dev).unwrap();
         c.bench_function(&format!("cpu_llama_tiny_forward_{batch}x{seq}"), |bch| {
             bch.iter(|| {
-                let out = model
-                    .forward(&ids, None, None, &ForwardSpec::logits())
-                    .unwrap();
-                black_box(out.logits.unwrap());
+                dev.with_context(|| {
+                    let out = model
+                        .forward(&ids, None, None, &ForwardSpec::logits())
+                        .unwrap();
+                    black_box(out.logits.unwrap());
+                })
             })
         });
         c.bench_function(&format!("cpu_llama_tiny_step_{batch}x{seq}"), |bch| {
             bch.iter(|| {
-                let out = model
-                    .forward(&ids, None, None, &ForwardSpec::logits())
-                    .unwrap();
-                let s = (out.logits.unwrap() * &weight).unwrap().sum_all().unwrap();
-                let grads = s.backward().unwrap();
-                assert!(
-                    params
-                        .iter()
-                        .all(|(_, v)| grads.get(v.as_tensor()).is_some())
-                );
-                black_box(grads);
+                dev.with_context(|| {
+                    let out = model
+                        .forward(&ids, None, None, &ForwardSpec::logits())
+                        .unwrap();
+                    let s = (out.logits.unwrap() * &weight).unwrap().sum_all().unwrap();
+                    let grads = s.backward().unwrap();
+                    assert!(
+                        params
+                            .iter()
+                            .all(|(_, v)| grads.get(v.as_tensor()).is_some())
+                    );
+                    black_box(grads);
+                })
             })
         });
     }
