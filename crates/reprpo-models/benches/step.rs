@@ -4,7 +4,9 @@
 //! `sum(logits * W)` into the LoRA parameters. Each iteration runs on a thread of candle's CPU
 //! pool (`Device::with_context`), as the train and eval jobs do (docs/ARCHITECTURE.md); handing
 //! the iteration over costs tens of microseconds against steps of milliseconds. The side-by-side
-//! comparison with PyTorch + PEFT is `tests/reference/bench_step.sh`.
+//! comparison with PyTorch + PEFT is `tests/reference/bench_step.sh`. The allocator is mimalloc,
+//! as in the `xtask` binary; run with `MIMALLOC_PURGE_DELAY=-1` for `xtask`'s setting (freed
+//! memory kept for reuse).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -13,6 +15,9 @@ use std::hint::black_box;
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
 use reprpo_models::{ForwardSpec, Llama, LlamaConfig, peft};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn tiny_model() -> Llama {
     let cfg = LlamaConfig::preset("tiny").unwrap();
