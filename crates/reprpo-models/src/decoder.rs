@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 
-use crate::adapter::Ctx;
+use crate::adapter::{Ctx, Linear};
 use crate::error::{ModelError, Result};
 use crate::llama::{ForwardSpec, KvCache, MASK_VALUE, Output};
 use crate::ops::rms_norm;
@@ -40,8 +40,15 @@ pub(crate) trait Decoder: Clone + Send + Sync + 'static {
     /// the sequence length when the caller knows it (new tokens after a cache); `None` in a full
     /// forward, where an architecture that depends on it derives it from the positions.
     fn rope(&self, positions: &Tensor, total: Option<usize>) -> Result<(Tensor, Tensor)>;
-    /// The additive mask of a full forward over `t` tokens, `attention_mask` `[b, t]` (1 = real).
-    fn full_mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor>;
+    /// The sliding attention window, if any (see [`causal_mask`]).
+    fn window(&self) -> Option<usize> {
+        None
+    }
+    /// An error when `n` new tokens cannot follow `cache` in a cached forward; `remedy` says
+    /// what the caller should do instead.
+    fn check_after(&self, _cache: &KvCache, _n: usize, _remedy: &str) -> Result<()> {
+        Ok(())
+    }
     /// Layer `l` on `x` (`[B, T, hidden]`), attending to and extending `cache` when given.
     #[allow(clippy::too_many_arguments)]
     fn block(
@@ -54,8 +61,15 @@ pub(crate) trait Decoder: Clone + Send + Sync + 'static {
         ctx: &Ctx,
         cache: Option<&mut KvSlot>,
     ) -> Result<Tensor>;
+    /// Layer `l`'s linear layers.
+    fn layer_linears(&self, l: usize) -> Vec<&Linear>;
     /// The adapter parameters layer `l` reads under `ctx`.
-    fn layer_params(&self, l: usize, ctx: &Ctx) -> Vec<Var>;
+    fn layer_params(&self, l: usize, ctx: &Ctx) -> Vec<Var> {
+        self.layer_linears(l)
+            .iter()
+            .flat_map(|lin| lin.active_params(ctx))
+            .collect()
+    }
 }
 
 /// A forward over a padded batch (see `Llama::forward`): `positions` default to `0..T` for every
@@ -77,7 +91,7 @@ pub(crate) fn forward<M: Decoder>(
             .contiguous()?,
     };
     let (cos, sin) = m.rope(&positions, None)?;
-    let mask = m.full_mask(b, t, attention_mask)?;
+    let mask = causal_mask(b, t, 0, m.window(), attention_mask, stack.device)?;
     let ctx = spec.ctx(stack.active);
     let seed = match spec.dropout_seed {
         Some(s) => Some(s),
@@ -155,10 +169,61 @@ fn embed(stack: &Stack<'_>, ids: &Tensor) -> Result<Tensor> {
         .reshape((b, t, stack.embed.dim(1)?))?)
 }
 
+/// Logits `[C, n, vocab]` at every position of `C` right-padded continuations `ids` (`[C, n]`,
+/// `attention_mask` 1 = real token) of the prefix in `cache`, in one batched forward; the cache
+/// is not changed (see `Llama::forward_after`).
+pub(crate) fn forward_after<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    cache: &KvCache,
+) -> Result<Tensor> {
+    let stack = m.stack();
+    let (c, n) = ids.dims2()?;
+    if n == 0 {
+        return Err(ModelError::Invalid(
+            "forward_after needs at least one token per row".into(),
+        ));
+    }
+    let mut kv = prefix_for_rows(cache, stack.num_layers, c)?;
+    m.check_after(cache, n, "score the whole sequences instead")?;
+    let mask = mask_after(c, n, cache.len, m.window(), attention_mask, stack.device)?;
+    let x = blocks_after(m, ids, cache.len, &mask, &mut kv)?;
+    logits(m, &x)
+}
+
+/// Logits `[b, vocab]` of the last position for new tokens `ids` (`[b, n]`, no padding) after
+/// the cached ones; updates the cache (see `Llama::forward_cached`).
+pub(crate) fn forward_cached<M: Decoder>(
+    m: &M,
+    ids: &Tensor,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
+    let stack = m.stack();
+    let (b, n) = ids.dims2()?;
+    if n == 0 {
+        return Err(ModelError::Invalid(
+            "forward_cached needs at least one token".into(),
+        ));
+    }
+    if cache.kv.len() != stack.num_layers {
+        cache.kv = vec![None; stack.num_layers];
+        cache.len = 0;
+    }
+    m.check_after(cache, n, "reset the cache and feed the whole sequence")?;
+    // Query i (absolute first + i) sees keys 0..=first + i.
+    let first = cache.len;
+    let mask = mask_after(b, n, first, m.window(), None, stack.device)?;
+    let x = blocks_after(m, ids, first, &mask, &mut cache.kv)?;
+    cache.len = first + n;
+    let last = x.i((.., n - 1..n, ..))?;
+    Ok(logits(m, &last)?.squeeze(1)?)
+}
+
 /// The blocks over new tokens `ids` (`[b, n]`) at positions `first..first + n` with the
 /// additive `mask`, each block attending to and extending its slot of `kv`, the active adapter
 /// on, no dropout; returns the hidden states after the last block (before the final norm).
-pub(crate) fn blocks_after<M: Decoder>(
+fn blocks_after<M: Decoder>(
     m: &M,
     ids: &Tensor,
     first: usize,
@@ -184,27 +249,13 @@ pub(crate) fn blocks_after<M: Decoder>(
 }
 
 /// Logits `[b, n, vocab]` of hidden states after the last block (final norm, then the head).
-pub(crate) fn logits<M: Decoder>(m: &M, x: &Tensor) -> Result<Tensor> {
+fn logits<M: Decoder>(m: &M, x: &Tensor) -> Result<Tensor> {
     let stack = m.stack();
     head(&rms_norm(x, stack.norm, stack.eps)?, stack.lm_head)
 }
 
-/// Logits `[b, vocab]` of the last position of hidden states `x` (`[b, n, hidden]`).
-pub(crate) fn last_logits<M: Decoder>(m: &M, x: &Tensor) -> Result<Tensor> {
-    let n = x.dim(1)?;
-    Ok(logits(m, &x.i((.., n - 1..n, ..))?)?.squeeze(1)?)
-}
-
-/// Resets `cache` when it does not have one slot per layer.
-pub(crate) fn fit_cache(cache: &mut KvCache, layers: usize) {
-    if cache.kv.len() != layers {
-        cache.kv = vec![None; layers];
-        cache.len = 0;
-    }
-}
-
 /// Resolve requested hidden indices (negative from the end) into `0..=num_layers`.
-pub(crate) fn resolve_layers(spec: &ForwardSpec, num_layers: usize) -> Result<Vec<usize>> {
+fn resolve_layers(spec: &ForwardSpec, num_layers: usize) -> Result<Vec<usize>> {
     let n = num_layers as isize + 1;
     spec.hidden_layers
         .iter()
@@ -222,7 +273,7 @@ pub(crate) fn resolve_layers(spec: &ForwardSpec, num_layers: usize) -> Result<Ve
 }
 
 /// The output head `x W^T` (never adapted).
-pub(crate) fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (b, t, h) = x.dims3()?;
     Ok(crate::frozen::frozen_matmul(&x.reshape((b * t, h))?, w)?.reshape((b, t, w.dim(0)?))?)
 }
@@ -231,7 +282,7 @@ pub(crate) fn head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// for `n` queries at sequence indices `first..first + n`: 0 where query `i` (absolute `q`) may
 /// attend key `j` (`j <= q`, `j > q - window` when there is a window, key real in
 /// `attention_mask`, `[b, first + n]`, 1 = real), [`MASK_VALUE`] elsewhere.
-pub(crate) fn causal_mask(
+fn causal_mask(
     b: usize,
     n: usize,
     first: usize,
@@ -261,7 +312,7 @@ pub(crate) fn causal_mask(
 /// [`causal_mask`] for `n` new tokens after `first` cached ones, `attention_mask` (`[b, n]`)
 /// covering the new tokens only (the cached ones are real), and `[b, 1, n, first + n]` in every
 /// case. No query row is all masked: every query sees its own key (and the cached ones).
-pub(crate) fn mask_after(
+fn mask_after(
     b: usize,
     n: usize,
     first: usize,
@@ -283,7 +334,7 @@ pub(crate) fn mask_after(
 
 /// The prefix cache of `forward_after`, per layer, with its batch made `rows` (a batch-1 prefix
 /// is broadcast to every row and copied; a prefix with `rows` rows is used as it is).
-pub(crate) fn prefix_for_rows(cache: &KvCache, layers: usize, rows: usize) -> Result<Vec<KvSlot>> {
+fn prefix_for_rows(cache: &KvCache, layers: usize, rows: usize) -> Result<Vec<KvSlot>> {
     if cache.len == 0 || cache.kv.len() != layers {
         return Err(ModelError::Invalid(
             "forward_after needs a filled cache: run forward_cached on the prefix first".into(),

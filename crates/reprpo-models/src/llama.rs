@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor};
 
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::config::LlamaConfig;
@@ -366,44 +366,6 @@ impl Llama {
         decoder::forward(self, input_ids, attention_mask, position_ids, spec)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run_block(
-        &self,
-        blk: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        ctx: &Ctx,
-        cache: Option<&mut KvSlot>,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let (b, t, _) = x.dims3()?;
-        let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
-        let proj = |lin: &Linear, heads: usize| -> Result<Tensor> {
-            Ok(lin
-                .forward(&h, ctx)?
-                .reshape((b, t, heads, c.head_dim))?
-                .transpose(1, 2)?)
-        };
-        let q = crate::ops::rope(&proj(&blk.q, c.num_heads)?, cos, sin)?;
-        let mut k = crate::ops::rope(&proj(&blk.k, c.num_kv_heads)?, cos, sin)?;
-        let mut v = proj(&blk.v, c.num_kv_heads)?.contiguous()?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let attn = crate::ops::attention(&q, &k, &v, mask)?;
-        let x = (x + blk.o.forward(&attn, ctx)?)?;
-        let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
-        let act = crate::ops::silu_mul(&blk.gate.forward(&h, ctx)?, &blk.up.forward(&h, ctx)?)?;
-        let mlp = blk.down.forward(&act, ctx)?;
-        Ok((x + mlp)?)
-    }
-
     /// Logits `[C, n, vocab]` at every position of `C` right-padded continuations `ids`
     /// (`[C, n]`, `attention_mask` 1 = real token) of the prefix in `cache` (filled by
     /// [`Llama::forward_cached`], batch 1 or `C`), in one batched forward: row `c` attends to the
@@ -417,29 +379,13 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         cache: &KvCache,
     ) -> Result<Tensor> {
-        let (c, n) = ids.dims2()?;
-        if n == 0 {
-            return Err(ModelError::Invalid(
-                "forward_after needs at least one token per row".into(),
-            ));
-        }
-        let mut kv = decoder::prefix_for_rows(cache, self.layers.len(), c)?;
-        let mask = decoder::mask_after(c, n, cache.len, None, attention_mask, &self.device)?;
-        let x = decoder::blocks_after(self, ids, cache.len, &mask, &mut kv)?;
-        decoder::logits(self, &x)
+        decoder::forward_after(self, ids, attention_mask, cache)
     }
 
     /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
     /// updates the cache. No padding: for generation.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, n) = ids.dims2()?;
-        decoder::fit_cache(cache, self.layers.len());
-        // Query i (absolute first + i) sees keys 0..=first + i.
-        let first = cache.len;
-        let mask = decoder::mask_after(1, n, first, None, None, &self.device)?;
-        let x = decoder::blocks_after(self, ids, first, &mask, &mut cache.kv)?;
-        cache.len = first + n;
-        decoder::last_logits(self, &x)
+        decoder::forward_cached(self, ids, cache)
     }
 }
 
@@ -511,11 +457,6 @@ impl Decoder for Llama {
         self.rope_tables(positions)
     }
 
-    /// `[B, 1, T, T]` (`[1, 1, T, T]` without an attention mask): causal, padding masked.
-    fn full_mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        decoder::causal_mask(b, t, 0, None, attention_mask, &self.device)
-    }
-
     fn block(
         &self,
         l: usize,
@@ -526,14 +467,35 @@ impl Decoder for Llama {
         ctx: &Ctx,
         cache: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
-        self.run_block(&self.layers[l], x, cos, sin, mask, ctx, cache)
+        let blk = &self.layers[l];
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
+        let proj = |lin: &Linear, heads: usize| -> Result<Tensor> {
+            Ok(lin
+                .forward(&h, ctx)?
+                .reshape((b, t, heads, c.head_dim))?
+                .transpose(1, 2)?)
+        };
+        let q = crate::ops::rope(&proj(&blk.q, c.num_heads)?, cos, sin)?;
+        let mut k = crate::ops::rope(&proj(&blk.k, c.num_kv_heads)?, cos, sin)?;
+        let mut v = proj(&blk.v, c.num_kv_heads)?.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let attn = crate::ops::attention(&q, &k, &v, mask)?;
+        let x = (x + blk.o.forward(&attn, ctx)?)?;
+        let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
+        let act = crate::ops::silu_mul(&blk.gate.forward(&h, ctx)?, &blk.up.forward(&h, ctx)?)?;
+        let mlp = blk.down.forward(&act, ctx)?;
+        Ok((x + mlp)?)
     }
 
-    fn layer_params(&self, l: usize, ctx: &Ctx) -> Vec<Var> {
-        self.layers[l]
-            .linears()
-            .iter()
-            .flat_map(|lin| lin.active_params(ctx))
-            .collect()
+    fn layer_linears(&self, l: usize) -> Vec<&Linear> {
+        self.layers[l].linears().to_vec()
     }
 }

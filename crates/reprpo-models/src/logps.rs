@@ -277,7 +277,21 @@ impl RowLogps {
         (E::A::to_cpu_storage_owned(logp), lse)
     }
 
-    fn run_bwd<E: Elem>(&self, x: &[E], v: usize, lse: &[(f64, f64)], g: &[f64]) -> Vec<E> {
+    /// The gradient `[N, V]` of logits `x` (contiguous, storage `cs` with layout `l`).
+    fn run_bwd<E: Elem>(
+        &self,
+        cs: &CpuStorage,
+        l: &Layout,
+        x: &Tensor,
+        lse: &[(f64, f64)],
+        g: &[f64],
+    ) -> candle_core::Result<Tensor> {
+        let v = x.dim(1)?;
+        let dx = self.grad(TokenLogps::slice::<E>(cs, l)?, v, lse, g);
+        Tensor::from_vec(dx, x.shape(), x.device())
+    }
+
+    fn grad<E: Elem>(&self, x: &[E], v: usize, lse: &[(f64, f64)], g: &[f64]) -> Vec<E> {
         let mut dx = vec![E::zero(); x.len()];
         let per = (TASK_ELEMS / v.max(1)).max(1);
         dx.par_chunks_mut(v)
@@ -331,32 +345,15 @@ impl CustomOp1 for RowLogps {
             candle_core::bail!("row-token-logps: backward without its forward");
         }
         let x = x.contiguous()?;
-        let v = x.dim(1)?;
         let (st, l) = x.storage_and_layout();
         let Storage::Cpu(cs) = &*st else {
             candle_core::bail!("row-token-logps: logits are not on the CPU");
         };
         let dx = match cs {
-            CpuStorage::F32(_) => Tensor::from_vec(
-                self.run_bwd(TokenLogps::slice::<f32>(cs, l)?, v, &lse, &g),
-                x.shape(),
-                x.device(),
-            )?,
-            CpuStorage::F64(_) => Tensor::from_vec(
-                self.run_bwd(TokenLogps::slice::<f64>(cs, l)?, v, &lse, &g),
-                x.shape(),
-                x.device(),
-            )?,
-            CpuStorage::BF16(_) => Tensor::from_vec(
-                self.run_bwd(TokenLogps::slice::<bf16>(cs, l)?, v, &lse, &g),
-                x.shape(),
-                x.device(),
-            )?,
-            CpuStorage::F16(_) => Tensor::from_vec(
-                self.run_bwd(TokenLogps::slice::<f16>(cs, l)?, v, &lse, &g),
-                x.shape(),
-                x.device(),
-            )?,
+            CpuStorage::F32(_) => self.run_bwd::<f32>(cs, l, &x, &lse, &g)?,
+            CpuStorage::F64(_) => self.run_bwd::<f64>(cs, l, &x, &lse, &g)?,
+            CpuStorage::BF16(_) => self.run_bwd::<bf16>(cs, l, &x, &lse, &g)?,
+            CpuStorage::F16(_) => self.run_bwd::<f16>(cs, l, &x, &lse, &g)?,
             _ => candle_core::bail!("row-token-logps: unsupported dtype"),
         };
         Ok(Some(dx))

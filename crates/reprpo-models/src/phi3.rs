@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -641,52 +641,6 @@ impl Phi3 {
         decoder::forward(self, input_ids, attention_mask, position_ids, spec)
     }
 
-    /// RoPE on the first `rotary_dim` features of `x` (`[B, H, T, head_dim]`; `cos`, `sin` are
-    /// `[B, 1, T, rotary_dim]`).
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        crate::ops::rope(x, cos, sin)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn run_block(
-        &self,
-        blk: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        ctx: &Ctx,
-        cache: Option<&mut KvSlot>,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
-        let qkv = blk.qkv.forward(&h, ctx)?;
-        let split = |start: usize, heads: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(D::Minus1, start, heads * hd)?
-                .reshape((b, t, heads, hd))?
-                .transpose(1, 2)?)
-        };
-        let q = self.rope(&split(0, nh)?, cos, sin)?;
-        let mut k = self.rope(&split(nh * hd, nkv)?, cos, sin)?;
-        let mut v = split((nh + nkv) * hd, nkv)?.contiguous()?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let attn = crate::ops::attention(&q, &k, &v, mask)?;
-        let x = (x + blk.o.forward(&attn, ctx)?)?;
-        let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
-        let act = crate::ops::silu_mul_packed(&blk.gate_up.forward(&h, ctx)?)?;
-        let mlp = blk.down.forward(&act, ctx)?;
-        Ok((x + mlp)?)
-    }
-
     /// Whether feeding `new_tokens` more tokens after `cache` crosses LongRoPE's switch point:
     /// the cached keys were computed with the short factors, and the whole sequence must then be
     /// recomputed with the long ones (transformers' `prepare_inputs_for_generation` drops the
@@ -707,25 +661,7 @@ impl Phi3 {
         attention_mask: Option<&Tensor>,
         cache: &KvCache,
     ) -> Result<Tensor> {
-        let (c, n) = ids.dims2()?;
-        if n == 0 {
-            return Err(ModelError::Invalid(
-                "forward_after needs at least one token per row".into(),
-            ));
-        }
-        let mut kv = decoder::prefix_for_rows(cache, self.layers.len(), c)?;
-        if self.cache_needs_refill(cache, n) {
-            return Err(ModelError::Invalid(format!(
-                "LongRoPE: {} cached tokens used the short factors and {} tokens need the long \
-                 ones; score the whole sequences instead",
-                cache.len,
-                cache.len + n
-            )));
-        }
-        let window = self.config.sliding_window;
-        let mask = decoder::mask_after(c, n, cache.len, window, attention_mask, &self.device)?;
-        let x = decoder::blocks_after(self, ids, cache.len, &mask, &mut kv)?;
-        decoder::logits(self, &x)
+        decoder::forward_after(self, ids, attention_mask, cache)
     }
 
     /// Logits of the last position for new tokens `ids` (`[1, n]`) after the cached ones;
@@ -733,27 +669,7 @@ impl Phi3 {
     /// total length, as in a full forward over the sequence so far; a step that crosses the
     /// switch point with a non-empty cache is an error (see [`Phi3::cache_needs_refill`]).
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, n) = ids.dims2()?;
-        if n == 0 {
-            return Err(ModelError::Invalid(
-                "forward_cached needs at least one token".into(),
-            ));
-        }
-        decoder::fit_cache(cache, self.layers.len());
-        if self.cache_needs_refill(cache, n) {
-            return Err(ModelError::Invalid(format!(
-                "LongRoPE: {} cached tokens used the short factors and {} tokens need the long \
-                 ones; reset the cache and feed the whole sequence",
-                cache.len,
-                cache.len + n
-            )));
-        }
-        let first = cache.len;
-        let window = self.config.sliding_window;
-        let mask = decoder::mask_after(b, n, first, window, None, &self.device)?;
-        let x = decoder::blocks_after(self, ids, first, &mask, &mut cache.kv)?;
-        cache.len = first + n;
-        decoder::last_logits(self, &x)
+        decoder::forward_cached(self, ids, cache)
     }
 }
 
@@ -815,11 +731,22 @@ impl Decoder for Phi3 {
         }
     }
 
-    /// `[B, 1, T, T]` (`[1, 1, T, T]` without an attention mask): causal, the sliding window,
-    /// padding masked.
-    fn full_mask(&self, b: usize, t: usize, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let window = self.config.sliding_window;
-        decoder::causal_mask(b, t, 0, window, attention_mask, &self.device)
+    fn window(&self) -> Option<usize> {
+        self.config.sliding_window
+    }
+
+    /// A continuation that would cross LongRoPE's switch point (see
+    /// [`Phi3::cache_needs_refill`]) is an error.
+    fn check_after(&self, cache: &KvCache, n: usize, remedy: &str) -> Result<()> {
+        if self.cache_needs_refill(cache, n) {
+            return Err(ModelError::Invalid(format!(
+                "LongRoPE: {} cached tokens used the short factors and {} tokens need the long \
+                 ones; {remedy}",
+                cache.len,
+                cache.len + n
+            )));
+        }
+        Ok(())
     }
 
     fn block(
@@ -832,14 +759,37 @@ impl Decoder for Phi3 {
         ctx: &Ctx,
         cache: Option<&mut KvSlot>,
     ) -> Result<Tensor> {
-        self.run_block(&self.layers[l], x, cos, sin, mask, ctx, cache)
+        let blk = &self.layers[l];
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let h = rms_norm(x, &blk.input_norm, c.rms_norm_eps)?;
+        let qkv = blk.qkv.forward(&h, ctx)?;
+        let split = |start: usize, heads: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(D::Minus1, start, heads * hd)?
+                .reshape((b, t, heads, hd))?
+                .transpose(1, 2)?)
+        };
+        let q = crate::ops::rope(&split(0, nh)?, cos, sin)?;
+        let mut k = crate::ops::rope(&split(nh * hd, nkv)?, cos, sin)?;
+        let mut v = split((nh + nkv) * hd, nkv)?.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let attn = crate::ops::attention(&q, &k, &v, mask)?;
+        let x = (x + blk.o.forward(&attn, ctx)?)?;
+        let h = rms_norm(&x, &blk.post_norm, c.rms_norm_eps)?;
+        let act = crate::ops::silu_mul_packed(&blk.gate_up.forward(&h, ctx)?)?;
+        let mlp = blk.down.forward(&act, ctx)?;
+        Ok((x + mlp)?)
     }
 
-    fn layer_params(&self, l: usize, ctx: &Ctx) -> Vec<Var> {
-        self.layers[l]
-            .linears()
-            .iter()
-            .flat_map(|lin| lin.active_params(ctx))
-            .collect()
+    fn layer_linears(&self, l: usize) -> Vec<&Linear> {
+        self.layers[l].linears().to_vec()
     }
 }
