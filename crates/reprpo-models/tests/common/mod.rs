@@ -213,6 +213,13 @@ pub fn after_matches_full<M: CausalLm>(model: &M, ids: &[u32]) -> f32 {
         )
         .unwrap();
     assert_eq!(cache.len, p, "forward_after must not change the cache");
+    // No new tokens: an error naming the call, not a panic, and the cache is left as it was.
+    let empty = Tensor::zeros((1, 0), candle_core::DType::U32, &dev).unwrap();
+    let err = model.forward_cached(&empty, &mut cache).unwrap_err();
+    assert!(err.to_string().contains("forward_cached needs"), "{err}");
+    let err = model.forward_after(&empty, None, &cache).unwrap_err();
+    assert!(err.to_string().contains("forward_after needs"), "{err}");
+    assert_eq!(cache.len, p);
     let mut worst = 0f32;
     for (r, row) in rows.iter().enumerate() {
         let seq: Vec<u32> = ids[..p].iter().chain(row).copied().collect();
