@@ -396,7 +396,7 @@ impl CustomOp3 for PairLoss {
 /// Whether [`reroute_retain`] runs for hidden states like `t`: on the CPU, in f32, f64, bf16 or
 /// f16.
 pub(crate) fn applies(t: &Tensor) -> bool {
-    t.device().is_cpu()
+    reprpo_kernels::fused_cpu(t.device())
         && matches!(
             t.dtype(),
             DType::F32 | DType::F64 | DType::BF16 | DType::F16

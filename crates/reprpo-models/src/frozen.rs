@@ -52,7 +52,7 @@ impl CustomOp1 for FrozenMatmul {
 
 /// `x W^T` for `x` `[m, in]` and a frozen `w` `[out, in]`; no gradient flows to `w`.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && w.device().is_cpu() && x.dtype() == w.dtype() {
+    if reprpo_kernels::fused_cpu(x.device()) && w.device().is_cpu() && x.dtype() == w.dtype() {
         let x = x.contiguous()?;
         let w = w.contiguous()?;
         Ok(x.apply_op1(FrozenMatmul { w })?)
@@ -154,7 +154,7 @@ pub fn lora_matmul(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
     let same = [w, a, b]
         .iter()
         .all(|t| t.dtype() == dt && t.device().is_cpu());
-    if x.device().is_cpu() && same && matches!(dt, DType::F32 | DType::F64) {
+    if reprpo_kernels::fused_cpu(x.device()) && same && matches!(dt, DType::F32 | DType::F64) {
         let x = x.contiguous()?;
         Ok(x.apply_op3(
             &a.contiguous()?,

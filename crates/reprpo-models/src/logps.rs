@@ -117,7 +117,7 @@ fn shifted_logps_slow(logits: &Tensor, ids: &Tensor, acc: DType) -> Result<Tenso
 }
 
 fn fused_ok(logits: &Tensor) -> bool {
-    logits.device().is_cpu()
+    reprpo_kernels::fused_cpu(logits.device())
         && matches!(
             logits.dtype(),
             DType::F32 | DType::BF16 | DType::F16 | DType::F64

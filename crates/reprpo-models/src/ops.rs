@@ -81,7 +81,7 @@ fn dot8<T: Real>(x: &[T], y: &[T]) -> T {
 
 /// Whether the fused CPU path applies to tensors of this device and dtype.
 fn fused_ok(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    reprpo_kernels::fused_cpu(t.device()) && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// The contiguous data of a CPU storage as a slice of `T`.
@@ -150,7 +150,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_ok(x)
         && weight.dtype() == x.dtype()
         && weight.dims() == [h]
-        && weight.device().is_cpu()
+        && reprpo_kernels::fused_cpu(weight.device())
     {
         let x = x.contiguous()?;
         let w = weight.contiguous()?;
@@ -475,7 +475,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
     let (b, _, rt, s) = scores.dims4()?;
     let (mb, m1, t, ms) = mask.dims4()?;
     let shapes_ok = (mb == b || mb == 1) && m1 == 1 && ms == s && t > 0 && rt % t == 0;
-    if fused_ok(scores) && mask.device().is_cpu() && shapes_ok {
+    if fused_ok(scores) && reprpo_kernels::fused_cpu(mask.device()) && shapes_ok {
         let scores = scores.contiguous()?;
         let mask = mask.to_dtype(scores.dtype())?.contiguous()?;
         Ok(scores.apply_op2(&mask, MaskedSoftmax { scale })?)
