@@ -842,9 +842,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     let rep = nh / nkv.max(1);
     let scale = 1.0 / (hd as f64).sqrt();
     let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+    // `k` may arrive with any strides (Phi-3's partial rotary concatenates along the last
+    // dimension, which candle lays out transposed); the batched matmul of the CPU and CUDA
+    // backends needs its operands contiguous in the last two dimensions (`contiguous` is free
+    // when it already is).
     let scores = q
         .to_dtype(DType::F32)?
-        .matmul(&k.to_dtype(DType::F32)?.t()?)?;
+        .matmul(&k.to_dtype(DType::F32)?.contiguous()?.t()?)?;
     let probs = masked_softmax(&scores, mask, scale)?.to_dtype(v.dtype())?;
     Ok(probs
         .matmul(v)?
