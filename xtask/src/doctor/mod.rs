@@ -323,3 +323,48 @@ fn max_abs(t: &Tensor) -> Result<f64> {
     }
     Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn compare_measures_relative_error_and_fails_on_nan_and_shape() {
+        let a: Outputs = vec![("x".into(), t(&[1.0, -2.0, 4.0])), ("y".into(), t(&[0.5]))];
+        assert_eq!(compare(&a, &a).unwrap().0, 0.0);
+        // 1e-3 off on the largest entry of `y` relative to its scale 0.5.
+        let b: Outputs = vec![("x".into(), t(&[1.0, -2.0, 4.0])), ("y".into(), t(&[0.5005]))];
+        let (e, worst) = compare(&a, &b).unwrap();
+        assert!((e - 1e-3).abs() < 1e-6, "{e}");
+        assert_eq!(worst, "y");
+        assert!(e > bound(DType::F32, false));
+        let nan: Outputs = vec![("x".into(), t(&[1.0, f32::NAN, 4.0])), ("y".into(), t(&[0.5]))];
+        let (e, worst) = compare(&a, &nan).unwrap();
+        assert!(e.is_nan() && worst == "x");
+        let short: Outputs = vec![("x".into(), t(&[1.0, -2.0]))];
+        assert!(compare(&a, &short).is_err());
+    }
+
+    #[test]
+    fn a_failing_side_is_a_failed_row() {
+        let c = Check::new("broken", DType::F32, |dev: &Device| {
+            if reprpo_kernels::is_written_out() {
+                anyhow::bail!("boom")
+            }
+            Ok(vec![("x".into(), Tensor::new(&[1f32], dev)?)])
+        });
+        let row = run_one(&c, &Device::Cpu);
+        assert!(!row.ok);
+        assert!(row.error.unwrap().contains("boom"));
+        let differs = Check::new("differs", DType::F32, |dev: &Device| {
+            let v = if reprpo_kernels::is_written_out() { 1.01f32 } else { 1.0 };
+            Ok(vec![("x".into(), Tensor::new(&[v], dev)?)])
+        });
+        let row = run_one(&differs, &Device::Cpu);
+        assert!(!row.ok && (row.max_error - 0.01).abs() < 1e-6, "{}", row.max_error);
+    }
+}
