@@ -136,6 +136,19 @@ pub(crate) fn checks() -> Vec<Check> {
                 move |dev| backward(arch, "lora", dt, true, dev),
             ));
         }
+        for arch in [Arch::Llama, Arch::Phi3] {
+            let a = arch.name();
+            v.push(Check::new(
+                format!("models.{a}.kv-cache.logits.{d}"),
+                dt,
+                move |dev| cached(arch, dt, dev),
+            ));
+            v.push(Check::new(
+                format!("models.{a}.forward-after.{d}"),
+                dt,
+                move |dev| after(arch, dt, dev),
+            ));
+        }
         v.push(Check::new(
             format!("logps.token_logps.{d}"),
             dt,
@@ -307,4 +320,47 @@ fn greedy(arch: Arch, dev: &Device) -> Result<Outputs> {
         "tokens".into(),
         Tensor::from_vec(toks, n, &Device::Cpu)?.to_dtype(DType::F32)?,
     )])
+}
+
+/// The last-position logits of `forward_cached` over a 6-token prompt, then over 8 more tokens fed
+/// one at a time (teacher-forced: the same tokens on every device, so a near tie cannot change
+/// what is compared), past Phi-3's sliding window.
+fn cached(arch: Arch, dt: DType, dev: &Device) -> Result<Outputs> {
+    let (m, _) = arch.with_lora(dt, dev)?;
+    let toks = Seeded::new(40).ids(14, arch.vocab());
+    let mut cache = reprpo_models::KvCache::default();
+    let mut o = Vec::new();
+    let prompt = Tensor::new(&toks[..6], dev)?.unsqueeze(0)?;
+    o.push((
+        "logits.prompt".to_string(),
+        m.forward_cached(&prompt, &mut cache)?,
+    ));
+    for (i, &t) in toks[6..].iter().enumerate() {
+        let step = Tensor::new(&[t], dev)?.unsqueeze(0)?;
+        o.push((
+            format!("logits.step{i}"),
+            m.forward_cached(&step, &mut cache)?,
+        ));
+    }
+    Ok(o)
+}
+
+/// `forward_after`: three right-padded continuations (lengths 5, 2, 4) of a cached 5-token
+/// prefix in one batch, as prefix-cache scoring runs them; logits at real positions.
+fn after(arch: Arch, dt: DType, dev: &Device) -> Result<Outputs> {
+    let (m, _) = arch.with_lora(dt, dev)?;
+    let mut rng = Seeded::new(43);
+    let prefix = Tensor::new(rng.ids(5, arch.vocab()).as_slice(), dev)?.unsqueeze(0)?;
+    let mut cache = reprpo_models::KvCache::default();
+    m.forward_cached(&prefix, &mut cache)?;
+    let (lens, width) = ([5usize, 2, 4], 5);
+    let ids = rng.ids(lens.len() * width, arch.vocab());
+    let mask: Vec<f32> = lens
+        .iter()
+        .flat_map(|&n| (0..width).map(move |j| if j < n { 1.0 } else { 0.0 }))
+        .collect();
+    let ids = Tensor::from_vec(ids, (lens.len(), width), dev)?;
+    let mask = Tensor::from_vec(mask, (lens.len(), width), dev)?;
+    let logits = m.forward_after(&ids, Some(&mask), &cache)?;
+    Ok(vec![("logits".into(), inputs::real_only(&logits, &mask)?)])
 }
