@@ -10,13 +10,45 @@
 //! The switch is per thread (a thread-local), so concurrent tests and jobs do not see each other's
 //! choice. Kernels decide on the thread that calls the op (the job thread), including when a
 //! gradient-checkpointed block is recomputed in backward, so one scope covers a whole step.
+//!
+//! Every custom op's CPU forward reports itself ([`ran_cpu_kernel`]); [`trace_cpu_kernels`]
+//! collects those names for a closure. Tests use it to assert which custom ops a step would
+//! run on another device: under [`written_out`], only ops that also have a CUDA forward.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use candle_core::Device;
 
 thread_local! {
     static WRITTEN_OUT: Cell<bool> = const { Cell::new(false) };
+    static TRACE: RefCell<Option<Vec<&'static str>>> = const { RefCell::new(None) };
+}
+
+/// Called by each custom op's CPU forward with its name; recorded inside
+/// [`trace_cpu_kernels`], otherwise a thread-local read and nothing else.
+pub fn ran_cpu_kernel(name: &'static str) {
+    TRACE.with(|t| {
+        if let Some(v) = t.borrow_mut().as_mut() {
+            v.push(name);
+        }
+    });
+}
+
+/// Run `f` and return, with its result, the names of the custom ops whose CPU forward ran on
+/// this thread meanwhile, in order (with repeats). Nested calls see only their own ops.
+pub fn trace_cpu_kernels<R>(f: impl FnOnce() -> R) -> (R, Vec<&'static str>) {
+    struct Restore(Option<Vec<&'static str>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            TRACE.with(|t| *t.borrow_mut() = prev);
+        }
+    }
+    let restore = Restore(TRACE.with(|t| t.borrow_mut().replace(Vec::new())));
+    let r = f();
+    let seen = TRACE.with(|t| t.borrow_mut().take()).unwrap_or_default();
+    drop(restore);
+    (r, seen)
 }
 
 /// Whether the fused CPU kernels may run for tensors on `device`: on the CPU, outside
@@ -63,6 +95,18 @@ mod tests {
             fused_cpu(&cpu),
             "a panic inside the scope restores the setting"
         );
+    }
+
+    #[test]
+    fn traces_nest_and_record_only_inside() {
+        ran_cpu_kernel("outside");
+        let ((), outer) = trace_cpu_kernels(|| {
+            ran_cpu_kernel("a");
+            let ((), inner) = trace_cpu_kernels(|| ran_cpu_kernel("b"));
+            assert_eq!(inner, ["b"]);
+            ran_cpu_kernel("c");
+        });
+        assert_eq!(outer, ["a", "c"]);
     }
 
     #[test]

@@ -311,6 +311,7 @@ impl CustomOp2 for CkaOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let (s, _) = self.out.storage_and_layout();
         let candle_core::Storage::Cpu(s) = &*s else {
             candle_core::bail!("reprpo-cka: parts are not on the CPU");

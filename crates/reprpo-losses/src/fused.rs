@@ -351,6 +351,7 @@ impl CustomOp3 for PairLoss {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 self.fwd::<f32>(data(s1, l1)?, data(s2, l2)?, data(s3, l3)?)?

@@ -109,6 +109,7 @@ impl CustomOp1 for MaskedMeanPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let dims = l.dims();
         if dims.len() != 4 {
             candle_core::bail!("masked-mean-pool: expects [L, B, T, H], got {dims:?}");

@@ -25,6 +25,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let (m, k) = x_l.shape().dims2()?;
         let (n, k2) = self.w.dims2()?;
         if k != k2 {
@@ -99,6 +100,7 @@ impl CustomOp3 for LoraMatmul {
         b: &CpuStorage,
         b_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let (m, _) = x_l.shape().dims2()?;
         let (n, _) = self.w.dims2()?;
         let (guard, w_l) = self.w.storage_and_layout();

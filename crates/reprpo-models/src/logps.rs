@@ -321,6 +321,7 @@ impl CustomOp1 for RowLogps {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let v = l.dims().get(1).copied().unwrap_or(1);
         let (out, lse) = match s {
             CpuStorage::F32(_) => self.run_fwd(TokenLogps::slice::<f32>(s, l)?, v),
@@ -515,6 +516,7 @@ impl CustomOp1 for TokenLogps {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let (b, t, _) = l.shape().dims3()?;
         if t < 2 || self.targets.len() != b * (t - 1) {
             candle_core::bail!(

@@ -236,6 +236,7 @@ impl CustomOp2 for RmsNorm {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let n = self.name();
         let out = match (x, w) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(rms_norm_fwd(
@@ -407,6 +408,7 @@ impl CustomOp3 for Rope {
         s: &CpuStorage,
         s_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let n = self.name();
         let dims = x_l.shape().dims4()?;
         let (cb, _, _, rd) = c_l.shape().dims4()?;
@@ -554,6 +556,7 @@ impl CustomOp2 for MaskedSoftmax {
         m: &CpuStorage,
         m_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let n = self.name();
         let dims = x_l.shape().dims4()?;
         let (mb, _, t, _) = m_l.shape().dims4()?;
@@ -678,6 +681,7 @@ impl CustomOp2 for SiluMul {
         u: &CpuStorage,
         u_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         fn run<T: Real>(g: &[T], u: &[T], row: usize) -> Vec<T> {
             let mut y = vec![T::zero(); g.len()];
             rows_par(g, row, &mut y, row, |r0, g, y| {
@@ -770,6 +774,7 @@ impl CustomOp1 for SiluMulPacked {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         fn run<T: Real>(x: &[T], i: usize) -> Vec<T> {
             let mut y = vec![T::zero(); x.len() / 2];
             rows_par(x, 2 * i, &mut y, i, |_, x, y| {

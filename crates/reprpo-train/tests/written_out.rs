@@ -1,0 +1,121 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! What a training job would run on a GPU, asserted on the CPU: a whole job (training steps,
+//! periodic and final evaluation, the summary's scoring) under `reprpo_kernels::written_out`
+//! takes the path every non-CPU device takes, and the only custom op whose CPU forward runs is
+//! one that also has a CUDA forward. Every other op of that path is a stock candle op, which
+//! candle implements on CUDA. Without the switch the same job runs the fused CPU kernels (the
+//! positive control, so the trace is known to see them).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Device;
+use reprpo_train::TrainConfig;
+use reprpo_train::config::Sources;
+use reprpo_train::trainer::{self, JobContext};
+
+/// Custom ops that have a `cuda_fwd` (and a backward that works on any device).
+const HAS_CUDA_FORWARD: [&str; 1] = ["checkpoint"];
+
+fn datasets_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets")
+}
+
+fn config(out: &Path, extra: &[&str]) -> TrainConfig {
+    let mut overrides: Vec<String> = [
+        "run.plots=false",
+        "sft.steps=0",
+        "data.n_train=8",
+        "data.eval_datasets=[]",
+        "data.ood_datasets=[]",
+        "train.batch_size=4",
+        "train.n_eval_examples=8",
+        "train.max_steps=2",
+        "train.eval_every=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    overrides.push(format!("run.out_dir={}", out.display()));
+    overrides.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::resolve(&Sources {
+        file: None,
+        overrides,
+        env: false,
+    })
+    .unwrap()
+}
+
+/// The custom ops whose CPU forward ran during a 2-step job, with or without the written-out
+/// path. The job runs on a thread of candle's pool, as in `xtask`, so `train`'s own
+/// `with_context` stays on this thread and the thread-local switch and trace cover it.
+fn traced_job(extra: &[&str], written_out: bool) -> Vec<&'static str> {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), extra);
+    let ctx = JobContext {
+        datasets_dir: datasets_dir(),
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: false,
+    };
+    let job = || trainer::train(&cfg, &ctx, None).unwrap();
+    let (out, seen) = Device::Cpu.with_context(|| {
+        reprpo_kernels::trace_cpu_kernels(|| {
+            if written_out {
+                reprpo_kernels::written_out(job)
+            } else {
+                job()
+            }
+        })
+    });
+    assert!(!out.interrupted);
+    seen
+}
+
+#[test]
+fn a_written_out_job_runs_only_ops_that_exist_on_cuda() {
+    for extra in [
+        &["loss=dpo", "adapter.kind=lora"][..],
+        &["loss=reprpo", "adapter.kind=boft"],
+        &[
+            "loss=reprpo",
+            "reprpo.token_reduction=mean",
+            "adapter.kind=oft",
+        ],
+        &["loss=reprpo-cka", "adapter.kind=hra"],
+        &[
+            "loss=sft",
+            "adapter.kind=dora",
+            "train.grad_checkpointing=true",
+        ],
+        &[
+            "loss=ipo",
+            "adapter.kind=full",
+            "train.grad_checkpointing=true",
+        ],
+    ] {
+        let seen = traced_job(extra, true);
+        let cpu_only: Vec<_> = seen
+            .iter()
+            .filter(|op| !HAS_CUDA_FORWARD.contains(op))
+            .collect();
+        assert!(
+            cpu_only.is_empty(),
+            "{extra:?}: CPU-only custom ops on the device path: {cpu_only:?}"
+        );
+    }
+}
+
+#[test]
+fn the_trace_sees_the_fused_kernels_of_a_cpu_job() {
+    let seen = traced_job(&["loss=reprpo", "adapter.kind=lora"], false);
+    for op in [
+        "fused-rms-norm",
+        "fused-rope",
+        "fused-masked-softmax",
+        "lora-matmul",
+        "fused-reprpo-reroute-retain",
+    ] {
+        assert!(seen.contains(&op), "{op} not traced; seen {seen:?}");
+    }
+}
