@@ -1,19 +1,32 @@
 //! Small dense linear algebra that candle lacks: the inverse of a batch of small square
 //! matrices, differentiable, for the Cayley transforms of BOFT and OFT.
 //!
-//! - Forward: Gauss-Jordan elimination with partial pivoting, per matrix, accumulated in f64
-//!   (inputs f32 or f64; the result has the input's dtype). A singular (or non-finite) matrix is
-//!   an error.
-//! - Backward: for `X = A^-1`, `dX = -X dA X`, so `dL/dA = -X^T (dL/dX) X^T`, built from candle
-//!   ops (so it runs on any device and is itself differentiable).
-//! - Devices: the custom op computes on the CPU only. [`inverse`] moves a batch on another device
-//!   to the CPU and back (`to_device` has a backward); the matrices here are tiny (a few blocks
-//!   of 2..64 rows), so the round trip is cheap next to the layer they feed.
+//! [`inverse`] takes one of two paths, chosen by [`reprpo_kernels::fused_cpu`]:
+//!
+//! - Fused CPU (the CPU, outside [`reprpo_kernels::written_out`]): a custom op. Forward:
+//!   Gauss-Jordan elimination with partial pivoting, per matrix, accumulated in f64 (inputs f32
+//!   or f64; the result has the input's dtype); a singular (or non-finite) matrix is an error.
+//!   Backward: for `X = A^-1`, `dX = -X dA X`, so `dL/dA = -X^T (dL/dX) X^T`, built from candle
+//!   ops (so it is itself differentiable).
+//! - Device (every other device, and the CPU inside `written_out`): batched Newton-Schulz built
+//!   only from candle tensor ops (abs, sums, maxima, matmul, elementwise), computed in the
+//!   input's dtype, with no read back to the host. See [`inverse`] for what it converges for
+//!   and what it returns when it does not.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use crate::error::{ModelError, Result};
+
+/// Newton-Schulz iterations of the device path run without a graph, before its one
+/// differentiable step (so `NS_ITERS + 1` steps in all; see [`inverse`]).
+pub const NS_ITERS: usize = 17;
+
+/// The device path's acceptance bound on `max |I - A X|` for the detached Newton-Schulz iterate
+/// `X` (per dtype); a matrix beyond it comes back as NaN. See [`inverse`].
+pub fn device_tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F64 { 1e-10 } else { 1e-4 }
+}
 
 /// The custom op: inverts every `[n, n]` matrix of a `[..., n, n]` tensor.
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +100,7 @@ impl CustomOp1 for BatchedInverse {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        reprpo_kernels::ran_cpu_kernel(self.name());
         let dims = layout.shape().dims();
         let n = match dims {
             [.., a, b] if a == b => *b,
@@ -127,8 +141,36 @@ impl CustomOp1 for BatchedInverse {
 
 /// The inverse of every `[n, n]` matrix of `a` (`[..., n, n]`, f32 or f64), with a backward.
 ///
-/// On a device other than the CPU the batch is copied to the CPU, inverted there and copied
-/// back; gradients flow through both copies.
+/// On the CPU (outside [`reprpo_kernels::written_out`]) this is the exact custom op (see the
+/// module docs); a singular matrix is an error. Everywhere else it is the device path, which
+/// never reads back to the host:
+///
+/// 1. `X_0 = A^T / (||A||_1 ||A||_inf)` per matrix (both norms from device ops);
+/// 2. [`NS_ITERS`] Newton-Schulz steps `X_{k+1} = X_k (2I - A X_k)` on the detached `A`;
+/// 3. one differentiable step `out = X (2I - A X)` with `X` detached, whose gradient with
+///    respect to `A` is `-X^T G X^T`: the exact inverse gradient at `X = A^-1`;
+/// 4. each matrix whose `X` has `r = max |I - A X| > `[`device_tolerance`] (1e-4 in f32,
+///    1e-10 in f64; `A X` is the product step 3 computes anyway) is replaced by NaN.
+///
+/// Accuracy: the value's residual is `I - A out = (I - A X)^2`, so at most about `n r^2` plus
+/// rounding; the gradient is the exact formula at `X`, so its relative error is about `r` (times
+/// the condition number). Both are at rounding level (`n eps cond(A)` in the input's dtype)
+/// inside the bound below.
+///
+/// Convergence: with `X_0` as above, `R_k = I - A X_k = R_0^(2^k)` and `R_0` is symmetric with
+/// eigenvalues in `[0, 1 - 1/kappa]`, `kappa = ||A||_1 ||A||_inf / sigma_min(A)^2` (at least the
+/// squared 2-norm condition number, at most `n` times it). So
+/// `r <= ||R_K||_2 <= exp(-2^NS_ITERS / kappa)`, below the tolerance when
+/// `kappa <= 2^17 / ln(1 / tol)`: about 14,200 in f32 and 5,700 in f64. For the Cayley
+/// matrices `I + S` that BOFT and OFT invert (`S` skew-symmetric, so every singular value is
+/// at least 1), `kappa <= (1 + ||S||_1)^2`: the bound holds whenever the largest column sum of
+/// `|S|` is at most 74 (f64) or 118 (f32). Adapters start at `S = 0` (`X_0 = A^-1` exactly);
+/// a 2x2 block reaches `||S||_1 = 74` only at a rotation of 178.5 degrees.
+///
+/// When the bound fails (a singular, nearly singular or non-finite matrix, or a Cayley block
+/// beyond it) the result is NaN for that matrix, not an error: deciding it on the host would
+/// read the residual back on every call. A NaN reaches the loss, and the trainer's non-finite
+/// check stops the run; the run never continues on a silently inaccurate inverse.
 pub fn inverse(a: &Tensor) -> Result<Tensor> {
     if !matches!(a.dtype(), DType::F32 | DType::F64) {
         return Err(ModelError::Invalid(format!(
@@ -136,19 +178,64 @@ pub fn inverse(a: &Tensor) -> Result<Tensor> {
             a.dtype()
         )));
     }
-    let dev = a.device().clone();
-    if dev.is_cpu() {
+    if reprpo_kernels::fused_cpu(a.device()) {
         Ok(a.contiguous()?.apply_op1(BatchedInverse)?)
     } else {
-        let cpu = a.to_device(&Device::Cpu)?.contiguous()?;
-        Ok(cpu.apply_op1(BatchedInverse)?.to_device(&dev)?)
+        inverse_device(a)
     }
+}
+
+/// The device path of [`inverse`] (batched Newton-Schulz); see there.
+fn inverse_device(a: &Tensor) -> Result<Tensor> {
+    let dims = a.dims().to_vec();
+    let n = match dims.as_slice() {
+        [.., r, c] if r == c => *c,
+        _ => {
+            return Err(ModelError::Invalid(format!(
+                "inverse: expected [..., n, n], got {dims:?}"
+            )));
+        }
+    };
+    let m: usize = dims[..dims.len() - 2].iter().product();
+    if n == 0 || m == 0 {
+        return Ok(a.zeros_like()?);
+    }
+    let (dt, dev) = (a.dtype(), a.device());
+    let a3 = a.reshape((m, n, n))?;
+    let ad = a3.detach();
+    let eye = Tensor::eye(n, dt, dev)?;
+    let two_eye = (&eye * 2.0)?;
+    let abs = ad.abs()?;
+    // ||A||_1 (largest column sum) times ||A||_inf (largest row sum), per matrix: [m, 1, 1].
+    let norm_1 = abs.sum_keepdim(1)?.max_keepdim(2)?;
+    let norm_inf = abs.sum_keepdim(2)?.max_keepdim(1)?;
+    let mut x = ad.transpose(1, 2)?.broadcast_div(&(norm_1 * norm_inf)?)?;
+    for _ in 0..NS_ITERS {
+        x = x.matmul(&two_eye.broadcast_sub(&ad.matmul(&x)?)?)?;
+    }
+    let ax = a3.matmul(&x)?;
+    let out = x.matmul(&two_eye.broadcast_sub(&ax)?)?;
+    // The residual of the detached X (what the gradient uses): `max |I - A X|` per matrix.
+    let residual = eye
+        .broadcast_sub(&ax.detach())?
+        .abs()?
+        .flatten_from(1)?
+        .max_keepdim(1)?;
+    // `le` is false for NaN, so a non-finite residual also poisons the matrix.
+    let ok = residual
+        .le(device_tolerance(dt))?
+        .reshape((m, 1, 1))?
+        .broadcast_as((m, n, n))?;
+    let nan = Tensor::zeros((m, 1, 1), dt, dev)?
+        .affine(0.0, f64::NAN)?
+        .broadcast_as((m, n, n))?;
+    Ok(ok.where_cond(&out, &nan)?.reshape(dims)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn max_abs(t: &Tensor) -> f64 {
         t.abs()
@@ -244,5 +331,98 @@ mod tests {
             worst / scale < 1e-7,
             "max |fd - analytic| = {worst} (scale {scale})"
         );
+    }
+
+    /// `inverse(a)` and the gradient of `sum(inverse(a) * c)` with respect to `a`, on the fused
+    /// CPU path or (`device`) the device path, in `a`'s dtype.
+    fn value_and_grad(a: &Tensor, c: &Tensor, device: bool) -> (Tensor, Tensor) {
+        let run = || {
+            let var = Var::from_tensor(a).unwrap();
+            let x = inverse(var.as_tensor()).unwrap();
+            let l = (&x * c.to_dtype(a.dtype()).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = l.backward().unwrap().get(var.as_tensor()).unwrap().clone();
+            (x, g)
+        };
+        if device {
+            reprpo_kernels::written_out(run)
+        } else {
+            run()
+        }
+    }
+
+    /// Max |a - b| / max |b|, in f64.
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap();
+        let b = b.to_dtype(DType::F64).unwrap();
+        max_abs(&(&a - &b).unwrap()) / max_abs(&b)
+    }
+
+    /// The device path (Newton-Schulz, under `written_out`) against the CPU op on the test batch
+    /// (which needs pivoting on the CPU): values and gradients, max abs difference relative to
+    /// the CPU op's max abs entry. f64: 1e-12 (Newton-Schulz converges to the CPU op's result up
+    /// to rounding; seen 6e-16). f32: 2e-6 (f32 arithmetic throughout against the CPU op's f64
+    /// accumulation, about `n eps cond`; seen 2.5e-7).
+    #[test]
+    fn device_path_matches_cpu_op_on_test_batch() {
+        let a = batch();
+        let c = Tensor::randn(0f64, 1.0, (3, 5, 5), &Device::Cpu).unwrap();
+        for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
+            let a = a.to_dtype(dt).unwrap();
+            let (x_cpu, g_cpu) = value_and_grad(&a, &c, false);
+            let (x_dev, g_dev) = value_and_grad(&a, &c, true);
+            assert_eq!((x_dev.dtype(), g_dev.dtype()), (dt, dt));
+            let (ex, eg) = (rel(&x_dev, &x_cpu), rel(&g_dev, &g_cpu));
+            eprintln!("{dt:?}: value {ex:.2e}, gradient {eg:.2e}");
+            assert!(ex < tol && eg < tol, "{dt:?}: value {ex}, gradient {eg}");
+        }
+    }
+
+    /// On the device path a singular or non-finite matrix gives NaN for that matrix only (no
+    /// host read to raise an error); bf16 and non-square inputs stay errors.
+    #[test]
+    fn device_path_poisons_singular_matrices_with_nan() {
+        let dev = Device::Cpu;
+        let good = batch().get(1).unwrap();
+        let zero = Tensor::zeros((5, 5), DType::F64, &dev).unwrap();
+        // Rank 4: the last row repeats the first.
+        let rank4 = {
+            let g = good.to_vec2::<f64>().unwrap();
+            let mut r = g.clone();
+            r[4] = g[0].clone();
+            Tensor::new(r, &dev).unwrap()
+        };
+        let inf = good.affine(1.0, f64::INFINITY).unwrap();
+        let a = Tensor::stack(&[&good, &zero, &rank4, &inf], 0).unwrap();
+        for dt in [DType::F64, DType::F32] {
+            let x = reprpo_kernels::written_out(|| inverse(&a.to_dtype(dt).unwrap())).unwrap();
+            let x = x.to_dtype(DType::F64).unwrap();
+            let nan = |i: usize| -> Vec<bool> {
+                x.get(i)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.is_nan())
+                    .collect()
+            };
+            assert!(nan(0).iter().all(|b| !b), "{dt:?}: the good matrix");
+            for i in 1..4 {
+                assert!(
+                    nan(i).iter().all(|b| *b),
+                    "{dt:?}: matrix {i} must be all NaN"
+                );
+            }
+        }
+        reprpo_kernels::written_out(|| {
+            let bf = Tensor::eye(3, DType::BF16, &dev).unwrap();
+            assert!(inverse(&bf).unwrap_err().to_string().contains("BF16"));
+            let b = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+            assert!(inverse(&b).is_err());
+        });
     }
 }

@@ -597,7 +597,8 @@ impl Phi3 {
     /// chosen for the whole batch from `max(positions) + 1`.
     pub fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
         let pos = positions.to_dtype(DType::F32)?;
-        let seq_len = if pos.elem_count() == 0 {
+        // Only LongRoPE reads the largest position back (the default rope has one factor set).
+        let seq_len = if pos.elem_count() == 0 || matches!(self.config.rope, Phi3Rope::Default) {
             0
         } else {
             pos.flatten_all()?.max(0)?.to_scalar::<f32>()? as usize + 1

@@ -91,11 +91,13 @@ pub fn batch_loss(
             let last = [model.num_layers()];
             let rows = counted_rows(batch)?;
             let lp = counted_logps(model, batch, &rows, &spec(&last, false, false, train, ckpt))?;
-            let n = lp.count.sum_all()?.to_scalar::<f32>()?.max(1.0);
+            // The sum of `lp.count`, known on the host (no read back).
+            let n = (rows.owner.len() as f32).max(1.0);
             let loss = (lp.sum.sum_all()?.neg()? / f64::from(n))?;
             let mut metrics = BTreeMap::new();
-            metrics.insert("loss".into(), scalar(&loss)?);
-            metrics.insert("nll_loss".into(), scalar(&loss)?);
+            let l = scalar(&loss)?;
+            metrics.insert("loss".into(), l);
+            metrics.insert("nll_loss".into(), l);
             Ok(BatchLoss { loss, metrics })
         }
         LossFamily::Dpo if cfg.dpo.ld_alpha.is_none() && !cfg.dpo.use_weighting => {

@@ -223,15 +223,26 @@ impl AdamW {
 /// The global L2 norm of `grads` (f64) and, when `max > 0` and it exceeds `max`, the gradients
 /// scaled by `max / (norm + 1e-6)`.
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter().flatten() {
-        sq += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
+    // One read for all parameters: each squared norm on the device, summed on the host in the
+    // parameters' order.
+    let parts = grads
+        .iter()
+        .flatten()
+        .map(|g| {
+            Ok(g.to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?)
+        })
+        .collect::<Result<Vec<Tensor>>>()?;
+    let sq = if parts.is_empty() {
+        0f64
+    } else {
+        Tensor::stack(&parts, 0)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .fold(0f64, |s, v| s + v)
+    };
     let norm = sq.sqrt();
     if max > 0.0 && norm > max {
         let c = max / (norm + 1e-6);
