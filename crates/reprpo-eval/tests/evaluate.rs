@@ -1,5 +1,6 @@
 //! End to end on the embedded default: the tiny random Llama with a LoRA adapter, the default
-//! suite, both scorer paths, the base from the same weights, and the files of a report.
+//! suite, both scorer paths, the base from the same weights, and the files of a report; and the
+//! same evaluation on the written-out path that other devices take.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -249,4 +250,83 @@ fn auto_mode_mixes_both_paths_and_equals_full() {
     }
     println!("auto vs full: worst relative difference {worst:.2e}");
     assert!(worst < 1e-5, "{worst}");
+}
+
+#[test]
+/// What an evaluation would run on a GPU, asserted on the CPU: under
+/// `reprpo_kernels::written_out` (the path of every non-CPU device) `evaluate` runs no custom op
+/// that lacks a CUDA forward, and scores what the fused CPU kernels score.
+fn written_out_evaluation_runs_device_ops_and_scores_the_same() {
+    let (mut m, idx) = model();
+    let tok = Tok::byte_level().unwrap();
+    let suite = Suite::by_name(
+        "default",
+        &root().join("datasets/suites"),
+        &root().join("datasets"),
+    )
+    .unwrap();
+    let data: Vec<_> = suite
+        .datasets
+        .iter()
+        .map(|d| load_dataset(d, &root(), Some(4)).unwrap())
+        .collect();
+    let subjects = [
+        Subject {
+            label: "base".into(),
+            adapter: None,
+        },
+        Subject {
+            label: "lora".into(),
+            adapter: Some(idx),
+        },
+    ];
+    for mode in [ScoreMode::PrefixCache, ScoreMode::Full] {
+        let opts = EvalOptions {
+            mc_mode: mode,
+            pair_mode: mode,
+            generations: 1,
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let mut run = |written: bool| {
+            Device::Cpu.with_context(|| {
+                reprpo_kernels::trace_cpu_kernels(|| {
+                    let mut job = || evaluate(&mut m, &tok, &subjects, &data, &[], "d", &opts);
+                    if written {
+                        reprpo_kernels::written_out(job)
+                    } else {
+                        job()
+                    }
+                })
+            })
+        };
+        let (fused, seen_fused) = run(false);
+        let (written, seen) = run(true);
+        let (fused, written) = (fused.unwrap(), written.unwrap());
+        assert!(
+            seen.iter().all(|op| *op == "checkpoint"),
+            "{mode:?}: CPU-only custom ops on the device path: {seen:?}"
+        );
+        assert!(!seen_fused.is_empty(), "the trace saw no fused kernel");
+        let (a, b) = (
+            fused
+                .examples
+                .iter()
+                .flat_map(logp_fields)
+                .collect::<Vec<_>>(),
+            written
+                .examples
+                .iter()
+                .flat_map(logp_fields)
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(a.len(), b.len());
+        assert!(!a.is_empty());
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                "{mode:?}: {x} vs {y}"
+            );
+        }
+    }
 }
