@@ -321,9 +321,9 @@ fn step_files() -> Vec<PathBuf> {
 /// Helpers of these files that read a tensor back, with the files their calls are searched in
 /// (`*`: all): a new call of one is a new host read.
 const HELPERS: &[(&str, &str)] = &[
-    ("crates/reprpo-train/src/trainer.rs", "f64_of"),
-    ("crates/reprpo-train/src/objective.rs", "scalar"),
-    ("crates/reprpo-train/src/objective.rs", "counted_rows"),
+    ("crates/reprpo-train/src/trainer.rs", "read_back"),
+    ("crates/reprpo-train/src/trainer.rs", "read_means"),
+    ("crates/reprpo-train/src/trainer.rs", "check_finite"),
     ("crates/reprpo-losses/src/cka.rs", "per_layer"),
     ("*", "metrics_f64"),
     ("*", "clip_grad_norm"),
@@ -407,7 +407,6 @@ const fn a(
     }
 }
 
-const OBJ: &str = "crates/reprpo-train/src/objective.rs";
 const TRAINER: &str = "crates/reprpo-train/src/trainer.rs";
 const OPTIM: &str = "crates/reprpo-train/src/optim.rs";
 const PEFT: &str = "crates/reprpo-models/src/peft.rs";
@@ -415,54 +414,6 @@ const LOGPS: &str = "crates/reprpo-models/src/logps.rs";
 const CPU_KERNEL: &str = "inside a fused CPU kernel or its gate (fused_cpu): never on a device";
 
 const ALLOWED: &[Allowed] = &[
-    a(
-        OBJ,
-        "batch_loss",
-        "counted_rows()",
-        2,
-        "micro-batch",
-        "iii",
-        "SFT and plain DPO need the counted positions on the host to build gather indices; the \
-       collated host batch had them (fix: keep them in DeviceBatch)",
-    ),
-    a(
-        OBJ,
-        "counted_rows",
-        "to_vec",
-        2,
-        "micro-batch",
-        "iii",
-        "reads the ids and the loss mask back (see counted_rows())",
-    ),
-    a(
-        OBJ,
-        "batch_loss",
-        "scalar()",
-        1,
-        "micro-batch",
-        "i",
-        "SFT's loss for the metrics, read every micro-batch although logged every logging_steps",
-    ),
-    a(
-        OBJ,
-        "finish",
-        "metrics_f64()",
-        1,
-        "micro-batch",
-        "i",
-        "the loss's metrics (about 10 scalars, one read each) every micro-batch; only their means \
-       over logging_steps are logged (fix: accumulate on the device, read once when logging)",
-    ),
-    a(
-        OBJ,
-        "finish",
-        "scalar()",
-        1,
-        "micro-batch",
-        "i",
-        "the loss for the metrics",
-    ),
-    a(OBJ, "scalar", "to_scalar", 1, "-", "i", "the helper itself"),
     a(
         TRAINER,
         "load_model",
@@ -483,31 +434,79 @@ const ALLOWED: &[Allowed] = &[
     ),
     a(
         TRAINER,
-        "f64_of",
-        "to_scalar",
+        "read_back",
+        "to_vec",
         1,
         "-",
-        "ii",
-        "the helper itself",
+        "i",
+        "the helper itself: the metric sums kept on the device (and the non-finite state when \
+       asked) in one read",
+    ),
+    a(
+        TRAINER,
+        "read_means",
+        "read_back()",
+        1,
+        "-",
+        "i",
+        "the helper itself: a window's metrics with the non-finite state",
     ),
     a(
         TRAINER,
         "train_job",
-        "f64_of()",
+        "read_means()",
         1,
-        "micro-batch",
-        "ii",
-        "the non-finite stop before the update, naming the step (the same value is already in \
-       the metrics: reading it twice is avoidable)",
+        "logging step",
+        "i",
+        "the logged means of the window's metrics (accumulated on the device in f64) and the \
+       non-finite state, one read every logging_steps",
     ),
     a(
         TRAINER,
-        "clip_and_update",
-        "clip_grad_norm()",
+        "check_finite",
+        "to_vec",
         1,
-        "step",
+        "-",
         "ii",
-        "the global norm decides clipping, the non-finite stop and the logged grad_norm",
+        "the helper itself: the non-finite state (first bad step, what, value), read only if \
+       something was watched since the last read",
+    ),
+    a(
+        TRAINER,
+        "train_job",
+        "check_finite()",
+        3,
+        "eval / checkpoint / end",
+        "ii",
+        "the non-finite state before an evaluation, before writing a checkpoint (which must \
+       precede the first bad step) and at the end; no read when the logging step already read it",
+    ),
+    a(
+        TRAINER,
+        "evaluate",
+        "read_back()",
+        1,
+        "eval",
+        "i",
+        "the evaluation's metric means, one read per evaluation (the results)",
+    ),
+    a(
+        TRAINER,
+        "sft_stage",
+        "read_means()",
+        1,
+        "every 50 SFT steps",
+        "i",
+        "the SFT stage's logged nll with the non-finite state",
+    ),
+    a(
+        TRAINER,
+        "sft_stage",
+        "check_finite()",
+        1,
+        "end of SFT stage",
+        "ii",
+        "the non-finite state before the SFT adapter is written",
     ),
     a(
         TRAINER,
@@ -530,11 +529,12 @@ const ALLOWED: &[Allowed] = &[
     a(
         OPTIM,
         "clip_grad_norm",
-        "to_vec",
+        "to_scalar",
         1,
-        "step",
-        "ii",
-        "all parameters' squared norms in one read (see clip_grad_norm())",
+        "-",
+        "off",
+        "the host-returning wrapper for the doctor's check; the trainer keeps the norm and the \
+       clipping coefficient on the device (global_grad_norm, clip_grads_to)",
     ),
     a(
         OPTIM,
@@ -552,7 +552,8 @@ const ALLOWED: &[Allowed] = &[
         1,
         "token",
         "ii",
-        "sampling on the host during generation (evaluation only, not training or scoring)",
+        "generation's argmax / sampling on the host, one read per token (evaluation samples \
+       only, not training or scoring; left as is)",
     ),
     a(LOGPS, "shifted_logps", "to_vec", 1, "-", "off", CPU_KERNEL),
     a(LOGPS, "bwd", "to_vec", 1, "-", "off", CPU_KERNEL),
@@ -635,8 +636,9 @@ const ALLOWED: &[Allowed] = &[
         1,
         "forward",
         "ii",
-        "LongRoPE only: max(position) picks the factor set on the host, as transformers does \
-       (fix: build both tables, select on the device)",
+        "LongRoPE only: max(position) picks the factor set on the host, as transformers does; \
+       left as is (only Phi-3 models with LongRoPE; fix: build both tables, select on the \
+       device)",
     ),
     a(
         "crates/reprpo-losses/src/cka.rs",
@@ -670,9 +672,9 @@ const ALLOWED: &[Allowed] = &[
         "metrics_f64",
         "to_scalar",
         1,
-        "micro-batch",
-        "i",
-        "the helper itself (see finish's metrics_f64())",
+        "-",
+        "off",
+        "the helper itself; no longer called on the training step (the loss tests use it)",
     ),
     a(
         "crates/reprpo-losses/src/dpo.rs",
@@ -681,8 +683,8 @@ const ALLOWED: &[Allowed] = &[
         1,
         "micro-batch",
         "iii",
-        "bco_pair with the running mean only: TRL's RunningMoments kept on the host (fix: keep \
-       the moments as device tensors)",
+        "bco_pair with the running mean only (a rare loss; TRL <= 0.2x's option): \
+       RunningMoments kept on the host, left as is (fix: keep the moments as device tensors)",
     ),
     a(
         "crates/reprpo-losses/src/fused.rs",
@@ -819,11 +821,11 @@ fn host_read_scanner_catches_new_reads() {
     let src = r#"
 fn step(t: &Tensor) -> Result<f64> {
     let v: Vec<f32> = t.to_vec1()?; // a new read
-    let x = f64_of(&t)?;
+    let x = read_back(&t)?;
     let s = "to_scalar in a string";
     Ok(v[0] as f64 + x)
 }
-fn f64_of(t: &Tensor) -> Result<f64> {
+fn read_back(t: &Tensor) -> Result<f64> {
     Ok(t.to_scalar::<f64>()?)
 }
 #[cfg(test)]
@@ -841,13 +843,13 @@ mod tests {
         keys,
         vec![
             ("step", "to_vec", 3),
-            ("step", "f64_of()", 4),
-            ("f64_of", "to_scalar", 9)
+            ("step", "read_back()", 4),
+            ("read_back", "to_scalar", 9)
         ]
     );
     let listed = [
-        a(file, "f64_of", "to_scalar", 1, "-", "ii", "the helper"),
-        a(file, "step", "f64_of()", 2, "step", "ii", "miscounted"),
+        a(file, "read_back", "to_scalar", 1, "-", "ii", "the helper"),
+        a(file, "step", "read_back()", 2, "step", "ii", "miscounted"),
         a(file, "gone", "to_vec", 1, "step", "ii", "stale"),
     ];
     let problems = check_reads(&hits, &listed).join("\n");

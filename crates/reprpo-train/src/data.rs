@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use reprpo_data::tokenize::{self, Layout, TokenizedPair};
 use reprpo_data::{Batch, PreferencePair, Tok, TokenizeConfig, default_data, hub, recipe};
+use reprpo_models::logps::CountedRows;
 
 use crate::error::Result;
 
@@ -48,7 +49,11 @@ pub fn tokenize(
     Ok(tokenize::tokenize_pairs(tok, pairs, cfg)?.pairs)
 }
 
-/// A batch on a device: ids `[R, T]` u32, attention and loss masks `[R, T]` f32.
+/// A batch on a device: ids `[R, T]` u32, attention and loss masks `[R, T]` f32, and (on the
+/// host) the positions its counted tokens are predicted from.
+///
+/// Built with [`DeviceBatch::new`] from the collated host batch, so the counted positions
+/// (which the likelihood losses gather on) never have to be read back from the device.
 #[derive(Debug, Clone)]
 pub struct DeviceBatch {
     /// Token ids.
@@ -59,10 +64,12 @@ pub struct DeviceBatch {
     pub loss_mask: Tensor,
     /// Pairs (rows `0..pairs` chosen, `pairs..2 pairs` rejected), or rows for SFT.
     pub pairs: usize,
+    /// The counted tokens (loss mask 1, position >= 1) of the host batch.
+    counted: CountedRows,
 }
 
 impl DeviceBatch {
-    /// Move a collated batch to `device`.
+    /// Move a collated batch to `device` (and find its counted positions on the host).
     pub fn new(b: &Batch, pairs: usize, device: &Device) -> Result<Self> {
         let shape = (b.rows, b.seq_len);
         let mask = |m: &[u8]| -> Result<Tensor> {
@@ -73,7 +80,14 @@ impl DeviceBatch {
             attention: mask(&b.attention_mask)?,
             loss_mask: mask(&b.loss_mask)?,
             pairs,
+            counted: CountedRows::new(&b.input_ids, b.rows, b.seq_len, |i| b.loss_mask[i] > 0),
         })
+    }
+
+    /// The counted tokens of the batch: for every row `r` and position `t >= 1` whose loss
+    /// mask is 1, the flat index `r T + t - 1` of the predicting position, the token and `r`.
+    pub fn counted(&self) -> &CountedRows {
+        &self.counted
     }
 }
 

@@ -7,6 +7,10 @@
 //! # SFT
 //! `loss = -sum_{b,t} m[b,t] logp[b,t] / sum_{b,t} m[b,t]` over the completion tokens of the
 //! chosen sequences (the token mean over the batch, as TRL's SFT trainer).
+//!
+//! Nothing here reads the device: the counted positions come with the [`DeviceBatch`] (found on
+//! the host when it was collated) and the metrics stay device scalars for the trainer to
+//! accumulate and read when it logs.
 
 use std::collections::BTreeMap;
 
@@ -26,8 +30,9 @@ use crate::error::Result;
 pub struct BatchLoss {
     /// Scalar loss.
     pub loss: Tensor,
-    /// Metrics of this batch.
-    pub metrics: BTreeMap<String, f64>,
+    /// Metrics of this batch: detached scalars on the batch's device (`loss` among them), each
+    /// in the dtype the loss computed it in; read them to the host only when they are logged.
+    pub metrics: BTreeMap<String, Tensor>,
 }
 
 fn spec(
@@ -89,15 +94,14 @@ pub fn batch_loss(
     match family {
         LossFamily::Sft => {
             let last = [model.num_layers()];
-            let rows = counted_rows(batch)?;
-            let lp = counted_logps(model, batch, &rows, &spec(&last, false, false, train, ckpt))?;
+            let rows = batch.counted();
+            let lp = counted_logps(model, batch, rows, &spec(&last, false, false, train, ckpt))?;
             // The sum of `lp.count`, known on the host (no read back).
             let n = (rows.owner.len() as f32).max(1.0);
             let loss = (lp.sum.sum_all()?.neg()? / f64::from(n))?;
             let mut metrics = BTreeMap::new();
-            let l = scalar(&loss)?;
-            metrics.insert("loss".into(), l);
-            metrics.insert("nll_loss".into(), l);
+            metrics.insert("loss".into(), loss.detach());
+            metrics.insert("nll_loss".into(), loss.detach());
             Ok(BatchLoss { loss, metrics })
         }
         LossFamily::Dpo if cfg.dpo.ld_alpha.is_none() && !cfg.dpo.use_weighting => {
@@ -105,9 +109,9 @@ pub fn batch_loss(
             // WPO's weights read per-token values and full logits: the branch below).
             let b = batch.pairs;
             let last = [model.num_layers()];
-            let rows = counted_rows(batch)?;
-            let p = counted_logps(model, batch, &rows, &spec(&last, false, false, train, ckpt))?;
-            let r = counted_logps(model, batch, &rows, &spec(&last, false, true, false, false))?;
+            let rows = batch.counted();
+            let p = counted_logps(model, batch, rows, &spec(&last, false, false, train, ckpt))?;
+            let r = counted_logps(model, batch, rows, &spec(&last, false, true, false, false))?;
             let (pc, pr) = halves(&p.sum, b)?;
             let (rc, rr) = halves(&r.sum.detach(), b)?;
             let (nc, nr) = halves(&p.count, b)?;
@@ -238,18 +242,6 @@ struct Counted {
     logits_sum: Tensor,
 }
 
-/// The counted positions of `batch` (its loss mask), read to the host once per batch.
-fn counted_rows(batch: &DeviceBatch) -> Result<CountedRows> {
-    let (rows, t) = batch.ids.dims2()?;
-    let ids: Vec<u32> = batch.ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-    let lm: Vec<f32> = batch
-        .loss_mask
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
-    Ok(CountedRows::new(&ids, rows, t, |i| lm[i] > 0.0))
-}
-
 fn counted_logps(
     model: &dyn CausalLm,
     batch: &DeviceBatch,
@@ -333,17 +325,14 @@ fn dpo_inputs(p: &SeqLogps, r: &SeqLogps, b: usize) -> Result<DpoInputs> {
     Ok(DpoInputs::new(pc, pr, rc, rr, nc, nr))
 }
 
+/// The loss and its metrics, `loss` added (detached); nothing is read back.
 fn finish(out: LossOut) -> Result<BatchLoss> {
-    let mut metrics = out.metrics_f64()?;
-    metrics.insert("loss".into(), scalar(&out.loss)?);
+    let mut metrics = out.metrics;
+    metrics.insert("loss".into(), out.loss.detach());
     Ok(BatchLoss {
         loss: out.loss,
         metrics,
     })
-}
-
-fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }
 
 fn missing(what: &str) -> crate::error::TrainError {

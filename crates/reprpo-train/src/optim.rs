@@ -12,6 +12,12 @@
 //!
 //! # Clipping (as `torch.nn.utils.clip_grad_norm_`)
 //! `n = sqrt(sum_i ||g_i||^2)`; when `n > max`, every gradient is scaled by `max / (n + 1e-6)`.
+//! The norm and the coefficient are computed on the gradients' device ([`global_grad_norm`],
+//! [`clip_grads_to`]): the training step reads neither back.
+//!
+//! # Gated updates
+//! [`AdamW::update_gated`] takes a u8 flag on the device and keeps the parameters and moments
+//! as they were where it is 0 (the trainer's non-finite guard), again without a read.
 //!
 //! # Schedules (as `transformers`' schedulers)
 //! Warm-up `w` steps: `lr_t = lr t / w` for `t < w`; then, with `q = (t - w) / (T - w)`:
@@ -152,6 +158,24 @@ impl AdamW {
     /// One update with the gradients `grads[i]` of `params[i]` (`None`: no gradient, skipped
     /// as PyTorch skips parameters whose `.grad` is `None`).
     pub fn update(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.update_gated(grads, lr, None)
+    }
+
+    /// [`AdamW::update`] that takes effect only where `gate` (a u8 tensor of one element on the
+    /// parameters' device) is 1: with 0, every parameter and moment keeps its value bit for bit
+    /// (selected on the device, nothing read back). The step count advances either way.
+    pub fn update_gated(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        gate: Option<&Tensor>,
+    ) -> Result<()> {
+        let keep = |new: Tensor, old: &Tensor| -> Result<Tensor> {
+            match gate {
+                Some(ok) => Ok(ok.broadcast_as(new.shape())?.where_cond(&new, old)?),
+                None => Ok(new),
+            }
+        };
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
@@ -170,9 +194,9 @@ impl AdamW {
             } else {
                 p.as_tensor().clone()
             };
-            p.set(&(decayed - (upd * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            p.set(&keep((decayed - (upd * lr)?)?, p.as_tensor())?)?;
+            self.m[i] = keep(m, &self.m[i])?;
+            self.v[i] = keep(v, &self.v[i])?;
         }
         Ok(())
     }
@@ -220,11 +244,10 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of `grads` (f64) and, when `max > 0` and it exceeds `max`, the gradients
-/// scaled by `max / (norm + 1e-6)`.
-pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<f64> {
-    // One read for all parameters: each squared norm on the device, summed on the host in the
-    // parameters' order.
+/// The global L2 norm of `grads` as an f64 scalar on their device (`None` without any
+/// gradient): each squared norm summed in f32, then the f64 squares summed in the parameters'
+/// order (on the CPU bit for bit the sum the host would take).
+pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<Option<Tensor>> {
     let parts = grads
         .iter()
         .flatten()
@@ -235,20 +258,44 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<f64> {
                 .to_dtype(DType::F64)?)
         })
         .collect::<Result<Vec<Tensor>>>()?;
-    let sq = if parts.is_empty() {
-        0f64
-    } else {
-        Tensor::stack(&parts, 0)?
-            .to_vec1::<f64>()?
-            .into_iter()
-            .fold(0f64, |s, v| s + v)
-    };
-    let norm = sq.sqrt();
-    if max > 0.0 && norm > max {
-        let c = max / (norm + 1e-6);
-        for g in grads.iter_mut().flatten() {
-            *g = (&*g * c)?;
-        }
+    if parts.is_empty() {
+        return Ok(None);
     }
-    Ok(norm)
+    Ok(Some(Tensor::stack(&parts, 0)?.sum_all()?.sqrt()?))
+}
+
+/// Scale `grads` by `max / (norm + 1e-6)` where `norm` (an f64 scalar from
+/// [`global_grad_norm`]) exceeds `max`, else by exactly 1 (unchanged); `max <= 0`: off. The
+/// coefficient is computed in f64 on the device and rounded once to each gradient's dtype, as
+/// the host computation it replaces did; a NaN norm leaves the gradients unscaled.
+pub fn clip_grads_to(grads: &mut [Option<Tensor>], norm: &Tensor, max: f64) -> Result<()> {
+    if max <= 0.0 {
+        return Ok(());
+    }
+    let one = norm.ones_like()?;
+    // `1 * x + 0` and `1 * n + 1e-6` are exact: no rounding beyond the host formula's.
+    let max_t = one.affine(max, 0.0)?;
+    let coef = max_t.div(&norm.affine(1.0, 1e-6)?)?;
+    let coef = norm.gt(&max_t)?.where_cond(&coef, &one)?;
+    let coef32 = coef.to_dtype(DType::F32)?;
+    for g in grads.iter_mut().flatten() {
+        let c = if g.dtype() == DType::F32 {
+            coef32.clone()
+        } else {
+            coef.to_dtype(g.dtype())?
+        };
+        *g = g.broadcast_mul(&c)?;
+    }
+    Ok(())
+}
+
+/// [`global_grad_norm`] then [`clip_grads_to`], with the norm read back to the host (0 without
+/// gradients): for callers off the training step (the doctor's check); the trainer keeps the
+/// norm on the device.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<f64> {
+    let Some(norm) = global_grad_norm(grads)? else {
+        return Ok(0.0);
+    };
+    clip_grads_to(grads, &norm, max)?;
+    Ok(norm.to_scalar::<f64>()?)
 }

@@ -8,6 +8,16 @@
 //! the step and the adapter are in every checkpoint, so a CPU run that is stopped and resumed
 //! ends with the same adapter, bit for bit, as one that was never interrupted (with adapter
 //! dropout 0: candle's CPU random numbers cannot be seeded).
+//!
+//! # Host reads
+//! A training step reads nothing back from its device. The metrics are summed there in f64 and
+//! read once per `logging_steps` (on the CPU the same bits as host sums); the gradient norm and
+//! the clipping coefficient stay there; a non-finite loss or gradient norm is recorded there (the
+//! first one: step, what, value) and closes the update gate, so neither the adapter nor the AdamW
+//! moments change from that step on. That state is read with the logged metrics, before every
+//! checkpoint and evaluation, and at the end: a non-finite value stops the run at the first of
+//! these reads with [`TrainError::NonFinite`], naming the step it appeared at and the last
+//! checkpoint, which was written before it. The progress bar shows the last logged loss.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +40,7 @@ use crate::config::{LossFamily, TrainConfig};
 use crate::data::{self, DeviceBatch};
 use crate::error::{Result, TrainError, io};
 use crate::objective::batch_loss;
-use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grad_norm};
+use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grads_to, global_grad_norm};
 use crate::run::{self, MetricsLog, TrainerState};
 
 /// A model the trainer can drive: a causal LM whose linear layers take adapters.
@@ -148,28 +158,39 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
     Ok(reprpo_models::checkpoint::backward(loss)?)
 }
 
-/// Clip `grads` to `max_norm` (0: off), stop with [`TrainError::NonFinite`] naming optimizer step
-/// `step` if their norm is not finite, else apply them. Returns the norm before clipping.
+/// Clip `grads` to `max_norm` (0: off) and apply them, all on the device: their norm is
+/// watched by `guard` as `what` of optimizer step `step`, and the update is gated by it (a step
+/// with a non-finite loss or norm changes nothing). Returns the norm before clipping (an f64
+/// scalar on the device; `None` without gradients).
 fn clip_and_update(
     opt: &mut AdamW,
     grads: &mut [Option<Tensor>],
     max_norm: f64,
     lr: f64,
     step: usize,
-    what: &'static str,
-    last_checkpoint: Option<&Path>,
-) -> Result<f64> {
-    let norm = clip_grad_norm(grads, max_norm)?;
-    if !norm.is_finite() {
-        return Err(TrainError::NonFinite {
-            step,
-            what,
-            value: norm,
-            last_checkpoint: last_checkpoint.map(Path::to_path_buf),
-        });
+    what: usize,
+    guard: &mut NonFiniteGuard,
+) -> Result<Option<Tensor>> {
+    let norm = global_grad_norm(grads)?;
+    if let Some(n) = &norm {
+        guard.watch(n, step, what)?;
+        clip_grads_to(grads, n, max_norm)?;
     }
-    opt.update(grads, lr)?;
+    opt.update_gated(grads, lr, Some(guard.gate()))?;
     Ok(norm)
+}
+
+/// Add `new` gradients into the accumulated ones.
+fn accumulate(grads: &mut [Option<Tensor>], new: Vec<Option<Tensor>>) -> Result<()> {
+    for (acc, g) in grads.iter_mut().zip(new) {
+        if let Some(g) = g {
+            *acc = Some(match acc.take() {
+                Some(prev) => (prev + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The dropout seed of global micro-batch `k` of a stage (SplitMix64 of the run seed, the stage
@@ -183,26 +204,223 @@ fn dropout_seed(seed: u64, stage: u64, k: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Sum of the metrics of several batches, averaged on read.
+/// Metric sums kept on the device in f64 (one vector, in the order of `keys`), read to the
+/// host once, when they are logged.
+///
+/// The host's sums started at `0.0`; these start at the first value, and the read turns a `-0.0`
+/// sum into `0.0`: the same bits (the two can differ only in the sign of a zero sum). A key
+/// missing from some batches counts 0 there and the mean still divides by every batch, as before.
 #[derive(Debug, Default)]
-struct MetricAcc {
-    sums: BTreeMap<String, f64>,
+struct DeviceMetrics {
+    keys: Vec<String>,
+    /// `[keys.len()]` f64.
+    sum: Option<Tensor>,
+    /// Batches added.
     n: usize,
 }
 
-impl MetricAcc {
-    fn add(&mut self, m: &BTreeMap<String, f64>) {
-        for (k, v) in m {
-            *self.sums.entry(k.clone()).or_insert(0.0) += v;
-        }
+impl DeviceMetrics {
+    /// Add one batch's metrics (scalars of any float dtype, converted to f64 on the device).
+    fn add(&mut self, m: &BTreeMap<String, Tensor>) -> Result<()> {
+        let vals = m
+            .values()
+            .map(|t| Ok(t.to_dtype(DType::F64)?.reshape(1)?))
+            .collect::<Result<Vec<_>>>()?;
+        self.add_parts(m.keys().cloned().collect(), &vals)
+    }
+
+    /// Add the 1-D f64 `parts`, concatenated, under `keys` (one key per element).
+    fn add_parts(&mut self, keys: Vec<String>, parts: &[Tensor]) -> Result<()> {
         self.n += 1;
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let v = Tensor::cat(parts, 0)?;
+        self.sum = Some(match self.sum.take() {
+            None => {
+                self.keys = keys;
+                v
+            }
+            Some(s) if self.keys == keys => (s + v)?,
+            Some(s) => {
+                let mut all = self.keys.clone();
+                all.extend(keys.iter().filter(|k| !self.keys.contains(k)).cloned());
+                let sum = (align(&s, &self.keys, &all)? + align(&v, &keys, &all)?)?;
+                self.keys = all;
+                sum
+            }
+        });
+        Ok(())
     }
-    fn mean(&self) -> BTreeMap<String, f64> {
-        self.sums
+
+    /// The means `sum / n` on the device (an f64 division, as the host's), in `keys` order.
+    fn mean_on_device(&self) -> Result<Option<Tensor>> {
+        let Some(s) = &self.sum else { return Ok(None) };
+        Ok(Some(s.div(&s.ones_like()?.affine(self.n as f64, 0.0)?)?))
+    }
+
+    /// Read `head` (if any) and the sums in one transfer: `head`'s values and the means by key.
+    fn read_back(&self, head: Option<&Tensor>) -> Result<(Vec<f64>, BTreeMap<String, f64>)> {
+        let parts: Vec<&Tensor> = head.into_iter().chain(self.sum.as_ref()).collect();
+        if parts.is_empty() {
+            return Ok((Vec::new(), BTreeMap::new()));
+        }
+        let all = Tensor::cat(&parts, 0)?.to_vec1::<f64>()?;
+        let h = head.map_or(0, Tensor::elem_count).min(all.len());
+        let n = self.n.max(1) as f64;
+        let means = self
+            .keys
             .iter()
-            .map(|(k, v)| (k.clone(), v / self.n.max(1) as f64))
-            .collect()
+            .zip(&all[h..])
+            .map(|(k, &s)| {
+                let s = if s == 0.0 { 0.0 } else { s };
+                (k.clone(), s / n)
+            })
+            .collect();
+        Ok((all[..h].to_vec(), means))
     }
+}
+
+/// `v` (`[from.len()]`) in the order of `to` (a superset of `from`), 0 where a key is missing.
+fn align(v: &Tensor, from: &[String], to: &[String]) -> Result<Tensor> {
+    let zero = v.narrow(0, 0, 1)?.zeros_like()?;
+    let parts = to
+        .iter()
+        .map(|k| match from.iter().position(|f| f == k) {
+            Some(i) => v.narrow(0, i, 1),
+            None => Ok(zero.clone()),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Non-finite values of the training steps, watched on the device. The first bad one (its
+/// optimizer step, what it was, its value) is kept there and closes the update gate from that
+/// step on, so the parameters and the AdamW moments keep their last finite values. The host
+/// reads the state only when it must know: with the metrics at each logged step, before a
+/// checkpoint or an evaluation, and at the end; then it stops with [`TrainError::NonFinite`].
+struct NonFiniteGuard {
+    /// `[3]` f64: the first bad optimizer step (1-based; 0 while there is none), the index of
+    /// what it was in `whats`, its value.
+    first: Tensor,
+    /// `[1]` u8: 1 while every watched value was finite (the update gate).
+    ok: Tensor,
+    /// `[1]` f64 1: constants are made from it with `affine` (no upload).
+    one: Tensor,
+    /// `[1]` f64 `f64::MAX`: `|x| <= MAX` is false exactly for NaN and the infinities.
+    max: Tensor,
+    /// The names of what is watched (`loss`, `gradient norm`).
+    whats: &'static [&'static str],
+    /// Whether anything was watched since the host last read the state.
+    unread: bool,
+}
+
+impl NonFiniteGuard {
+    fn new(device: &Device, whats: &'static [&'static str]) -> Result<Self> {
+        let one = Tensor::ones(1, DType::F64, device)?;
+        Ok(NonFiniteGuard {
+            first: Tensor::zeros(3, DType::F64, device)?,
+            ok: Tensor::ones(1, DType::U8, device)?,
+            max: one.affine(f64::MAX, 0.0)?,
+            one,
+            whats,
+            unread: false,
+        })
+    }
+
+    /// `[1]` f64 `v` on the device (exact: `1 * v + 0`).
+    fn constant(&self, v: f64) -> Result<Tensor> {
+        Ok(self.one.affine(v, 0.0)?)
+    }
+
+    /// Watch `x` (a scalar of any float dtype) of optimizer step `step` (1-based) as
+    /// `whats[what]`.
+    fn watch(&mut self, x: &Tensor, step: usize, what: usize) -> Result<()> {
+        let x = x.to_dtype(DType::F64)?.reshape(1)?;
+        let finite = x.abs()?.le(&self.max)?;
+        let seen = Tensor::cat(
+            &[self.constant(step as f64)?, self.constant(what as f64)?, x],
+            0,
+        )?;
+        // The first bad value: all finite so far (ok = 1) and this one not (finite = 0).
+        let first_bad = self.ok.gt(&finite)?.broadcast_as(3)?;
+        self.first = first_bad.where_cond(&seen, &self.first)?;
+        self.ok = self.ok.minimum(&finite)?;
+        self.unread = true;
+        Ok(())
+    }
+
+    /// The update gate: a `[1]` u8, 1 while every watched value was finite.
+    fn gate(&self) -> &Tensor {
+        &self.ok
+    }
+
+    /// Judge the state as read by the host (`[step, what, value]`): the error naming the first
+    /// non-finite value and `last_checkpoint` (written before it, since every checkpoint is
+    /// preceded by a check), if there was one.
+    fn judge(&mut self, state: &[f64], last_checkpoint: Option<&Path>) -> Result<()> {
+        self.unread = false;
+        match state {
+            &[step, what, value] if step > 0.0 => Err(TrainError::NonFinite {
+                step: step as usize,
+                what: self.whats.get(what as usize).copied().unwrap_or("value"),
+                value,
+                last_checkpoint: last_checkpoint.map(Path::to_path_buf),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Read the state (only when something was watched since the last read) and judge it.
+    fn check_finite(&mut self, last_checkpoint: Option<&Path>) -> Result<()> {
+        if !self.unread {
+            return Ok(());
+        }
+        let state = self.first.to_vec1::<f64>()?;
+        self.judge(&state, last_checkpoint)
+    }
+
+    /// The means of `metrics`, read with the state in one transfer, after judging the state.
+    fn read_means(
+        &mut self,
+        metrics: &DeviceMetrics,
+        last_checkpoint: Option<&Path>,
+    ) -> Result<BTreeMap<String, f64>> {
+        let (state, means) = metrics.read_back(Some(&self.first))?;
+        self.judge(&state, last_checkpoint)?;
+        Ok(means)
+    }
+}
+
+/// What the main stage's guard watches, by index: the loss of each micro-batch, then the
+/// gradient norm of the step.
+const WATCHED: &[&str] = &["loss", "gradient norm"];
+/// Index of the loss in [`WATCHED`].
+const LOSS: usize = 0;
+/// Index of the gradient norm in [`WATCHED`].
+const GRAD_NORM: usize = 1;
+
+/// One optimizer step's entry in the logging window: the means of its micro-batches' metrics,
+/// its gradient norm (0 without gradients) and its learning rate, as one f64 vector.
+fn add_step(
+    window: &mut DeviceMetrics,
+    micro: &DeviceMetrics,
+    norm: Option<&Tensor>,
+    lr: f64,
+    guard: &NonFiniteGuard,
+) -> Result<()> {
+    let mut keys = micro.keys.clone();
+    let mut parts: Vec<Tensor> = micro.mean_on_device()?.into_iter().collect();
+    if parts.is_empty() {
+        keys.clear();
+    }
+    keys.extend(["grad_norm".to_string(), "learning_rate".to_string()]);
+    parts.push(match norm {
+        Some(n) => n.reshape(1)?,
+        None => guard.constant(0.0)?,
+    });
+    parts.push(guard.constant(lr)?);
+    window.add_parts(keys, &parts)
 }
 
 /// The micro-batches of an epoch: a seeded permutation cut into `bs`-sized chunks.
@@ -232,10 +450,6 @@ fn micro_batch<'a>(
         .iter()
         .map(|&i| &pairs[i])
         .collect()
-}
-
-fn f64_of(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// The learning-rate plan of the main stage.
@@ -405,7 +619,8 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
     let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), resume.map(|_| start))?;
 
     let bar = progress_bar(ctx.progress, total as u64, start as u64);
-    let mut acc = MetricAcc::default();
+    let mut window = DeviceMetrics::default();
+    let mut guard = NonFiniteGuard::new(&device, WATCHED)?;
     let mut order_cache = None;
     let mut last_ckpt = resume_ckpt.clone();
     let mut interrupted = false;
@@ -420,7 +635,7 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
         );
         let progress = step as f64 / total.max(1) as f64;
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.params().len()];
-        let mut step_metrics = MetricAcc::default();
+        let mut micro = DeviceMetrics::default();
         for a in 0..cfg.train.grad_accum {
             let k = step * cfg.train.grad_accum + a;
             let chunk = micro_batch(
@@ -444,25 +659,10 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
                 true,
                 Some(dropout_seed(cfg.train.seed, 1, k)),
             )?;
-            let l = f64_of(&out.loss)?;
-            if !l.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: step + 1,
-                    what: "loss",
-                    value: l,
-                    last_checkpoint: last_ckpt,
-                });
-            }
+            guard.watch(&out.loss, step + 1, LOSS)?;
             let scaled = (out.loss / cfg.train.grad_accum as f64)?;
-            for (acc, g) in grads.iter_mut().zip(opt.gradients(&backward(&scaled)?)) {
-                if let Some(g) = g {
-                    *acc = Some(match acc.take() {
-                        Some(prev) => (prev + g)?,
-                        None => g,
-                    });
-                }
-            }
-            step_metrics.add(&out.metrics);
+            accumulate(&mut grads, opt.gradients(&backward(&scaled)?))?;
+            micro.add(&out.metrics)?;
         }
         let norm = clip_and_update(
             &mut opt,
@@ -470,22 +670,20 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
             cfg.train.max_grad_norm,
             lr,
             step + 1,
-            "gradient norm",
-            last_ckpt.as_deref(),
+            GRAD_NORM,
+            &mut guard,
         )?;
         step += 1;
-        let mut m = step_metrics.mean();
-        m.insert("grad_norm".into(), norm);
-        m.insert("learning_rate".into(), lr);
-        acc.add(&m);
+        add_step(&mut window, &micro, norm.as_ref(), lr, &guard)?;
         if let Some(b) = &bar {
             b.set_position(step as u64);
-            if let Some(l) = m.get("loss") {
-                b.set_message(format!("loss {l:.4}"));
-            }
         }
         if step % cfg.train.logging_steps == 0 || step == total {
-            let mean = acc.mean();
+            // The one read of the window: its metrics and the non-finite state.
+            let mean = guard.read_means(&window, last_ckpt.as_deref())?;
+            if let (Some(b), Some(l)) = (&bar, mean.get("loss")) {
+                b.set_message(format!("loss {l:.4}"));
+            }
             let mut rec: BTreeMap<String, Value> =
                 mean.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
             rec.insert("step".into(), json!(step));
@@ -496,10 +694,11 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
                 Some(b) => b.println(line),
                 None => println!("{line}"),
             }
-            acc = MetricAcc::default();
+            window = DeviceMetrics::default();
         }
         let eval_now = cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step < total;
         if eval_now && !eval_pairs.is_empty() {
+            guard.check_finite(last_ckpt.as_deref())?;
             let em = evaluate(
                 model.lm(),
                 &cfg,
@@ -531,6 +730,7 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
         let save_now =
             (cfg.run.save_steps > 0 && step % cfg.run.save_steps == 0) || step == total || stop;
         if save_now {
+            guard.check_finite(last_ckpt.as_deref())?;
             let model_ref: &dyn AdapterHost = model.as_ref();
             let state = TrainerState {
                 step,
@@ -557,6 +757,7 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    guard.check_finite(last_ckpt.as_deref())?;
     let mut summary = BTreeMap::new();
     summary.insert("run_dir".into(), json!(run_dir.display().to_string()));
     summary.insert("steps".into(), json!(step));
@@ -679,7 +880,8 @@ fn format_log(step: usize, total: usize, m: &BTreeMap<String, f64>) -> String {
 }
 
 /// Loss and metrics on (up to `train.n_eval_examples`) pairs at training progress `progress`,
-/// without dropout; the model's active adapter is the policy.
+/// without dropout; the model's active adapter is the policy. The metrics are summed on the
+/// device and read once.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &dyn CausalLm,
@@ -692,7 +894,7 @@ pub fn evaluate(
     dpo_state: &DpoState,
 ) -> Result<BTreeMap<String, f64>> {
     let n = pairs.len().min(cfg.train.n_eval_examples.max(1));
-    let mut acc = MetricAcc::default();
+    let mut acc = DeviceMetrics::default();
     let mut state = dpo_state.clone();
     for chunk in pairs[..n].chunks(cfg.train.eval_batch_size) {
         let refs: Vec<&TokenizedPair> = chunk.iter().collect();
@@ -703,9 +905,9 @@ pub fn evaluate(
         let out = batch_loss(
             model, cfg, family, &batch, progress, &mut state, false, None,
         )?;
-        acc.add(&out.metrics);
+        acc.add(&out.metrics)?;
     }
-    Ok(acc.mean())
+    Ok(acc.read_back(None)?.1)
 }
 
 /// Greedy continuations of the first `n` held-out prompts (with the adapter).
@@ -873,7 +1075,8 @@ fn sft_stage(
     let mut order_cache = None;
     let mut dpo_state = DpoState::default();
     let warmup = (total / 10).max(1);
-    let mut acc = MetricAcc::default();
+    let mut acc = DeviceMetrics::default();
+    let mut guard = NonFiniteGuard::new(device, &["gradient norm (SFT stage)"])?;
     for step in 0..total {
         let lr = Schedule::Cosine.lr(cfg.sft.lr, step, total, warmup, 0.0);
         let chunk = micro_batch(
@@ -895,35 +1098,29 @@ fn sft_stage(
             Some(dropout_seed(cfg.train.seed, 0, step)),
         )?;
         let mut grads = opt.gradients(&backward(&out.loss)?);
-        clip_and_update(
-            &mut opt,
-            &mut grads,
-            1.0,
-            lr,
-            step + 1,
-            "gradient norm (SFT stage)",
-            None,
-        )?;
-        acc.add(&out.metrics);
+        clip_and_update(&mut opt, &mut grads, 1.0, lr, step + 1, 0, &mut guard)?;
+        acc.add(&out.metrics)?;
         if let Some(b) = &bar {
             b.set_position(step as u64 + 1);
         }
         if (step + 1) % 50 == 0 || step + 1 == total {
+            let mean = guard.read_means(&acc, None)?;
             let line = format!(
                 "SFT step {}/{total}: nll {:.4}",
                 step + 1,
-                acc.mean().get("loss").copied().unwrap_or(f64::NAN)
+                mean.get("loss").copied().unwrap_or(f64::NAN)
             );
             match &bar {
                 Some(b) => b.println(line),
                 None => println!("{line}"),
             }
-            acc = MetricAcc::default();
+            acc = DeviceMetrics::default();
         }
     }
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    guard.check_finite(None)?;
     // Write to a temporary folder, then rename (a crash leaves no half-written cache entry).
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {

@@ -602,3 +602,116 @@ fn full_fine_tune_of_a_folder_model_exports_the_merged_model() {
         "three steps of full fine-tuning changed nothing"
     );
 }
+
+/// The checkpoint steps of a run, sorted.
+fn checkpoint_steps(run_dir: &Path) -> Vec<usize> {
+    let mut steps: Vec<usize> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .collect();
+    steps.sort();
+    steps
+}
+
+/// The only run folder under `out`.
+fn only_run_dir(out: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("resolved_config.toml").is_file())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+#[test]
+fn non_finite_value_inside_a_logging_window_is_reported_at_its_step() {
+    // Learning rate 0 for the first step, then 5e29: the third step's loss overflows (NaN). The
+    // non-finite state stays on the device until the next read; the gated updates leave the
+    // adapter as it was before the bad step.
+    let run = |logging: &str, save: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(
+            tmp.path(),
+            &[
+                "loss=dpo",
+                "train.lr=1e30",
+                "train.max_grad_norm=0",
+                "train.warmup_steps=2",
+                "train.max_steps=8",
+                logging,
+                save,
+            ],
+        );
+        let err = trainer::train(&cfg, &ctx(false), None).unwrap_err();
+        let TrainError::NonFinite {
+            step,
+            what,
+            last_checkpoint,
+            ..
+        } = &err
+        else {
+            panic!("expected a non-finite error, got {err}");
+        };
+        assert!(err.to_string().contains("step 3:"), "{err}");
+        let dir = only_run_dir(tmp.path());
+        let logged: Vec<u64> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        let ck = last_checkpoint
+            .clone()
+            .expect("a checkpoint before the bad step");
+        let adapter = load_adapter_tensors(&ck.join("adapter"));
+        (
+            (*step, *what),
+            ck.file_name().unwrap().to_owned(),
+            checkpoint_steps(&dir),
+            logged,
+            adapter,
+        )
+    };
+    // Read every step (as before the state stayed on the device): the reference.
+    let (bad, ck, steps, logged, pre_nan) = run("train.logging_steps=1", "run.save_steps=1");
+    assert_eq!(bad, (3, "loss"));
+    assert_eq!(ck, "step-0000002");
+    assert_eq!(steps, vec![1, 2]);
+    assert_eq!(logged, vec![1, 2]);
+    assert!(pre_nan.values().flatten().all(|x| x.is_finite()));
+    assert!(
+        pre_nan.values().flatten().any(|x| x.abs() > 1e20),
+        "the adapter moved"
+    );
+    // Found by the logged step 4 (mid-window NaN at step 3), and by the checkpoint of step 4.
+    for (logging, save) in [
+        ("train.logging_steps=4", "run.save_steps=2"),
+        ("train.logging_steps=5", "run.save_steps=2"),
+    ] {
+        let (bad2, ck2, steps2, logged2, adapter) = run(logging, save);
+        assert_eq!(bad2, bad, "{logging}");
+        assert_eq!(ck2, ck, "{logging}");
+        assert_eq!(
+            steps2,
+            vec![2],
+            "{logging}: no checkpoint after the bad step"
+        );
+        assert!(logged2.is_empty(), "{logging}: {logged2:?}");
+        assert_eq!(adapter.len(), pre_nan.len());
+        for (k, v) in &adapter {
+            assert!(
+                v.iter()
+                    .zip(&pre_nan[k])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{logging}: {k} is not the pre-NaN adapter"
+            );
+        }
+    }
+}
