@@ -4,18 +4,19 @@
 //! root, and prints results. `key=value` overrides are merged over the defaults (and over a config
 //! file where one is given) with figment, so an unknown or mistyped key is an error that names it.
 
+mod bench;
+mod doctor;
 mod eval;
 mod train;
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use figment::Figment;
 use figment::providers::{Format as _, Serialized, Toml};
 use reprpo_data::recipe::{self, Recipe};
-use reprpo_data::tokenize::{self, TokenizeConfig};
+use reprpo_data::tokenize::TokenizeConfig;
 use reprpo_data::{ConvertOptions, Converted, Converter, Tok, default_data, hub, stats, write};
 
 /// mimalloc: tokenisation is dominated by small allocations inside `tokenizers`, where glibc's
@@ -74,10 +75,13 @@ enum Cmd {
     Data(DataCmd),
     /// Side-by-side measurements (see docs/perf.md).
     #[command(subcommand)]
-    Bench(BenchCmd),
+    Bench(bench::BenchCmd),
     /// Convert other model formats into a Hugging Face folder.
     #[command(subcommand)]
     Convert(ConvertCmd),
+    /// Self-check: every computation of a training / eval step on the device against the CPU
+    /// (on the CPU: the fused kernels against the written-out ops). Exits 1 on any failure.
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Subcommand)]
@@ -146,66 +150,6 @@ enum DataCmd {
         /// Seed (the committed files use the default).
         #[arg(long, default_value_t = default_data::DEFAULT_SEED)]
         seed: u64,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchCmd {
-    /// Time a forward + backward (LoRA gradients) of a randomly initialised Llama
-    /// (the Rust side of tests/reference/bench_step.py).
-    Step {
-        /// Shape: `tiny` (vocab 512, hidden 128, 4 layers) or `small` (vocab 32000, hidden 512, 8 layers),
-        /// as in ../shared/anchors/pytorch_anchor.py.
-        #[arg(long, default_value = "tiny")]
-        preset: String,
-        /// Sequences (2 x pairs).
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        /// Tokens per sequence.
-        #[arg(long, default_value_t = 64)]
-        seq: usize,
-        /// Timed steps (median reported, after 2 warm-up steps).
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-    },
-    /// Time one training step (reference forward, policy forward, loss, backward, AdamW) with
-    /// LoRA r=16 on a random Llama: the Rust side of ../shared/anchors/pytorch_anchor.py.
-    TrainStep {
-        /// `tiny` or `small`.
-        #[arg(long, default_value = "small")]
-        preset: String,
-        /// Preference pairs (2 x pairs sequences).
-        #[arg(long, default_value_t = 2)]
-        pairs: usize,
-        /// Tokens per sequence (the first half is prompt).
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
-        /// `dpo` or `reprpo`.
-        #[arg(long, default_value = "dpo")]
-        loss: String,
-        /// Timed steps (median reported, after 2 warm-up steps).
-        #[arg(long, default_value_t = 5)]
-        steps: usize,
-        /// Recompute activations in backward.
-        #[arg(long)]
-        grad_checkpointing: bool,
-    },
-    /// Time tokenising + collating pairs (the Rust side of tests/reference/bench_tokenize.py).
-    Tokenize {
-        #[command(flatten)]
-        input: InputArgs,
-        /// Tokenizer folder.
-        #[arg(long)]
-        tokenizer: PathBuf,
-        /// Pairs per batch for collation.
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// Timed repetitions (the best is reported, after one warm-up).
-        #[arg(long, default_value_t = 5)]
-        repeat: usize,
-        /// Tokenisation overrides.
-        #[arg(value_name = "key=value")]
-        overrides: Vec<String>,
     },
 }
 
@@ -314,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train::run(a, &root()),
         Cmd::Eval(a) => eval::run(a, &root()),
+        Cmd::Doctor(a) => doctor::run(a),
         Cmd::Data(DataCmd::Prepare { input, out, out_mc }) => {
             if out.is_none() && out_mc.is_none() {
                 bail!("give --out FILE (pairs) and/or --out-mc FILE (multiple-choice items)");
@@ -390,125 +335,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("{report}");
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Step {
-            preset,
-            batch,
-            seq,
-            steps,
-        }) => bench_step(&preset, batch, seq, steps),
-        Cmd::Bench(BenchCmd::TrainStep {
-            preset,
-            pairs,
-            seq,
-            loss,
-            steps,
-            grad_checkpointing,
-        }) => train::bench_train_step(&preset, pairs, seq, &loss, steps, grad_checkpointing),
-        Cmd::Bench(BenchCmd::Tokenize {
-            input,
-            tokenizer: tok_dir,
-            batch_size,
-            repeat,
-            overrides,
-        }) => {
-            let cfg: TokenizeConfig = with_overrides(TokenizeConfig::default(), None, &overrides)?;
-            let pairs = load_input(&input)?.pairs;
-            let tok = tokenizer(Some(&tok_dir))?;
-            let mut best = f64::INFINITY;
-            let mut checksum = 0u64;
-            for i in 0..=repeat {
-                let t0 = Instant::now();
-                let tp = tokenize::tokenize_pairs(&tok, &pairs, &cfg)?;
-                checksum = 0;
-                for chunk in tp.pairs.chunks(batch_size.max(1)) {
-                    let refs: Vec<_> = chunk.iter().collect();
-                    let b = tokenize::collate_pairs(&refs, tok.pad, tokenize::Layout::Right)?;
-                    checksum += b.input_ids.iter().map(|&x| u64::from(x)).sum::<u64>();
-                }
-                let dt = t0.elapsed().as_secs_f64();
-                if i > 0 {
-                    best = best.min(dt);
-                }
-            }
-            println!(
-                "{}",
-                serde_json::json!({"pairs": pairs.len(), "seconds": best, "pairs_per_second": pairs.len() as f64 / best, "checksum": checksum})
-            );
-            Ok(())
-        }
+        Cmd::Bench(c) => bench::run(c),
     }
-}
-
-/// Peak resident memory of this process (VmHWM), in MiB, where /proc has it.
-pub(crate) fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-fn bench_step(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<()> {
-    use candle_core::{DType, Device, Tensor};
-    use reprpo_models::{ForwardSpec, Llama, peft};
-    let cfg = reprpo_models::LlamaConfig::preset(preset)
-        .with_context(|| format!("unknown preset `{preset}` (tiny, small)"))?;
-    let vocab = cfg.vocab_size;
-    let dev = Device::Cpu;
-    let mut model = Llama::random(cfg, 0.02, 0, DType::F32, &dev)?;
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    peft::add_adapter(
-        &mut model,
-        "default",
-        peft::AdapterConfig::lora(16, 16.0, &targets),
-        None,
-        0,
-    )?;
-    let params = peft::adapter_params(&model, 0);
-    let ids = Tensor::rand(0f32, vocab as f32, (batch, seq), &dev)?.to_dtype(DType::U32)?;
-    let weight = Tensor::randn(0f32, 1.0, (batch, seq, vocab), &dev)?;
-    let mut times = Vec::new();
-    let mut fwd_times = Vec::new();
-    for i in 0..steps + 2 {
-        let t0 = Instant::now();
-        let out = model.forward(&ids, None, None, &ForwardSpec::logits())?;
-        let logits = out.logits.context("no logits")?;
-        let s = (logits * &weight)?.sum_all()?;
-        let t_fwd = t0.elapsed().as_secs_f64();
-        let grads = s.backward()?;
-        let n = params
-            .iter()
-            .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
-            .count();
-        if n != params.len() {
-            bail!(
-                "only {n} of {} adapter parameters got a gradient",
-                params.len()
-            );
-        }
-        if i >= 2 {
-            times.push(t0.elapsed().as_secs_f64());
-            fwd_times.push(t_fwd);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    fwd_times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    println!(
-        "{}",
-        serde_json::json!({"preset": preset, "batch": batch, "seq": seq, "median_s": median,
-            "forward_median_s": fwd_times[fwd_times.len() / 2],
-            "tokens_per_s": (batch * seq) as f64 / median, "peak_rss_mib": peak_rss_mib(),
-            "adapter_params": params.len()})
-    );
-    Ok(())
 }
 
 fn main() {

@@ -234,13 +234,26 @@ impl HfLlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Named shapes: `tiny` (vocab 512, hidden 128, 4 layers, 4 heads / 2 KV heads) and `small`
-    /// (vocab 32000, hidden 512, 8 layers, 8 / 4 heads), as in `../shared/anchors/pytorch_anchor.py`;
-    /// tied embeddings, RoPE base 10000.
+    /// The names [`LlamaConfig::preset`] knows.
+    pub const PRESETS: &[&str] = &["tiny", "small", "1b", "8b"];
+
+    /// Named shapes, exactly those `../shared/anchors/pytorch_anchor.py --preset NAME` builds
+    /// (transformers' `LlamaConfig` with `max_position_embeddings=4096` and its defaults otherwise:
+    /// `rms_norm_eps` 1e-6, no RoPE scaling, no biases):
+    /// - `tiny`: vocab 512, hidden 128, intermediate 384, 4 layers, 4 heads / 2 KV heads;
+    /// - `small`: vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 / 4 heads;
+    /// - `1b` (Llama-3.2-1B's shape): vocab 128256, hidden 2048, intermediate 8192, 16 layers,
+    ///   32 / 8 heads, RoPE base 500000;
+    /// - `8b` (Llama-3-8B's shape): vocab 128256, hidden 4096, intermediate 14336, 32 layers,
+    ///   32 / 8 heads, RoPE base 500000, untied embeddings.
+    ///
+    /// `tiny` and `small` have RoPE base 10000; all but `8b` tie the embeddings.
     pub fn preset(name: &str) -> Option<Self> {
-        let (vocab, h, inter, layers, heads, kv) = match name {
-            "tiny" => (512, 128, 384, 4, 4, 2),
-            "small" => (32000, 512, 1408, 8, 8, 4),
+        let (vocab, h, inter, layers, heads, kv, theta, tied) = match name {
+            "tiny" => (512, 128, 384, 4, 4, 2, 10_000.0, true),
+            "small" => (32000, 512, 1408, 8, 8, 4, 10_000.0, true),
+            "1b" => (128_256, 2048, 8192, 16, 32, 8, 500_000.0, true),
+            "8b" => (128_256, 4096, 14_336, 32, 32, 8, 500_000.0, false),
             _ => return None,
         };
         Some(LlamaConfig {
@@ -252,10 +265,10 @@ impl LlamaConfig {
             head_dim: h / heads,
             vocab_size: vocab,
             rms_norm_eps: 1e-6,
-            rope_theta: 10_000.0,
+            rope_theta: theta,
             rope_scaling: RopeScaling::None,
             max_position_embeddings: 4096,
-            tie_word_embeddings: true,
+            tie_word_embeddings: tied,
         })
     }
 
@@ -299,5 +312,48 @@ impl LlamaConfig {
                     .collect()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parameters of the model a config describes (embedding, layers, final norm, lm_head).
+    fn params(c: &LlamaConfig) -> usize {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let layer = h * q * 2 + h * kv * 2 + 3 * h * i + 2 * h;
+        let embed = c.vocab_size * h;
+        embed * if c.tie_word_embeddings { 1 } else { 2 } + c.num_layers * layer + h
+    }
+
+    #[test]
+    fn large_presets_are_the_anchors_llama_shapes() {
+        let names: Vec<_> = LlamaConfig::PRESETS
+            .iter()
+            .filter(|n| LlamaConfig::preset(n).is_some())
+            .collect();
+        assert_eq!(names.len(), LlamaConfig::PRESETS.len());
+        let b1 = LlamaConfig::preset("1b");
+        let b8 = LlamaConfig::preset("8b");
+        let (Some(b1), Some(b8)) = (b1, b8) else {
+            unreachable!("both presets exist (checked above)")
+        };
+        // The published parameter counts of Llama-3.2-1B and Llama-3-8B.
+        assert_eq!(params(&b1), 1_235_814_400);
+        assert_eq!(params(&b8), 8_030_261_248);
+        for c in [&b1, &b8] {
+            assert_eq!(
+                (c.num_heads, c.num_kv_heads, c.vocab_size),
+                (32, 8, 128_256)
+            );
+            assert_eq!(c.rope_theta, 500_000.0);
+            assert_eq!(c.rms_norm_eps, 1e-6);
+            assert_eq!(c.max_position_embeddings, 4096);
+            assert_eq!(c.rope_scaling, RopeScaling::None);
+        }
+        assert_eq!((b1.head_dim, b8.head_dim), (64, 128));
+        assert!(b1.tie_word_embeddings && !b8.tie_word_embeddings);
     }
 }

@@ -27,6 +27,18 @@ use crate::error::{ModelError, Result};
 /// The additive mask value for disallowed attention: finite, so fully masked rows stay finite.
 pub const MASK_VALUE: f32 = -1e30;
 
+/// The seven linear projections of a Llama block (the module names PEFT's `target_modules`
+/// match): attention `q/k/v/o_proj`, MLP `gate/up/down_proj`.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 pub use crate::ops::{rms_norm, rotate_half};
 
 /// One decoder layer.
@@ -273,8 +285,15 @@ impl Llama {
         })
     }
 
-    /// A randomly initialised model: every projection and the embedding drawn from N(0, std^2)
-    /// with a seeded generator (the same seed gives the same weights on every machine), norms 1.
+    /// A randomly initialised model: every projection and the embedding drawn from N(0, std^2),
+    /// norms 1, each tensor made in `dtype` on `device` one at a time (the model is never whole in
+    /// f32 anywhere unless `dtype` is f32).
+    ///
+    /// On the CPU the draws come from a seeded generator on the host: the same seed gives the same
+    /// weights on every machine. On other devices each tensor is drawn on the device by its own
+    /// generator (curand on CUDA, reseeded with `seed` first, in f32 since curand has no bf16)
+    /// and then cast: seeded and repeatable on that device, but not the CPU's numbers. Drawing an
+    /// 8B-parameter model on the host would take minutes and a 32 GB f32 copy.
     pub fn random(
         config: LlamaConfig,
         std: f64,
@@ -283,20 +302,29 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         use rand::{Rng, SeedableRng};
+        let on_host = device.is_cpu();
+        if !on_host {
+            device.set_seed(seed)?;
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut normal = |shape: &[usize]| -> Result<Tensor> {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| {
-                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
-                    (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-                })
-                .collect();
-            Ok(Tensor::from_vec(v, shape, device)?)
+            let t = if on_host {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                        (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                    })
+                    .collect();
+                Tensor::from_vec(v, shape, device)?
+            } else {
+                Tensor::randn(0f32, std as f32, shape, device)?
+            };
+            Ok(t.to_dtype(dtype)?)
         };
         let c = &config;
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let ones = Tensor::ones(h, DType::F32, device)?;
+        let ones = Tensor::ones(h, dtype, device)?;
         let mut t = HashMap::new();
         t.insert(
             "model.embed_tokens.weight".to_string(),

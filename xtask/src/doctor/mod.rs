@@ -32,6 +32,9 @@ use clap::Args;
 /// Named tensors a check returns (outputs and gradients).
 pub(crate) type Outputs = Vec<(String, Tensor)>;
 
+/// A check's computation on a device.
+pub(crate) type CheckFn = Box<dyn Fn(&Device) -> Result<Outputs>>;
+
 /// One check: a name, the dtype it computes in, and the computation.
 pub(crate) struct Check {
     /// `area.what.variant.dtype`, e.g. `models.llama.forward.left.f32`.
@@ -41,7 +44,7 @@ pub(crate) struct Check {
     /// Integer outputs that must be equal (bound 0), e.g. generated tokens.
     pub exact: bool,
     /// The computation on a device.
-    pub run: Box<dyn Fn(&Device) -> Result<Outputs>>,
+    pub run: CheckFn,
 }
 
 impl Check {
@@ -93,25 +96,6 @@ pub struct DoctorArgs {
     /// List the checks and exit.
     #[arg(long)]
     pub list: bool,
-}
-
-/// Parse `cpu` / `cuda` / `cuda:N` into a device.
-pub(crate) fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => open_cuda(0),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => open_cuda(n),
-            _ => bail!("--device `{s}`: expected cpu, cuda or cuda:N"),
-        },
-    }
-}
-
-fn open_cuda(n: usize) -> Result<Device> {
-    if !candle_core::utils::cuda_is_available() {
-        bail!("--device cuda:{n}: this binary was built without CUDA (build with --features cuda)");
-    }
-    Device::new_cuda(n).with_context(|| format!("--device cuda:{n}: cannot open the device"))
 }
 
 /// The gradient of `v` in `grads` as a named output, zeros where none reached it (a loss that
@@ -169,7 +153,7 @@ pub fn run(a: DoctorArgs) -> Result<()> {
     if checks.is_empty() {
         bail!("--only: no check matches");
     }
-    let device = parse_device(&a.device)?;
+    let device = crate::bench::parse_device(&a.device)?;
     let mode = if device.is_cpu() {
         "fused CPU kernels vs written-out ops"
     } else {
@@ -337,12 +321,18 @@ mod tests {
         let a: Outputs = vec![("x".into(), t(&[1.0, -2.0, 4.0])), ("y".into(), t(&[0.5]))];
         assert_eq!(compare(&a, &a).unwrap().0, 0.0);
         // 1e-3 off on the largest entry of `y` relative to its scale 0.5.
-        let b: Outputs = vec![("x".into(), t(&[1.0, -2.0, 4.0])), ("y".into(), t(&[0.5005]))];
+        let b: Outputs = vec![
+            ("x".into(), t(&[1.0, -2.0, 4.0])),
+            ("y".into(), t(&[0.5005])),
+        ];
         let (e, worst) = compare(&a, &b).unwrap();
         assert!((e - 1e-3).abs() < 1e-6, "{e}");
         assert_eq!(worst, "y");
         assert!(e > bound(DType::F32, false));
-        let nan: Outputs = vec![("x".into(), t(&[1.0, f32::NAN, 4.0])), ("y".into(), t(&[0.5]))];
+        let nan: Outputs = vec![
+            ("x".into(), t(&[1.0, f32::NAN, 4.0])),
+            ("y".into(), t(&[0.5])),
+        ];
         let (e, worst) = compare(&a, &nan).unwrap();
         assert!(e.is_nan() && worst == "x");
         let short: Outputs = vec![("x".into(), t(&[1.0, -2.0]))];
@@ -361,10 +351,18 @@ mod tests {
         assert!(!row.ok);
         assert!(row.error.unwrap().contains("boom"));
         let differs = Check::new("differs", DType::F32, |dev: &Device| {
-            let v = if reprpo_kernels::is_written_out() { 1.01f32 } else { 1.0 };
+            let v = if reprpo_kernels::is_written_out() {
+                1.01f32
+            } else {
+                1.0
+            };
             Ok(vec![("x".into(), Tensor::new(&[v], dev)?)])
         });
         let row = run_one(&differs, &Device::Cpu);
-        assert!(!row.ok && (row.max_error - 0.01).abs() < 1e-6, "{}", row.max_error);
+        assert!(
+            !row.ok && (row.max_error - 0.01).abs() < 1e-6,
+            "{}",
+            row.max_error
+        );
     }
 }

@@ -15,6 +15,9 @@ use super::{Check, Outputs};
 trait Model: CausalLm + AdapterHost {}
 impl<M: CausalLm + AdapterHost> Model for M {}
 
+/// A model with its adapter's parameters (name, variable).
+type WithParams = (Box<dyn Model>, Vec<(String, Var)>);
+
 #[derive(Clone, Copy)]
 enum Arch {
     Llama,
@@ -53,30 +56,17 @@ impl Arch {
     /// Every adaptable projection.
     fn targets(self) -> &'static [&'static str] {
         match self {
-            Arch::Llama => &[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            Arch::Llama => &reprpo_models::llama::PROJECTIONS,
             Arch::Phi3 => &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         }
     }
 
     /// The model with a LoRA adapter (randomised, active) on every projection.
-    fn with_lora(self, dtype: DType, dev: &Device) -> Result<(Box<dyn Model>, Vec<(String, Var)>)> {
+    fn with_lora(self, dtype: DType, dev: &Device) -> Result<WithParams> {
         self.with_adapter("lora", dtype, dev)
     }
 
-    fn with_adapter(
-        self,
-        kind: &str,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<(Box<dyn Model>, Vec<(String, Var)>)> {
+    fn with_adapter(self, kind: &str, dtype: DType, dev: &Device) -> Result<WithParams> {
         let mut m = self.build(dtype, dev)?;
         let host: &mut dyn AdapterHost = m.as_mut();
         let params = inputs::add_random_adapter(host, kind, self.targets(), 21)?;

@@ -1,0 +1,19 @@
+//! Shared by the end-to-end tests of the command line: run the debug binary.
+
+#![allow(dead_code, clippy::expect_used)]
+
+use std::process::Command;
+
+/// Run `xtask ARGS` (no backtraces in its messages); (success, stdout, stderr).
+pub fn xtask(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run xtask");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
