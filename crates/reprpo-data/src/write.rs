@@ -35,10 +35,12 @@ pub fn atomic_write(
         file: dir.to_path_buf(),
         source,
     })?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|source| DataError::Write {
-        file: path.to_path_buf(),
-        source,
-    })?;
+    let mut tmp = temp_builder()
+        .tempfile_in(dir)
+        .map_err(|source| DataError::Write {
+            file: path.to_path_buf(),
+            source,
+        })?;
     fill(tmp.as_file_mut())?;
     tmp.as_file_mut()
         .sync_all()
@@ -51,6 +53,19 @@ pub fn atomic_write(
         source: e.error,
     })?;
     Ok(())
+}
+
+/// A temporary-file builder whose files get the mode a plain `File::create` would give: 0666
+/// masked by the process's umask (tempfile's default, 0600, would make the renamed output
+/// private where every other output follows the umask).
+fn temp_builder() -> tempfile::Builder<'static, 'static> {
+    let mut b = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    b
 }
 
 fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
