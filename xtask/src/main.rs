@@ -350,6 +350,9 @@ fn main() {
     // (docs/perf.md). Harmless for CUDA runs: only CPU work uses the pool.
     let res = candle_core::Device::Cpu.with_context(|| run(cli));
     if let Err(e) = res {
+        if e.downcast_ref::<train::Interrupted>().is_some() {
+            std::process::exit(130);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -12,6 +12,19 @@ use anyhow::{Context, Result};
 use clap::Args;
 use reprpo_train::{JobContext, Sources, TrainConfig};
 
+/// A run stopped by Ctrl-C after saving its checkpoint: `main` exits with 130 (128 + SIGINT),
+/// as a shell does for a command killed by SIGINT.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted by Ctrl-C (checkpoint saved)")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// Arguments of `train`.
 #[derive(Args)]
 pub struct TrainArgs {
@@ -73,7 +86,8 @@ pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
             out.steps,
             out.run_dir.display()
         );
-        return Ok(());
+        // Not a success: `train && eval` must not go on with a half-trained adapter.
+        return Err(Interrupted.into());
     }
     print_summary(&out.summary);
     println!("run folder: {}", out.run_dir.display());
