@@ -304,6 +304,15 @@ fn run(cli: Cli) -> Result<()> {
             if pairs.is_empty() {
                 pairs = c.mc.iter().flat_map(|m| m.to_pairs()).collect();
             }
+            if pairs.is_empty() {
+                let source = match &input.input {
+                    Some(p) => p.display().to_string(),
+                    None => format!("recipe {}", input.recipe.join(",")),
+                };
+                bail!(
+                    "{source}: no preference pairs or multiple-choice items; nothing to summarise"
+                );
+            }
             let tok = tokenizer(tok_dir.as_deref())?;
             let s = stats::pair_stats(&tok, &pairs, &cfg)?;
             if json {

@@ -31,7 +31,9 @@ pub struct TrainArgs {
     /// A TOML config file and/or `key=value` overrides (e.g. `loss=dpo train.lr=1e-4`).
     #[arg(value_name = "CONFIG | key=value")]
     pub args: Vec<String>,
-    /// Continue the run in this folder from its last checkpoint.
+    /// Continue the run in this folder from its newest intact checkpoint (or from the checkpoint
+    /// `RUN_DIR/checkpoints/step-N`); key=value arguments may then change only the length and the
+    /// logging, checkpoint and evaluation cadence (see `reprpo_train::resume`).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// Print the resolved configuration and exit.
@@ -57,8 +59,25 @@ pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
             anyhow::bail!("`{arg}`: only one config file can be given (then key=value overrides)");
         }
     }
-    let cfg = TrainConfig::resolve(&src)?;
+    if let Some(file) = src.file.as_ref().filter(|_| a.resume.is_some()) {
+        anyhow::bail!(
+            "`{}`: a config file cannot be given with --resume (the run's own resolved_config.toml \
+             is used; key=value arguments may change {})",
+            file.display(),
+            reprpo_train::resume::RESUME_KEYS.join(", ")
+        );
+    }
+    // With --resume, the run's own configuration; the overrides are checked against it there.
+    let cfg = match &a.resume {
+        Some(_) => None,
+        None => Some(TrainConfig::resolve(&src)?),
+    };
     if a.print_config {
+        let Some(cfg) = &cfg else {
+            anyhow::bail!(
+                "--print-config: with --resume the configuration is the run's resolved_config.toml"
+            );
+        };
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
@@ -79,7 +98,11 @@ pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
         stop,
         progress: !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
-    let out = reprpo_train::train(&cfg, &ctx, a.resume.as_deref())?;
+    let out = match (&a.resume, &cfg) {
+        (Some(target), _) => reprpo_train::resume(&ctx, target, &src.overrides)?,
+        (None, Some(cfg)) => reprpo_train::train(cfg, &ctx, None)?,
+        (None, None) => anyhow::bail!("no configuration resolved"),
+    };
     if out.interrupted {
         println!(
             "stopped at step {}; resume with: cargo xtask train --resume {}",

@@ -51,6 +51,12 @@ pub enum DataError {
         /// What is wrong with it.
         problem: String,
     },
+    /// The file holds no record at all (empty, blank lines only, a CSV header alone, `[]`).
+    #[error("{}: no rows (the file is empty)", file.display())]
+    NoRows {
+        /// The file.
+        file: PathBuf,
+    },
     /// The file's extension names no format this crate reads.
     #[error("{}: unknown format (expected .jsonl, .json, .csv or .parquet, optionally .gz)", file.display())]
     UnknownFormat {

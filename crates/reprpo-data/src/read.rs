@@ -206,7 +206,21 @@ impl Table {
 }
 
 /// Read a whole file into a [`Table`], the format chosen by its extension.
+///
+/// # Errors
+/// [`DataError::NoRows`] for a file without a single record (empty, blank lines only, a CSV
+/// header alone, `[]`), besides the read and parse errors of each format.
 pub fn read_table(path: &Path) -> Result<Table> {
+    let table = read_any(path)?;
+    if table.is_empty() {
+        return Err(DataError::NoRows {
+            file: path.to_path_buf(),
+        });
+    }
+    Ok(table)
+}
+
+fn read_any(path: &Path) -> Result<Table> {
     let (format, gz) = Format::from_path(path)?;
     let io = |source| DataError::Io {
         file: path.to_path_buf(),

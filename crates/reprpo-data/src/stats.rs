@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{DataError, Result};
 use crate::tokenize::{self, TokenizeConfig};
 use crate::tokenizer::Tok;
 use crate::types::PreferencePair;
@@ -81,7 +81,15 @@ pub struct PairStats {
 
 /// Token-length statistics of `pairs`: lengths without limits, then the count of pairs that the
 /// limits of `cfg` truncate or drop.
+///
+/// # Errors
+/// [`DataError::Invalid`] for no pairs (every summary would be NaN), besides tokenisation errors.
 pub fn pair_stats(tok: &Tok, pairs: &[PreferencePair], cfg: &TokenizeConfig) -> Result<PairStats> {
+    if pairs.is_empty() {
+        return Err(DataError::Invalid(
+            "no preference pairs to summarise".into(),
+        ));
+    }
     let unlimited = TokenizeConfig {
         max_length: None,
         max_prompt_length: None,

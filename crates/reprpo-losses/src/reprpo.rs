@@ -263,6 +263,13 @@ impl ReprPoConfig {
         if !(self.ldr_eps.is_finite() && self.ldr_eps > 0.0) {
             return bad(format!("ldr_eps must be positive, got {}", self.ldr_eps));
         }
+        if self.layers.as_ref().is_some_and(Vec::is_empty) {
+            return bad(
+                "layers is empty: name at least one hidden-state index (0 = embeddings, -1 = last \
+                 block) or leave it unset for the default layers"
+                    .into(),
+            );
+        }
         if self.variant == ReprPoVariant::Cka && self.token_reduction == TokenReduction::Mean {
             return bad(
                 "the cka variant compares token x hidden matrices; it needs token_reduction = per-position"
@@ -306,8 +313,13 @@ pub fn default_layers(num_layers: usize) -> Vec<usize> {
 /// `num_hidden_states`), keeping their order.
 ///
 /// # Errors
-/// [`LossError::InvalidConfig`] for an index outside `[-n, n)`.
+/// [`LossError::InvalidConfig`] for an index outside `[-n, n)` or no index.
 pub fn resolve_layers(indices: &[i64], num_hidden_states: usize) -> Result<Vec<usize>> {
+    if indices.is_empty() {
+        return Err(LossError::InvalidConfig(
+            "ReprPO: layers is empty: name at least one hidden-state index".into(),
+        ));
+    }
     let n = num_hidden_states as i64;
     indices
         .iter()

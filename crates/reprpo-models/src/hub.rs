@@ -24,12 +24,55 @@ pub fn model_dir(id_or_dir: &str) -> Result<PathBuf> {
     model_dir_with(id_or_dir, &HubOptions::from_env())
 }
 
-/// A local folder for `id_or_dir`: the path itself when it is a folder, else the snapshot folder
-/// of the hub model `id_or_dir` (revision `main` unless `id@revision`), fetched as needed.
+/// The local path `s` names, when it looks like one rather than a hub id: it starts with `/`,
+/// `./`, `../` or `~` (`~/` is the home folder), is `.` or `..`, or its parent folder exists.
+/// `None` for a hub id such as `meta-llama/Llama-3.2-1B` (unless a folder `meta-llama` exists
+/// here).
+pub fn local_path(s: &str) -> Option<PathBuf> {
+    if s == "~" || s.starts_with("~/") {
+        let rest = s.strip_prefix('~').unwrap_or(s).trim_start_matches('/');
+        return Some(match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(rest),
+            None => PathBuf::from(s),
+        });
+    }
+    let p = Path::new(s);
+    let looks_local = s.starts_with('/')
+        || s.starts_with("./")
+        || s.starts_with("../")
+        || s.starts_with('~')
+        || s == "."
+        || s == ".."
+        || p.is_absolute()
+        || p.exists()
+        || p.parent()
+            .is_some_and(|d| !d.as_os_str().is_empty() && d.is_dir());
+    looks_local.then(|| p.to_path_buf())
+}
+
+/// A local folder for `id_or_dir`: the path itself when it is a folder or looks like a path (see
+/// [`local_path`]; a missing one is "no such folder"), else the snapshot folder of the hub model
+/// `id_or_dir` (revision `main` unless `id@revision`), fetched as needed.
 pub fn model_dir_with(id_or_dir: &str, opts: &HubOptions) -> Result<PathBuf> {
     let p = Path::new(id_or_dir);
     if p.is_dir() {
         return Ok(p.to_path_buf());
+    }
+    if let Some(local) = local_path(id_or_dir) {
+        return if local.is_dir() {
+            Ok(local)
+        } else if local.exists() {
+            Err(ModelError::Format {
+                file: local,
+                problem: "is a file, not a model folder (give the folder holding config.json)"
+                    .into(),
+            })
+        } else {
+            Err(ModelError::Format {
+                file: local,
+                problem: "no such folder".into(),
+            })
+        };
     }
     let (id, rev) = id_or_dir.split_once('@').unwrap_or((id_or_dir, "main"));
     let repo = Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string());

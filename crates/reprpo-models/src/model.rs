@@ -1,9 +1,12 @@
 //! `CausalLm`: what every architecture offers to training, evaluation and generation, so that
 //! code above the models crate is written once (Llama and Phi-3 implement it).
 
-use candle_core::{Device, Tensor};
+use std::path::Path;
 
-use crate::error::Result;
+use candle_core::{Device, Tensor};
+use reprpo_data::Tok;
+
+use crate::error::{ModelError, Result};
 use crate::llama::{ForwardSpec, KvCache, Llama, Output};
 use crate::phi3::Phi3;
 
@@ -108,4 +111,65 @@ impl CausalLm for Phi3 {
     fn project(&self, normed: &Tensor) -> Result<Tensor> {
         Phi3::project(self, normed)
     }
+}
+
+/// Check that every id of `tok` (added tokens included) indexes a row of the model's embedding of
+/// `vocab_size` rows, so that a mismatched tokenizer fails at load time naming both files rather
+/// than at the first forward with an index-select error.
+///
+/// # Errors
+/// [`ModelError::Config`] on `config_file`'s `vocab_size`, naming `tokenizer_file`.
+pub fn check_vocab(
+    tok: &Tok,
+    vocab_size: usize,
+    tokenizer_file: &Path,
+    config_file: &Path,
+) -> Result<()> {
+    let Some(max_id) = tok.inner.get_vocab(true).into_values().max() else {
+        return Ok(());
+    };
+    if (max_id as usize) < vocab_size {
+        return Ok(());
+    }
+    Err(ModelError::Config {
+        file: config_file.to_path_buf(),
+        key: "vocab_size".into(),
+        problem: format!(
+            "the model's embedding has {vocab_size} rows but the tokenizer {} has token ids up to \
+             {max_id}; use the tokenizer that belongs to this model",
+            tokenizer_file.display()
+        ),
+    })
+}
+
+/// [`check_vocab`] for a model folder: `vocab_size` from `dir/config.json` against the tokenizer
+/// loaded from `dir/tokenizer.json`.
+///
+/// # Errors
+/// [`ModelError::Io`] / [`ModelError::Format`] when `config.json` cannot be read or parsed,
+/// [`ModelError::Config`] when it has no integer `vocab_size` or the tokenizer exceeds it.
+pub fn check_vocab_dir(tok: &Tok, dir: &Path) -> Result<()> {
+    let config_file = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_file).map_err(|source| ModelError::Io {
+        file: config_file.clone(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Format {
+        file: config_file.clone(),
+        problem: e.to_string(),
+    })?;
+    let vocab_size = v
+        .get("vocab_size")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| ModelError::Config {
+            file: config_file.clone(),
+            key: "vocab_size".into(),
+            problem: "missing or not a non-negative integer".into(),
+        })?;
+    check_vocab(
+        tok,
+        usize::try_from(vocab_size).unwrap_or(usize::MAX),
+        &dir.join("tokenizer.json"),
+        &config_file,
+    )
 }

@@ -771,6 +771,14 @@ impl TrainConfig {
             key: "dpo".into(),
             problem: e.to_string(),
         })?;
+        if self.reprpo.layers.as_ref().is_some_and(Vec::is_empty) {
+            return bad(
+                "reprpo.layers",
+                "is empty: name at least one hidden-state index (0 = embeddings, -1 = last \
+                 block) or leave it unset for the default layers"
+                    .into(),
+            );
+        }
         self.reprpo.validate().map_err(|e| TrainError::Config {
             key: "reprpo".into(),
             problem: e.to_string(),

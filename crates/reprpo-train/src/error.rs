@@ -29,6 +29,49 @@ pub enum TrainError {
         /// What is wrong.
         problem: String,
     },
+    /// A checkpoint's files do not match its `manifest.json` (or it has none, or an unreadable
+    /// one): the checkpoint is damaged and is not resumed from.
+    #[error("checkpoint {}: {}: {problem}", checkpoint.display(), file.display())]
+    CorruptCheckpoint {
+        /// The checkpoint folder.
+        checkpoint: PathBuf,
+        /// The file at fault, relative to the checkpoint folder.
+        file: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// No checkpoint of a run verifies (or the run has none).
+    #[error("{}: no intact checkpoint to resume from{}", run_dir.display(), if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) })]
+    NoCheckpoint {
+        /// The run folder.
+        run_dir: PathBuf,
+        /// Each checkpoint skipped and why.
+        skipped: Vec<String>,
+    },
+    /// The run's configuration is not the one its checkpoint was trained with.
+    #[error(
+        "{}: does not match checkpoint {} (config hash {found}, the checkpoint was written with {stored}): the configuration was edited or damaged; restore it (only {} may change on resume, given as key=value arguments)",
+        path.display(), checkpoint.display(), crate::resume::RESUME_KEYS.join(", ")
+    )]
+    ConfigMismatch {
+        /// The run's `resolved_config.toml`.
+        path: PathBuf,
+        /// The checkpoint.
+        checkpoint: PathBuf,
+        /// The hash stored in the checkpoint.
+        stored: String,
+        /// The hash of the configuration found.
+        found: String,
+    },
+    /// `key=value` arguments given with `--resume` that cannot change on resume.
+    #[error(
+        "cannot change on resume: {}; only {} can (start a new run to change the others)",
+        keys.join(", "), crate::resume::RESUME_KEYS.join(", ")
+    )]
+    ResumeOverride {
+        /// The refused keys.
+        keys: Vec<String>,
+    },
     /// The loss or a gradient stopped being finite.
     #[error(
         "step {step}: the {what} is not finite ({value}); stopped. The last good checkpoint is left intact{}",

@@ -6,7 +6,9 @@
 //! - [`objective`]: one batch through the policy (adapter on) and reference (adapter off) forwards
 //!   and the loss;
 //! - [`optim`]: AdamW with checkpointable f32 state, schedules, clipping;
-//! - [`run`]: the run folder, metrics log and atomic checkpoints;
+//! - [`run`]: the run folder, metrics log and atomic checkpoints with their manifests;
+//! - [`resume`]: `--resume`: the checkpoint that verifies, the config checked against it, the
+//!   overrides allowed on resume;
 //! - [`trainer`]: the loop, resume, Ctrl-C, SFT stage and summary;
 //! - [`plots`]: PNG charts from `metrics.jsonl`.
 
@@ -16,9 +18,10 @@ pub mod error;
 pub mod objective;
 pub mod optim;
 pub mod plots;
+pub mod resume;
 pub mod run;
 pub mod trainer;
 
 pub use config::{Sources, TrainConfig};
 pub use error::{Result, TrainError};
-pub use trainer::{JobContext, Outcome, train};
+pub use trainer::{JobContext, Outcome, resume, train};

@@ -6,14 +6,18 @@
 //!   adapter/                 the trained adapter, PEFT format (written at the end)
 //!   sft_adapter/             the SFT stage's adapter, when there was one (folded into the base)
 //!   metrics.jsonl            one line per logged step (and per evaluation)
-//!   checkpoints/step-NNNNNNN/{adapter/, optimizer.safetensors, trainer_state.json}
+//!   resume_overrides.toml    the key=value arguments applied by each `--resume`, when any
+//!   checkpoints/step-NNNNNNN/{adapter/, optimizer.safetensors, trainer_state.json,
+//!                             manifest.json}
 //!   plots/*.png              at the end
 //!   summary.json             at the end
 //! ```
 //!
 //! Every file is written to a temporary name and renamed into place; a checkpoint folder is
 //! built under a temporary name and renamed as a whole, so a crash never leaves a half-written
-//! checkpoint where `--resume` would look.
+//! checkpoint where `--resume` would look. A checkpoint's `manifest.json`, written last inside
+//! the temporary folder, lists every other file with its size and SHA-256; `--resume` verifies
+//! it ([`verify_checkpoint`]) and refuses a checkpoint whose files differ.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -163,6 +167,194 @@ pub struct TrainerState {
     pub total_steps: usize,
     /// bco_pair's running moments (mean, var, count) when used.
     pub running: Option<(f64, f64, f64)>,
+    /// [`crate::resume::config_hash`] of the configuration the checkpoint was trained with
+    /// (absent in checkpoints written before it existed: those resume with a warning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+}
+
+/// The name of a checkpoint's manifest.
+pub const MANIFEST: &str = "manifest.json";
+
+/// One file of a checkpoint manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, lower-case hex.
+    pub sha256: String,
+}
+
+/// A checkpoint's `manifest.json`: every other file of the folder (paths relative to it, `/`
+/// separated) with its size and SHA-256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The files.
+    pub files: BTreeMap<String, ManifestEntry>,
+}
+
+/// SHA-256 of a file, lower-case hex, and its size.
+pub fn sha256_file(path: &Path) -> Result<ManifestEntry> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = sha2::Sha256::new();
+    let size = std::io::copy(&mut file, &mut hasher).map_err(io(path))?;
+    let sha256 = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(ManifestEntry { size, sha256 })
+}
+
+/// Every file under `dir` except the manifest, as `/`-separated relative paths, sorted.
+fn checkpoint_files(dir: &Path) -> Result<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+        for e in std::fs::read_dir(dir).map_err(io(dir))? {
+            let p = e.map_err(io(dir))?.path();
+            if p.is_dir() {
+                walk(root, &p, out)?;
+            } else if let Ok(rel) = p.strip_prefix(root) {
+                let rel: Vec<String> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect();
+                out.push(rel.join("/"));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.retain(|f| f != MANIFEST);
+    out.sort();
+    Ok(out)
+}
+
+/// Write `dir/manifest.json` for every other file of `dir`.
+pub fn write_manifest(dir: &Path) -> Result<()> {
+    let mut files = BTreeMap::new();
+    for f in checkpoint_files(dir)? {
+        files.insert(f.clone(), sha256_file(&dir.join(&f))?);
+    }
+    let path = dir.join(MANIFEST);
+    let json =
+        serde_json::to_string_pretty(&Manifest { files }).map_err(|e| TrainError::Malformed {
+            path: path.clone(),
+            problem: e.to_string(),
+        })?;
+    std::fs::write(&path, json).map_err(io(&path))
+}
+
+/// A checkpoint that passed [`verify_checkpoint`].
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The checkpoint folder.
+    pub dir: PathBuf,
+    /// Its trainer state.
+    pub state: TrainerState,
+    /// False for a checkpoint written before manifests existed (nothing to verify against).
+    pub has_manifest: bool,
+}
+
+/// Check a checkpoint against its manifest: no file missing, none extra, every size and SHA-256
+/// as written; the trainer state parses and its step is the folder's. A checkpoint without a
+/// manifest passes only if its trainer state also predates config hashes (an old checkpoint);
+/// the caller warns about it.
+pub fn verify_checkpoint(dir: &Path) -> Result<Verified> {
+    let bad = |file: &str, problem: String| TrainError::CorruptCheckpoint {
+        checkpoint: dir.to_path_buf(),
+        file: PathBuf::from(file),
+        problem,
+    };
+    let mp = dir.join(MANIFEST);
+    let manifest: Option<Manifest> = match std::fs::read_to_string(&mp) {
+        Ok(text) => Some(
+            serde_json::from_str(&text)
+                .map_err(|e| bad(MANIFEST, format!("unreadable manifest: {e}")))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&mp)(e)),
+    };
+    if let Some(m) = &manifest {
+        let present = checkpoint_files(dir)?;
+        if let Some(extra) = present.iter().find(|f| !m.files.contains_key(*f)) {
+            return Err(bad(
+                extra,
+                "not in the manifest (a file added after the checkpoint was written)".into(),
+            ));
+        }
+        for (f, want) in &m.files {
+            if !present.contains(f) {
+                return Err(bad(f, "missing (listed in the manifest)".into()));
+            }
+            let got = sha256_file(&dir.join(f))?;
+            if got.size != want.size {
+                return Err(bad(
+                    f,
+                    format!("{} bytes, the manifest says {}", got.size, want.size),
+                ));
+            }
+            if got.sha256 != want.sha256 {
+                return Err(bad(
+                    f,
+                    format!(
+                        "SHA-256 {} differs from the manifest's {} (changed after it was written)",
+                        got.sha256, want.sha256
+                    ),
+                ));
+            }
+        }
+    }
+    let sp = dir.join("trainer_state.json");
+    let text =
+        std::fs::read_to_string(&sp).map_err(|e| bad("trainer_state.json", e.to_string()))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| bad("trainer_state.json", e.to_string()))?;
+    if manifest.is_none() && state.config_hash.is_some() {
+        return Err(bad(
+            MANIFEST,
+            "missing (the trainer state says the checkpoint had one)".into(),
+        ));
+    }
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<usize>().ok());
+    if named.is_some_and(|n| n != state.step) {
+        return Err(bad(
+            "trainer_state.json",
+            format!("step {} but the folder is {}", state.step, dir.display()),
+        ));
+    }
+    Ok(Verified {
+        dir: dir.to_path_buf(),
+        state,
+        has_manifest: manifest.is_some(),
+    })
+}
+
+/// The checkpoint folders of a run (`checkpoints/step-N`), newest first.
+pub fn checkpoints(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let dir = run_dir.join("checkpoints");
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+        let e = e.map_err(io(&dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+            && e.path().is_dir()
+        {
+            found.push((n, e.path()));
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().rev().map(|(_, p)| p).collect())
 }
 
 /// The checkpoint folder of `step`.
@@ -170,7 +362,8 @@ pub fn checkpoint_dir(run_dir: &Path, step: usize) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:07}"))
 }
 
-/// The newest complete checkpoint of a run, if any.
+/// The newest checkpoint of a run by name, if any, unverified (`--resume` takes the newest that
+/// passes [`verify_checkpoint`] instead).
 pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
     let dir = run_dir.join("checkpoints");
     if !dir.is_dir() {
@@ -193,7 +386,8 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Write a checkpoint atomically: `write_adapter` fills `<tmp>/adapter`, then the optimizer
-/// state and the trainer state are written, then the folder is renamed into place; older
+/// state and the trainer state are written, then `manifest.json` (sizes and SHA-256 of all of
+/// them), then the folder is renamed into place; older
 /// checkpoints beyond `keep` are removed.
 pub fn save_checkpoint(
     run_dir: &Path,
@@ -223,6 +417,8 @@ pub fn save_checkpoint(
     })?;
     std::fs::write(tmp.join("trainer_state.json"), json)
         .map_err(io(tmp.join("trainer_state.json")))?;
+    // Last: the manifest of everything above.
+    write_manifest(&tmp)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
     }

@@ -41,6 +41,7 @@ use crate::data::{self, DeviceBatch};
 use crate::error::{Result, TrainError, io};
 use crate::objective::batch_loss;
 use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grads_to, global_grad_norm};
+use crate::resume::Resume;
 use crate::run::{self, MetricsLog, TrainerState};
 
 /// A model the trainer can drive: a causal LM whose linear layers take adapters.
@@ -139,6 +140,9 @@ pub fn load_model(cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Device
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or("llama");
+    // The tokenizer's ids must fit the embedding: checked before the weights load.
+    let tok = Tok::from_dir(&dir)?;
+    reprpo_models::model::check_vocab_dir(&tok, &dir)?;
     let model: Box<dyn TrainModel> = match model_type {
         "llama" => Box::new(Llama::load(&dir, dtype, &device)?),
         "phi3" => Box::new(Phi3::load(&dir, dtype, &device)?),
@@ -149,7 +153,7 @@ pub fn load_model(cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Device
             });
         }
     };
-    Ok((model, Tok::from_dir(&dir)?, device))
+    Ok((model, tok, device))
 }
 
 /// Gradients of `loss`, including those that checkpointed blocks compute in their
@@ -466,22 +470,33 @@ struct Plan {
 /// The job runs on a thread of candle's CPU pool (`Device::with_context`; a no-op when the caller
 /// is already there), so that the parallel parts of every op share that pool's threads instead of
 /// the calling thread handing each one over and waiting (docs/perf.md: 1.5x on a tiny LoRA step).
+///
+/// With `resume`, `cfg` is not used: this is [`resume`] with no overrides.
 pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Result<Outcome> {
-    Device::Cpu.with_context(|| train_job(cfg, ctx, resume))
+    match resume {
+        Some(target) => self::resume(ctx, target, &[]),
+        None => Device::Cpu.with_context(|| train_job(cfg, ctx, None)),
+    }
 }
 
-fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Result<Outcome> {
+/// Continue the run of `target` (`RUN` or `RUN/checkpoints/step-N`) with its own configuration
+/// and the `key=value` `overrides` allowed on resume: see [`crate::resume`] for the checks (the
+/// checkpoint's manifest, the configuration's hash) and what may change.
+pub fn resume(ctx: &JobContext, target: &Path, overrides: &[String]) -> Result<Outcome> {
+    let r = crate::resume::prepare(target, overrides)?;
+    Device::Cpu.with_context(|| train_job(&r.cfg, ctx, Some(&r)))
+}
+
+fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Result<Outcome> {
     let (run_dir, cfg) = match resume {
-        Some(dir) => {
-            let c = TrainConfig::from_toml_file(&dir.join("resolved_config.toml"))?;
-            (dir.to_path_buf(), c)
-        }
+        Some(r) => (r.run_dir.clone(), r.cfg.clone()),
         None => {
             let dir = run::new_run_dir(&cfg.run.out_dir, &cfg.run_name())?;
             run::write_atomic(&dir.join("resolved_config.toml"), cfg.to_toml()?.as_bytes())?;
             (dir, cfg.clone())
         }
     };
+    let config_hash = crate::resume::config_hash(&cfg)?;
     let family = cfg.family()?;
     let (mut model, tok, device) = load_model(&cfg)?;
     cfg.validate_for_model(model.num_layers())?;
@@ -547,10 +562,7 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
     )?;
 
     // The adapter.
-    let resume_ckpt = match resume {
-        Some(dir) => run::latest_checkpoint(dir)?,
-        None => None,
-    };
+    let resume_ckpt = resume.and_then(|r| r.checkpoint.as_ref().map(|c| c.dir.clone()));
     let idx = if let Some(ck) = &resume_ckpt {
         peft::load_adapter(model.as_mut(), &ck.join("adapter"), "policy")?
     } else if let Some(dir) = &cfg.adapter.init_from {
@@ -586,6 +598,9 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
         .train
         .max_steps
         .unwrap_or(steps_per_epoch * cfg.train.epochs);
+    if let Some(r) = resume {
+        r.begin(total)?;
+    }
     let warmup = if cfg.train.warmup_steps > 0 {
         cfg.train.warmup_steps
     } else {
@@ -740,6 +755,7 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
                     dpo_state.running.var,
                     dpo_state.running.count,
                 )),
+                config_hash: Some(config_hash.clone()),
             };
             last_ckpt = Some(run::save_checkpoint(
                 &run_dir,

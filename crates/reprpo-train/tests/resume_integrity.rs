@@ -1,0 +1,297 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `--resume` refuses what is not the run it claims to continue (issue 15):
+//!
+//! - an empty, cut or edited `resolved_config.toml` (strict parse, config hash in the checkpoint,
+//!   total steps against the checkpoint's);
+//! - `key=value` overrides other than the length and cadences, which are applied and recorded;
+//! - a checkpoint whose files differ from its manifest (a flipped bit, an edited step, an extra
+//!   file), falling back to the newest one that verifies, or taking one given explicitly.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use reprpo_train::config::Sources;
+use reprpo_train::trainer::{self, JobContext};
+use reprpo_train::{TrainConfig, TrainError};
+
+fn ctx(stop: bool) -> JobContext {
+    JobContext {
+        datasets_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets"),
+        stop: Arc::new(AtomicBool::new(stop)),
+        progress: false,
+    }
+}
+
+/// A 4-step DPO run on 8 pairs, logging every step, a checkpoint every step (all kept).
+fn config(out: &Path, extra: &[&str]) -> TrainConfig {
+    let mut overrides: Vec<String> = vec![
+        format!("run.out_dir={}", out.display()),
+        "run.plots=false".into(),
+        "run.save_steps=1".into(),
+        "run.save_total_limit=10".into(),
+        "loss=dpo".into(),
+        "sft.steps=0".into(),
+        "data.n_train=8".into(),
+        "data.eval_datasets=[]".into(),
+        "data.ood_datasets=[]".into(),
+        "train.batch_size=4".into(),
+        "train.n_eval_examples=8".into(),
+        "train.logging_steps=1".into(),
+        "train.warmup_ratio=0".into(),
+        "train.schedule=constant".into(),
+        "train.lr=3e-3".into(),
+        "train.max_steps=4".into(),
+    ];
+    overrides.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::resolve(&Sources {
+        file: None,
+        overrides,
+        env: false,
+    })
+    .unwrap()
+}
+
+/// A run stopped (Ctrl-C) after its first step, with one checkpoint.
+fn stopped_run(out: &Path, extra: &[&str]) -> PathBuf {
+    let out = trainer::train(&config(out, extra), &ctx(true), None).unwrap();
+    assert!(out.interrupted);
+    out.run_dir
+}
+
+fn ckpt(run: &Path, step: usize) -> PathBuf {
+    run.join("checkpoints").join(format!("step-{step:07}"))
+}
+
+fn logged_steps(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn adapter(dir: &Path) -> BTreeMap<String, Vec<u32>> {
+    candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, v)| {
+        let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (k, bits.into_iter().map(f32::to_bits).collect())
+    })
+    .collect()
+}
+
+fn flip_last_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn resume_err(run: &Path) -> String {
+    let cfg = config(Path::new("unused"), &[]);
+    let err = trainer::train(&cfg, &ctx(false), Some(run)).unwrap_err();
+    err.to_string()
+}
+
+#[test]
+fn empty_cut_or_edited_config_is_refused_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = stopped_run(tmp.path(), &[]);
+    let path = run.join("resolved_config.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let edited_lr = good.replace("lr = 0.003", "lr = 0.004");
+    assert_ne!(edited_lr, good);
+    let edited_total = good.replace("max_steps = 4", "max_steps = 5");
+    assert_ne!(edited_total, good);
+    for (what, text, expect) in [
+        ("empty", String::new(), "incomplete"),
+        (
+            "cut",
+            good[..good.len() / 2].to_string(),
+            "resolved_config.toml",
+        ),
+        ("edited lr", edited_lr, "does not match checkpoint"),
+        ("edited total", edited_total, "gives 5 total steps"),
+    ] {
+        std::fs::write(&path, &text).unwrap();
+        let msg = resume_err(&run);
+        eprintln!("{what}: {msg}");
+        assert!(msg.contains("resolved_config.toml"), "{what}: {msg}");
+        assert!(msg.contains(expect), "{what}: {msg}");
+        assert_eq!(logged_steps(&run), vec![1], "{what}: nothing ran");
+        assert!(!ckpt(&run, 2).exists(), "{what}");
+    }
+    // Restored, it resumes to the configured 4 steps.
+    std::fs::write(&path, &good).unwrap();
+    let out = trainer::train(&config(tmp.path(), &[]), &ctx(false), Some(&run)).unwrap();
+    assert_eq!(out.steps, 4);
+    assert_eq!(logged_steps(&run), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn resume_applies_length_and_cadence_overrides_and_records_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    // With a constant schedule, a run stopped at step 1 of 4 and resumed to 6 steps is the same
+    // run as one configured for 6 steps from the start.
+    let straight = trainer::train(
+        &config(tmp.path(), &["train.max_steps=6"]),
+        &ctx(false),
+        None,
+    )
+    .unwrap();
+    let run = stopped_run(tmp.path(), &[]);
+    let over = ["train.max_steps=6".to_string(), "run.save_steps=3".into()];
+    let out = trainer::resume(&ctx(false), &run, &over).unwrap();
+    assert_eq!(out.steps, 6);
+    assert_eq!(logged_steps(&run), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        adapter(&run.join("adapter")),
+        adapter(&straight.run_dir.join("adapter"))
+    );
+    // Checkpoints at the new cadence (3 and the end), the new total in them.
+    assert!(ckpt(&run, 3).exists() && ckpt(&run, 6).exists() && !ckpt(&run, 2).exists());
+    let state = std::fs::read_to_string(ckpt(&run, 6).join("trainer_state.json")).unwrap();
+    assert!(state.contains("\"total_steps\": 6"), "{state}");
+    let cfg = std::fs::read_to_string(run.join("resolved_config.toml")).unwrap();
+    assert!(cfg.contains("max_steps = 6") && cfg.contains("save_steps = 3"));
+    let history = std::fs::read_to_string(run.join("resume_overrides.toml")).unwrap();
+    let h: toml::Table = history.parse().unwrap();
+    let first = &h["resume"].as_array().unwrap()[0];
+    assert_eq!(first["from_step"].as_integer(), Some(1));
+    assert_eq!(first["overrides"]["train.max_steps"].as_integer(), Some(6));
+    assert_eq!(first["overrides"]["run.save_steps"].as_integer(), Some(3));
+}
+
+#[test]
+fn resume_refuses_other_overrides_naming_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = stopped_run(tmp.path(), &[]);
+    let over = [
+        "train.lr=1e-4".to_string(),
+        "loss=ipo".into(),
+        "train.logging_steps=2".into(),
+    ];
+    let err = trainer::resume(&ctx(false), &run, &over).unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, TrainError::ResumeOverride { .. }), "{msg}");
+    assert!(msg.contains("train.lr") && msg.contains("loss"), "{msg}");
+    assert_eq!(logged_steps(&run), vec![1]);
+    assert!(!run.join("resume_overrides.toml").exists());
+    // A total before the checkpoint is refused too.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let done = trainer::train(&config(tmp2.path(), &[]), &ctx(false), None).unwrap();
+    let back = trainer::resume(&ctx(false), &done.run_dir, &["train.max_steps=2".into()]);
+    assert!(back.unwrap_err().to_string().contains("train.max_steps"));
+    let cfg = std::fs::read_to_string(done.run_dir.join("resolved_config.toml")).unwrap();
+    assert!(cfg.contains("max_steps = 4"), "nothing recorded");
+    assert!(!done.run_dir.join("resume_overrides.toml").exists());
+}
+
+/// Damage done to a checkpoint folder.
+type Damage = fn(&Path);
+
+#[test]
+fn a_changed_checkpoint_file_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = stopped_run(tmp.path(), &[]);
+    let ck = ckpt(&run, 1);
+    let cases: [(&str, Damage); 4] = [
+        ("optimizer.safetensors", |ck| {
+            flip_last_byte(&ck.join("optimizer.safetensors"))
+        }),
+        ("adapter/adapter_model.safetensors", |ck| {
+            flip_last_byte(&ck.join("adapter/adapter_model.safetensors"))
+        }),
+        ("trainer_state.json", |ck| {
+            let p = ck.join("trainer_state.json");
+            let s = std::fs::read_to_string(&p).unwrap();
+            let edited = s.replace("\"step\": 1", "\"step\": 2");
+            assert_ne!(s, edited);
+            std::fs::write(&p, edited).unwrap();
+        }),
+        ("adapter/extra.safetensors", |ck| {
+            std::fs::write(ck.join("adapter/extra.safetensors"), b"x").unwrap()
+        }),
+    ];
+    let pristine = tmp.path().join("pristine");
+    copy_dir(&ck, &pristine);
+    for (file, damage) in cases {
+        damage(&ck);
+        let msg = resume_err(&run);
+        assert!(msg.contains(file), "{file}: {msg}");
+        assert!(msg.contains("step-0000001"), "{file}: {msg}");
+        assert!(msg.contains("no intact checkpoint"), "{file}: {msg}");
+        assert_eq!(logged_steps(&run), vec![1], "{file}: nothing ran");
+        std::fs::remove_dir_all(&ck).unwrap();
+        copy_dir(&pristine, &ck);
+    }
+    // An old checkpoint (no manifest, no config hash) resumes, with a warning.
+    std::fs::remove_file(ck.join("manifest.json")).unwrap();
+    let p = ck.join("trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    state
+        .as_object_mut()
+        .unwrap()
+        .remove("config_hash")
+        .unwrap();
+    std::fs::write(&p, state.to_string()).unwrap();
+    let out = trainer::train(&config(tmp.path(), &[]), &ctx(false), Some(&run)).unwrap();
+    assert_eq!(out.steps, 4);
+}
+
+#[test]
+fn corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let done = trainer::train(&config(tmp.path(), &[]), &ctx(false), None).unwrap();
+    let run = done.run_dir;
+    let want = adapter(&run.join("adapter"));
+    std::fs::remove_dir_all(run.join("adapter")).unwrap();
+    flip_last_byte(&ckpt(&run, 4).join("optimizer.safetensors"));
+    let out = trainer::train(&config(tmp.path(), &[]), &ctx(false), Some(&run)).unwrap();
+    assert_eq!(out.steps, 4);
+    // Step 4 was redone from step 3: the same adapter, each step logged once.
+    assert_eq!(adapter(&run.join("adapter")), want);
+    assert_eq!(logged_steps(&run), vec![1, 2, 3, 4]);
+    assert!(run.join("checkpoints/skipped-step-0000004").is_dir());
+    // An explicit checkpoint: that one, and the newer ones moved aside.
+    let out = trainer::train(&config(tmp.path(), &[]), &ctx(false), Some(&ckpt(&run, 2))).unwrap();
+    assert_eq!(out.steps, 4);
+    assert_eq!(adapter(&run.join("adapter")), want);
+    assert_eq!(logged_steps(&run), vec![1, 2, 3, 4]);
+    assert!(run.join("checkpoints/skipped-step-0000004-1").is_dir());
+    assert!(run.join("checkpoints/skipped-step-0000003").is_dir());
+    // An explicit corrupt checkpoint is refused, with no fallback.
+    flip_last_byte(&ckpt(&run, 4).join("adapter/adapter_model.safetensors"));
+    let msg = resume_err(&ckpt(&run, 4));
+    eprintln!("{msg}");
+    assert!(
+        msg.starts_with(&format!("checkpoint {}", ckpt(&run, 4).display())),
+        "{msg}"
+    );
+    assert!(msg.contains("adapter/adapter_model.safetensors"), "{msg}");
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &to);
+        } else {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}
