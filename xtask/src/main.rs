@@ -167,12 +167,24 @@ where
 {
     let mut fig = Figment::from(Serialized::defaults(base));
     if let Some(f) = file {
+        reprpo_train::config::check_toml_file(f)?;
         fig = fig.merge(Toml::file_exact(f));
     }
     for kv in overrides {
         let (k, v) = kv
             .split_once('=')
-            .with_context(|| format!("`{kv}` is not key=value"))?;
+            .with_context(|| format!("argument `{kv}`: expected key=value"))?;
+        if k.trim().is_empty() {
+            bail!(
+                "argument `{kv}`: the key before `=` is empty; expected key=value, e.g. max_length=512"
+            );
+        }
+        if k.split('.').any(|part| part.trim().is_empty()) {
+            bail!(
+                "argument `{kv}`: key `{}` has an empty part; keys are dotted names",
+                k.trim()
+            );
+        }
         let value: toml::Value = format!("x = {v}")
             .parse::<toml::Table>()
             .ok()
@@ -188,7 +200,15 @@ where
                     figment::error::Kind::UnknownField(k, _) => k.clone(),
                     _ => e.path.join("."),
                 };
-                format!("config key `{key}`: {}", e.kind)
+                let from = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                    Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+                    _ => String::new(),
+                };
+                if key.is_empty() {
+                    format!("the whole configuration: {}{from}", e.kind)
+                } else {
+                    format!("config key `{key}`: {}{from}", e.kind)
+                }
             })
             .collect();
         anyhow::anyhow!("invalid configuration: {}", msgs.join("; "))

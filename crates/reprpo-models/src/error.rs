@@ -47,6 +47,22 @@ pub enum ModelError {
         /// What is wrong.
         problem: String,
     },
+    /// A tensor read from a weight file holds NaN or infinite values.
+    #[error(
+        "{}: tensor `{name}`: {count} of {numel} values are not finite (NaN or infinity); \
+         the file is corrupt or was saved from a diverged run",
+        file.display()
+    )]
+    NonFinite {
+        /// The weight file.
+        file: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// How many of its values are NaN or infinite.
+        count: u64,
+        /// How many values it has.
+        numel: usize,
+    },
     /// A file is not in the expected binary format.
     #[error("{}: {problem}", file.display())]
     Format {

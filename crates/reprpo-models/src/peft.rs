@@ -451,6 +451,9 @@ pub fn add_adapter(
             "an adapter named {name:?} exists already"
         )));
     }
+    if let Some((w, file)) = weights {
+        check_finite(w, file)?;
+    }
     let idx = host.adapter_set().names.len();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut used = 0usize;
@@ -639,6 +642,33 @@ pub fn save_adapter(host: &dyn AdapterHost, name: &str, dir: &Path) -> Result<()
     std::fs::rename(&tmp, &st).map_err(|source| ModelError::Write { file: st, source })?;
     std::fs::rename(&cfg_tmp, &cfg).map_err(|source| ModelError::Write { file: cfg, source })?;
     Ok(())
+}
+
+/// Check that every tensor of the state dict `w` (read from `file`) is finite: one device-side
+/// count of NaN/infinite values per tensor, all read back with a single transfer. The error names
+/// the first offending tensor (in name order) and the file.
+pub fn check_finite(w: &HashMap<String, Tensor>, file: &Path) -> Result<()> {
+    let mut names: Vec<&String> = w.keys().collect();
+    names.sort();
+    let mut counts = Vec::with_capacity(names.len());
+    for name in &names {
+        let t = w[*name].to_dtype(DType::F32)?.flatten_all()?;
+        // x - x is 0 for a finite x and NaN for NaN or ±inf; NaN != 0 holds.
+        counts.push(t.sub(&t)?.ne(0f32)?.to_dtype(DType::F32)?.sum_all()?);
+    }
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let counts = Tensor::stack(&counts, 0)?.to_vec1::<f32>()?;
+    match names.iter().zip(&counts).find(|&(_, &c)| c != 0.0) {
+        None => Ok(()),
+        Some((name, &count)) => Err(ModelError::NonFinite {
+            file: file.to_path_buf(),
+            name: (*name).clone(),
+            count: count as u64,
+            numel: w[*name].elem_count(),
+        }),
+    }
 }
 
 /// Tensor `key` of a PEFT state dict `w` (read from `file`) as an f32 `Var` on `dev`, after

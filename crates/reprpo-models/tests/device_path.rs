@@ -475,11 +475,50 @@ const ALLOWED: &[Allowed] = &[
         TRAINER,
         "train_job",
         "check_finite()",
-        3,
-        "eval / checkpoint / end",
+        2,
+        "eval / end",
         "ii",
-        "the non-finite state before an evaluation, before writing a checkpoint (which must \
-       precede the first bad step) and at the end; no read when the logging step already read it",
+        "the non-finite state before an evaluation and at the end; no read when the logging step \
+       already read it (before a checkpoint: check_before_save)",
+    ),
+    a(
+        TRAINER,
+        "check_before_save",
+        "check_finite()",
+        1,
+        "checkpoint",
+        "ii",
+        "the non-finite state before writing a checkpoint, where there are no parameters to \
+       measure",
+    ),
+    a(
+        TRAINER,
+        "check_before_save",
+        "to_vec",
+        1,
+        "checkpoint",
+        "ii",
+        "before writing a checkpoint: the non-finite state and the largest magnitude of every \
+       parameter and AdamW moment in one read, so no non-finite or exploding checkpoint is written",
+    ),
+    a(
+        TRAINER,
+        "resume",
+        "Device::Cpu",
+        1,
+        "once",
+        "off",
+        "runs the resumed job on the CPU pool, no read",
+    ),
+    a(
+        PEFT,
+        "check_finite",
+        "to_vec",
+        1,
+        "adapter load",
+        "off",
+        "the count of non-finite values of every tensor of an adapter file, one read per file \
+       at load, never during a step",
     ),
     a(
         TRAINER,

@@ -463,11 +463,24 @@ pub fn suggest(word: &str, candidates: &[String]) -> String {
 /// Parse `key=value` (the value as TOML, else as a string; `[a,b]` with bare words is a list of
 /// strings). Keys `adapter=KIND` is short for `adapter.kind=KIND`.
 pub fn parse_override(kv: &str) -> Result<(String, toml::Value)> {
-    let (k, v) = kv.split_once('=').ok_or_else(|| TrainError::Config {
-        key: kv.into(),
-        problem: "expected key=value".into(),
-    })?;
+    let bad = |problem: &str| TrainError::Override {
+        arg: kv.into(),
+        problem: problem.into(),
+    };
+    let (k, v) = kv
+        .split_once('=')
+        .ok_or_else(|| bad("expected key=value, e.g. train.lr=1e-4"))?;
     let (k, v) = (k.trim(), v.trim());
+    if k.is_empty() {
+        return Err(bad(
+            "the key before `=` is empty; expected key=value, e.g. train.lr=1e-4",
+        ));
+    }
+    if k.split('.').any(|part| part.trim().is_empty()) {
+        return Err(bad(&format!(
+            "key `{k}` has an empty part; keys are dotted names such as train.lr"
+        )));
+    }
     let parse = |v: &str| -> toml::Value {
         format!("x = {v}")
             .parse::<toml::Table>()
@@ -507,6 +520,107 @@ pub struct Sources {
     pub env: bool,
 }
 
+/// Line and column (1-based, the column in characters) of byte `offset` of `bytes`.
+fn line_col(bytes: &[u8], offset: usize) -> (usize, usize) {
+    let before = &bytes[..offset.min(bytes.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&before[start..]).chars().count() + 1;
+    (line, column)
+}
+
+/// Read the TOML configuration file `path` and check that it is UTF-8 and valid TOML, so that a
+/// duplicate key, a bad table header or a stray byte is reported with the file, the line and the
+/// column (figment's own message names neither the file nor, for some errors, the key).
+pub fn check_toml_file(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(crate::error::io(path))?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| {
+        let (line, column) = line_col(&bytes, e.valid_up_to());
+        TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            line,
+            column,
+            problem: "not valid UTF-8".into(),
+        }
+    })?;
+    text.parse::<toml::Table>().map_err(|e| {
+        let mut problem = e.message().trim().to_string();
+        match e.span() {
+            Some(span) => {
+                let (line, column) = line_col(text.as_bytes(), span.start);
+                // toml says only "duplicate key": name it (the span is the key as written).
+                if problem.starts_with("duplicate")
+                    && let Some(k) = text.get(span.clone())
+                    && !k.is_empty()
+                    && !k.contains('\n')
+                {
+                    problem = format!("{problem} `{k}`");
+                }
+                TrainError::ConfigFile {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    problem,
+                }
+            }
+            None => TrainError::Malformed {
+                path: path.to_path_buf(),
+                problem,
+            },
+        }
+    })?;
+    Ok(())
+}
+
+/// The line (1-based) of the TOML file `file` where the dotted `key` (or the deepest part of it
+/// that the file has) is written, if the file can be read and parsed.
+fn key_line(file: &Path, key: &[String]) -> Option<usize> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let root = toml::de::DeTable::parse(&text).ok()?;
+    let mut table = root.get_ref();
+    let mut at = None;
+    for k in key {
+        let Some((name, value)) = table
+            .iter()
+            .find(|(n, _)| n.get_ref().as_ref() == k.as_str())
+        else {
+            break;
+        };
+        at = Some(name.span().start);
+        match value.get_ref() {
+            toml::de::DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    at.map(|o| line_col(text.as_bytes(), o).0)
+}
+
+/// Where a figment error's value came from, for its message: ` (in FILE, line N)` for a TOML
+/// file, ` (from environment variable REPRPO_TRAIN__LR)` for the environment, else nothing (a
+/// `key=value` argument names itself).
+fn origin(e: &figment::Error, key: &[String]) -> String {
+    let Some(md) = &e.metadata else {
+        return String::new();
+    };
+    match &md.source {
+        Some(figment::Source::File(p)) => {
+            let line = key_line(p, key)
+                .map(|l| format!(", line {l}"))
+                .unwrap_or_default();
+            format!(" (in {}{line})", p.display())
+        }
+        // The one environment provider is `Env::prefixed("REPRPO_").split("__")`.
+        _ if md.name.contains("environment") && !key.is_empty() => format!(
+            " (from environment variable REPRPO_{})",
+            key.join("__").to_uppercase()
+        ),
+        _ => String::new(),
+    }
+}
+
 fn figment_err(e: figment::Error) -> TrainError {
     let mut problems = Vec::new();
     let mut first_key = String::new();
@@ -530,6 +644,19 @@ fn figment_err(e: figment::Error) -> TrainError {
                 )
             }
             kind => (e.path.join("."), kind.to_string()),
+        };
+        let mut path = e.path.clone();
+        if let figment::error::Kind::UnknownField(k, _) = &e.kind
+            && path.last() != Some(k)
+        {
+            path.push(k.clone());
+        }
+        let problem = format!("{problem}{}", origin(&e, &path));
+        // An error about the configuration as a whole (no key) is still named.
+        let key = if key.is_empty() {
+            "(whole config)".to_string()
+        } else {
+            key
         };
         if first_key.is_empty() {
             first_key = key.clone();
@@ -597,6 +724,9 @@ impl TrainConfig {
                 key: "--config".into(),
                 problem: format!("{} is not a file", f.display()),
             });
+        }
+        if let Some(f) = &src.file {
+            check_toml_file(f)?;
         }
         // First pass: which loss and adapter kind did the user choose?
         let first = user(Figment::from(Serialized::defaults(TrainConfig::default())));

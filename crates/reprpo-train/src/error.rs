@@ -13,13 +13,37 @@ pub enum TrainError {
         /// What is wrong, with a suggestion where one exists.
         problem: String,
     },
+    /// A `key=value` argument that cannot be a configuration override (no `=`, an empty key, an
+    /// empty part of a dotted key).
+    #[error("argument `{arg}`: {problem}")]
+    Override {
+        /// The argument as given.
+        arg: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A TOML configuration file that is not valid TOML (a duplicate key, a bad table header, ...)
+    /// or not UTF-8, at a line and column (1-based).
+    #[error("{}:{line}:{column}: {problem}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// The column (in characters).
+        column: usize,
+        /// What is wrong.
+        problem: String,
+    },
     /// A file or folder could not be read or written.
-    #[error("{}: {source}", path.display())]
+    // The cause is not the error's `source()`: its text is already in the message, and a chain
+    // printer (`{:#}`) would repeat it.
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The path.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file has unexpected content.
     #[error("{}: {problem}", path.display())]
@@ -72,20 +96,21 @@ pub enum TrainError {
         /// The refused keys.
         keys: Vec<String>,
     },
-    /// The loss or a gradient stopped being finite.
-    #[error(
-        "step {step}: the {what} is not finite ({value}); stopped. The last good checkpoint is left intact{}",
-        last_checkpoint.as_ref().map(|p| format!(" at {}", p.display())).unwrap_or_default()
-    )]
+    /// The loss or the gradient norm stopped being finite, or a parameter or AdamW moment about
+    /// to be saved is not finite or exploding (see `trainer::EXPLODING`).
+    #[error("step {step}: {}", non_finite_message(what, *value, last_checkpoint.as_deref(), hint))]
     NonFinite {
         /// The optimizer step (1-based) being computed.
         step: usize,
-        /// `loss` or `gradient norm`.
+        /// `loss`, `gradient norm`, or the largest parameter or moment.
         what: &'static str,
         /// The value seen.
         value: f64,
-        /// The newest checkpoint on disk, if any.
+        /// The newest finite checkpoint on disk, if any.
         last_checkpoint: Option<PathBuf>,
+        /// More for the user (which tensor, the usual causes, the pairs of the step), starting
+        /// with a space; may be empty.
+        hint: String,
     },
     /// Data loading or tokenisation.
     #[error(transparent)]
@@ -113,5 +138,30 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 /// An I/O error naming `path`.
 pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();
-    move |source| TrainError::Io { path, source }
+    move |cause| TrainError::Io { path, cause }
+}
+
+/// The text of [`TrainError::NonFinite`] after the step.
+fn non_finite_message(
+    what: &str,
+    value: f64,
+    last_checkpoint: Option<&std::path::Path>,
+    hint: &str,
+) -> String {
+    let seen = if value.is_finite() {
+        format!(
+            "the {what} is {value:e}, over the limit of {:e}",
+            crate::trainer::EXPLODING
+        )
+    } else {
+        format!("the {what} is not finite ({value})")
+    };
+    let ck = match last_checkpoint {
+        Some(p) => format!(
+            "The newest finite checkpoint, left intact, is {} (resume from it)",
+            p.display()
+        ),
+        None => "No finite checkpoint was written, so there is none to resume from".into(),
+    };
+    format!("{seen}; stopped. {ck}.{hint}")
 }

@@ -201,6 +201,29 @@ impl AdamW {
         Ok(())
     }
 
+    /// The largest magnitude of each parameter and moment, as one `[n]` f64 tensor on the
+    /// device (NaN where a tensor holds a NaN or an infinity), with their names (`<name>`,
+    /// `m.<name>`, `v.<name>`); `None` without parameters. Nothing is read back: the caller
+    /// reads it once (before a checkpoint).
+    pub fn magnitudes(&self) -> Result<Option<(Vec<String>, Tensor)>> {
+        let mut names = Vec::new();
+        let mut parts = Vec::new();
+        for (i, (name, var)) in self.params.iter().enumerate() {
+            for (label, t) in [
+                (name.clone(), var.as_tensor()),
+                (format!("m.{name}"), &self.m[i]),
+                (format!("v.{name}"), &self.v[i]),
+            ] {
+                names.push(label);
+                parts.push(max_magnitude(t)?);
+            }
+        }
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((names, Tensor::cat(&parts, 0)?)))
+    }
+
     /// The state as named tensors (`m.<name>`, `v.<name>`), for a checkpoint.
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
@@ -298,4 +321,16 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max: f64) -> Result<f64> {
     };
     clip_grads_to(grads, &norm, max)?;
     Ok(norm.to_scalar::<f64>()?)
+}
+
+/// `max |t|` as a `[1]` f64 tensor, NaN when `t` holds a NaN or an infinity (`t - t` is 0 for
+/// every finite value and NaN otherwise, and its sum carries the NaN).
+fn max_magnitude(t: &Tensor) -> Result<Tensor> {
+    let t = t.flatten_all()?;
+    if t.elem_count() == 0 {
+        return Ok(Tensor::zeros(1, DType::F64, t.device())?);
+    }
+    let max = t.abs()?.max_keepdim(0)?.to_dtype(DType::F64)?;
+    let nan = t.sub(&t)?.to_dtype(DType::F64)?.sum_keepdim(0)?;
+    Ok((max + nan)?)
 }

@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError, io};
 
-/// Write `bytes` to `path` atomically (temporary file in the same folder, then rename).
+/// Write `bytes` to `path` atomically (temporary file in the same folder, then rename; the
+/// temporary file is removed on failure).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -37,9 +38,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
+    let written = std::fs::write(&tmp, bytes)
+        .map_err(io(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
+    if written.is_err() {
+        // Best effort: no partial `.NAME.tmp` is left behind (the write error is reported).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC for a Unix time.
@@ -86,7 +92,7 @@ pub fn new_run_dir(out_dir: &Path, name: &str) -> Result<PathBuf> {
     }
     Err(TrainError::Io {
         path: out_dir.join(base),
-        source: std::io::Error::other("no free run folder name"),
+        cause: std::io::Error::other("no free run folder name"),
     })
 }
 
@@ -145,17 +151,24 @@ impl MetricsLog {
 
 /// Read every record of a `metrics.jsonl`.
 pub fn read_metrics(path: &Path) -> Result<Vec<BTreeMap<String, serde_json::Value>>> {
-    let text = std::fs::read_to_string(path).map_err(io(path))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| TrainError::Malformed {
-                path: path.to_path_buf(),
-                problem: format!("line {}: {e}", i + 1),
-            })
-        })
-        .collect()
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let bad = |i: usize, problem: String| TrainError::Malformed {
+        path: path.to_path_buf(),
+        problem: format!("line {}: {problem}", i + 1),
+    };
+    let mut out = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = std::str::from_utf8(line).map_err(|e| {
+            bad(
+                i,
+                format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1),
+            )
+        })?;
+        if !line.trim().is_empty() {
+            out.push(serde_json::from_str(line).map_err(|e| bad(i, e.to_string()))?);
+        }
+    }
+    Ok(out)
 }
 
 /// What a checkpoint records besides the adapter and the optimizer moments.
@@ -389,6 +402,9 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
 /// state and the trainer state are written, then `manifest.json` (sizes and SHA-256 of all of
 /// them), then the folder is renamed into place; older
 /// checkpoints beyond `keep` are removed.
+///
+/// Every error names the file at fault and the step; on any failure the temporary folder
+/// (`checkpoints/.tmp-step-N`) is removed, so a failed save (a full disk) leaves nothing behind.
 pub fn save_checkpoint(
     run_dir: &Path,
     state: &TrainerState,
@@ -396,36 +412,104 @@ pub fn save_checkpoint(
     keep: usize,
     write_adapter: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
+    let step = state.step;
     let parent = run_dir.join("checkpoints");
-    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let final_dir = checkpoint_dir(run_dir, state.step);
-    let tmp = parent.join(format!(".tmp-step-{:07}", state.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    std::fs::create_dir_all(&parent).map_err(|e| at_step(step, &parent, io(&parent)(e)))?;
+    let tmp = parent.join(format!(".tmp-step-{step:07}"));
+    let written = write_checkpoint_files(&tmp, state, optimizer, write_adapter).and_then(|()| {
+        rename_into_place(&tmp, &checkpoint_dir(run_dir, step)).map_err(|e| at_step(step, &tmp, e))
+    });
+    match written {
+        Ok(dir) => {
+            prune_checkpoints(&parent, keep).map_err(|e| at_step(step, &parent, e))?;
+            Ok(dir)
+        }
+        Err(e) => {
+            // Best effort: the error at hand is the one to report.
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
     }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    write_adapter(&tmp.join("adapter"))?;
+}
+
+/// `e`, a failure to write `file` of the checkpoint of `step`, as an I/O error naming both.
+fn at_step(step: usize, file: &Path, e: TrainError) -> TrainError {
+    let (path, kind, text) = match e {
+        TrainError::Io { path, cause } => (path, cause.kind(), cause.to_string()),
+        other => (
+            file.to_path_buf(),
+            std::io::ErrorKind::Other,
+            other.to_string(),
+        ),
+    };
+    TrainError::Io {
+        path,
+        cause: std::io::Error::new(
+            kind,
+            format!("{text} (writing the checkpoint of step {step})"),
+        ),
+    }
+}
+
+/// Fill the temporary checkpoint folder `tmp`: adapter, optimizer, trainer state, manifest.
+fn write_checkpoint_files(
+    tmp: &Path,
+    state: &TrainerState,
+    optimizer: &HashMap<String, Tensor>,
+    write_adapter: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let step = state.step;
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).map_err(|e| at_step(step, tmp, io(tmp)(e)))?;
+    }
+    std::fs::create_dir_all(tmp).map_err(|e| at_step(step, tmp, io(tmp)(e)))?;
+    let adapter = tmp.join("adapter");
+    write_adapter(&adapter).map_err(|e| at_step(step, &adapter, e))?;
     let opt_path = tmp.join("optimizer.safetensors");
     let cpu: HashMap<String, Tensor> = optimizer
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&cpu, &opt_path)?;
+    candle_core::safetensors::save(&cpu, &opt_path)
+        .map_err(|e| at_step(step, &opt_path, save_error(&opt_path, e)))?;
+    let state_path = tmp.join("trainer_state.json");
     let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Malformed {
-        path: tmp.join("trainer_state.json"),
+        path: state_path.clone(),
         problem: e.to_string(),
     })?;
-    std::fs::write(tmp.join("trainer_state.json"), json)
-        .map_err(io(tmp.join("trainer_state.json")))?;
+    std::fs::write(&state_path, json)
+        .map_err(|e| at_step(step, &state_path, io(&state_path)(e)))?;
     // Last: the manifest of everything above.
-    write_manifest(&tmp)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    write_manifest(tmp).map_err(|e| at_step(step, &tmp.join(MANIFEST), e))
+}
+
+/// A safetensors write error as an I/O error on `path` when it is one (without the "I/O
+/// error:" prefix safetensors adds).
+fn save_error(path: &Path, e: candle_core::Error) -> TrainError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(source) = c.downcast_ref::<std::io::Error>() {
+            let source = std::io::Error::new(source.kind(), source.to_string());
+            return io(path)(source);
+        }
+        cause = c.source();
     }
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
-    // Prune.
-    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(&parent)
-        .map_err(io(&parent))?
+    e.into()
+}
+
+/// Rename the finished temporary folder `tmp` to `final_dir` (replacing an older one).
+fn rename_into_place(tmp: &Path, final_dir: &Path) -> Result<PathBuf> {
+    if final_dir.exists() {
+        std::fs::remove_dir_all(final_dir).map_err(io(final_dir))?;
+    }
+    std::fs::rename(tmp, final_dir).map_err(io(final_dir))?;
+    Ok(final_dir.to_path_buf())
+}
+
+/// Remove the oldest `step-N` folders of `parent` beyond `keep` (at least one is kept).
+fn prune_checkpoints(parent: &Path, keep: usize) -> Result<()> {
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(parent)
+        .map_err(io(parent))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let n = e
@@ -444,7 +528,7 @@ pub fn save_checkpoint(
             std::fs::remove_dir_all(p).map_err(io(p))?;
         }
     }
-    Ok(final_dir)
+    Ok(())
 }
 
 /// Read a checkpoint's trainer state and optimizer moments.

@@ -17,7 +17,19 @@
 //! moments change from that step on. That state is read with the logged metrics, before every
 //! checkpoint and evaluation, and at the end: a non-finite value stops the run at the first of
 //! these reads with [`TrainError::NonFinite`], naming the step it appeared at and the last
-//! checkpoint, which was written before it. The progress bar shows the last logged loss.
+//! checkpoint, which was written before it. The read before a checkpoint also takes the largest
+//! magnitude of every parameter and AdamW moment (one transfer): a value above [`EXPLODING`]
+//! (1e15) or not finite refuses the checkpoint and stops the run the same way, so every
+//! checkpoint named as the last good one holds finite, sane values. On such a stop the trainer
+//! prints the usual causes and the ids of the pairs of the bad step (recomputed on the host from
+//! the seed and the step: the data order is deterministic). The progress bar shows the last
+//! logged loss.
+//!
+//! # Ctrl-C
+//! The stop flag is read at every step boundary, in the SFT stage too. A stop in the main stage
+//! saves a checkpoint first; a stop in the SFT stage caches nothing (a partial stage is never
+//! reused) and ends the job interrupted at step 0, so `--resume` of that run runs the SFT stage
+//! again from the start.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -370,6 +382,7 @@ impl NonFiniteGuard {
                 what: self.whats.get(what as usize).copied().unwrap_or("value"),
                 value,
                 last_checkpoint: last_checkpoint.map(Path::to_path_buf),
+                hint: String::new(),
             }),
             _ => Ok(()),
         }
@@ -382,6 +395,37 @@ impl NonFiniteGuard {
         }
         let state = self.first.to_vec1::<f64>()?;
         self.judge(&state, last_checkpoint)
+    }
+
+    /// Before a checkpoint of `step`: read the state and the largest magnitude of every
+    /// parameter and AdamW moment of `opt` in one transfer, and refuse (with
+    /// [`TrainError::NonFinite`]) a non-finite state or any magnitude above [`EXPLODING`].
+    fn check_before_save(
+        &mut self,
+        opt: &AdamW,
+        step: usize,
+        last_checkpoint: Option<&Path>,
+    ) -> Result<()> {
+        let Some((names, mags)) = opt.magnitudes()? else {
+            return self.check_finite(last_checkpoint);
+        };
+        let all = Tensor::cat(&[&self.first, &mags], 0)?.to_vec1::<f64>()?;
+        let (state, mags) = all.split_at(3.min(all.len()));
+        self.judge(state, last_checkpoint)?;
+        let bad = mags
+            .iter()
+            .zip(&names)
+            .find(|(v, _)| !v.is_finite() || v.abs() > EXPLODING);
+        match bad {
+            Some((&value, name)) => Err(TrainError::NonFinite {
+                step,
+                what: "largest magnitude among the parameters and AdamW moments",
+                value,
+                last_checkpoint: last_checkpoint.map(Path::to_path_buf),
+                hint: format!(" Its checkpoint was refused; the tensor: {name}."),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The means of `metrics`, read with the state in one transfer, after judging the state.
@@ -444,15 +488,100 @@ fn micro_batch<'a>(
     k: usize,
     cache: &mut Option<(usize, Vec<usize>)>,
 ) -> Vec<&'a TokenizedPair> {
-    let per_epoch = pairs.len().div_ceil(bs).max(1);
+    micro_batch_indices(pairs.len(), bs, seed, k, cache)
+        .into_iter()
+        .filter_map(|i| pairs.get(i))
+        .collect()
+}
+
+/// The indices (into the `n` training pairs) of global micro-batch `k`: the data order is a
+/// function of the seed and `k` only, so the host can name the pairs of any step afterwards.
+fn micro_batch_indices(
+    n: usize,
+    bs: usize,
+    seed: u64,
+    k: usize,
+    cache: &mut Option<(usize, Vec<usize>)>,
+) -> Vec<usize> {
+    let per_epoch = n.div_ceil(bs).max(1);
     let (epoch, j) = (k / per_epoch, k % per_epoch);
     if cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-        *cache = Some((epoch, epoch_order(pairs.len(), seed, epoch)));
+        *cache = Some((epoch, epoch_order(n, seed, epoch)));
     }
     let order = cache.as_ref().map(|(_, o)| o.as_slice()).unwrap_or(&[]);
-    order[j * bs..((j + 1) * bs).min(order.len())]
-        .iter()
-        .map(|&i| &pairs[i])
+    order
+        .get(j * bs..((j + 1) * bs).min(order.len()))
+        .unwrap_or(&[])
+        .to_vec()
+}
+
+/// The largest magnitude a parameter or an AdamW moment may have when a checkpoint is saved:
+/// above it (or non-finite) the values are "exploding", the checkpoint is refused and the run
+/// stops with [`TrainError::NonFinite`] (no sane adapter weight or moment comes near 1e15,
+/// while f32 arithmetic on such values overflows within a few steps).
+pub const EXPLODING: f64 = 1e15;
+
+/// The ids of the training pairs optimizer step `step` (1-based) took, in order.
+fn step_pair_ids(
+    ids: &[String],
+    bs: usize,
+    grad_accum: usize,
+    seed: u64,
+    step: usize,
+) -> Vec<String> {
+    let mut cache = None;
+    (0..grad_accum)
+        .flat_map(|a| {
+            let k = step.saturating_sub(1) * grad_accum + a;
+            micro_batch_indices(ids.len(), bs, seed, k, &mut cache)
+        })
+        .filter_map(|i| ids.get(i).cloned())
+        .collect()
+}
+
+/// Add to a [`TrainError::NonFinite`] stop the usual causes and the pairs of its step.
+fn explain_non_finite(e: TrainError, pair_ids: &dyn Fn(usize) -> Vec<String>) -> TrainError {
+    match e {
+        TrainError::NonFinite {
+            step,
+            what,
+            value,
+            last_checkpoint,
+            hint,
+        } => {
+            let hint = format!(
+                "{hint} Usual causes: a learning rate too high (train.lr), bf16/f16 overflow (try \
+                 model.dtype=\"f32\"), or a bad batch: step {step} took the pairs [{}].",
+                pair_ids(step).join(", ")
+            );
+            TrainError::NonFinite {
+                step,
+                what,
+                value,
+                last_checkpoint,
+                hint,
+            }
+        }
+        other => other,
+    }
+}
+
+/// The ids of the pairs of `raw` that survived tokenisation (all but `dropped`), in order: the
+/// ids of the tokenised pairs, index for index.
+fn kept_ids(raw: &[reprpo_data::PreferencePair], dropped: &[String]) -> Vec<String> {
+    let mut left: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for d in dropped {
+        *left.entry(d.as_str()).or_default() += 1;
+    }
+    raw.iter()
+        .filter(|p| match left.get_mut(p.id.as_str()) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .map(|p| p.id.clone())
         .collect()
 }
 
@@ -507,7 +636,9 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
     if let Some(n) = cfg.data.n_train {
         train_raw.truncate(n);
     }
-    let train_pairs = data::tokenize(&tok, &train_raw, &tcfg)?;
+    let tokenized = reprpo_data::tokenize::tokenize_pairs(&tok, &train_raw, &tcfg)?;
+    let train_ids = kept_ids(&train_raw, &tokenized.dropped);
+    let train_pairs = tokenized.pairs;
     if train_pairs.is_empty() {
         return Err(TrainError::Config {
             key: "data.datasets".into(),
@@ -542,7 +673,18 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
                 true,
             )?,
         ));
-        let dir = sft_stage(&cfg, ctx, model.as_mut(), &tok, &train_pairs, &device)?;
+        let Some(dir) = sft_stage(
+            &cfg,
+            ctx,
+            &run_dir,
+            model.as_mut(),
+            &tok,
+            &train_pairs,
+            &device,
+        )?
+        else {
+            return Ok(stopped_in_sft_stage(run_dir));
+        };
         peft::bake_adapter(model.as_mut(), &dir)?;
         let dst = run_dir.join("sft_adapter");
         if !dst.join("adapter_model.safetensors").exists() {
@@ -640,6 +782,9 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
     let mut last_ckpt = resume_ckpt.clone();
     let mut interrupted = false;
     let mut step = start;
+    let pair_ids =
+        |s: usize| step_pair_ids(&train_ids, bs, cfg.train.grad_accum, cfg.train.seed, s);
+    let explain = |e: TrainError| explain_non_finite(e, &pair_ids);
     while step < total {
         let lr = stage.schedule.lr(
             stage.lr,
@@ -695,7 +840,9 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
         }
         if step % cfg.train.logging_steps == 0 || step == total {
             // The one read of the window: its metrics and the non-finite state.
-            let mean = guard.read_means(&window, last_ckpt.as_deref())?;
+            let mean = guard
+                .read_means(&window, last_ckpt.as_deref())
+                .map_err(explain)?;
             if let (Some(b), Some(l)) = (&bar, mean.get("loss")) {
                 b.set_message(format!("loss {l:.4}"));
             }
@@ -713,7 +860,7 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
         }
         let eval_now = cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step < total;
         if eval_now && !eval_pairs.is_empty() {
-            guard.check_finite(last_ckpt.as_deref())?;
+            guard.check_finite(last_ckpt.as_deref()).map_err(explain)?;
             let em = evaluate(
                 model.lm(),
                 &cfg,
@@ -745,7 +892,9 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
         let save_now =
             (cfg.run.save_steps > 0 && step % cfg.run.save_steps == 0) || step == total || stop;
         if save_now {
-            guard.check_finite(last_ckpt.as_deref())?;
+            guard
+                .check_before_save(&opt, step, last_ckpt.as_deref())
+                .map_err(explain)?;
             let model_ref: &dyn AdapterHost = model.as_ref();
             let state = TrainerState {
                 step,
@@ -773,7 +922,7 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    guard.check_finite(last_ckpt.as_deref())?;
+    guard.check_finite(last_ckpt.as_deref()).map_err(explain)?;
     let mut summary = BTreeMap::new();
     summary.insert("run_dir".into(), json!(run_dir.display().to_string()));
     summary.insert("steps".into(), json!(step));
@@ -856,6 +1005,21 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
         interrupted,
         summary,
     })
+}
+
+/// How a job stopped (Ctrl-C) during its SFT stage ends: interrupted at step 0, nothing saved.
+fn stopped_in_sft_stage(run_dir: PathBuf) -> Outcome {
+    let mut summary = BTreeMap::new();
+    summary.insert("run_dir".into(), json!(run_dir.display().to_string()));
+    summary.insert("steps".into(), json!(0));
+    summary.insert("interrupted".into(), json!(true));
+    summary.insert("stopped_in".into(), json!("sft stage"));
+    Outcome {
+        run_dir,
+        steps: 0,
+        interrupted: true,
+        summary,
+    }
 }
 
 fn progress_bar(on: bool, total: u64, pos: u64) -> Option<indicatif::ProgressBar> {
@@ -1035,15 +1199,18 @@ fn copy_adapter(src: &Path, dst: &Path) -> Result<()> {
 }
 
 /// Run (or reuse from the cache) the SFT stage: a LoRA adapter on every linear layer trained
-/// with NLL on the chosen completions. Returns the adapter folder.
+/// with NLL on the chosen completions. Returns the adapter folder, or `None` when the stop flag
+/// (Ctrl-C) was set during the stage: it stops before its next step, caches nothing (a partial
+/// stage is never reused) and leaves the model without the SFT adapter.
 fn sft_stage(
     cfg: &TrainConfig,
     ctx: &JobContext,
+    run_dir: &Path,
     model: &mut dyn TrainModel,
     tok: &Tok,
     pairs: &[TokenizedPair],
     device: &Device,
-) -> Result<PathBuf> {
+) -> Result<Option<PathBuf>> {
     let key = json!({
         "model": cfg.model, "datasets": cfg.data.datasets, "n_train": cfg.data.n_train,
         "tokenize": format!("{:?}", cfg.tokenize_config()), "sft": cfg.sft, "seed": cfg.train.seed,
@@ -1057,7 +1224,7 @@ fn sft_stage(
     if dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_config.json").is_file()
     {
         println!("SFT stage: reusing {}", dir.display());
-        return Ok(dir);
+        return Ok(Some(dir));
     }
     println!(
         "SFT stage: {} steps of LoRA r={} on the {} completions (cached in {})",
@@ -1094,6 +1261,18 @@ fn sft_stage(
     let mut acc = DeviceMetrics::default();
     let mut guard = NonFiniteGuard::new(device, &["gradient norm (SFT stage)"])?;
     for step in 0..total {
+        if ctx.stop.load(Ordering::SeqCst) {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            println!(
+                "SFT stage stopped after {step}/{total} steps: a partial stage is not cached; \
+                 `--resume {}` runs the SFT stage again from the start",
+                run_dir.display()
+            );
+            clear_adapters(model);
+            return Ok(None);
+        }
         let lr = Schedule::Cosine.lr(cfg.sft.lr, step, total, warmup, 0.0);
         let chunk = micro_batch(
             pairs,
@@ -1148,9 +1327,14 @@ fn sft_stage(
     }
     std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
     // Remove the SFT adapter again: the caller folds it into the base.
+    clear_adapters(model);
+    Ok(Some(dir))
+}
+
+/// Remove every adapter from `model`.
+fn clear_adapters(model: &mut dyn TrainModel) {
     for lin in model.linears_mut() {
         lin.adapters.clear();
     }
     *model.adapter_set_mut() = Default::default();
-    Ok(dir)
 }

@@ -246,6 +246,8 @@ fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
             "loss=dpo",
             "train.lr=1e30",
             "train.max_grad_norm=0",
+            // lr 0 at step 1, so its checkpoint is finite; step 2's update explodes.
+            "train.warmup_steps=2",
             "train.max_steps=4",
             "run.save_steps=1",
         ],
@@ -630,9 +632,9 @@ fn only_run_dir(out: &Path) -> PathBuf {
 #[test]
 fn non_finite_value_inside_a_logging_window_is_reported_at_its_step() {
     // Learning rate 0 for the first step, then 5e29: the third step's loss overflows (NaN). The
-    // non-finite state stays on the device until the next read; the gated updates leave the
-    // adapter as it was before the bad step.
-    let run = |logging: &str, save: &str| {
+    // non-finite state stays on the device until the next read (no checkpoint is due: a save
+    // would be refused anyway, the step-2 adapter already holds ~5e29 values, see stops.rs).
+    let run = |logging: &str| {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = config(
             tmp.path(),
@@ -642,8 +644,8 @@ fn non_finite_value_inside_a_logging_window_is_reported_at_its_step() {
                 "train.max_grad_norm=0",
                 "train.warmup_steps=2",
                 "train.max_steps=8",
+                "run.save_steps=100",
                 logging,
-                save,
             ],
         );
         let err = trainer::train(&cfg, &ctx(false), None).unwrap_err();
@@ -657,9 +659,14 @@ fn non_finite_value_inside_a_logging_window_is_reported_at_its_step() {
             panic!("expected a non-finite error, got {err}");
         };
         assert!(err.to_string().contains("step 3:"), "{err}");
+        assert!(last_checkpoint.is_none(), "{logging}: {last_checkpoint:?}");
         let dir = only_run_dir(tmp.path());
+        assert!(
+            !dir.join("checkpoints").exists() || checkpoint_steps(&dir).is_empty(),
+            "{logging}"
+        );
         let logged: Vec<u64> = std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
+            .unwrap_or_default()
             .lines()
             .map(|l| {
                 serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
@@ -667,51 +674,13 @@ fn non_finite_value_inside_a_logging_window_is_reported_at_its_step() {
                     .unwrap()
             })
             .collect();
-        let ck = last_checkpoint
-            .clone()
-            .expect("a checkpoint before the bad step");
-        let adapter = load_adapter_tensors(&ck.join("adapter"));
-        (
-            (*step, *what),
-            ck.file_name().unwrap().to_owned(),
-            checkpoint_steps(&dir),
-            logged,
-            adapter,
-        )
+        ((*step, *what), logged)
     };
     // Read every step (as before the state stayed on the device): the reference.
-    let (bad, ck, steps, logged, pre_nan) = run("train.logging_steps=1", "run.save_steps=1");
-    assert_eq!(bad, (3, "loss"));
-    assert_eq!(ck, "step-0000002");
-    assert_eq!(steps, vec![1, 2]);
-    assert_eq!(logged, vec![1, 2]);
-    assert!(pre_nan.values().flatten().all(|x| x.is_finite()));
-    assert!(
-        pre_nan.values().flatten().any(|x| x.abs() > 1e20),
-        "the adapter moved"
-    );
-    // Found by the logged step 4 (mid-window NaN at step 3), and by the checkpoint of step 4.
-    for (logging, save) in [
-        ("train.logging_steps=4", "run.save_steps=2"),
-        ("train.logging_steps=5", "run.save_steps=2"),
-    ] {
-        let (bad2, ck2, steps2, logged2, adapter) = run(logging, save);
-        assert_eq!(bad2, bad, "{logging}");
-        assert_eq!(ck2, ck, "{logging}");
-        assert_eq!(
-            steps2,
-            vec![2],
-            "{logging}: no checkpoint after the bad step"
-        );
-        assert!(logged2.is_empty(), "{logging}: {logged2:?}");
-        assert_eq!(adapter.len(), pre_nan.len());
-        for (k, v) in &adapter {
-            assert!(
-                v.iter()
-                    .zip(&pre_nan[k])
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{logging}: {k} is not the pre-NaN adapter"
-            );
-        }
+    assert_eq!(run("train.logging_steps=1"), ((3, "loss"), vec![1, 2]));
+    // Found at the logging read of step 4 or 5 (mid-window NaN at step 3): the same step, and
+    // nothing logged from the window that held it.
+    for logging in ["train.logging_steps=4", "train.logging_steps=5"] {
+        assert_eq!(run(logging), ((3, "loss"), vec![]), "{logging}");
     }
 }
