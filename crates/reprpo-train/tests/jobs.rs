@@ -16,45 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+mod common;
+
+use common::{config, ctx, datasets_dir};
 use reprpo_models::peft;
 use reprpo_train::config::Sources;
 use reprpo_train::trainer::{self, JobContext};
 use reprpo_train::{TrainConfig, TrainError, data};
-
-fn datasets_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets")
-}
-
-fn ctx(stop: bool) -> JobContext {
-    JobContext {
-        datasets_dir: datasets_dir(),
-        stop: Arc::new(AtomicBool::new(stop)),
-        progress: false,
-    }
-}
-
-fn config(out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut overrides: Vec<String> = vec![
-        format!("run.out_dir={}", out.display()),
-        "run.plots=false".into(),
-        "sft.steps=0".into(),
-        "data.n_train=8".into(),
-        "data.eval_datasets=[]".into(),
-        "data.ood_datasets=[]".into(),
-        "train.batch_size=4".into(),
-        "train.n_eval_examples=8".into(),
-        "train.logging_steps=1".into(),
-        "train.warmup_ratio=0".into(),
-        "train.schedule=constant".into(),
-    ];
-    overrides.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::resolve(&Sources {
-        file: None,
-        overrides,
-        env: false,
-    })
-    .unwrap()
-}
 
 /// The loss of `cfg`'s training pairs at `progress`, with the adapter in `adapter` (or none).
 fn loss_on_train_pairs(

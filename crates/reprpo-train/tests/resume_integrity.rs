@@ -9,48 +9,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
-use reprpo_train::config::Sources;
-use reprpo_train::trainer::{self, JobContext};
+mod common;
+
+use common::ctx;
+use reprpo_train::trainer;
 use reprpo_train::{TrainConfig, TrainError};
-
-fn ctx(stop: bool) -> JobContext {
-    JobContext {
-        datasets_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets"),
-        stop: Arc::new(AtomicBool::new(stop)),
-        progress: false,
-    }
-}
 
 /// A 4-step DPO run on 8 pairs, logging every step, a checkpoint every step (all kept).
 fn config(out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut overrides: Vec<String> = vec![
-        format!("run.out_dir={}", out.display()),
-        "run.plots=false".into(),
-        "run.save_steps=1".into(),
-        "run.save_total_limit=10".into(),
-        "loss=dpo".into(),
-        "sft.steps=0".into(),
-        "data.n_train=8".into(),
-        "data.eval_datasets=[]".into(),
-        "data.ood_datasets=[]".into(),
-        "train.batch_size=4".into(),
-        "train.n_eval_examples=8".into(),
-        "train.logging_steps=1".into(),
-        "train.warmup_ratio=0".into(),
-        "train.schedule=constant".into(),
-        "train.lr=3e-3".into(),
-        "train.max_steps=4".into(),
+    let mut all = vec![
+        "run.save_steps=1",
+        "run.save_total_limit=10",
+        "loss=dpo",
+        "train.lr=3e-3",
+        "train.max_steps=4",
     ];
-    overrides.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::resolve(&Sources {
-        file: None,
-        overrides,
-        env: false,
-    })
-    .unwrap()
+    all.extend_from_slice(extra);
+    common::config(out, &all)
 }
 
 /// A run stopped (Ctrl-C) after its first step, with one checkpoint.

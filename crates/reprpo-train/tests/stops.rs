@@ -5,45 +5,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+
+mod common;
 
 use candle_core::{Device, Tensor};
-use reprpo_train::config::Sources;
+use common::{config, ctx};
+use reprpo_train::TrainError;
 use reprpo_train::run::{self, TrainerState};
-use reprpo_train::trainer::{self, EXPLODING, JobContext};
-use reprpo_train::{TrainConfig, TrainError};
-
-fn ctx(stop: bool) -> JobContext {
-    JobContext {
-        datasets_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets"),
-        stop: Arc::new(AtomicBool::new(stop)),
-        progress: false,
-    }
-}
-
-fn config(out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut overrides: Vec<String> = vec![
-        format!("run.out_dir={}", out.display()),
-        "run.plots=false".into(),
-        "sft.steps=0".into(),
-        "data.n_train=8".into(),
-        "data.eval_datasets=[]".into(),
-        "data.ood_datasets=[]".into(),
-        "train.batch_size=4".into(),
-        "train.n_eval_examples=8".into(),
-        "train.logging_steps=1".into(),
-        "train.warmup_ratio=0".into(),
-        "train.schedule=constant".into(),
-    ];
-    overrides.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::resolve(&Sources {
-        file: None,
-        overrides,
-        env: false,
-    })
-    .unwrap()
-}
+use reprpo_train::trainer::{self, EXPLODING};
 
 fn largest(path: &Path) -> f64 {
     candle_core::safetensors::load(path, &Device::Cpu)

@@ -6,45 +6,21 @@
 //! candle implements on CUDA. Without the switch the same job runs the fused CPU kernels (the
 //! positive control, so the trace is known to see them).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::path::Path;
+
+mod common;
 
 use candle_core::Device;
 use reprpo_train::TrainConfig;
-use reprpo_train::config::Sources;
-use reprpo_train::trainer::{self, JobContext};
+use reprpo_train::trainer;
 
 /// Custom ops that have a `cuda_fwd` (and a backward that works on any device).
 const HAS_CUDA_FORWARD: [&str; 1] = ["checkpoint"];
 
-fn datasets_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets")
-}
-
 fn config(out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut overrides: Vec<String> = [
-        "run.plots=false",
-        "sft.steps=0",
-        "data.n_train=8",
-        "data.eval_datasets=[]",
-        "data.ood_datasets=[]",
-        "train.batch_size=4",
-        "train.n_eval_examples=8",
-        "train.max_steps=2",
-        "train.eval_every=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    overrides.push(format!("run.out_dir={}", out.display()));
-    overrides.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::resolve(&Sources {
-        file: None,
-        overrides,
-        env: false,
-    })
-    .unwrap()
+    let mut all = vec!["train.max_steps=2", "train.eval_every=1"];
+    all.extend_from_slice(extra);
+    common::config(out, &all)
 }
 
 /// The custom ops whose CPU forward ran during a 2-step job, with or without the written-out
@@ -53,11 +29,7 @@ fn config(out: &Path, extra: &[&str]) -> TrainConfig {
 fn traced_job(extra: &[&str], written_out: bool) -> Vec<&'static str> {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), extra);
-    let ctx = JobContext {
-        datasets_dir: datasets_dir(),
-        stop: Arc::new(AtomicBool::new(false)),
-        progress: false,
-    };
+    let ctx = common::ctx(false);
     let job = || trainer::train(&cfg, &ctx, None).unwrap();
     let (out, seen) = Device::Cpu.with_context(|| {
         reprpo_kernels::trace_cpu_kernels(|| {
