@@ -39,6 +39,35 @@ fn model() -> (Llama, usize) {
     (m, idx)
 }
 
+/// The default suite's datasets, `limit` items each.
+fn default_suite(limit: usize) -> Vec<reprpo_eval::suite::Loaded> {
+    let suite = Suite::by_name(
+        "default",
+        &root().join("datasets/suites"),
+        &root().join("datasets"),
+    )
+    .unwrap();
+    suite
+        .datasets
+        .iter()
+        .map(|d| load_dataset(d, &root(), Some(limit)).unwrap())
+        .collect()
+}
+
+/// The base (no adapter) and the LoRA adapter `idx`.
+fn base_and_lora(idx: usize) -> [Subject; 2] {
+    [
+        Subject {
+            label: "base".into(),
+            adapter: None,
+        },
+        Subject {
+            label: "lora".into(),
+            adapter: Some(idx),
+        },
+    ]
+}
+
 fn logp_fields(e: &serde_json::Value) -> Vec<f64> {
     if let Some(a) = e["logps"].as_array() {
         a.iter().map(|x| x.as_f64().unwrap()).collect()
@@ -54,27 +83,8 @@ fn logp_fields(e: &serde_json::Value) -> Vec<f64> {
 fn default_suite_prefix_and_full_agree_and_report_is_written() {
     let (mut m, idx) = model();
     let tok = Tok::byte_level().unwrap();
-    let suite = Suite::by_name(
-        "default",
-        &root().join("datasets/suites"),
-        &root().join("datasets"),
-    )
-    .unwrap();
-    let data: Vec<_> = suite
-        .datasets
-        .iter()
-        .map(|d| load_dataset(d, &root(), Some(5)).unwrap())
-        .collect();
-    let subjects = [
-        Subject {
-            label: "base".into(),
-            adapter: None,
-        },
-        Subject {
-            label: "lora".into(),
-            adapter: Some(idx),
-        },
-    ];
+    let data = default_suite(5);
+    let subjects = base_and_lora(idx);
     let mut opts = EvalOptions {
         mc_mode: ScoreMode::PrefixCache,
         pair_mode: ScoreMode::PrefixCache,
@@ -252,34 +262,15 @@ fn auto_mode_mixes_both_paths_and_equals_full() {
     assert!(worst < 1e-5, "{worst}");
 }
 
-#[test]
 /// What an evaluation would run on a GPU, asserted on the CPU: under
 /// `reprpo_kernels::written_out` (the path of every non-CPU device) `evaluate` runs no custom op
 /// that lacks a CUDA forward, and scores what the fused CPU kernels score.
+#[test]
 fn written_out_evaluation_runs_device_ops_and_scores_the_same() {
     let (mut m, idx) = model();
     let tok = Tok::byte_level().unwrap();
-    let suite = Suite::by_name(
-        "default",
-        &root().join("datasets/suites"),
-        &root().join("datasets"),
-    )
-    .unwrap();
-    let data: Vec<_> = suite
-        .datasets
-        .iter()
-        .map(|d| load_dataset(d, &root(), Some(4)).unwrap())
-        .collect();
-    let subjects = [
-        Subject {
-            label: "base".into(),
-            adapter: None,
-        },
-        Subject {
-            label: "lora".into(),
-            adapter: Some(idx),
-        },
-    ];
+    let data = default_suite(4);
+    let subjects = base_and_lora(idx);
     for mode in [ScoreMode::PrefixCache, ScoreMode::Full] {
         let opts = EvalOptions {
             mc_mode: mode,
