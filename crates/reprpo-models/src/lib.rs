@@ -13,6 +13,7 @@ pub use config::LlamaConfig;
 pub use llama::{ForwardSpec, KvCache, Llama, Output};
 pub mod adapter;
 pub mod checkpoint;
+pub mod files;
 pub mod full;
 pub mod generate;
 pub mod hub;

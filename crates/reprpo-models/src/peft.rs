@@ -627,6 +627,10 @@ pub fn save_adapter(host: &dyn AdapterHost, name: &str, dir: &Path) -> Result<()
             source: std::io::Error::other(e.to_string()),
         },
     )?;
+    crate::files::follow_umask(&tmp).map_err(|source| ModelError::Write {
+        file: st.clone(),
+        source,
+    })?;
     let cfg = dir.join("adapter_config.json");
     let cfg_tmp = dir.join(".adapter_config.json.tmp");
     let text = serde_json::to_string_pretty(&Value::Object(set.configs[idx].raw.clone())).map_err(
@@ -774,6 +778,10 @@ pub fn export_merged(
     candle_core::safetensors::save(&tensors, &tmp).map_err(|e| ModelError::Format {
         file: tmp.clone(),
         problem: e.to_string(),
+    })?;
+    crate::files::follow_umask(&tmp).map_err(|source| ModelError::Write {
+        file: dst.clone(),
+        source,
     })?;
     std::fs::rename(&tmp, &dst).map_err(|source| ModelError::Write { file: dst, source })?;
     for f in [

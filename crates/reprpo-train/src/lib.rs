@@ -6,7 +6,8 @@
 //! - [`objective`]: one batch through the policy (adapter on) and reference (adapter off) forwards
 //!   and the loss;
 //! - [`optim`]: AdamW with checkpointable f32 state, schedules, clipping;
-//! - [`run`]: the run folder, metrics log and atomic checkpoints with their manifests;
+//! - [`run`]: the run folder and atomic checkpoints with their manifests;
+//! - [`metrics`]: `metrics.jsonl`, copied into each checkpoint, checked and rebuilt on resume;
 //! - [`resume`]: `--resume`: the checkpoint that verifies, the config checked against it, the
 //!   overrides allowed on resume;
 //! - [`trainer`]: the loop, resume, Ctrl-C, SFT stage and summary;
@@ -15,6 +16,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod plots;

@@ -6,7 +6,7 @@ use std::path::Path;
 use reprpo_eval::plot::{Series, line_chart};
 
 use crate::error::{Result, TrainError};
-use crate::run::read_metrics;
+use crate::metrics::read_metrics;
 
 /// The charts: file name, title, and the metric keys on it (eval series are `eval_<key>`).
 const CHARTS: [(&str, &str, &[&str]); 4] = [

@@ -8,7 +8,7 @@
 //!   metrics.jsonl            one line per logged step (and per evaluation)
 //!   resume_overrides.toml    the key=value arguments applied by each `--resume`, when any
 //!   checkpoints/step-NNNNNNN/{adapter/, optimizer.safetensors, trainer_state.json,
-//!                             manifest.json}
+//!                             metrics.jsonl (the log up to the step), manifest.json}
 //!   plots/*.png              at the end
 //!   summary.json             at the end
 //! ```
@@ -20,7 +20,6 @@
 //! it ([`verify_checkpoint`]) and refuses a checkpoint whose files differ.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -94,81 +93,6 @@ pub fn new_run_dir(out_dir: &Path, name: &str) -> Result<PathBuf> {
         path: out_dir.join(base),
         cause: std::io::Error::other("no free run folder name"),
     })
-}
-
-/// `metrics.jsonl`: one JSON object per line, flushed after each.
-#[derive(Debug)]
-pub struct MetricsLog {
-    path: PathBuf,
-    file: std::fs::File,
-}
-
-impl MetricsLog {
-    /// Open for appending; with `keep_until = Some(step)`, first drop lines of later steps (a
-    /// resumed run repeats them).
-    pub fn open(path: &Path, keep_until: Option<usize>) -> Result<Self> {
-        if let Some(limit) = keep_until
-            && path.exists()
-        {
-            let text = std::fs::read_to_string(path).map_err(io(path))?;
-            let kept: Vec<&str> = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
-                        .is_some_and(|s| s as usize <= limit)
-                })
-                .collect();
-            let mut body = kept.join("\n");
-            if !body.is_empty() {
-                body.push('\n');
-            }
-            write_atomic(path, body.as_bytes())?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io(path))?;
-        Ok(MetricsLog {
-            path: path.to_path_buf(),
-            file,
-        })
-    }
-
-    /// Append one record.
-    pub fn write(&mut self, record: &BTreeMap<String, serde_json::Value>) -> Result<()> {
-        let line = serde_json::to_string(record).map_err(|e| TrainError::Malformed {
-            path: self.path.clone(),
-            problem: e.to_string(),
-        })?;
-        writeln!(self.file, "{line}").map_err(io(&self.path))?;
-        self.file.flush().map_err(io(&self.path))?;
-        Ok(())
-    }
-}
-
-/// Read every record of a `metrics.jsonl`.
-pub fn read_metrics(path: &Path) -> Result<Vec<BTreeMap<String, serde_json::Value>>> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    let bad = |i: usize, problem: String| TrainError::Malformed {
-        path: path.to_path_buf(),
-        problem: format!("line {}: {problem}", i + 1),
-    };
-    let mut out = Vec::new();
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = std::str::from_utf8(line).map_err(|e| {
-            bad(
-                i,
-                format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1),
-            )
-        })?;
-        if !line.trim().is_empty() {
-            out.push(serde_json::from_str(line).map_err(|e| bad(i, e.to_string()))?);
-        }
-    }
-    Ok(out)
 }
 
 /// What a checkpoint records besides the adapter and the optimizer moments.
@@ -399,7 +323,9 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Write a checkpoint atomically: `write_adapter` fills `<tmp>/adapter`, then the optimizer
-/// state and the trainer state are written, then `manifest.json` (sizes and SHA-256 of all of
+/// state, the trainer state and `metrics` (the run's log up to this step, what
+/// [`crate::metrics::MetricsLog::resume`] checks the log against) are written, then
+/// `manifest.json` (sizes and SHA-256 of all of
 /// them), then the folder is renamed into place; older
 /// checkpoints beyond `keep` are removed.
 ///
@@ -410,15 +336,18 @@ pub fn save_checkpoint(
     state: &TrainerState,
     optimizer: &HashMap<String, Tensor>,
     keep: usize,
+    metrics: &str,
     write_adapter: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let step = state.step;
     let parent = run_dir.join("checkpoints");
     std::fs::create_dir_all(&parent).map_err(|e| at_step(step, &parent, io(&parent)(e)))?;
     let tmp = parent.join(format!(".tmp-step-{step:07}"));
-    let written = write_checkpoint_files(&tmp, state, optimizer, write_adapter).and_then(|()| {
-        rename_into_place(&tmp, &checkpoint_dir(run_dir, step)).map_err(|e| at_step(step, &tmp, e))
-    });
+    let written =
+        write_checkpoint_files(&tmp, state, optimizer, metrics, write_adapter).and_then(|()| {
+            rename_into_place(&tmp, &checkpoint_dir(run_dir, step))
+                .map_err(|e| at_step(step, &tmp, e))
+        });
     match written {
         Ok(dir) => {
             prune_checkpoints(&parent, keep).map_err(|e| at_step(step, &parent, e))?;
@@ -451,11 +380,13 @@ fn at_step(step: usize, file: &Path, e: TrainError) -> TrainError {
     }
 }
 
-/// Fill the temporary checkpoint folder `tmp`: adapter, optimizer, trainer state, manifest.
+/// Fill the temporary checkpoint folder `tmp`: adapter, optimizer, trainer state, metrics,
+/// manifest.
 fn write_checkpoint_files(
     tmp: &Path,
     state: &TrainerState,
     optimizer: &HashMap<String, Tensor>,
+    metrics: &str,
     write_adapter: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let step = state.step;
@@ -472,6 +403,8 @@ fn write_checkpoint_files(
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&cpu, &opt_path)
         .map_err(|e| at_step(step, &opt_path, save_error(&opt_path, e)))?;
+    reprpo_models::files::follow_umask(&opt_path)
+        .map_err(|e| at_step(step, &opt_path, io(&opt_path)(e)))?;
     let state_path = tmp.join("trainer_state.json");
     let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Malformed {
         path: state_path.clone(),
@@ -479,6 +412,9 @@ fn write_checkpoint_files(
     })?;
     std::fs::write(&state_path, json)
         .map_err(|e| at_step(step, &state_path, io(&state_path)(e)))?;
+    let metrics_path = tmp.join(crate::metrics::METRICS);
+    std::fs::write(&metrics_path, metrics)
+        .map_err(|e| at_step(step, &metrics_path, io(&metrics_path)(e)))?;
     // Last: the manifest of everything above.
     write_manifest(tmp).map_err(|e| at_step(step, &tmp.join(MANIFEST), e))
 }

@@ -51,10 +51,11 @@ use serde_json::{Value, json};
 use crate::config::{LossFamily, TrainConfig};
 use crate::data::{self, DeviceBatch};
 use crate::error::{Result, TrainError, io};
+use crate::metrics::{LogCheck, METRICS, MetricsLog};
 use crate::objective::batch_loss;
 use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grads_to, global_grad_norm};
 use crate::resume::Resume;
-use crate::run::{self, MetricsLog, TrainerState};
+use crate::run::{self, TrainerState};
 
 /// A model the trainer can drive: a causal LM whose linear layers take adapters.
 pub trait TrainModel: CausalLm + AdapterHost + Send {
@@ -616,46 +617,80 @@ pub fn resume(ctx: &JobContext, target: &Path, overrides: &[String]) -> Result<O
     Device::Cpu.with_context(|| train_job(&r.cfg, ctx, Some(&r)))
 }
 
-fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Result<Outcome> {
-    let (run_dir, cfg) = match resume {
-        Some(r) => (r.run_dir.clone(), r.cfg.clone()),
-        None => {
-            let dir = run::new_run_dir(&cfg.run.out_dir, &cfg.run_name())?;
-            run::write_atomic(&dir.join("resolved_config.toml"), cfg.to_toml()?.as_bytes())?;
-            (dir, cfg.clone())
-        }
-    };
-    let config_hash = crate::resume::config_hash(&cfg)?;
-    let family = cfg.family()?;
-    let (mut model, tok, device) = load_model(&cfg)?;
+/// What a job trains and evaluates on, loaded and validated before its run folder exists.
+struct Inputs {
+    model: Box<dyn TrainModel>,
+    tok: Tok,
+    device: Device,
+    train_pairs: Vec<TokenizedPair>,
+    /// The id of each training pair (for naming the pairs of a bad step).
+    train_ids: Vec<String>,
+    eval_pairs: Vec<TokenizedPair>,
+    ood_pairs: Vec<TokenizedPair>,
+}
+
+/// Load the model and every dataset of `cfg`, and check them against each other.
+fn load_inputs(cfg: &TrainConfig, ctx: &JobContext) -> Result<Inputs> {
+    let (model, tok, device) = load_model(cfg)?;
     cfg.validate_for_model(model.num_layers())?;
     let tcfg = cfg.tokenize_config();
-
-    // Data.
     let mut train_raw = data::load_pairs(&cfg.data.datasets, &ctx.datasets_dir, cfg.train.seed)?;
     if let Some(n) = cfg.data.n_train {
         train_raw.truncate(n);
     }
     let tokenized = reprpo_data::tokenize::tokenize_pairs(&tok, &train_raw, &tcfg)?;
     let train_ids = kept_ids(&train_raw, &tokenized.dropped);
-    let train_pairs = tokenized.pairs;
-    if train_pairs.is_empty() {
+    if tokenized.pairs.is_empty() {
         return Err(TrainError::Config {
             key: "data.datasets".into(),
             problem: "no training pair survived tokenisation".into(),
         });
     }
-    let eval_pairs = if cfg.data.eval_datasets.is_empty() {
-        Vec::new()
-    } else {
-        let raw = data::load_pairs(&cfg.data.eval_datasets, &ctx.datasets_dir, cfg.train.seed)?;
-        data::tokenize(&tok, &raw, &tcfg)?
+    let load_other = |names: &[String]| -> Result<Vec<TokenizedPair>> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw = data::load_pairs(names, &ctx.datasets_dir, cfg.train.seed)?;
+        data::tokenize(&tok, &raw, &tcfg)
     };
-    let ood_pairs = if cfg.data.ood_datasets.is_empty() {
-        Vec::new()
-    } else {
-        let raw = data::load_pairs(&cfg.data.ood_datasets, &ctx.datasets_dir, cfg.train.seed)?;
-        data::tokenize(&tok, &raw, &tcfg)?
+    let eval_pairs = load_other(&cfg.data.eval_datasets)?;
+    let ood_pairs = load_other(&cfg.data.ood_datasets)?;
+    Ok(Inputs {
+        model,
+        tok,
+        device,
+        train_pairs: tokenized.pairs,
+        train_ids,
+        eval_pairs,
+        ood_pairs,
+    })
+}
+
+/// A new run folder for `cfg`, holding its `resolved_config.toml`.
+fn create_run_dir(cfg: &TrainConfig) -> Result<PathBuf> {
+    let dir = run::new_run_dir(&cfg.run.out_dir, &cfg.run_name())?;
+    run::write_atomic(&dir.join("resolved_config.toml"), cfg.to_toml()?.as_bytes())?;
+    Ok(dir)
+}
+
+fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Result<Outcome> {
+    let cfg = resume.map_or_else(|| cfg.clone(), |r| r.cfg.clone());
+    let config_hash = crate::resume::config_hash(&cfg)?;
+    let family = cfg.family()?;
+    // Everything is loaded and checked before a new run folder is created: a job that fails
+    // on its inputs leaves nothing behind.
+    let Inputs {
+        mut model,
+        tok,
+        device,
+        train_pairs,
+        train_ids,
+        eval_pairs,
+        ood_pairs,
+    } = load_inputs(&cfg, ctx)?;
+    let run_dir = match resume {
+        Some(r) => r.run_dir.clone(),
+        None => create_run_dir(&cfg)?,
     };
 
     // SFT stage (cached by its settings), folded into the base.
@@ -773,7 +808,17 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
         }
         start = state.step;
     }
-    let mut log = MetricsLog::open(&run_dir.join("metrics.jsonl"), resume.map(|_| start))?;
+    let log_path = run_dir.join(METRICS);
+    let mut log = match &resume_ckpt {
+        Some(ck) => {
+            let (log, check) = MetricsLog::resume(&log_path, ck, start)?;
+            if check != LogCheck::Intact {
+                eprintln!("resume: {check}");
+            }
+            log
+        }
+        None => MetricsLog::create(&log_path)?,
+    };
 
     let bar = progress_bar(ctx.progress, total as u64, start as u64);
     let mut window = DeviceMetrics::default();
@@ -911,6 +956,7 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
                 &state,
                 &opt.state(),
                 cfg.run.save_total_limit,
+                &log.upto(step),
                 |dir| Ok(peft::save_adapter(model_ref, "policy", dir)?),
             )?);
         }
@@ -1221,8 +1267,16 @@ fn sft_stage(
         .out_dir
         .join(&cfg.sft.cache_dir)
         .join(format!("sft-{:016x}", fnv(&key.to_string())));
-    if dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_config.json").is_file()
-    {
+    // Held until this function returns: a second job with the same settings waits here, then
+    // reuses this one's adapter.
+    let Some(_lock) = lock_cache_entry(&dir, &ctx.stop)? else {
+        println!(
+            "SFT stage stopped while waiting for the cache entry {}",
+            dir.display()
+        );
+        return Ok(None);
+    };
+    if is_cached_adapter(&dir) {
         println!("SFT stage: reusing {}", dir.display());
         return Ok(Some(dir));
     }
@@ -1316,19 +1370,75 @@ fn sft_stage(
         b.finish_and_clear();
     }
     guard.check_finite(None)?;
-    // Write to a temporary folder, then rename (a crash leaves no half-written cache entry).
-    let tmp = dir.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    peft::save_adapter(model, "sft", &tmp)?;
-    if let Some(p) = dir.parent() {
-        std::fs::create_dir_all(p).map_err(io(p))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    store_cache_entry(model, &dir)?;
     // Remove the SFT adapter again: the caller folds it into the base.
     clear_adapters(model);
     Ok(Some(dir))
+}
+
+/// Whether `dir` holds a complete cached adapter.
+fn is_cached_adapter(dir: &Path) -> bool {
+    dir.join("adapter_model.safetensors").is_file() && dir.join("adapter_config.json").is_file()
+}
+
+/// Take the exclusive lock of the SFT cache entry `dir` (the file `<dir>.lock`, kept: removing
+/// it would let a third job lock a different file), waiting while another job holds it; `None`
+/// when the stop flag is set while waiting. The lock is released when the file is dropped or
+/// the process ends.
+fn lock_cache_entry(dir: &Path, stop: &AtomicBool) -> Result<Option<std::fs::File>> {
+    let path = dir.with_extension("lock");
+    if let Some(p) = dir.parent() {
+        std::fs::create_dir_all(p).map_err(io(p))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(None);
+                }
+                if !said {
+                    println!(
+                        "SFT stage: waiting for another job writing {}",
+                        dir.display()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
+    }
+}
+
+/// Save the SFT adapter of `model` as the cache entry `dir`: written to a temporary folder of
+/// this process, then renamed, so a crash leaves no half-written entry. Where locks do not work
+/// (some network file systems) another job may have stored the same entry first: its copy is
+/// kept and ours removed.
+fn store_cache_entry(model: &dyn TrainModel, dir: &Path) -> Result<()> {
+    static WRITES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = WRITES.fetch_add(1, Ordering::SeqCst);
+    let tmp = dir.with_extension(format!("tmp-{}-{n}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    let stored = peft::save_adapter(model, "sft", &tmp)
+        .map_err(TrainError::from)
+        .and_then(|()| match std::fs::rename(&tmp, dir) {
+            Ok(()) => Ok(()),
+            Err(_) if is_cached_adapter(dir) => Ok(()),
+            Err(e) => Err(io(dir)(e)),
+        });
+    // Best effort: after a successful rename there is nothing left to remove.
+    let _ = std::fs::remove_dir_all(&tmp);
+    stored
 }
 
 /// Remove every adapter from `model`.

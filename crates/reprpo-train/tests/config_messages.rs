@@ -132,7 +132,7 @@ fn non_utf8_metrics_name_the_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("metrics.jsonl");
     std::fs::write(&path, b"{\"step\": 1}\n{\"step\": 2, \"x\": \"\xff\"}\n").unwrap();
-    let err = reprpo_train::run::read_metrics(&path)
+    let err = reprpo_train::metrics::read_metrics(&path)
         .unwrap_err()
         .to_string();
     assert!(

@@ -271,3 +271,58 @@ fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// Point 5: a deleted, cut, edited or garbled `metrics.jsonl` is noticed on resume, kept aside as
+/// `metrics.jsonl.damaged` and rebuilt from the checkpoint's copy; the resumed run's log is then
+/// the uninterrupted run's, byte for byte.
+#[test]
+fn damaged_metrics_log_is_kept_aside_and_rebuilt_from_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = trainer::train(&config(tmp.path(), &[]), &ctx(false), None).unwrap();
+    let want = std::fs::read_to_string(straight.run_dir.join("metrics.jsonl")).unwrap();
+    type Damage = fn(&str) -> Option<String>;
+    let damages: [(&str, Damage); 4] = [
+        ("deleted", |_| None),
+        ("cut", |t| Some(t[..t.len() / 2].to_string())),
+        ("edited", |t| Some(t.replacen("\"loss\":", "\"loss\":1", 1))),
+        ("garbled", |t| Some(format!("garbage\n{t}"))),
+    ];
+    for (what, damage) in damages {
+        let run = stopped_run(tmp.path(), &[]);
+        let log = run.join("metrics.jsonl");
+        let before = std::fs::read_to_string(&log).unwrap();
+        // The checkpoint holds the log up to its step.
+        let stored = std::fs::read_to_string(ckpt(&run, 1).join("metrics.jsonl")).unwrap();
+        assert_eq!(stored, before, "{what}");
+        let damaged = damage(&before);
+        match &damaged {
+            None => std::fs::remove_file(&log).unwrap(),
+            Some(t) => std::fs::write(&log, t).unwrap(),
+        }
+        trainer::train(&config(Path::new("unused"), &[]), &ctx(false), Some(&run)).unwrap();
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), want, "{what}");
+        let aside = run.join("metrics.jsonl.damaged");
+        match damaged {
+            None => assert!(!aside.exists(), "{what}"),
+            Some(t) => assert_eq!(std::fs::read_to_string(&aside).unwrap(), t, "{what}"),
+        }
+    }
+}
+
+/// Point 5, the other side: an intact log is kept as it is (no `.damaged` file), a torn last line
+/// (a kill during a write) is not damage, and records after the checkpoint are dropped.
+#[test]
+fn intact_metrics_log_is_kept_and_a_torn_last_line_is_not_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = trainer::train(&config(tmp.path(), &[]), &ctx(false), None).unwrap();
+    let want = std::fs::read_to_string(straight.run_dir.join("metrics.jsonl")).unwrap();
+    let run = stopped_run(tmp.path(), &[]);
+    let log = run.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&log).unwrap();
+    // A record of a later step (lost with the kill) and half of the next one.
+    text.push_str("{\"loss\":0.5,\"step\":2}\n{\"loss\":0.");
+    std::fs::write(&log, text).unwrap();
+    trainer::train(&config(Path::new("unused"), &[]), &ctx(false), Some(&run)).unwrap();
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), want);
+    assert!(!run.join("metrics.jsonl.damaged").exists());
+}

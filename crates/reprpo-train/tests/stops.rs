@@ -159,7 +159,7 @@ fn no_temporaries(run_dir: &Path) {
 #[test]
 fn a_failed_adapter_write_names_the_file_and_step_and_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = run::save_checkpoint(tmp.path(), &state(7), &moments(), 2, |dir| {
+    let err = run::save_checkpoint(tmp.path(), &state(7), &moments(), 2, "", |dir| {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("adapter_config.json"), "{}").unwrap();
         Err(TrainError::Io {
@@ -178,7 +178,7 @@ fn a_failed_adapter_write_names_the_file_and_step_and_cleans_up() {
 #[test]
 fn a_failed_optimizer_write_names_the_file_and_step_and_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = run::save_checkpoint(tmp.path(), &state(3), &moments(), 2, |dir| {
+    let err = run::save_checkpoint(tmp.path(), &state(3), &moments(), 2, "", |dir| {
         // A folder where the optimizer file goes: its write fails.
         let parent = dir.parent().unwrap();
         std::fs::create_dir_all(parent.join("optimizer.safetensors")).unwrap();
