@@ -13,7 +13,9 @@ use clap::Args;
 use reprpo_train::{JobContext, Sources, TrainConfig};
 
 /// A run stopped by Ctrl-C after saving its checkpoint: `main` exits with 130 (128 + SIGINT),
-/// as a shell does for a command killed by SIGINT.
+/// as a shell does for a command killed by SIGINT. SIGTERM and SIGHUP (a batch scheduler's
+/// time limit, a closed terminal) stop it the same way, with the same status: the handler cannot
+/// tell them apart.
 #[derive(Debug)]
 pub struct Interrupted;
 
@@ -89,7 +91,10 @@ pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
                 eprintln!("second Ctrl-C: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)");
+            eprintln!(
+                "Ctrl-C (or SIGTERM/SIGHUP): saving a checkpoint after this step (Ctrl-C again \
+                 to abort)"
+            );
         })
         .context("installing the Ctrl-C handler")?;
     }

@@ -709,8 +709,13 @@ impl TrainConfig {
                 fig = fig.merge(Toml::file_exact(f));
             }
             if src.env {
-                // `REPRPO_ROOT` (the workspace root of xtask) is not a config key.
-                fig = fig.merge(Env::prefixed("REPRPO_").filter(|k| k != "root").split("__"));
+                // `REPRPO_ROOT` (the workspace root of xtask) and `REPRPO_CRASH_AT` (the soak's
+                // fault injection, `run::crash_point`) are not config keys.
+                fig = fig.merge(
+                    Env::prefixed("REPRPO_")
+                        .filter(|k| k != "root" && k != "crash_at")
+                        .split("__"),
+                );
             }
             for (k, v) in &overrides {
                 fig = fig.merge(Serialized::global(k, v.clone()));

@@ -350,6 +350,7 @@ pub fn save_checkpoint(
         });
     match written {
         Ok(dir) => {
+            crash_point(step, "rename");
             prune_checkpoints(&parent, keep).map_err(|e| at_step(step, &parent, e))?;
             Ok(dir)
         }
@@ -358,6 +359,20 @@ pub fn save_checkpoint(
             let _ = std::fs::remove_dir_all(&tmp);
             Err(e)
         }
+    }
+}
+
+/// The fault injection of the kill-and-resume soak (`tests/soak/kill_resume.sh`): with the
+/// environment variable `REPRPO_CRASH_AT=STEP:PHASE`, the process aborts (as `kill -9` would:
+/// no destructor, no cleanup) right after the checkpoint of step `STEP` finished `PHASE`:
+/// `adapter`, `optimizer`, `state`, `metrics`, `manifest` (inside the temporary folder) or
+/// `rename` (the folder in place, older ones not yet pruned).
+fn crash_point(step: usize, phase: &str) {
+    if let Some(v) = std::env::var_os("REPRPO_CRASH_AT")
+        && v.to_string_lossy() == format!("{step}:{phase}")
+    {
+        eprintln!("REPRPO_CRASH_AT={step}:{phase}: aborting");
+        std::process::abort();
     }
 }
 
@@ -396,6 +411,7 @@ fn write_checkpoint_files(
     std::fs::create_dir_all(tmp).map_err(|e| at_step(step, tmp, io(tmp)(e)))?;
     let adapter = tmp.join("adapter");
     write_adapter(&adapter).map_err(|e| at_step(step, &adapter, e))?;
+    crash_point(step, "adapter");
     let opt_path = tmp.join("optimizer.safetensors");
     let cpu: HashMap<String, Tensor> = optimizer
         .iter()
@@ -405,6 +421,7 @@ fn write_checkpoint_files(
         .map_err(|e| at_step(step, &opt_path, save_error(&opt_path, e)))?;
     reprpo_models::files::follow_umask(&opt_path)
         .map_err(|e| at_step(step, &opt_path, io(&opt_path)(e)))?;
+    crash_point(step, "optimizer");
     let state_path = tmp.join("trainer_state.json");
     let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Malformed {
         path: state_path.clone(),
@@ -412,11 +429,15 @@ fn write_checkpoint_files(
     })?;
     std::fs::write(&state_path, json)
         .map_err(|e| at_step(step, &state_path, io(&state_path)(e)))?;
+    crash_point(step, "state");
     let metrics_path = tmp.join(crate::metrics::METRICS);
     std::fs::write(&metrics_path, metrics)
         .map_err(|e| at_step(step, &metrics_path, io(&metrics_path)(e)))?;
+    crash_point(step, "metrics");
     // Last: the manifest of everything above.
-    write_manifest(tmp).map_err(|e| at_step(step, &tmp.join(MANIFEST), e))
+    write_manifest(tmp).map_err(|e| at_step(step, &tmp.join(MANIFEST), e))?;
+    crash_point(step, "manifest");
+    Ok(())
 }
 
 /// A safetensors write error as an I/O error on `path` when it is one (without the "I/O
