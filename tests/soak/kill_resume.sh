@@ -4,8 +4,9 @@
 # of every trial must be byte-identical to those of the uninterrupted run.
 #
 # Interruptions, drawn in turn from a seeded generator:
-#   KILL, INT, TERM  the signal sent after a random delay within the reference run's duration
-#                    (INT and TERM: checkpoint then exit 130; KILL: nothing saved);
+#   KILL, INT, TERM  the signal sent 0-300 ms after a random step is logged (step 0: as soon as
+#                    the run folder exists, i.e. in the SFT stage; the last step: in the final
+#                    evaluation); INT and TERM: checkpoint then exit 130; KILL: nothing saved;
 #   CRASH            REPRPO_CRASH_AT=STEP:PHASE, an abort inside the checkpoint write of STEP
 #                    after PHASE (adapter, optimizer, state, metrics, manifest, rename).
 #
@@ -61,23 +62,16 @@ for ((i = 1; i <= n; i++)); do
     REPRPO_CRASH_AT=$point "$bin" "${args[@]}" "run.out_dir=$out" >"$out/first.log" 2>&1 ||
       status=$?
   else
-    # Half the trials wait for a random logged step (0: the run folder only, i.e. during the
-    # SFT stage or before the first step) then a random 0-300 ms; the others a random delay
-    # within the reference run's duration (which also reaches the final evaluation).
-    "$bin" "${args[@]}" "run.out_dir=$out" >"$out/first.log" 2>&1 &
-    pid=$!
-    if ((RANDOM % 2)); then
-      at=$((RANDOM % steps))
-      until [[ -n $(run_dir_of "$out") ]] && (( $(last_step "$(run_dir_of "$out")") >= at )); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-      done
-      delay_ms=$((RANDOM % 300))
-      point="step${at}+${delay_ms}ms"
-    else
-      delay_ms=$((200 + (RANDOM * 32768 + RANDOM) % (ref_ms > 200 ? ref_ms - 200 : 1)))
-      point="${delay_ms}ms"
-    fi
+    # Wait for a random logged step (0: the run folder only, i.e. during the SFT stage or
+    # before the first step; 12: the last step, i.e. during the final evaluation), then a
+    # random 0-300 ms.
+    at=$((RANDOM % (steps + 1)))
+    until [[ -n $(run_dir_of "$out") ]] && (( $(last_step "$(run_dir_of "$out")") >= at )); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.05
+    done
+    delay_ms=$((RANDOM % 300))
+    point="step${at}+${delay_ms}ms"
     sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"
     kill "-$kind" "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || status=$?

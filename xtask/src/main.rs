@@ -104,14 +104,15 @@ enum ConvertCmd {
 /// Where the rows come from: named recipes, or one file with a converter.
 #[derive(Args, Clone)]
 struct InputArgs {
-    /// Recipe names from `datasets/*.toml`, comma-separated (e.g. `hh,shp`).
+    /// Recipe names from `datasets/*.toml` or data files (`FILE[:CONVERTER]`), comma-separated
+    /// (e.g. `hh,shp`, `pairs.jsonl`).
     #[arg(long, value_delimiter = ',', conflicts_with = "input")]
     recipe: Vec<String>,
     /// An input file (.jsonl, .json, .csv, .parquet, optionally .gz).
     #[arg(long)]
     input: Option<PathBuf>,
-    /// The converter for `--input` (see `Converter::NAMES`).
-    #[arg(long, default_value = "pairs")]
+    /// The converter for `--input` (see `Converter::NAMES`; `auto` infers it from the columns).
+    #[arg(long, default_value = "auto")]
     converter: String,
     /// Seed for converters that draw at random and for mixing recipes.
     #[arg(long, default_value_t = 42)]

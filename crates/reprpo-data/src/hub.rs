@@ -13,6 +13,32 @@ use crate::recipe::HubSource;
 /// The revision under which the hub keeps its Parquet conversion of every dataset.
 pub const PARQUET_REVISION: &str = "refs/convert/parquet";
 
+/// The local path `s` names, when it looks like one rather than a hub id: it starts with `/`,
+/// `./`, `../` or `~` (`~/` is the home folder), is `.` or `..`, or its parent folder exists.
+/// `None` for a hub id such as `meta-llama/Llama-3.2-1B` (unless a folder `meta-llama` exists
+/// here).
+pub fn local_path(s: &str) -> Option<PathBuf> {
+    if s == "~" || s.starts_with("~/") {
+        let rest = s.strip_prefix('~').unwrap_or(s).trim_start_matches('/');
+        return Some(match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(rest),
+            None => PathBuf::from(s),
+        });
+    }
+    let p = Path::new(s);
+    let looks_local = s.starts_with('/')
+        || s.starts_with("./")
+        || s.starts_with("../")
+        || s.starts_with('~')
+        || s == "."
+        || s == ".."
+        || p.is_absolute()
+        || p.exists()
+        || p.parent()
+            .is_some_and(|d| !d.as_os_str().is_empty() && d.is_dir());
+    looks_local.then(|| p.to_path_buf())
+}
+
 /// Whether `HF_HUB_OFFLINE` asks for offline mode ("1", "true", "yes", "on").
 pub fn offline_from_env() -> bool {
     std::env::var("HF_HUB_OFFLINE")

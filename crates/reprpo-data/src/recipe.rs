@@ -296,7 +296,84 @@ pub fn load_dir(dir: &Path) -> Result<BTreeMap<String, Recipe>> {
     Ok(out)
 }
 
-/// The recipes `names` from `dir`, in the order given.
+/// Extensions (before an optional `.gz`) that make a dataset spec a file path.
+const DATA_EXTENSIONS: &[&str] = &["jsonl", "json", "csv", "parquet"];
+
+/// A dataset given as a file where a recipe name is expected: `FILE` or `FILE:CONVERTER`, as
+/// `(path, converter name)`; the converter is `auto` ([`crate::convert::infer`]) unless named.
+///
+/// A spec is a file when its path part looks like a path ([`crate::hub::local_path`]: `/`, `./`,
+/// `../`, `~/`, an existing parent folder, ...) or ends in `.jsonl`, `.json`, `.csv` or
+/// `.parquet`, each optionally gzipped; recipe names have none of these. `None` for a recipe
+/// name. A relative path stays relative (to the working directory of whoever reads it:
+/// configurations store them absolute, see `reprpo_train`'s config layer).
+pub fn path_spec(spec: &str) -> Option<(PathBuf, String)> {
+    let (path, converter) = match spec.rsplit_once(':') {
+        Some((p, c)) if !c.is_empty() && !c.contains(['/', '\\', '.']) => (p, c),
+        _ => (spec, "auto"),
+    };
+    let lower = path.to_ascii_lowercase();
+    let base = lower.strip_suffix(".gz").unwrap_or(&lower);
+    let has_ext = DATA_EXTENSIONS
+        .iter()
+        .any(|e| base.strip_suffix(e).is_some_and(|s| s.ends_with('.')));
+    let local = crate::hub::local_path(path);
+    if local.is_none() && !has_ext {
+        return None;
+    }
+    Some((
+        local.unwrap_or_else(|| PathBuf::from(path)),
+        converter.to_string(),
+    ))
+}
+
+impl Recipe {
+    /// The ad-hoc recipe of a data file (see [`path_spec`]): named after the file (its stem
+    /// without `.gz` and the extension: ids are `<stem>/<row>`), every row kept, the default
+    /// seed. A missing file is [`DataError::Invalid`] naming it (and the working directory a
+    /// relative path is taken against); an unknown converter a
+    /// [`DataError::Config`] naming the spec.
+    pub fn from_file(path: &Path, converter_name: &str) -> Result<Recipe> {
+        if !path.is_file() {
+            let against = match std::env::current_dir() {
+                Ok(cwd) if path.is_relative() => {
+                    format!(" (relative to the working directory {})", cwd.display())
+                }
+                _ => String::new(),
+            };
+            return Err(DataError::Invalid(format!(
+                "{}: no such data file{against}",
+                path.display()
+            )));
+        }
+        let converter = converter_name
+            .parse::<Converter>()
+            .map_err(|e| DataError::Config {
+                file: path.to_path_buf(),
+                key: "converter".into(),
+                problem: e.to_string(),
+            })?;
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let stem = file_name.strip_suffix(".gz").unwrap_or(&file_name);
+        let stem = stem.rsplit_once('.').map_or(stem, |(s, _)| s).to_string();
+        Ok(Recipe {
+            name: stem,
+            file: path.to_path_buf(),
+            source: Source::Path(path.to_path_buf()),
+            converter,
+            converter_name: converter_name.to_string(),
+            sample: None,
+            seed: DEFAULT_RECIPE_SEED,
+            description: format!("the file {}", path.display()),
+        })
+    }
+}
+
+/// The recipes `names` from `dir`, in the order given; a name that is a file ([`path_spec`])
+/// gives that file's ad-hoc recipe ([`Recipe::from_file`]).
 ///
 /// An unknown name is [`DataError::UnknownRecipe`] listing the known names.
 pub fn resolve(names: &[String], dir: &Path) -> Result<Vec<Recipe>> {
@@ -304,6 +381,9 @@ pub fn resolve(names: &[String], dir: &Path) -> Result<Vec<Recipe>> {
     names
         .iter()
         .map(|name| {
+            if let Some((path, converter)) = path_spec(name) {
+                return Recipe::from_file(&path, &converter);
+            }
             all.get(name)
                 .cloned()
                 .ok_or_else(|| DataError::UnknownRecipe {

@@ -85,11 +85,17 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training datasets: recipe names from `datasets/*.toml`, or `default` (embedded).
+    /// Training datasets: recipe names from `datasets/*.toml`, `default` (embedded), or data
+    /// files (`path/to/pairs.jsonl`, `.json`, `.csv`, `.parquet`, optionally `.gz`, with an
+    /// optional `:converter`; see `reprpo_data::recipe::path_spec`), stored absolute. A single
+    /// name may be given without brackets.
+    #[serde(deserialize_with = "one_or_many")]
     pub datasets: Vec<String>,
     /// Held-out (in-distribution) datasets for periodic evaluation and the summary.
+    #[serde(deserialize_with = "one_or_many")]
     pub eval_datasets: Vec<String>,
     /// Out-of-distribution datasets for the summary.
+    #[serde(deserialize_with = "one_or_many")]
     pub ood_datasets: Vec<String>,
     /// Use at most this many training pairs (after shuffling with `train.seed`).
     pub n_train: Option<usize>,
@@ -103,6 +109,38 @@ pub struct DataConfig {
     pub truncation_mode: Truncation,
     /// Apply the tokenizer's chat template.
     pub chat_template: bool,
+}
+
+/// A list of names that also takes a single name (`data.datasets=hh`, as hydra-style overrides
+/// allow).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// `spec` with its path made absolute against the working directory when it names a data file
+/// by a relative path (`reprpo_data::recipe::path_spec`); recipe names as they are.
+fn absolute_dataset(spec: &str) -> Result<String> {
+    let Some((path, converter)) = reprpo_data::recipe::path_spec(spec) else {
+        return Ok(spec.to_string());
+    };
+    let abs = std::path::absolute(&path).map_err(crate::error::io(&path))?;
+    let named = spec.ends_with(&format!(":{converter}"));
+    Ok(if named {
+        format!("{}:{converter}", abs.display())
+    } else {
+        abs.display().to_string()
+    })
 }
 
 /// The adapter (PEFT names are derived from these; see [`AdapterOptions::peft_json`]).
@@ -747,6 +785,22 @@ impl TrainConfig {
             .merge(Serialized::defaults(adapter_preset(&kind)?));
         let mut cfg: TrainConfig = user(fig).extract().map_err(figment_err)?;
         cfg.sft.steps = Some(cfg.sft_steps());
+        // Paths given relative to the working directory are stored absolute, so the run
+        // folder's resolved_config.toml means the same from anywhere (resume, eval).
+        for list in [
+            &mut cfg.data.datasets,
+            &mut cfg.data.eval_datasets,
+            &mut cfg.data.ood_datasets,
+        ] {
+            for s in list.iter_mut() {
+                *s = absolute_dataset(s)?;
+            }
+        }
+        if let Some(p) = &mut cfg.adapter.init_from
+            && p.is_relative()
+        {
+            *p = std::path::absolute(&*p).map_err(crate::error::io(&*p))?;
+        }
         cfg.validate()?;
         Ok(cfg)
     }

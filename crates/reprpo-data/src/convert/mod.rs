@@ -9,6 +9,7 @@ use crate::error::{DataError, Result};
 use crate::read::Table;
 use crate::types::{McItem, PreferencePair, SourceMeta};
 
+pub mod chat;
 pub mod genies;
 pub mod helpsteer;
 pub mod hh;
@@ -57,6 +58,11 @@ pub enum Converter {
     TruthfulQa(TqaTarget),
     /// `sycophancy`: Anthropic evals JSONL (prompt, corrects, incorrects).
     Sycophancy,
+    /// `chat`: TRL's conversational format (`chosen`/`rejected` message lists, optional `prompt`).
+    Chat,
+    /// `auto`: whichever of `pairs`, `mc`, `chat` and `hh-rlhf` the columns call for
+    /// ([`infer`]).
+    Auto,
 }
 
 impl Converter {
@@ -74,6 +80,8 @@ impl Converter {
         "truthfulqa-mc1",
         "truthfulqa-mc2",
         "sycophancy",
+        "chat",
+        "auto",
     ];
 }
 
@@ -94,6 +102,8 @@ impl FromStr for Converter {
             "truthfulqa-mc1" | "truthfulqa" => Converter::TruthfulQa(TqaTarget::Mc1),
             "truthfulqa-mc2" => Converter::TruthfulQa(TqaTarget::Mc2),
             "sycophancy" => Converter::Sycophancy,
+            "chat" => Converter::Chat,
+            "auto" => Converter::Auto,
             other => {
                 return Err(DataError::Invalid(format!(
                     "unknown converter `{other}` (known: {})",
@@ -141,7 +151,55 @@ pub fn convert(converter: Converter, table: &Table, opts: &ConvertOptions) -> Re
         Converter::Genies => genies::genies(table, opts),
         Converter::TruthfulQa(target) => truthfulqa::truthfulqa(table, opts, target),
         Converter::Sycophancy => sycophancy::sycophancy(table, opts),
+        Converter::Chat => chat::chat(table, opts),
+        Converter::Auto => convert(infer(table)?, table, opts),
     }
+}
+
+/// The converter the columns of `table`'s first row call for (converter `auto`):
+///
+/// | columns | converter |
+/// |---|---|
+/// | `prompt`, `chosen`, `rejected` strings | `pairs` |
+/// | `prompt`, `choices`, `correct` | `mc` |
+/// | `chosen`, `rejected` message lists (`prompt` optional) | `chat` (TRL conversational) |
+/// | `chosen`, `rejected` strings, no `prompt` | `hh-rlhf` (full transcripts) |
+///
+/// Anything else is an error naming the file, the columns found and how to name a converter.
+pub fn infer(table: &Table) -> Result<Converter> {
+    let first = table.records.first();
+    let fields = first.map(|r| &r.fields);
+    let has = |k: &str| fields.is_some_and(|f| f.get(k).is_some_and(|v| !v.is_null()));
+    let is_list = |k: &str| fields.is_some_and(|f| f.get(k).is_some_and(|v| v.is_array()));
+    let found = if has("chosen") && has("rejected") {
+        if is_list("chosen") && is_list("rejected") {
+            Some(Converter::Chat)
+        } else if has("prompt") {
+            Some(Converter::Pairs)
+        } else {
+            Some(Converter::HhRlhf)
+        }
+    } else if has("prompt") && has("choices") && has("correct") {
+        Some(Converter::Mc)
+    } else {
+        None
+    };
+    found.ok_or_else(|| {
+        let columns: Vec<&str> = fields
+            .map(|f| f.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        DataError::field(
+            &table.file,
+            first.map_or(1, |r| r.row),
+            "(columns)",
+            format!(
+                "cannot tell the layout from the columns {columns:?}: expected prompt/chosen/\
+                 rejected, prompt/choices/correct, or chosen/rejected (HH transcripts or TRL \
+                 message lists); name a converter with `FILE:CONVERTER` (known: {})",
+                Converter::NAMES.join(", ")
+            ),
+        )
+    })
 }
 
 /// The id `<dataset>/<row>` and the provenance of an item from `row` without scores.
