@@ -1,37 +1,49 @@
-//! `cargo xtask eval [--adapter RUN_DIR ...] [--suite NAME] [key=value ...]`: score the base
-//! model and each run's adapter on a suite and write the table.
+//! `cargo xtask eval [--adapter DIR|HUB_ID ...] [--suite NAME|FILE] [model.KEY=V] [key=value ...]`:
+//! score the base model and each adapter on a suite and write the table.
 //!
-//! A run folder is what `cargo xtask train` writes: `resolved_config.toml` (its `[model]` names
-//! the base: `tiny`/`small` for the seeded random Llama with the byte-level tokenizer, or a
-//! local Hugging Face folder / hub id; its `[data]` gives the tokenisation), the PEFT adapter in
-//! `adapter/` (or the PEFT files at the top of the folder), and optionally `sft_adapter/`,
-//! which is folded into the base first. Every run given must share the same base (model and
-//! SFT stage), because one loaded model carries all adapters and the base row is that model
-//! with no adapter active.
+//! An `--adapter` is a run folder (what `cargo xtask train` writes: `resolved_config.toml`, whose
+//! `[model]` names the base and whose `[data]` gives the tokenisation, `adapter/` and optionally
+//! `sft_adapter/`, folded into the base first), a plain PEFT folder (`adapter_config.json` +
+//! `adapter_model.safetensors`, the base from its `base_model_name_or_path`), or a hub adapter id
+//! (see `eval/source.rs`, also for how relative paths resolve). Every adapter given must share
+//! the same base (model and SFT stage), because one loaded model carries all adapters and the
+//! base row is that model with no adapter active; an error names two that differ.
+//! `model.name_or_path=...` (and every other `[model]` key: `model.dtype`, `model.device`, ...)
+//! overrides the base; with no adapter it scores that model alone.
 //!
-//! With no `--adapter`: the newest run under `runs/` trained on the embedded default
-//! (`data.datasets = ["default"]`, `model.name_or_path = "tiny"`) with an `adapter/`; if there
-//! is none, the base alone (and it says so). The suite defaults to `default`.
+//! With neither an adapter nor `model.name_or_path`: the newest run under `runs/` trained on the
+//! embedded default (`data.datasets = ["default"]`, `model.name_or_path = "tiny"`) with an
+//! `adapter/`; if there is none, the random `tiny` base alone. Both are said before scoring.
 //!
-//! Outputs go to `--out DIR`, else `<run>/eval/<suite>/` for one run, else
+//! `--suite` is a suite name (`datasets/suites/<name>.toml`) or a suite file (a path ending in
+//! `.toml` or containing `/`, relative to the working directory). It defaults to `default`.
+//!
+//! Outputs go to `--out DIR`, else `<run>/eval/<suite>/` for one run folder, else
 //! `runs/eval/<suite>-<timestamp>/` (see `reprpo_eval::output` for the files).
+
+mod source;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use reprpo_data::Tok;
 use reprpo_eval::evaluate::{EvalOptions, Subject, evaluate};
 use reprpo_eval::suite::{Suite, load_dataset};
 use reprpo_models::peft;
 use reprpo_train::TrainConfig;
+use reprpo_train::config::ModelConfig;
+use reprpo_train::trainer::TrainModel;
+use serde::{Deserialize, Serialize};
+use source::{Source, cwd, has_peft};
 
 /// Arguments of `eval`.
 #[derive(Args)]
 pub struct EvalArgs {
-    /// A run folder (repeatable): `resolved_config.toml` + `adapter/`.
-    #[arg(long = "adapter", value_name = "RUN_DIR")]
-    pub adapters: Vec<PathBuf>,
-    /// Suite name from `datasets/suites/`.
+    /// A run folder, a PEFT adapter folder or a hub adapter id (repeatable; all on one base).
+    #[arg(long = "adapter", value_name = "DIR|HUB_ID")]
+    pub adapters: Vec<String>,
+    /// A suite name from `datasets/suites/`, or a suite file (`my_suite.toml`, `dir/suite.toml`).
     #[arg(long, default_value = "default")]
     pub suite: String,
     /// Output folder.
@@ -40,29 +52,41 @@ pub struct EvalArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
-    /// Overrides of the evaluation options, e.g. `limit=100 beta=0.1 mc_mode=full
-    /// generations=0 tokenize.max_length=1024`.
+    /// Overrides of the base model (`model.name_or_path=DIR|HUB_ID model.dtype=bf16
+    /// model.device=cuda:0`) and of the evaluation options (`limit=100 beta=0.1 mc_mode=full
+    /// generations=0 tokenize.max_length=1024`).
     #[arg(value_name = "key=value")]
     pub overrides: Vec<String>,
 }
 
-fn has_peft(dir: &Path) -> bool {
-    dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file()
+/// The `[model]` keys on their own, so `model.*` overrides are checked against `ModelConfig`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelKeys {
+    model: ModelConfig,
 }
 
-/// The PEFT folder of a run: `adapter/`, else the run folder itself.
-fn adapter_dir(run: &Path) -> Result<PathBuf> {
-    let sub = run.join("adapter");
-    if has_peft(&sub) {
-        return Ok(sub);
-    }
-    if has_peft(run) {
-        return Ok(run.to_path_buf());
-    }
-    bail!(
-        "{}: no PEFT adapter (adapter/adapter_config.json + adapter_model.safetensors)",
-        run.display()
-    )
+/// What will be scored: the adapters, the base and how it was chosen.
+struct Plan {
+    sources: Vec<Source>,
+    model: ModelConfig,
+    /// Where the base comes from, for the first line of output.
+    base_from: String,
+    notes: Vec<String>,
+}
+
+/// Whether an override sets a `[model]` key.
+fn is_model_key(kv: &str) -> bool {
+    let key = kv.split_once('=').map_or(kv, |(k, _)| k).trim();
+    key == "model" || key.starts_with("model.")
+}
+
+/// Whether the overrides set `model.name_or_path`.
+fn names_model(model_kvs: &[String]) -> bool {
+    model_kvs.iter().any(|kv| {
+        kv.split_once('=')
+            .is_some_and(|(k, _)| k.trim() == "model.name_or_path")
+    })
 }
 
 /// The newest run under `runs/` trained on the embedded default with the tiny model.
@@ -90,96 +114,254 @@ fn newest_default_run(root: &Path) -> Option<PathBuf> {
     best.map(|(_, p)| p)
 }
 
-/// What identifies a run's base model: the `[model]` table and the SFT adapter's bytes.
-fn base_key(cfg: &TrainConfig, run: &Path) -> Result<(String, Option<Vec<u8>>)> {
-    let model = toml::to_string(&cfg.model).context("serialising [model]")?;
-    let sft = run.join("sft_adapter/adapter_model.safetensors");
-    let bytes = if sft.is_file() {
-        Some(std::fs::read(&sft).with_context(|| sft.display().to_string())?)
-    } else {
-        None
-    };
-    Ok((model, bytes))
+/// With neither `--adapter` nor `model.name_or_path`: the newest default run, else nothing (the
+/// random `tiny` base alone); either way a note says so.
+fn default_sources(root: &Path, notes: &mut Vec<String>) -> Result<Vec<Source>> {
+    match newest_default_run(root) {
+        Some(r) => {
+            notes.push(format!(
+                "no --adapter and no model.name_or_path: evaluating the newest run trained on \
+                 the embedded default, {}",
+                r.display()
+            ));
+            Ok(vec![source::open(&r.display().to_string())?])
+        }
+        None => {
+            notes.push(
+                "no --adapter, no model.name_or_path and no run trained on the embedded default \
+                 under runs/: scoring the random `tiny` base alone, a smoke test rather than a \
+                 measurement (give --adapter DIR or model.name_or_path=DIR, or train one with \
+                 `cargo xtask train`)"
+                    .into(),
+            );
+            Ok(Vec::new())
+        }
+    }
 }
 
-/// Run the job.
-pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
-    let mut runs = a.adapters.clone();
-    let mut note = None;
-    if runs.is_empty() {
-        match newest_default_run(root) {
-            Some(r) => runs.push(r),
-            None => {
-                note = Some(
-                    "no run trained on the embedded default under runs/ (train one with `cargo xtask train`): scoring the base alone",
-                );
-            }
-        }
-    }
-    let mut cfgs = Vec::with_capacity(runs.len());
-    for r in &runs {
-        let f = r.join("resolved_config.toml");
-        let cfg = TrainConfig::from_toml_file(&f)
-            .with_context(|| format!("run folder {}: reading {}", r.display(), f.display()))?;
-        cfgs.push(cfg);
-    }
-    let base_cfg = match cfgs.first() {
-        Some(c) => c.clone(),
-        None => TrainConfig::resolve(&reprpo_train::Sources::default())?,
+/// Every adapter must share the SFT stage and, unless `model.name_or_path` overrides it, the base
+/// model; the error names the two that differ and their bases.
+fn check_same_base(sources: &[Source], overridden: bool) -> Result<()> {
+    let Some(first) = sources.first() else {
+        return Ok(());
     };
-    if let Some(first) = runs.first() {
-        let key = base_key(&cfgs[0], first)?;
-        for (r, c) in runs.iter().zip(&cfgs).skip(1) {
-            if base_key(c, r)? != key {
-                bail!(
-                    "{} and {} have different base models ([model] or sft_adapter/): evaluate them separately",
-                    first.display(),
-                    r.display()
-                );
-            }
+    let sft = source::sft_bytes(first)?;
+    for s in &sources[1..] {
+        if source::sft_bytes(s)? != sft {
+            bail!(
+                "{} and {} have different SFT stages (sft_adapter/, part of a run's base): \
+                 evaluate them separately",
+                first.dir.display(),
+                s.dir.display()
+            );
         }
     }
-
-    let (mut model, tok, _device) = reprpo_train::trainer::load_model(&base_cfg)?;
-    if let Some(first) = runs.first() {
-        let sft = first.join("sft_adapter");
-        if has_peft(&sft) {
-            peft::bake_adapter(model.as_mut(), &sft)
-                .with_context(|| format!("folding {} into the base", sft.display()))?;
+    if overridden {
+        return Ok(());
+    }
+    let named: Vec<&Source> = sources.iter().filter(|s| s.base.is_some()).collect();
+    for pair in named.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        let (ba, bb) = (a.base.as_ref(), b.base.as_ref());
+        let (Some(ba), Some(bb)) = (ba, bb) else {
+            continue;
+        };
+        if source::identity(&ba.model) != source::identity(&bb.model) {
+            bail!(
+                "{} (base {}, from {}) and {} (base {}, from {}) have different base models: \
+                 evaluate them separately, or give model.name_or_path=... to score both on one base",
+                a.dir.display(),
+                source::identity(&ba.model),
+                ba.from,
+                b.dir.display(),
+                source::identity(&bb.model),
+                bb.from
+            );
         }
+    }
+    Ok(())
+}
+
+/// The base model: the adapters' own (or `tiny`), then the `model.*` overrides.
+fn base_model(sources: &[Source], model_kvs: &[String]) -> Result<(ModelConfig, String)> {
+    let named = sources.iter().find_map(|s| s.base.as_ref());
+    let (model, mut from) = match named {
+        Some(b) => (b.model.clone(), b.from.clone()),
+        None => (TrainConfig::default().model, "the default".to_string()),
+    };
+    if names_model(model_kvs) {
+        from = format!(
+            "model.name_or_path (relative to the working directory {})",
+            cwd()
+        );
+    } else if let Some(s) = sources.iter().find(|s| s.base.is_none())
+        && named.is_none()
+    {
+        bail!(
+            "--adapter {}: {} has no base_model_name_or_path and no resolved_config.toml \
+             is there: give the base model with model.name_or_path=DIR_OR_HUB_ID",
+            s.arg,
+            s.dir.join("adapter_config.json").display()
+        );
+    }
+    let keys = crate::with_overrides(ModelKeys { model }, None, model_kvs)
+        .with_context(|| format!("the base model's keys ({})", model_kvs.join(" ")))?;
+    let mut model = keys.model;
+    // `load_model` reads any other dtype as f32; training checks this key in `validate`, which
+    // also checks training keys a run folder may hold relative to another directory.
+    if !matches!(model.dtype.as_str(), "f32" | "bf16" | "f16") {
+        bail!(
+            "config key `model.dtype`: must be f32, bf16 or f16, got {:?}",
+            model.dtype
+        );
+    }
+    if names_model(model_kvs) {
+        model.name_or_path = source::resolve_cli(&model.name_or_path);
+    }
+    Ok((model, from))
+}
+
+/// Adapters, base and notes from the arguments.
+fn plan(a: &EvalArgs, root: &Path, model_kvs: &[String]) -> Result<Plan> {
+    let mut notes = Vec::new();
+    let mut sources = Vec::with_capacity(a.adapters.len());
+    for arg in &a.adapters {
+        sources.push(source::open(arg)?);
+    }
+    let overridden = names_model(model_kvs);
+    if sources.is_empty() && !overridden {
+        sources = default_sources(root, &mut notes)?;
+    }
+    check_same_base(&sources, overridden)?;
+    let (model, base_from) = base_model(&sources, model_kvs)?;
+    if !overridden {
+        notes.extend(sources.iter().filter_map(|s| s.base.as_ref()?.note.clone()));
+    }
+    Ok(Plan {
+        sources,
+        model,
+        base_from,
+        notes,
+    })
+}
+
+/// The run configuration the model is loaded from: the first run's (its `[data]` gives the
+/// tokenisation), else the defaults, with the chosen `[model]`.
+fn load_config(p: &Plan) -> TrainConfig {
+    let mut cfg = p
+        .sources
+        .iter()
+        .find_map(|s| s.run.clone())
+        .unwrap_or_default();
+    cfg.model = p.model.clone();
+    cfg
+}
+
+/// Load the base (with the SFT stage folded in) and every adapter; the subjects to score.
+fn load(p: &Plan, cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Vec<Subject>)> {
+    let (mut model, tok, _device) = reprpo_train::trainer::load_model(cfg)
+        .with_context(|| format!("loading the base model (from {})", p.base_from))?;
+    if let Some(sft) = p.sources.first().and_then(|s| s.sft.as_ref()) {
+        peft::bake_adapter(model.as_mut(), sft)
+            .with_context(|| format!("folding {} into the base", sft.display()))?;
     }
     let mut subjects = vec![Subject {
         label: "base".into(),
         adapter: None,
     }];
-    for r in &runs {
-        let mut label = r
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| r.display().to_string());
-        while subjects.iter().any(|s| s.label == label) {
+    for s in &p.sources {
+        let mut label = s.label.clone();
+        while subjects.iter().any(|x| x.label == label) {
             label.push('\'');
         }
-        let dir = adapter_dir(r)?;
-        let idx = peft::load_adapter(model.as_mut(), &dir, &label)
-            .with_context(|| format!("loading the adapter in {}", dir.display()))?;
+        let idx = peft::load_adapter(model.as_mut(), &s.peft, &label)
+            .with_context(|| format!("loading the adapter in {}", s.peft.display()))?;
         subjects.push(Subject {
             label,
             adapter: Some(idx),
         });
     }
+    Ok((model, tok, subjects))
+}
 
+/// `--suite`: a path (ends in `.toml` or has a `/`; relative to the working directory) or a name.
+fn load_suite(arg: &str, root: &Path) -> Result<Suite> {
+    let suites = root.join("datasets/suites");
+    let datasets = root.join("datasets");
+    let is_path = arg.ends_with(".toml") || arg.contains('/') || arg.contains('\\');
+    if !is_path {
+        return Ok(Suite::by_name(arg, &suites, &datasets)?);
+    }
+    let file = Path::new(arg);
+    if file.is_file() {
+        return Ok(Suite::load(file, &datasets)?);
+    }
+    let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let hint = match stem {
+        Some(n) if suites.join(format!("{n}.toml")).is_file() => {
+            format!(
+                "; the suite named `{n}` is {}: give --suite {n}",
+                suites.join(format!("{n}.toml")).display()
+            )
+        }
+        _ => String::new(),
+    };
+    bail!(
+        "--suite {arg}: no such file (a suite given as a path is relative to the working \
+         directory {}){hint}",
+        cwd()
+    )
+}
+
+/// Where the report goes: `--out`, else the one run folder's `eval/<suite>/`, else
+/// `runs/eval/<suite>-<timestamp>/`.
+fn out_dir(a: &EvalArgs, p: &Plan, root: &Path, suite: &str) -> PathBuf {
+    if let Some(o) = &a.out {
+        return o.clone();
+    }
+    if let [one] = p.sources.as_slice()
+        && one.run.is_some()
+    {
+        return one.dir.join("eval").join(suite);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    root.join("runs/eval")
+        .join(format!("{suite}-{}", reprpo_train::run::timestamp(now)))
+}
+
+/// The evaluation options: defaults (the run's tokenisation) under the non-model overrides.
+fn eval_options(a: &EvalArgs, cfg: &TrainConfig, kvs: &[String]) -> Result<EvalOptions> {
     let defaults = EvalOptions {
-        tokenize: base_cfg.tokenize_config(),
+        tokenize: cfg.tokenize_config(),
         progress: !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ..Default::default()
     };
-    let opts: EvalOptions = crate::with_overrides(defaults, None, &a.overrides)?;
-    let suite = Suite::by_name(
-        &a.suite,
-        &root.join("datasets/suites"),
-        &root.join("datasets"),
-    )?;
+    crate::with_overrides(defaults, None, kvs).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#} (the base model's keys are model.name_or_path, model.dtype, model.device, \
+             model.init_std and model.init_seed)"
+        )
+    })
+}
+
+/// Run the job.
+pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
+    let (model_kvs, eval_kvs): (Vec<String>, Vec<String>) =
+        a.overrides.iter().cloned().partition(|kv| is_model_key(kv));
+    let p = plan(&a, root, &model_kvs)?;
+    let cfg = load_config(&p);
+    let opts = eval_options(&a, &cfg, &eval_kvs)?;
+    let suite = load_suite(&a.suite, root)?;
+    println!(
+        "base model: {} (from {})",
+        p.model.name_or_path, p.base_from
+    );
+    for n in &p.notes {
+        println!("{n}");
+    }
     let mut data = Vec::with_capacity(suite.datasets.len());
     for d in &suite.datasets {
         data.push(
@@ -187,6 +369,7 @@ pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
                 .with_context(|| format!("suite {}: dataset {}", suite.name, d.name))?,
         );
     }
+    let (mut model, tok, subjects) = load(&p, &cfg)?;
     let report = evaluate(
         model.as_mut(),
         &tok,
@@ -196,25 +379,14 @@ pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
         &suite.name,
         &opts,
     )?;
-    let out = match (&a.out, runs.as_slice()) {
-        (Some(o), _) => o.clone(),
-        (None, [one]) => one.join("eval").join(&suite.name),
-        (None, _) => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            root.join("runs/eval").join(format!(
-                "{}-{}",
-                suite.name,
-                reprpo_train::run::timestamp(now)
-            ))
-        }
-    };
+    let out = out_dir(&a, &p, root, &suite.name);
     let written = reprpo_eval::output::write_report(&out, &report)?;
-    if let Some(n) = note {
-        println!("{n}");
-    }
+    print_report(&report, &out, &written);
+    Ok(())
+}
+
+/// The table and the files written.
+fn print_report(report: &reprpo_eval::Report, out: &Path, written: &[PathBuf]) {
     for (d, n) in &report.dropped {
         println!("{d}: {n} items dropped by tokenisation (drop_too_long)");
     }
@@ -228,5 +400,4 @@ pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
                 .unwrap_or_default()
         );
     }
-    Ok(())
 }

@@ -7,11 +7,16 @@
 //! <dir>/table.json        the whole table (columns, rows, cells, GENIES lines)
 //! <dir>/examples.jsonl    one line per (model, item): every log-probability, the normalised
 //!                         probability of the correct answer, correct or not
+//! <dir>/examples-<label>.jsonl  the same lines, one file per model (`examples-base.jsonl`, ...;
+//!                         the label made safe for a file name by [`file_label`])
 //! <dir>/generations.md    greedy continuations, base and each adapter side by side
 //! <dir>/scores.png        bar chart of the accuracies (one group per dataset)
 //! ```
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+
+use serde_json::Value;
 
 use crate::error::{EvalError, Result, io};
 use crate::evaluate::{Generation, Report};
@@ -34,6 +39,66 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         io(path)(e)
     })
+}
+
+/// A model label as a file-name part: ASCII letters, digits, `.`, `_` and `-` are kept, every
+/// other character becomes `_` (`org/model@v1` -> `org_model_v1`), leading dots too; never empty.
+pub fn file_label(label: &str) -> String {
+    let s: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = match s.strip_prefix('.') {
+        Some(rest) => format!("_{rest}"),
+        None => s,
+    };
+    if s.is_empty() { "_".into() } else { s }
+}
+
+/// The examples as JSON lines.
+fn jsonl<'a>(rows: impl Iterator<Item = &'a Value>) -> Result<Vec<u8>> {
+    let mut out = String::new();
+    for e in rows {
+        out.push_str(&serde_json::to_string(e).map_err(|e| EvalError::Invalid(e.to_string()))?);
+        out.push('\n');
+    }
+    Ok(out.into_bytes())
+}
+
+/// `examples-<label>.jsonl` per model (rows of the table first, then any other `model` of the
+/// examples): `(file name, lines)`. Labels that make the same file name get `-2`, `-3`, ...
+fn per_model_examples(report: &Report) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut models: Vec<&str> = report.table.rows.iter().map(|r| r.model.as_str()).collect();
+    for e in &report.examples {
+        if let Some(m) = e.get("model").and_then(Value::as_str)
+            && !models.contains(&m)
+        {
+            models.push(m);
+        }
+    }
+    let mut used = HashSet::new();
+    let mut files = Vec::with_capacity(models.len());
+    for m in models {
+        let stem = file_label(m);
+        let mut name = format!("examples-{stem}.jsonl");
+        let mut n = 1;
+        while !used.insert(name.clone()) {
+            n += 1;
+            name = format!("examples-{stem}-{n}.jsonl");
+        }
+        let rows = report
+            .examples
+            .iter()
+            .filter(|e| e.get("model").and_then(Value::as_str) == Some(m));
+        files.push((name, jsonl(rows)?));
+    }
+    Ok(files)
 }
 
 /// Generations as Markdown: per prompt, a table with one row per model.
@@ -67,12 +132,10 @@ pub fn write_report(dir: &Path, report: &Report) -> Result<Vec<PathBuf>> {
     put("table.md", t.to_markdown().into_bytes())?;
     put("table.csv", t.to_csv().into_bytes())?;
     put("table.json", t.to_json()?.into_bytes())?;
-    let mut jsonl = String::new();
-    for e in &report.examples {
-        jsonl.push_str(&serde_json::to_string(e).map_err(|e| EvalError::Invalid(e.to_string()))?);
-        jsonl.push('\n');
+    put("examples.jsonl", jsonl(report.examples.iter())?)?;
+    for (name, bytes) in per_model_examples(report)? {
+        put(&name, bytes)?;
     }
-    put("examples.jsonl", jsonl.into_bytes())?;
     put(
         "generations.md",
         generations_markdown(&report.generations).into_bytes(),

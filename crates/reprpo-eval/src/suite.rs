@@ -208,8 +208,11 @@ fn is_embedded(r: &Recipe) -> bool {
 const EMBEDDED_FILE: &str = "(embedded)";
 
 impl Suite {
-    /// `<suites_dir>/<name>.toml`, recipes resolved against `datasets_dir`.
+    /// `<suites_dir>/<name>.toml`, recipes resolved against `datasets_dir`. A name written with
+    /// its `.toml` is the same name (`default.toml` = `default`); a suite file elsewhere is read
+    /// with [`Suite::load`].
     pub fn by_name(name: &str, suites_dir: &Path, datasets_dir: &Path) -> Result<Suite> {
+        let name = name.strip_suffix(".toml").unwrap_or(name);
         let file = suites_dir.join(format!("{name}.toml"));
         if !file.is_file() {
             let mut known: Vec<String> = std::fs::read_dir(suites_dir)

@@ -45,3 +45,45 @@ fn offline_model_from_cache_by_id() {
         "{err}"
     );
 }
+
+/// A PEFT adapter by hub id, offline: the cached snapshot folder holding `adapter_config.json`
+/// and `adapter_model.safetensors`; an adapter that is not cached, or a path that does not exist,
+/// gives an error that says which.
+#[test]
+fn offline_adapter_from_cache_by_id() {
+    use reprpo_models::hub::adapter_dir_with;
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/train/lora");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("hub/models--org--lora");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "def456").unwrap();
+    let snap = repo.join("snapshots/def456");
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture.join(f), snap.join(f)).unwrap();
+    }
+    let opts = HubOptions {
+        cache: Cache::new(dir.path().join("hub")),
+        offline: true,
+        endpoint: None,
+    };
+    assert_eq!(adapter_dir_with("org/lora", &opts).unwrap(), snap);
+    assert_eq!(
+        adapter_dir_with(fixture.to_str().unwrap(), &opts).unwrap(),
+        fixture
+    );
+    let err = adapter_dir_with("org/absent", &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("hub:org/absent")
+            && err.contains("adapter_config.json")
+            && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    let missing = dir.path().join("nope");
+    let err = adapter_dir_with(missing.to_str().unwrap(), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no such folder"), "{err}");
+}
