@@ -152,7 +152,8 @@ pub struct AdapterOptions {
     pub kind: String,
     /// Start from this PEFT adapter folder instead of a fresh adapter.
     pub init_from: Option<PathBuf>,
-    /// Module names, or `["all-linear"]`.
+    /// Module names, `["all-linear"]`, or `["re:REGEX"]` (PEFT's regular-expression form, a
+    /// string in `adapter_config.json`).
     pub target_modules: Vec<String>,
     /// Only these decoder layers.
     pub layers_to_transform: Option<Vec<usize>>,
@@ -777,9 +778,19 @@ impl TrainConfig {
             .extract_inner("loss")
             .map_err(figment_err)
             .unwrap_or_else(|_| "reprpo".into());
-        let kind: String = first
-            .extract_inner("adapter.kind")
-            .unwrap_or_else(|_| "lora".into());
+        let init_from: Option<PathBuf> = first.extract_inner("adapter.init_from").ok().flatten();
+        let loaded_kind = match &init_from {
+            Some(dir) if dir.join("adapter_config.json").is_file() => {
+                Some(crate::init_from::loaded_options(dir, &AdapterOptions::default())?.kind)
+            }
+            _ => None,
+        };
+        let kind: String = match loaded_kind {
+            Some(k) => k,
+            None => first
+                .extract_inner("adapter.kind")
+                .unwrap_or_else(|_| "lora".into()),
+        };
         let fig = Figment::from(Serialized::defaults(TrainConfig::default()))
             .merge(Serialized::defaults(loss_preset(&loss)?))
             .merge(Serialized::defaults(adapter_preset(&kind)?));
@@ -800,6 +811,18 @@ impl TrainConfig {
             && p.is_relative()
         {
             *p = std::path::absolute(&*p).map_err(crate::error::io(&*p))?;
+        }
+        // Starting from an adapter: the [adapter] table is the loaded one.
+        if let Some(dir) = cfg.adapter.init_from.clone()
+            && dir.join("adapter_config.json").is_file()
+        {
+            let explicit: Vec<String> = user(Figment::new())
+                .extract_inner::<Map<String, Value>>("adapter")
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            let loaded = crate::init_from::loaded_options(&dir, &cfg.adapter)?;
+            crate::init_from::check_explicit(&explicit, &cfg.adapter, &loaded, &dir)?;
+            cfg.adapter = loaded;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -1063,12 +1086,12 @@ impl TrainConfig {
 impl AdapterOptions {
     /// The PEFT `adapter_config.json` for these options.
     pub fn peft_json(&self) -> Map<String, Value> {
-        let target: Value =
-            if self.target_modules.len() == 1 && self.target_modules[0] == "all-linear" {
-                Value::String("all-linear".into())
-            } else {
-                json!(self.target_modules)
-            };
+        let target: Value = match self.target_modules.as_slice() {
+            [one] if one == "all-linear" => Value::String("all-linear".into()),
+            // PEFT's regular-expression form (a string), as read from a loaded adapter.
+            [one] if one.starts_with("re:") => Value::String(one["re:".len()..].into()),
+            _ => json!(self.target_modules),
+        };
         let mut m = Map::new();
         let kind = self.kind.as_str();
         let peft_type = match kind {

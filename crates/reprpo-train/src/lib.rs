@@ -3,6 +3,7 @@
 //! - [`config`]: the layered configuration (defaults < presets < file < env < overrides) and its
 //!   validation;
 //! - [`data`]: dataset names to tokenised pairs and device batches;
+//! - [`init_from`]: the `[adapter]` table of a run started from an existing adapter;
 //! - [`objective`]: one batch through the policy (adapter on) and reference (adapter off) forwards
 //!   and the loss;
 //! - [`optim`]: AdamW with checkpointable f32 state, schedules, clipping;
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod init_from;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
