@@ -234,8 +234,16 @@ fn plan(a: &EvalArgs, root: &Path, model_kvs: &[String]) -> Result<Plan> {
     }
     check_same_base(&sources, overridden)?;
     let (model, base_from) = base_model(&sources, model_kvs)?;
-    if !overridden {
-        notes.extend(sources.iter().filter_map(|s| s.base.as_ref()?.note.clone()));
+    for s in &sources {
+        let Some(b) = &s.base else { continue };
+        if !overridden {
+            notes.extend(b.note.clone());
+        } else if source::identity(&b.model) != source::identity(&model) {
+            notes.push(format!(
+                "model.name_or_path replaces the base {} names ({}, from {})",
+                s.arg, b.model.name_or_path, b.from
+            ));
+        }
     }
     Ok(Plan {
         sources,

@@ -179,6 +179,10 @@ fn model_keys_override_the_base_and_a_peft_folder_without_base_asks_for_one() {
     ];
     let (ok, stdout, err) = eval(tmp.path(), &out, &args);
     assert!(ok, "{stdout}{err}");
+    assert!(
+        stdout.contains("model.name_or_path replaces the base") && stdout.contains("tiny"),
+        "{stdout}"
+    );
     // The overrides reach the loader: the device and dtype keys are checked and named.
     let (ok, _, err) = eval(
         tmp.path(),
