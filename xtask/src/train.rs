@@ -122,14 +122,39 @@ pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The end-of-run table: held-out preference accuracy per stage, in distribution and shifted,
+/// naming the datasets each column scored; a column with nothing scored is left out, and with
+/// nothing to score at all it says so instead of printing a table of dashes.
 fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
     let get = |k: &str| s.get(k).and_then(serde_json::Value::as_f64);
+    let text = |k: &str| s.get(k).and_then(serde_json::Value::as_str).unwrap_or("");
+    let has = |split: &str| s.keys().any(|k| k.ends_with(&format!("/{split}/n")));
+    let (id, ood) = (has("id"), has("ood"));
+    if !id && !ood {
+        println!("held-out preference accuracy: nothing to score (no evaluation or shifted data)");
+        return;
+    }
     println!("held-out preference accuracy (mean log-prob per token, chosen > rejected):");
+    if id {
+        println!("  in-distribution: {}", text("data/id"));
+    }
+    if ood {
+        println!("  shifted (OOD):   {}", text("data/ood"));
+    }
+    let head = |split: bool, name: &str| {
+        if split {
+            format!(" {name:>16}")
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:<10} {:>16} {:>16}",
-        "", "in-distribution", "shifted (OOD)"
+        "{:<12}{}{}",
+        "",
+        head(id, "in-distribution"),
+        head(ood, "shifted (OOD)")
     );
-    let staged = s.contains_key("random_base/id/accuracy");
+    let staged = s.keys().any(|k| k.starts_with("random_base/"));
     for (who, label) in [
         ("random_base", "random base"),
         ("base", if staged { "after SFT" } else { "base" }),
@@ -145,6 +170,13 @@ fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
             (Some(a), Some(n)) => format!("{:.1}% (n={n})", 100.0 * a),
             _ => "-".into(),
         };
-        println!("{:<12} {:>16} {:>16}", label, cell("id"), cell("ood"));
+        let col = |split: bool, name: &str| {
+            if split {
+                format!(" {:>16}", cell(name))
+            } else {
+                String::new()
+            }
+        };
+        println!("{label:<12}{}{}", col(id, "id"), col(ood, "ood"));
     }
 }

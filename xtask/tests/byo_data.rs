@@ -90,3 +90,77 @@ fn data_stats_on_a_file_and_a_missing_one() {
         "{stderr}"
     );
 }
+
+/// Run `xtask train` on `pairs.jsonl` (written in a fresh folder) with `extra`; (stdout, the
+/// run's resolved `[data]` table).
+fn train_on_file(extra: &[&str]) -> (String, toml::Table) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pairs.jsonl"), chat_rows()).unwrap();
+    let mut args = vec![
+        "train",
+        "--no-progress",
+        "run.out_dir=runs",
+        "run.plots=false",
+        "sft.steps=0",
+        "loss=dpo",
+        "train.max_steps=1",
+        "data.datasets=pairs.jsonl",
+    ];
+    args.extend_from_slice(extra);
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir.path())
+        .args(&args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = std::fs::read_dir(dir.path().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("resolved_config.toml").is_file())
+        .unwrap();
+    let cfg: toml::Table = std::fs::read_to_string(run.join("resolved_config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        cfg["data"].as_table().unwrap().clone(),
+    )
+}
+
+#[test]
+fn held_out_data_follows_the_training_data() {
+    // No evaluation keys: 10% of the file held out, no embedded default split anywhere.
+    let (stdout, data) = train_on_file(&[]);
+    assert_eq!(data["eval_split"].as_float(), Some(0.1));
+    assert!(data["eval_datasets"].as_array().unwrap().is_empty());
+    assert!(data["ood_datasets"].as_array().unwrap().is_empty());
+    assert!(
+        stdout.contains("10% of the training data, held out (1 pairs, seed"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("default-") && !stdout.contains("shifted (OOD)"),
+        "{stdout}"
+    );
+    // Nothing to score: said once, no table of dashes.
+    let (stdout, _) = train_on_file(&["data.eval_split=0"]);
+    assert!(stdout.contains("nothing to score"), "{stdout}");
+    assert!(!stdout.contains(" -"), "{stdout}");
+    // Both an evaluation set and a split: refused, naming the key.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.jsonl"), chat_rows()).unwrap();
+    let file = dir.path().join("p.jsonl");
+    let (ok, _, stderr) = common::xtask(&[
+        "train",
+        &format!("data.datasets={}", file.display()),
+        &format!("data.eval_datasets={}", file.display()),
+        "data.eval_split=0.2",
+    ]);
+    assert!(!ok && stderr.contains("data.eval_split"), "{stderr}");
+}

@@ -97,6 +97,12 @@ pub struct DataConfig {
     /// Out-of-distribution datasets for the summary.
     #[serde(deserialize_with = "one_or_many")]
     pub ood_datasets: Vec<String>,
+    /// Hold out this fraction of the training pairs (a seeded draw with `train.seed`, never
+    /// trained on) as the in-distribution evaluation set; 0: none. Exclusive with
+    /// `eval_datasets`. When `datasets` is not the embedded default and neither key is given,
+    /// it is 0.1 and `eval_datasets` / `ood_datasets` are empty: the held-out data follows the
+    /// training data, never the embedded default's splits.
+    pub eval_split: f64,
     /// Use at most this many training pairs (after shuffling with `train.seed`).
     pub n_train: Option<usize>,
     /// `classic` (TRL 0.9) or `trl-current` (TRL 1.x) tokenisation.
@@ -141,6 +147,26 @@ fn absolute_dataset(spec: &str) -> Result<String> {
     } else {
         abs.display().to_string()
     })
+}
+
+/// Held-out defaults that follow the training data: with `datasets` other than the embedded
+/// default, the embedded `default-test` / `default-ood` splits are not used unless asked for;
+/// the evaluation set is a 10% held-out slice of the training data instead (`eval_split`),
+/// unless the user gave `eval_datasets` or `eval_split` (`explicit`: the user's layers alone).
+fn follow_training_data(data: &mut DataConfig, explicit: &Figment) {
+    if data.datasets == ["default"] {
+        return;
+    }
+    let given = |k: &str| explicit.find_value(&format!("data.{k}")).is_ok();
+    if !given("eval_datasets") {
+        data.eval_datasets.clear();
+        if !given("eval_split") {
+            data.eval_split = 0.1;
+        }
+    }
+    if !given("ood_datasets") {
+        data.ood_datasets.clear();
+    }
 }
 
 /// The adapter (PEFT names are derived from these; see [`AdapterOptions::peft_json`]).
@@ -299,6 +325,7 @@ impl Default for DataConfig {
             datasets: vec!["default".into()],
             eval_datasets: vec!["default-test".into()],
             ood_datasets: vec!["default-ood".into()],
+            eval_split: 0.0,
             n_train: None,
             tokenization: TokenizationMode::Classic,
             max_length: Some(512),
@@ -812,6 +839,7 @@ impl TrainConfig {
         {
             *p = std::path::absolute(&*p).map_err(crate::error::io(&*p))?;
         }
+        follow_training_data(&mut cfg.data, &user(Figment::new()));
         // Starting from an adapter: the [adapter] table is the loaded one.
         if let Some(dir) = cfg.adapter.init_from.clone()
             && dir.join("adapter_config.json").is_file()
@@ -978,6 +1006,20 @@ impl TrainConfig {
         }
         if self.data.datasets.is_empty() {
             return bad("data.datasets", "must name at least one dataset".into());
+        }
+        if !(0.0..1.0).contains(&self.data.eval_split) {
+            return bad(
+                "data.eval_split",
+                format!("must be in [0, 1), got {}", self.data.eval_split),
+            );
+        }
+        if self.data.eval_split > 0.0 && !self.data.eval_datasets.is_empty() {
+            return bad(
+                "data.eval_split",
+                "give either a held-out fraction of the training data or data.eval_datasets, \
+                 not both (data.eval_datasets=[] to use the split)"
+                    .into(),
+            );
         }
         self.dpo.validate().map_err(|e| TrainError::Config {
             key: "dpo".into(),

@@ -40,6 +40,32 @@ pub fn load_pairs(names: &[String], datasets_dir: &Path, seed: u64) -> Result<Ve
     Ok(out)
 }
 
+/// Move a seeded `fraction` of `pairs` out as a held-out set (`data.eval_split`): at least one
+/// pair, and at least one left to train on; the draw is a permutation from
+/// `StdRng(seed ^ 0x686f_6c64)` ("hold"), independent of the epoch orders, and both parts keep
+/// their original order. Nothing moves for a fraction of 0 or fewer than two pairs.
+pub fn hold_out(pairs: &mut Vec<PreferencePair>, fraction: f64, seed: u64) -> Vec<PreferencePair> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let n = pairs.len();
+    if fraction <= 0.0 || n < 2 {
+        return Vec::new();
+    }
+    let k = ((fraction * n as f64).ceil() as usize).clamp(1, n - 1);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x686f_6c64));
+    let mut out_of = vec![false; n];
+    for &i in &order[..k] {
+        out_of[i] = true;
+    }
+    let (mut kept, mut held) = (Vec::with_capacity(n - k), Vec::with_capacity(k));
+    for (p, out) in pairs.drain(..).zip(out_of) {
+        if out { held.push(p) } else { kept.push(p) }
+    }
+    *pairs = kept;
+    held
+}
+
 /// Tokenise pairs (dropping none: every pair is cut to the length limits).
 pub fn tokenize(
     tok: &Tok,

@@ -635,6 +635,7 @@ fn load_inputs(cfg: &TrainConfig, ctx: &JobContext) -> Result<Inputs> {
     cfg.validate_for_model(model.num_layers())?;
     let tcfg = cfg.tokenize_config();
     let mut train_raw = data::load_pairs(&cfg.data.datasets, &ctx.datasets_dir, cfg.train.seed)?;
+    let held_out = data::hold_out(&mut train_raw, cfg.data.eval_split, cfg.train.seed);
     if let Some(n) = cfg.data.n_train {
         train_raw.truncate(n);
     }
@@ -653,7 +654,11 @@ fn load_inputs(cfg: &TrainConfig, ctx: &JobContext) -> Result<Inputs> {
         let raw = data::load_pairs(names, &ctx.datasets_dir, cfg.train.seed)?;
         data::tokenize(&tok, &raw, &tcfg)
     };
-    let eval_pairs = load_other(&cfg.data.eval_datasets)?;
+    let eval_pairs = if held_out.is_empty() {
+        load_other(&cfg.data.eval_datasets)?
+    } else {
+        data::tokenize(&tok, &held_out, &tcfg)?
+    };
     let ood_pairs = load_other(&cfg.data.ood_datasets)?;
     Ok(Inputs {
         model,
@@ -974,6 +979,8 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
     summary.insert("steps".into(), json!(step));
     summary.insert("total_steps".into(), json!(total));
     summary.insert("interrupted".into(), json!(interrupted));
+    summary.insert("data/id".into(), json!(scored_sets(&cfg, eval_pairs.len())));
+    summary.insert("data/ood".into(), json!(cfg.data.ood_datasets.join(", ")));
     if interrupted {
         return Ok(Outcome {
             run_dir,
@@ -1223,6 +1230,20 @@ fn preference_scores(
         out.insert(format!("{name}/n"), probs.len() as f64);
     }
     Ok(out)
+}
+
+/// What the in-distribution scores of the summary are computed on: the named evaluation sets,
+/// or the held-out slice of the training data (`n` pairs).
+fn scored_sets(cfg: &TrainConfig, n: usize) -> String {
+    if cfg.data.eval_split > 0.0 {
+        format!(
+            "{}% of the training data, held out ({n} pairs, seed {})",
+            100.0 * cfg.data.eval_split,
+            cfg.train.seed
+        )
+    } else {
+        cfg.data.eval_datasets.join(", ")
+    }
 }
 
 /// A small stable hash (FNV-1a, 64 bit) for cache keys.
