@@ -207,14 +207,9 @@ fn base_model(sources: &[Source], model_kvs: &[String]) -> Result<(ModelConfig, 
     let keys = crate::with_overrides(ModelKeys { model }, None, model_kvs)
         .with_context(|| format!("the base model's keys ({})", model_kvs.join(" ")))?;
     let mut model = keys.model;
-    // `load_model` reads any other dtype as f32; training checks this key in `validate`, which
-    // also checks training keys a run folder may hold relative to another directory.
-    if !matches!(model.dtype.as_str(), "f32" | "bf16" | "f16") {
-        bail!(
-            "config key `model.dtype`: must be f32, bf16 or f16, got {:?}",
-            model.dtype
-        );
-    }
+    // `load_model` reads any other dtype as f32: the `[model]` checks alone (the full
+    // `validate` also checks training keys).
+    model.validate()?;
     if names_model(model_kvs) {
         model.name_or_path = source::resolve_cli(&model.name_or_path);
     }

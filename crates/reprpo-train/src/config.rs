@@ -319,6 +319,19 @@ impl Default for ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// The checks of the `[model]` keys alone (for jobs such as eval that take only them).
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return Err(TrainError::Config {
+                key: "model.dtype".into(),
+                problem: format!("must be f32, bf16 or f16, got {:?}", self.dtype),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
@@ -834,6 +847,14 @@ impl TrainConfig {
                 *s = absolute_dataset(s)?;
             }
         }
+        // A local model folder likewise (presets and hub ids as they are).
+        if reprpo_models::LlamaConfig::preset(&cfg.model.name_or_path).is_none()
+            && let Some(p) = reprpo_data::hub::local_path(&cfg.model.name_or_path)
+            && p.is_relative()
+        {
+            let abs = std::path::absolute(&p).map_err(crate::error::io(&p))?;
+            cfg.model.name_or_path = abs.display().to_string();
+        }
         if let Some(p) = &mut cfg.adapter.init_from
             && p.is_relative()
         {
@@ -998,12 +1019,7 @@ impl TrainConfig {
                 format!("{} has no adapter_config.json", dir.display()),
             );
         }
-        if !matches!(self.model.dtype.as_str(), "f32" | "bf16" | "f16") {
-            return bad(
-                "model.dtype",
-                format!("must be f32, bf16 or f16, got {:?}", self.model.dtype),
-            );
-        }
+        self.model.validate()?;
         if self.data.datasets.is_empty() {
             return bad("data.datasets", "must name at least one dataset".into());
         }
