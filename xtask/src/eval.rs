@@ -16,11 +16,22 @@
 //! `adapter/`; if there is none, the random `tiny` base alone. Both are said before scoring.
 //!
 //! `--suite` is a suite name (`datasets/suites/<name>.toml`) or a suite file (a path ending in
-//! `.toml` or containing `/`, relative to the working directory). It defaults to `default`.
+//! `.toml` or containing `/`, relative to the working directory). It defaults to `default`, or,
+//! with `--data`, to none: `--data [NAME:]ROLE=FILE[:CONVERTER]` (repeatable; ROLE is train, test,
+//! ood or unrelated; FILE relative to the working directory, or a recipe name) adds a dataset
+//! to the suite, or makes an ad-hoc suite `data` of them alone.
+//!
+//! Long items are cut as lm-evaluation-harness cuts them (`truncation = "context"`: the last
+//! `max_length + 1` tokens of each choice's context + continuation), `max_length` defaulting to
+//! the model's `max_position_embeddings` (2048, lm-eval's fallback, when `config.json` has
+//! none); `truncation=training` applies the run's training limits (`tokenize.*`) instead. The
+//! table's header says how many items were cut. `--help` lists every key with its default
+//! (`eval/keys.rs`).
 //!
 //! Outputs go to `--out DIR`, else `<run>/eval/<suite>/` for one run folder, else
 //! `runs/eval/<suite>-<timestamp>/` (see `reprpo_eval::output` for the files).
 
+mod keys;
 mod source;
 
 use std::path::{Path, PathBuf};
@@ -28,9 +39,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use reprpo_data::Tok;
-use reprpo_eval::evaluate::{EvalOptions, Subject, evaluate};
-use reprpo_eval::suite::{Suite, load_dataset};
-use reprpo_models::peft;
+use reprpo_eval::evaluate::{EvalOptions, EvalTruncation, Subject, evaluate};
+use reprpo_eval::suite::{DatasetSpec, Suite, load_dataset};
+use reprpo_models::{LlamaConfig, hub, peft};
 use reprpo_train::TrainConfig;
 use reprpo_train::config::ModelConfig;
 use reprpo_train::trainer::TrainModel;
@@ -39,13 +50,20 @@ use source::{Source, cwd, has_peft};
 
 /// Arguments of `eval`.
 #[derive(Args)]
+#[command(after_help = keys::help())]
 pub struct EvalArgs {
     /// A run folder, a PEFT adapter folder or a hub adapter id (repeatable; all on one base).
     #[arg(long = "adapter", value_name = "DIR|HUB_ID")]
     pub adapters: Vec<String>,
-    /// A suite name from `datasets/suites/`, or a suite file (`my_suite.toml`, `dir/suite.toml`).
-    #[arg(long, default_value = "default")]
-    pub suite: String,
+    /// A suite name from `datasets/suites/`, or a suite file (`my_suite.toml`, `dir/suite.toml`);
+    /// default: `default`, or none with --data.
+    #[arg(long)]
+    pub suite: Option<String>,
+    /// A dataset from a file (or a recipe name), repeatable: `ROLE=FILE[:CONVERTER]` or
+    /// `NAME:ROLE=FILE[:CONVERTER]` (ROLE: train, test, ood, unrelated; converter `auto` infers
+    /// pairs / mc / chat / hh-rlhf from the columns; FILE relative to the working directory).
+    #[arg(long = "data", value_name = "[NAME:]ROLE=FILE")]
+    pub data: Vec<String>,
     /// Output folder.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -54,7 +72,7 @@ pub struct EvalArgs {
     pub no_progress: bool,
     /// Overrides of the base model (`model.name_or_path=DIR|HUB_ID model.dtype=bf16
     /// model.device=cuda:0`) and of the evaluation options (`limit=100 beta=0.1 mc_mode=full
-    /// generations=0 tokenize.max_length=1024`).
+    /// generations=0 max_length=1024 truncation=training`); every key is listed below.
     #[arg(value_name = "key=value")]
     pub overrides: Vec<String>,
 }
@@ -287,6 +305,26 @@ fn load(p: &Plan, cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Vec<Su
     Ok((model, tok, subjects))
 }
 
+/// The suite to score: `--suite` (or `default` without `--data`) with the `--data` datasets
+/// added, or those alone.
+fn suite_with_data(a: &EvalArgs, root: &Path) -> Result<Suite> {
+    let cwd = std::env::current_dir().context("the working directory")?;
+    let datasets = root.join("datasets");
+    let mut extra = Vec::with_capacity(a.data.len());
+    for d in &a.data {
+        extra.push(DatasetSpec::from_arg(d, &cwd, &datasets)?);
+    }
+    let mut suite = match (&a.suite, extra.is_empty()) {
+        (None, false) => return Ok(Suite::adhoc(extra)?),
+        (Some(s), _) => load_suite(s, root)?,
+        (None, true) => load_suite("default", root)?,
+    };
+    for d in extra {
+        suite.add(d)?;
+    }
+    Ok(suite)
+}
+
 /// `--suite`: a path (ends in `.toml` or has a `/`; relative to the working directory) or a name.
 fn load_suite(arg: &str, root: &Path) -> Result<Suite> {
     let suites = root.join("datasets/suites");
@@ -350,14 +388,55 @@ fn eval_options(a: &EvalArgs, cfg: &TrainConfig, kvs: &[String]) -> Result<EvalO
     })
 }
 
+/// The model's context in tokens (lm-evaluation-harness' `max_length` for a Hugging Face model):
+/// `max_position_embeddings` of the preset or of `config.json`, else 2048 (lm-eval's default),
+/// and where it came from.
+fn context_length(model: &ModelConfig) -> Result<(usize, String)> {
+    if let Some(c) = LlamaConfig::preset(&model.name_or_path) {
+        let from = format!(
+            "the `{}` preset's max_position_embeddings",
+            model.name_or_path
+        );
+        return Ok((c.max_position_embeddings, from));
+    }
+    let file = hub::model_dir(&model.name_or_path)?.join("config.json");
+    let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| file.display().to_string())?;
+    let n = v.get("max_position_embeddings").and_then(|x| x.as_u64());
+    Ok(
+        match n.and_then(|n| usize::try_from(n).ok()).filter(|&n| n > 0) {
+            Some(n) => (n, format!("max_position_embeddings of {}", file.display())),
+            None => (
+                2048,
+                format!(
+                    "{} has no max_position_embeddings: lm-evaluation-harness' default",
+                    file.display()
+                ),
+            ),
+        },
+    )
+}
+
+/// `max_length`, unless given, is the model's context (with `truncation = "context"`); says so.
+fn fill_max_length(opts: &mut EvalOptions, model: &ModelConfig) -> Result<()> {
+    if opts.truncation != EvalTruncation::Context || opts.max_length.is_some() {
+        return Ok(());
+    }
+    let (n, from) = context_length(model)?;
+    opts.max_length = Some(n);
+    println!("max_length = {n} ({from}); give max_length=N to change it");
+    Ok(())
+}
+
 /// Run the job.
 pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
     let (model_kvs, eval_kvs): (Vec<String>, Vec<String>) =
         a.overrides.iter().cloned().partition(|kv| is_model_key(kv));
     let p = plan(&a, root, &model_kvs)?;
     let cfg = load_config(&p);
-    let opts = eval_options(&a, &cfg, &eval_kvs)?;
-    let suite = load_suite(&a.suite, root)?;
+    let mut opts = eval_options(&a, &cfg, &eval_kvs)?;
+    let suite = suite_with_data(&a, root)?;
     println!(
         "base model: {} (from {})",
         p.model.name_or_path, p.base_from
@@ -373,6 +452,7 @@ pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
         );
     }
     let (mut model, tok, subjects) = load(&p, &cfg)?;
+    fill_max_length(&mut opts, &p.model)?;
     let report = evaluate(
         model.as_mut(),
         &tok,

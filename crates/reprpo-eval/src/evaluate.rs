@@ -4,10 +4,15 @@
 //! The base is always scored first, with no adapter active (the same weights in memory); each
 //! adapter is then made active in turn (`model.adapters.active`). Pair datasets keep the
 //! base's log-probabilities to give each adapter its DPO rewards.
+//!
+//! Long items are cut as lm-evaluation-harness cuts them ([`EvalTruncation::Context`], the
+//! default): tokenised without limits, each sequence then keeps its last `max_length + 1` tokens
+//! ([`window`]); [`EvalTruncation::Training`] keeps the training limits of `tokenize`. The table
+//! says which rule ran and how many items it cut ([`TruncationNote`]).
 
 use std::collections::HashSet;
 
-use reprpo_data::tokenize::{self, Group, TokenizeConfig};
+use reprpo_data::tokenize::{self, Group, Seq, TokenizeConfig};
 use reprpo_data::{McItem, PreferencePair, Tok};
 use reprpo_models::CausalLm;
 use reprpo_models::adapter::AdapterHost;
@@ -19,7 +24,7 @@ use crate::error::{EvalError, Result};
 use crate::score::{DpoReward, McScore, PrefScore, dpo_reward, mc_score, pref_score};
 use crate::scorer::{ScoreMode, ScoreOptions, SeqLogp, score_groups};
 use crate::suite::{Items, Loaded, Shift};
-use crate::table::{Cell, Column, Row, Table, mc_cell, pref_cell, shift_rows};
+use crate::table::{Cell, Column, Row, Table, TruncationNote, mc_cell, pref_cell, shift_rows};
 
 /// Settings of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,8 +46,27 @@ pub struct EvalOptions {
     pub max_new_tokens: usize,
     /// Draw a progress bar on stderr.
     pub progress: bool,
-    /// Tokenisation (by default the run's own).
+    /// How items longer than the model's context are cut: `context` (lm-evaluation-harness'
+    /// rule, see [`window`]) or `training` (the `tokenize.*` limits, as training cuts pairs).
+    pub truncation: EvalTruncation,
+    /// The context in tokens for `truncation = "context"` (lm-evaluation-harness' `max_length`);
+    /// unset: nothing is cut (`cargo xtask eval` sets the model's `max_position_embeddings`).
+    pub max_length: Option<usize>,
+    /// Tokenisation (by default the run's own; its length limits apply only with
+    /// `truncation = "training"`).
     pub tokenize: TokenizeConfig,
+}
+
+/// How evaluation cuts long items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalTruncation {
+    /// lm-evaluation-harness' `loglikelihood`: each choice's context + continuation keeps its
+    /// last `max_length + 1` tokens (see [`window`]); nothing else is cut.
+    #[default]
+    Context,
+    /// The training limits of `tokenize` (`max_length`, `max_prompt_length`, `truncation_mode`).
+    Training,
 }
 
 impl Default for EvalOptions {
@@ -58,6 +82,8 @@ impl Default for EvalOptions {
             generations: 4,
             max_new_tokens: 48,
             progress: false,
+            truncation: EvalTruncation::Context,
+            max_length: None,
             tokenize: TokenizeConfig::default(),
         }
     }
@@ -96,6 +122,88 @@ pub struct Report {
     pub generations: Vec<Generation>,
     /// Items dropped by tokenisation (`drop_too_long`), by dataset.
     pub dropped: Vec<(String, usize)>,
+}
+
+impl EvalOptions {
+    /// The tokenisation actually used: with `truncation = "context"`, `tokenize` without its
+    /// length limits ([`window`] cuts afterwards).
+    pub fn tokenize_config(&self) -> TokenizeConfig {
+        match self.truncation {
+            EvalTruncation::Training => self.tokenize.clone(),
+            EvalTruncation::Context => TokenizeConfig {
+                max_length: None,
+                max_prompt_length: None,
+                drop_too_long: false,
+                ..self.tokenize.clone()
+            },
+        }
+    }
+
+    /// The cutting rule in words, for the table's header.
+    pub fn truncation_rule(&self) -> String {
+        match (self.truncation, self.max_length) {
+            (EvalTruncation::Context, Some(l)) => format!(
+                "lm-evaluation-harness rule: each choice keeps the last {} tokens of context + \
+                 continuation (max_length = {l})",
+                l + 1
+            ),
+            (EvalTruncation::Context, None) => "none (no max_length)".into(),
+            (EvalTruncation::Training, _) => {
+                let t = &self.tokenize;
+                let n = |x: Option<usize>| x.map_or("none".into(), |v| v.to_string());
+                format!(
+                    "training limits: tokenize.max_length = {}, tokenize.max_prompt_length = {}, \
+                     {:?}",
+                    n(t.max_length),
+                    n(t.max_prompt_length),
+                    t.truncation_mode
+                )
+            }
+        }
+    }
+}
+
+/// lm-evaluation-harness' left truncation of one sequence (its `loglikelihood`:
+/// `inp = (context_enc + continuation_enc)[-(max_length + 1):][:-1]`, scored on the
+/// continuation's positions): the last `max_length + 1` tokens are kept, the first of them only
+/// as context. The model then sees at most `max_length` input positions that matter (the last
+/// token is only a target). `None` when the sequence fits. A continuation longer than the window
+/// keeps its last `max_length` tokens counted (lm-eval has no defined result there).
+pub fn window(s: &Seq, max_length: usize) -> Option<Seq> {
+    let keep = max_length + 1;
+    let cut = s.len().checked_sub(keep).filter(|&c| c > 0)?;
+    Some(if cut < s.prompt.len() {
+        Seq {
+            prompt: s.prompt[cut..].to_vec(),
+            completion: s.completion.clone(),
+        }
+    } else {
+        let c = cut - s.prompt.len();
+        Seq {
+            prompt: s.completion[c..=c].to_vec(),
+            completion: s.completion[c + 1..].to_vec(),
+        }
+    })
+}
+
+/// [`window`] on every sequence of a group; the shared prompt becomes their common prefix.
+fn window_group(g: &mut Group, max_length: usize) {
+    let mut cut = false;
+    for s in &mut g.seqs {
+        if let Some(w) = window(s, max_length) {
+            *s = w;
+            cut = true;
+        }
+    }
+    if !cut {
+        return;
+    }
+    g.truncated = true;
+    let shared = g.seqs.iter().map(|s| s.prompt.as_slice()).reduce(|a, b| {
+        let n = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+        &a[..n]
+    });
+    g.prompt = shared.unwrap_or_default().to_vec();
 }
 
 /// The per-example record of an MC item.
@@ -137,7 +245,36 @@ enum Prepared<'a> {
     Pairs(Vec<(&'a PreferencePair, Group)>),
 }
 
-fn prepare<'a>(tok: &Tok, d: &'a Loaded, cfg: &TokenizeConfig) -> Result<(Prepared<'a>, usize)> {
+/// Tokenise a dataset and cut its items as `opts` says; the items dropped by tokenisation.
+fn prepare<'a>(tok: &Tok, d: &'a Loaded, opts: &EvalOptions) -> Result<(Prepared<'a>, usize)> {
+    let (mut p, dropped) = tokenize_dataset(tok, d, &opts.tokenize_config())?;
+    if let (EvalTruncation::Context, Some(l)) = (opts.truncation, opts.max_length) {
+        p.groups_mut().for_each(|g| window_group(g, l));
+    }
+    Ok((p, dropped))
+}
+
+impl Prepared<'_> {
+    fn groups(&self) -> Vec<&Group> {
+        match self {
+            Prepared::Mc(v) => v.iter().map(|(_, g)| g).collect(),
+            Prepared::Pairs(v) => v.iter().map(|(_, g)| g).collect(),
+        }
+    }
+
+    fn groups_mut(&mut self) -> Box<dyn Iterator<Item = &mut Group> + '_> {
+        match self {
+            Prepared::Mc(v) => Box::new(v.iter_mut().map(|(_, g)| g)),
+            Prepared::Pairs(v) => Box::new(v.iter_mut().map(|(_, g)| g)),
+        }
+    }
+}
+
+fn tokenize_dataset<'a>(
+    tok: &Tok,
+    d: &'a Loaded,
+    cfg: &TokenizeConfig,
+) -> Result<(Prepared<'a>, usize)> {
     Ok(match &d.items {
         Items::Mc(items) => {
             let groups = tokenize::tokenize_mc(tok, items, cfg)?;
@@ -213,12 +350,30 @@ fn evaluate_job<M: CausalLm + AdapterHost + ?Sized>(
             "evaluate: the first subject must be the base (no adapter)".into(),
         ));
     }
+    if opts.max_length == Some(0) {
+        return Err(EvalError::Config {
+            file: "(overrides)".into(),
+            key: "max_length".into(),
+            problem: "must be at least 1".into(),
+        });
+    }
     let mut prepared = Vec::with_capacity(datasets.len());
     let mut dropped = Vec::new();
+    let mut truncation = TruncationNote {
+        rule: opts.truncation_rule(),
+        items: Vec::new(),
+    };
     for d in datasets {
-        let (p, n) = prepare(tok, d, &opts.tokenize)?;
+        let (p, n) = prepare(tok, d, opts)?;
         if n > 0 {
             dropped.push((d.spec.name.clone(), n));
+        }
+        let groups = p.groups();
+        let cut = groups.iter().filter(|g| g.truncated).count();
+        if cut > 0 {
+            truncation
+                .items
+                .push((d.spec.name.clone(), cut, groups.len()));
         }
         prepared.push(p);
     }
@@ -234,14 +389,7 @@ fn evaluate_job<M: CausalLm + AdapterHost + ?Sized>(
             },
         })
         .collect();
-    let total: usize = prepared
-        .iter()
-        .map(|p| match p {
-            Prepared::Mc(v) => v.len(),
-            Prepared::Pairs(v) => v.len(),
-        })
-        .sum::<usize>()
-        * subjects.len();
+    let total: usize = prepared.iter().map(|p| p.groups().len()).sum::<usize>() * subjects.len();
     let bar = progress_bar(opts.progress, total as u64);
     let mut tick = |n: usize| {
         if let Some(b) = &bar {
@@ -263,11 +411,12 @@ fn evaluate_job<M: CausalLm + AdapterHost + ?Sized>(
                     let so = score_opts(opts, opts.mc_mode, tok);
                     let lps = score_groups(&*model, &groups, &so, &mut tick)?;
                     let mut scores = Vec::with_capacity(items.len());
-                    for ((item, _), lp) in items.iter().zip(&lps) {
+                    for ((item, g), lp) in items.iter().zip(&lps) {
                         let (l, n) = split(lp);
                         let s =
                             mc_score(&l, &n, &item.correct).map_err(|e| mc_item_err(item, e))?;
-                        examples.push(mc_record(&subject.label, name, item, &s));
+                        let rec = mc_record(&subject.label, name, item, &s);
+                        examples.push(mark_truncated(rec, g));
                         scores.push(s);
                     }
                     cells.push(Some(mc_cell(&scores)));
@@ -306,9 +455,10 @@ fn evaluate_job<M: CausalLm + AdapterHost + ?Sized>(
                         ),
                         _ => None,
                     };
-                    for (i, ((pair, _), s)) in pairs.iter().zip(&scores).enumerate() {
+                    for (i, ((pair, g), s)) in pairs.iter().zip(&scores).enumerate() {
                         let r = rewards.as_ref().and_then(|r| r.get(i));
-                        examples.push(pair_record(&subject.label, name, pair, s, r));
+                        let rec = pair_record(&subject.label, name, pair, s, r);
+                        examples.push(mark_truncated(rec, g));
                     }
                     cells.push(Some(pref_cell(&scores, rewards.as_deref())?));
                     if subject.adapter.is_none() {
@@ -334,11 +484,20 @@ fn evaluate_job<M: CausalLm + AdapterHost + ?Sized>(
             columns,
             rows,
             shifts,
+            truncation,
         },
         examples,
         generations,
         dropped,
     })
+}
+
+/// A per-example record with `truncated`: whether any of the item's sequences was cut.
+fn mark_truncated(mut rec: Value, g: &Group) -> Value {
+    if let Some(obj) = rec.as_object_mut() {
+        obj.insert("truncated".into(), json!(g.truncated));
+    }
+    rec
 }
 
 fn split(lp: &[SeqLogp]) -> (Vec<f64>, Vec<usize>) {

@@ -19,8 +19,8 @@ pub mod suite;
 pub mod table;
 
 pub use error::{EvalError, Result};
-pub use evaluate::{EvalOptions, Generation, Report, Subject, evaluate};
+pub use evaluate::{EvalOptions, EvalTruncation, Generation, Report, Subject, evaluate};
 pub use score::{DpoReward, McScore, PrefScore, dpo_reward, mc_score, pref_score};
 pub use scorer::{ScoreMode, ScoreOptions, SeqLogp, score_groups};
 pub use suite::{DatasetSpec, Items, Kind, Loaded, McFormat, Role, Shift, Suite, load_dataset};
-pub use table::{Cell, Column, Row, ShiftRow, Table};
+pub use table::{Cell, Column, Row, ShiftRow, Table, TruncationNote};

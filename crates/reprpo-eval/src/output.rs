@@ -4,7 +4,7 @@
 //! ```text
 //! <dir>/table.md          the tables (Markdown)
 //! <dir>/table.csv         one line per (model, dataset)
-//! <dir>/table.json        the whole table (columns, rows, cells, GENIES lines)
+//! <dir>/table.json        the whole table (columns, rows, cells, GENIES lines, truncation)
 //! <dir>/examples.jsonl    one line per (model, item): every log-probability, the normalised
 //!                         probability of the correct answer, correct or not
 //! <dir>/examples-<label>.jsonl  the same lines, one file per model (`examples-base.jsonl`, ...;

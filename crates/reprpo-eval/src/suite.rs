@@ -8,7 +8,8 @@
 //! [[dataset]]
 //! name = "default-test"        # the column name; also the recipe name unless `recipe`/`inline`
 //! role = "test"                # train | test | ood | unrelated
-//! recipe = "default-test"      # optional: a recipe from datasets/*.toml
+//! recipe = "default-test"      # optional: a recipe from datasets/*.toml, or a data file
+//!                              # ("data/pairs.jsonl", "x.parquet:hh-rlhf": FILE[:CONVERTER])
 //! kind = "auto"                # optional: auto (MC items if the source has them, else pairs) | mc | pairs
 //! format = "plain"             # optional, MC only: plain | numbered (choices listed with numbers)
 //!                              # | qa-primer (TruthfulQA's six-shot "Q: .. A:" primer before the question)
@@ -28,6 +29,15 @@
 //! ```
 //! Recipe names `default`, `default-test`, `default-ood` and `default-mc` are the embedded
 //! default data (compiled into the binary), whatever `datasets/` holds.
+//!
+//! A `recipe` that is a data file (`FILE` or `FILE:CONVERTER`, as
+//! `reprpo_data::recipe::path_spec` tells: a `.jsonl`, `.json`, `.csv` or `.parquet` file,
+//! optionally gzipped, or a path starting with `./`, `../`, `/` or `~/`) is read as
+//! `Recipe::from_file` reads it (converter `auto` infers pairs / mc / chat / hh-rlhf from the
+//! columns). **A relative path in a suite file is relative to the suite file's folder**, not to
+//! the working directory. The same datasets can be given without a suite file
+//! ([`DatasetSpec::from_arg`], `cargo xtask eval --data [NAME:]ROLE=FILE[:CONVERTER]`: relative to
+//! the working directory there).
 //!
 //! Unknown keys, a duplicate dataset name, both `recipe` and `inline`, `limit = 0`, `format`
 //! on pairs and a shift naming an unknown dataset are errors naming the file and the key.
@@ -207,7 +217,143 @@ fn is_embedded(r: &Recipe) -> bool {
 
 const EMBEDDED_FILE: &str = "(embedded)";
 
+/// The folder of a suite file, absolute: relative data paths inside the file are taken against
+/// it.
+fn suite_dir(file: &Path) -> PathBuf {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// The recipe `spec` names: an embedded default split, a data file (`FILE` or `FILE:CONVERTER`,
+/// see [`recipe::path_spec`]; only where `files` is given, a relative path taken against it), or
+/// a recipe of `datasets_dir` (read once into `cache`). The error says what is wrong.
+fn find_recipe(
+    spec: &str,
+    files: Option<&Path>,
+    datasets_dir: &Path,
+    cache: &mut Option<BTreeMap<String, Recipe>>,
+) -> std::result::Result<Recipe, String> {
+    if let Some(r) = embedded_recipe(spec) {
+        return Ok(r);
+    }
+    if let (Some(base), Some((path, converter))) = (files, recipe::path_spec(spec)) {
+        return Recipe::from_file(&base.join(path), &converter).map_err(|e| e.to_string());
+    }
+    if cache.is_none() {
+        *cache = Some(recipe::load_dir(datasets_dir).map_err(|e| e.to_string())?);
+    }
+    let all = cache.get_or_insert_default();
+    all.get(spec).cloned().ok_or_else(|| {
+        format!(
+            "no recipe `{spec}` in {} (known: {}), and not a data file (FILE.jsonl|.json|.csv|\
+             .parquet[.gz][:CONVERTER], or a path starting with ./ or /)",
+            datasets_dir.display(),
+            all.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Role, String> {
+        match s.trim() {
+            "train" => Ok(Role::Train),
+            "test" => Ok(Role::Test),
+            "ood" => Ok(Role::Ood),
+            "unrelated" => Ok(Role::Unrelated),
+            other => Err(format!(
+                "unknown role `{other}` (known: train, test, ood, unrelated)"
+            )),
+        }
+    }
+}
+
+/// The file an ad-hoc suite (`--data`) is said to come from in messages.
+pub const COMMAND_LINE: &str = "(command line)";
+
+impl DatasetSpec {
+    /// A dataset from the command line, `[NAME:]ROLE=DATA`: ROLE is train, test, ood or
+    /// unrelated; DATA a data file (`FILE` or `FILE:CONVERTER`, converter `auto` by default,
+    /// relative to `cwd`), an embedded default split or a recipe name of `datasets_dir`; NAME (the
+    /// column) defaults to the file's stem or the recipe's name. Kind `auto`, format `plain`, no
+    /// limit.
+    pub fn from_arg(arg: &str, cwd: &Path, datasets_dir: &Path) -> Result<DatasetSpec> {
+        let err = |problem: String| EvalError::Config {
+            file: PathBuf::from(COMMAND_LINE),
+            key: format!("--data {arg}"),
+            problem,
+        };
+        let (lhs, data) = arg.split_once('=').ok_or_else(|| {
+            err("expected [NAME:]ROLE=FILE[:CONVERTER], e.g. ood=path/to/pairs.jsonl".into())
+        })?;
+        let (name, role) = match lhs.rsplit_once(':') {
+            Some((n, r)) => (Some(n.trim()), r),
+            None => (None, lhs),
+        };
+        let role: Role = role.parse().map_err(err)?;
+        let recipe = find_recipe(data.trim(), Some(cwd), datasets_dir, &mut None).map_err(|e| {
+            let against = if recipe::path_spec(data.trim()).is_some() {
+                format!(
+                    " (a relative path is relative to the working directory {})",
+                    cwd.display()
+                )
+            } else {
+                String::new()
+            };
+            err(format!("{e}{against}"))
+        })?;
+        let name = match name {
+            Some("") => return Err(err("the NAME before `:` is empty".into())),
+            Some(n) => n.to_string(),
+            None => recipe.name.clone(),
+        };
+        Ok(DatasetSpec {
+            name,
+            role,
+            recipe,
+            kind: Kind::Auto,
+            format: McFormat::Plain,
+            limit: None,
+        })
+    }
+}
+
 impl Suite {
+    /// A suite of command-line datasets (see [`DatasetSpec::from_arg`]), named `data`.
+    pub fn adhoc(datasets: Vec<DatasetSpec>) -> Result<Suite> {
+        let mut s = Suite {
+            name: "data".into(),
+            file: PathBuf::from(COMMAND_LINE),
+            description: "datasets given with --data".into(),
+            datasets: Vec::with_capacity(datasets.len()),
+            shifts: Vec::new(),
+        };
+        for d in datasets {
+            s.add(d)?;
+        }
+        Ok(s)
+    }
+
+    /// Append a dataset; its name must be new (the error suggests `NAME:ROLE=FILE`).
+    pub fn add(&mut self, d: DatasetSpec) -> Result<()> {
+        if self.datasets.iter().any(|x| x.name == d.name) {
+            return Err(EvalError::Config {
+                file: PathBuf::from(COMMAND_LINE),
+                key: "--data".into(),
+                problem: format!(
+                    "two datasets named `{}` in suite {}: name one with --data NAME:ROLE=FILE",
+                    d.name, self.name
+                ),
+            });
+        }
+        self.datasets.push(d);
+        Ok(())
+    }
+
     /// `<suites_dir>/<name>.toml`, recipes resolved against `datasets_dir`. A name written with
     /// its `.toml` is the same name (`default.toml` = `default`); a suite file elsewhere is read
     /// with [`Suite::load`].
@@ -290,32 +436,21 @@ impl Suite {
                         .map_err(|e| err(key("inline"), e.to_string()))?
                 }
                 (r, None) => {
+                    let explicit = r.is_some();
                     let rname = r.unwrap_or_else(|| d.name.clone());
-                    match embedded_recipe(&rname) {
-                        Some(r) => r,
-                        None => {
-                            if recipes.is_none() {
-                                recipes = Some(recipe::load_dir(datasets_dir)?);
-                            }
-                            let all = recipes.as_ref().map(|m| (m.get(&rname), m.keys()));
-                            match all {
-                                Some((Some(r), _)) => r.clone(),
-                                Some((None, keys)) => {
-                                    return Err(err(
-                                        key("recipe"),
-                                        format!(
-                                            "no recipe `{rname}` in {} (known: {})",
-                                            datasets_dir.display(),
-                                            keys.cloned().collect::<Vec<_>>().join(", ")
-                                        ),
-                                    ));
-                                }
-                                None => {
-                                    return Err(err(key("recipe"), "recipes not loaded".into()));
-                                }
-                            }
-                        }
-                    }
+                    let base = suite_dir(file);
+                    let from_file = if explicit { Some(base.as_path()) } else { None };
+                    find_recipe(&rname, from_file, datasets_dir, &mut recipes).map_err(|e| {
+                        let hint = if explicit && recipe::path_spec(&rname).is_some() {
+                            format!(
+                                " (a relative path in a suite file is relative to its folder {})",
+                                base.display()
+                            )
+                        } else {
+                            String::new()
+                        };
+                        err(key("recipe"), format!("{e}{hint}"))
+                    })?
                 }
             };
             datasets.push(DatasetSpec {

@@ -149,6 +149,36 @@ pub struct Table {
     pub rows: Vec<Row>,
     /// GENIES lines (empty without shifts).
     pub shifts: Vec<ShiftRow>,
+    /// How long items were cut, and how many.
+    #[serde(default)]
+    pub truncation: TruncationNote,
+}
+
+/// What evaluation cut from items longer than the model's context (see
+/// `EvalOptions::truncation`), said in every rendering's header.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TruncationNote {
+    /// The rule, in words.
+    pub rule: String,
+    /// `(dataset, items cut, items scored)` for each dataset with any item cut.
+    pub items: Vec<(String, usize, usize)>,
+}
+
+impl TruncationNote {
+    /// One header line: the rule and how many items it cut, per dataset.
+    pub fn line(&self) -> String {
+        let cut = if self.items.is_empty() {
+            "no item truncated".to_string()
+        } else {
+            let per: Vec<String> = self
+                .items
+                .iter()
+                .map(|(d, n, of)| format!("{n} of {of} items of {d}"))
+                .collect();
+            format!("TRUNCATED {}", per.join(", "))
+        };
+        format!("truncation: {cut} ({})", self.rule)
+    }
 }
 
 /// GENIES lines for every non-base row and every shift (see the module docs). `rows[0]` is
@@ -359,7 +389,11 @@ impl Table {
 
     /// Markdown: one table per metric, then the GENIES table.
     pub fn to_markdown(&self) -> String {
-        let mut s = format!("# Evaluation: suite `{}`\n", self.suite);
+        let mut s = format!(
+            "# Evaluation: suite `{}`\n\n{}\n",
+            self.suite,
+            self.truncation.line()
+        );
         for (title, h, r) in self.sections() {
             s.push_str(&format!("\n## {title}\n\n{}", md(&h, &r)));
         }
@@ -368,7 +402,7 @@ impl Table {
 
     /// Plain aligned text for the terminal.
     pub fn to_terminal(&self) -> String {
-        let mut s = format!("suite {}\n", self.suite);
+        let mut s = format!("suite {}\n{}\n", self.suite, self.truncation.line());
         for (title, h, r) in self.sections() {
             s.push_str(&format!("\n{title}\n{}", aligned(&h, &r)));
         }

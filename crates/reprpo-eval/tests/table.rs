@@ -148,8 +148,16 @@ fn table_cells_shifts_and_renderings_by_hand() {
         columns,
         rows,
         shifts: lines,
+        truncation: reprpo_eval::TruncationNote {
+            rule: "the rule".into(),
+            items: vec![("tgt".into(), 1, 2)],
+        },
     };
     let md = table.to_markdown();
+    assert!(
+        md.contains("truncation: TRUNCATED 1 of 2 items of tgt (the rule)"),
+        "{md}"
+    );
     assert!(md.contains("| model | src (ID) | tgt (OOD) |"), "{md}");
     assert!(md.contains("| base | 0.500 | 0.500 |"), "{md}");
     assert!(md.contains("| run-a | 1.000 | 0.500 |"), "{md}");
