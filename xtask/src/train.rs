@@ -27,15 +27,18 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-/// Arguments of `train`.
+/// Arguments of `train`. `--help` ends with every configuration key, its default and its doc
+/// line, generated from the config structs (`reprpo_train::config::keys_help`).
 #[derive(Args)]
+#[command(after_long_help = reprpo_train::config::keys_help())]
 pub struct TrainArgs {
     /// A TOML config file and/or `key=value` overrides (e.g. `loss=dpo train.lr=1e-4`).
     #[arg(value_name = "CONFIG | key=value")]
     pub args: Vec<String>,
     /// Continue the run in this folder from its newest intact checkpoint (or from the checkpoint
-    /// `RUN_DIR/checkpoints/step-N`); key=value arguments may then change only the length and the
-    /// logging, checkpoint and evaluation cadence (see `reprpo_train::resume`).
+    /// `RUN_DIR/checkpoints/step-N`); key=value arguments may then change only the length, the
+    /// logging, checkpoint and evaluation cadence and `run.tensorboard` (see
+    /// `reprpo_train::resume`).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// Print the resolved configuration and exit.

@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 use crate::error::{Result, TrainError};
 
 /// The whole configuration of a training run (written resolved into the run folder).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// The loss: `sft`, `reprpo` (and `reprpo-<variant>`: `reprpo-direction`, ...), `dpo`
@@ -49,7 +49,7 @@ pub struct TrainConfig {
 }
 
 /// Where the run goes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     /// Run name; the folder is `<out_dir>/<name>-<timestamp>`. Default: `<loss>-<adapter>`.
@@ -62,10 +62,13 @@ pub struct RunConfig {
     pub save_total_limit: usize,
     /// Write PNG plots at the end.
     pub plots: bool,
+    /// Also write the scalars of `metrics.jsonl` as a TensorBoard event file under `<run>/tb/`
+    /// (`tensorboard --logdir runs`).
+    pub tensorboard: bool,
 }
 
 /// The base model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// `tiny` or `small` (a seeded random Llama with the byte-level tokenizer), a local Hugging
@@ -82,7 +85,7 @@ pub struct ModelConfig {
 }
 
 /// The data.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// Training datasets: recipe names from `datasets/*.toml`, `default` (embedded), or data
@@ -170,7 +173,7 @@ fn follow_training_data(data: &mut DataConfig, explicit: &Figment) {
 }
 
 /// The adapter (PEFT names are derived from these; see [`AdapterOptions::peft_json`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdapterOptions {
     /// `lora`, `dora`, `boft`, `oft`, `hra`, or `full` (full fine-tuning of the targeted linear
@@ -206,7 +209,7 @@ pub struct AdapterOptions {
 }
 
 /// The optimisation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainOptions {
     /// Peak learning rate.
@@ -260,7 +263,7 @@ pub struct TrainOptions {
 
 /// An SFT stage before the preference stage: LoRA on all linear layers, merged into the base
 /// before the preference adapter is created; cached by its settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftStage {
     /// Optimizer steps (0: no SFT stage). Unset: 150 for the random `tiny`/`small` base models
@@ -303,6 +306,7 @@ impl Default for RunConfig {
             save_steps: 100,
             save_total_limit: 2,
             plots: true,
+            tensorboard: false,
         }
     }
 }
@@ -752,9 +756,10 @@ fn figment_err(e: figment::Error) -> TrainError {
     }
 }
 
-/// Every dotted key of the configuration (from the defaults, with the optional keys).
-pub fn known_keys() -> Vec<String> {
-    fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+/// Every leaf of a configuration as `(dotted key, value)`, in the order of the structs' fields
+/// (unset optional keys as `null`).
+fn leaves(cfg: &TrainConfig) -> Vec<(String, Value)> {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
         if let Value::Object(m) = v {
             for (k, v) in m {
                 let p = if prefix.is_empty() {
@@ -765,12 +770,81 @@ pub fn known_keys() -> Vec<String> {
                 walk(&p, v, out);
             }
         } else {
-            out.push(prefix.to_string());
+            out.push((prefix.to_string(), v.clone()));
         }
     }
     let mut out = Vec::new();
-    if let Ok(v) = serde_json::to_value(TrainConfig::default()) {
+    if let Ok(v) = serde_json::to_value(cfg) {
         walk("", &v, &mut out);
+    }
+    out
+}
+
+/// Every dotted key of the configuration (from the defaults, with the optional keys).
+pub fn known_keys() -> Vec<String> {
+    leaves(&TrainConfig::default())
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// The doc comment of a key's field, from the structs of this file (`dpo.*` and `reprpo.*` are
+/// the losses crate's structs: none).
+pub fn key_doc(key: &str) -> Option<&'static str> {
+    use documented::DocumentedFields as _;
+    let doc = match key.split_once('.') {
+        None => TrainConfig::get_field_docs(key),
+        Some(("run", f)) => RunConfig::get_field_docs(f),
+        Some(("model", f)) => ModelConfig::get_field_docs(f),
+        Some(("data", f)) => DataConfig::get_field_docs(f),
+        Some(("adapter", f)) => AdapterOptions::get_field_docs(f),
+        Some(("train", f)) => TrainOptions::get_field_docs(f),
+        Some(("sft", f)) => SftStage::get_field_docs(f),
+        Some(_) => return None,
+    };
+    doc.ok()
+}
+
+/// The first sentence of a doc comment, on one line.
+fn first_sentence(doc: &str) -> String {
+    let text = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    match text.find(". ") {
+        Some(i) => text[..=i].to_string(),
+        None => text,
+    }
+}
+
+/// The list of keys that `cargo xtask train --help` shows, generated from the config structs:
+/// each key with the value a plain run uses (`TrainConfig::default()` with the presets of its
+/// loss and adapter kind and the model-dependent defaults), the built-in default where that
+/// differs, and the first sentence of the field's doc comment.
+pub fn keys_help() -> String {
+    let built_in = TrainConfig::default();
+    let plain = TrainConfig::resolve(&Sources::default()).unwrap_or_else(|_| built_in.clone());
+    let defaults: std::collections::BTreeMap<String, Value> =
+        leaves(&built_in).into_iter().collect();
+    let mut out = String::from(
+        "Configuration keys: `key=value` arguments, or `[table]` keys in a TOML file. Each shows\n\
+         the value a plain `cargo xtask train` uses, and the built-in default where a preset of\n\
+         the loss or adapter kind, or the model, changes it; `--print-config` shows the values\n\
+         resolved for any arguments.\n",
+    );
+    let mut table = String::new();
+    for (key, value) in leaves(&plain) {
+        let t = key.split_once('.').map_or("", |(t, _)| t);
+        if t != table {
+            out.push_str(&format!("\n[{t}]\n"));
+            table = t.to_string();
+        }
+        out.push_str(&format!("  {key} = {value}"));
+        match defaults.get(&key) {
+            Some(d) if *d != value => out.push_str(&format!("   (built-in: {d})")),
+            _ => {}
+        }
+        out.push('\n');
+        if let Some(doc) = key_doc(&key) {
+            out.push_str(&format!("      {}\n", first_sentence(doc)));
+        }
     }
     out
 }

@@ -12,7 +12,8 @@
 //! - [`resume`]: `--resume`: the checkpoint that verifies, the config checked against it, the
 //!   overrides allowed on resume;
 //! - [`trainer`]: the loop, resume, Ctrl-C, SFT stage and summary;
-//! - [`plots`]: PNG charts from `metrics.jsonl`.
+//! - [`plots`]: PNG charts from `metrics.jsonl`;
+//! - [`tensorboard`]: the same scalars as TensorBoard event files (`run.tensorboard`).
 
 pub mod config;
 pub mod data;
@@ -24,6 +25,7 @@ pub mod optim;
 pub mod plots;
 pub mod resume;
 pub mod run;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{Sources, TrainConfig};

@@ -7,6 +7,9 @@
 //! order. A log that was deleted, cut or edited is kept aside as `metrics.jsonl.damaged` and
 //! rebuilt from the checkpoint's copy, and the resume says so; records of steps after the
 //! checkpoint are dropped (the resumed run logs them again).
+//!
+//! With `run.tensorboard`, [`MetricsLog::tensorboard`] also writes every record to a TensorBoard
+//! event file ([`crate::tensorboard`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,6 +19,7 @@ use serde_json::Value;
 
 use crate::error::{Result, TrainError, io};
 use crate::run::write_atomic;
+use crate::tensorboard::EventWriter;
 
 /// The log's file name, in the run folder and in each checkpoint.
 pub const METRICS: &str = "metrics.jsonl";
@@ -31,6 +35,8 @@ pub struct MetricsLog {
     file: std::fs::File,
     /// `(step, line)` of every record in the file.
     lines: Vec<(usize, String)>,
+    /// The TensorBoard event file that each record also goes to, if any.
+    tb: Option<EventWriter>,
 }
 
 /// How [`MetricsLog::resume`] found the run's log.
@@ -113,7 +119,22 @@ impl MetricsLog {
             path: path.to_path_buf(),
             file,
             lines,
+            tb: None,
         })
+    }
+
+    /// From now on, also write each record to a new TensorBoard event file in `dir` (the run's
+    /// `tb/`), after cutting the files already there to the steps up to `upto` (the checkpoint
+    /// resumed from; 0 for a new run). A folder with no event file first gets the records logged
+    /// so far. Returns the new file's path.
+    pub fn tensorboard(&mut self, dir: &Path, upto: usize) -> Result<&Path> {
+        let so_far: Vec<Record> = self
+            .lines
+            .iter()
+            .filter_map(|(_, l)| serde_json::from_str(l).ok())
+            .collect();
+        let tb = self.tb.insert(EventWriter::open(dir, upto, &so_far)?);
+        Ok(tb.path())
     }
 
     /// Append one record (it must have its `"step"`).
@@ -130,7 +151,10 @@ impl MetricsLog {
         writeln!(self.file, "{line}").map_err(io(&self.path))?;
         self.file.flush().map_err(io(&self.path))?;
         self.lines.push((step as usize, line));
-        Ok(())
+        match &mut self.tb {
+            Some(tb) => tb.write(record),
+            None => Ok(()),
+        }
     }
 
     /// The log's text up to `step` (what a checkpoint at `step` stores).

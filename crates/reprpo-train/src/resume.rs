@@ -28,14 +28,16 @@ use crate::config::{TrainConfig, parse_override};
 use crate::error::{Result, TrainError, io};
 use crate::run::{self, Verified};
 
-/// The keys that `key=value` arguments may change on resume: the length of the run and the
-/// cadence of logging, checkpoints and evaluation.
+/// The keys that `key=value` arguments may change on resume: the length of the run, the
+/// cadence of logging, checkpoints and evaluation, and the TensorBoard copy of the log (turned on
+/// at resume, its new file starts with the records logged so far).
 pub const RESUME_KEYS: &[&str] = &[
     "train.max_steps",
     "train.epochs",
     "train.logging_steps",
     "run.save_steps",
     "train.eval_every",
+    "run.tensorboard",
 ];
 
 /// The keys of [`RESUME_KEYS`] that change the total number of steps.

@@ -824,6 +824,9 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
         }
         None => MetricsLog::create(&log_path)?,
     };
+    if cfg.run.tensorboard {
+        log.tensorboard(&run_dir.join(crate::tensorboard::TB_DIR), start)?;
+    }
 
     let bar = progress_bar(ctx.progress, total as u64, start as u64);
     let mut window = DeviceMetrics::default();
