@@ -77,10 +77,16 @@ fn canonical(cfg: &TrainConfig) -> Result<toml::Table> {
 /// SHA-256 (hex) of the configuration without [`RESUME_KEYS`]: one sorted `key = value` line per
 /// leaf of its canonical TOML ([`TrainConfig::to_toml`]). Stored in every checkpoint.
 pub fn config_hash(cfg: &TrainConfig) -> Result<String> {
+    config_hash_without(cfg, &[])
+}
+
+/// [`config_hash`] leaving out the keys `absent` too (keys added to the configuration after a
+/// run was written: its checkpoint's hash was taken without them).
+pub fn config_hash_without(cfg: &TrainConfig, absent: &[String]) -> Result<String> {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     for (k, v) in flatten(&canonical(cfg)?) {
-        if !RESUME_KEYS.contains(&k.as_str()) {
+        if !RESUME_KEYS.contains(&k.as_str()) && !absent.contains(&k) {
             hasher.update(format!("{k} = {v}\n").as_bytes());
         }
     }
@@ -95,23 +101,35 @@ pub fn config_hash(cfg: &TrainConfig) -> Result<String> {
 /// [`TrainConfig::to_toml`] writes (an empty or cut file is an error naming the file and the
 /// first missing keys, never the defaults).
 pub fn read_run_config(path: &Path) -> Result<TrainConfig> {
+    let (cfg, missing) = read_with_missing(path)?;
+    if !missing.is_empty() {
+        return Err(incomplete(path, &missing));
+    }
+    Ok(cfg)
+}
+
+/// A run's `resolved_config.toml` (keys it lacks at their defaults) and the keys it lacks.
+fn read_with_missing(path: &Path) -> Result<(TrainConfig, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let malformed = |problem: String| TrainError::Malformed {
+    let table: toml::Table = text.parse().map_err(|e| TrainError::Malformed {
         path: path.to_path_buf(),
-        problem,
-    };
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e| malformed(format!("not valid TOML (cut or damaged?): {e}")))?;
+        problem: format!("not valid TOML (cut or damaged?): {e}"),
+    })?;
     let cfg = TrainConfig::from_toml_file(path)?;
     let present = flatten(&table);
     let missing: Vec<String> = flatten(&canonical(&cfg)?)
         .into_keys()
         .filter(|k| !present.contains_key(k))
         .collect();
-    if !missing.is_empty() {
-        let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
-        return Err(malformed(format!(
+    Ok((cfg, missing))
+}
+
+/// The error for a `resolved_config.toml` that lacks `missing` keys.
+fn incomplete(path: &Path, missing: &[String]) -> TrainError {
+    let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
+    TrainError::Malformed {
+        path: path.to_path_buf(),
+        problem: format!(
             "incomplete: {} keys missing ({}{}); a resolved config lists every key, so the file \
              is empty or cut, and resuming would train with defaults",
             missing.len(),
@@ -121,9 +139,38 @@ pub fn read_run_config(path: &Path) -> Result<TrainConfig> {
             } else {
                 ""
             }
-        )));
+        ),
     }
-    Ok(cfg)
+}
+
+/// The configuration of a run to resume. A file that lacks keys is accepted only when the
+/// checkpoint's hash, taken over the keys the file has, matches: the run was written by an
+/// earlier version, before those keys existed, and they take their built-in defaults (which keep
+/// that version's behaviour); said on the terminal. Otherwise (an empty or cut file, or no
+/// checkpoint hash to check against) it is refused as incomplete.
+fn run_config_for(path: &Path, ck: Option<&Verified>) -> Result<(TrainConfig, Vec<String>)> {
+    let (cfg, missing) = read_with_missing(path)?;
+    if missing.is_empty() {
+        return Ok((cfg, missing));
+    }
+    let stored = ck.and_then(|c| c.state.config_hash.as_ref());
+    match stored {
+        Some(h) if *h == config_hash_without(&cfg, &missing)? => {
+            let values = flatten(&canonical(&cfg)?);
+            let shown: Vec<String> = missing
+                .iter()
+                .map(|k| format!("{k} = {}", values.get(k).map_or("?", String::as_str)))
+                .collect();
+            println!(
+                "resume: {} predates {} key(s), which take their defaults: {}",
+                path.display(),
+                missing.len(),
+                shown.join(", ")
+            );
+            Ok((cfg, missing))
+        }
+        _ => Err(incomplete(path, &missing)),
+    }
 }
 
 /// A checked resume: where, from which checkpoint, with which configuration.
@@ -137,6 +184,9 @@ pub struct Resume {
     pub cfg: TrainConfig,
     /// The `key=value` arguments applied (all in [`RESUME_KEYS`]).
     pub applied: Vec<(String, toml::Value)>,
+    /// Keys the run's `resolved_config.toml` lacked because an earlier version wrote it; they
+    /// took their defaults, and [`Resume::begin`] writes the file out whole.
+    pub defaulted: Vec<String>,
 }
 
 /// Locate, verify and check everything `--resume TARGET key=value...` needs (see the module
@@ -149,10 +199,10 @@ pub fn prepare(target: &Path, overrides: &[String]) -> Result<Resume> {
         None => newest_verified(&run_dir)?,
     };
     let cfg_path = run_dir.join("resolved_config.toml");
-    let cfg = read_run_config(&cfg_path)?;
+    let (cfg, defaulted) = run_config_for(&cfg_path, checkpoint.as_ref())?;
     match &checkpoint {
         Some(ck) => {
-            check_hash(&cfg, &cfg_path, ck)?;
+            check_hash(&cfg, &defaulted, &cfg_path, ck)?;
             println!("resume: from {}", ck.dir.display());
         }
         None => println!(
@@ -166,6 +216,7 @@ pub fn prepare(target: &Path, overrides: &[String]) -> Result<Resume> {
         checkpoint,
         cfg,
         applied,
+        defaulted,
     })
 }
 
@@ -210,10 +261,12 @@ impl Resume {
     }
 
     fn record_overrides(&self, from_step: usize) -> Result<()> {
-        if self.applied.is_empty() {
+        if self.applied.is_empty() && self.defaulted.is_empty() {
             return Ok(());
         }
-        record(&self.run_dir, from_step, &self.applied)?;
+        if !self.applied.is_empty() {
+            record(&self.run_dir, from_step, &self.applied)?;
+        }
         run::write_atomic(
             &self.run_dir.join("resolved_config.toml"),
             self.cfg.to_toml()?.as_bytes(),
@@ -259,14 +312,19 @@ fn newest_verified(run_dir: &Path) -> Result<Option<Verified>> {
     })
 }
 
-fn check_hash(cfg: &TrainConfig, cfg_path: &Path, ck: &Verified) -> Result<()> {
+fn check_hash(
+    cfg: &TrainConfig,
+    defaulted: &[String],
+    cfg_path: &Path,
+    ck: &Verified,
+) -> Result<()> {
     if !ck.has_manifest {
         eprintln!(
             "warning: checkpoint {} was written before manifests: its files are not verified",
             ck.dir.display()
         );
     }
-    let found = config_hash(cfg)?;
+    let found = config_hash_without(cfg, defaulted)?;
     match &ck.state.config_hash {
         Some(stored) if *stored != found => Err(TrainError::ConfigMismatch {
             path: cfg_path.to_path_buf(),

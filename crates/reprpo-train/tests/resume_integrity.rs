@@ -326,3 +326,46 @@ fn intact_metrics_log_is_kept_and_a_torn_last_line_is_not_damage() {
     assert_eq!(std::fs::read_to_string(&log).unwrap(), want);
     assert!(!run.join("metrics.jsonl.damaged").exists());
 }
+
+/// A run written by an earlier version, before a key existed: its `resolved_config.toml` lacks
+/// the key and its checkpoint's hash was taken without it. It resumes, the key at its default
+/// (said on the terminal), ends as the uninterrupted run, and the file is written out whole. The
+/// same missing key in a current run (hash over every key) is still an incomplete file.
+#[test]
+fn a_run_from_before_a_key_existed_resumes_with_its_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = trainer::train(&config(tmp.path(), &[]), &ctx(false), None).unwrap();
+    for older in [true, false] {
+        let run = stopped_run(tmp.path(), &[]);
+        let cfg_path = run.join("resolved_config.toml");
+        let text = std::fs::read_to_string(&cfg_path).unwrap();
+        assert!(text.contains("eval_split = 0.0\n"));
+        std::fs::write(&cfg_path, text.replace("eval_split = 0.0\n", "")).unwrap();
+        if older {
+            let cfg = TrainConfig::from_toml_file(&cfg_path).unwrap();
+            let hash =
+                reprpo_train::resume::config_hash_without(&cfg, &["data.eval_split".to_string()])
+                    .unwrap();
+            let ck = ckpt(&run, 1);
+            let state_path = ck.join("trainer_state.json");
+            let mut state: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+            state["config_hash"] = serde_json::json!(hash);
+            std::fs::write(&state_path, serde_json::to_string_pretty(&state).unwrap()).unwrap();
+            reprpo_train::run::write_manifest(&ck).unwrap();
+            trainer::train(&config(Path::new("unused"), &[]), &ctx(false), Some(&run)).unwrap();
+            assert_eq!(
+                adapter(&run.join("adapter")),
+                adapter(&straight.run_dir.join("adapter"))
+            );
+            let rewritten = std::fs::read_to_string(&cfg_path).unwrap();
+            assert!(rewritten.contains("eval_split = 0.0"), "{rewritten}");
+        } else {
+            let msg = resume_err(&run);
+            assert!(
+                msg.contains("resolved_config.toml") && msg.contains("data.eval_split"),
+                "{msg}"
+            );
+        }
+    }
+}
