@@ -182,4 +182,82 @@ fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
         };
         println!("{label:<12}{}{}", col(id, "id"), col(ood, "ood"));
     }
+    println!("{}", adapter_effect(s));
+}
+
+/// One plain sentence on what the adapter changed against the base it was trained on (after the
+/// SFT stage where there was one), per scored column, with the sampling noise of an accuracy
+/// over that many items (95%, normal approximation), so that "no change" and "within noise" are
+/// said as such.
+fn adapter_effect(s: &std::collections::BTreeMap<String, serde_json::Value>) -> String {
+    let get = |k: &str| s.get(k).and_then(serde_json::Value::as_f64);
+    let mut parts = Vec::new();
+    for (split, name) in [("id", "in distribution"), ("ood", "shifted")] {
+        let (Some(b), Some(a), Some(n)) = (
+            get(&format!("base/{split}/accuracy")),
+            get(&format!("adapter/{split}/accuracy")),
+            get(&format!("adapter/{split}/n")),
+        ) else {
+            continue;
+        };
+        let delta = 100.0 * (a - b);
+        let noise = 100.0 * 1.96 * (b * (1.0 - b) / n.max(1.0)).sqrt();
+        let verdict = if delta.abs() < 0.05 {
+            "no change".to_string()
+        } else if delta.abs() <= noise {
+            format!("{delta:+.1} points, within the noise of n={n} (about ±{noise:.1})")
+        } else {
+            format!("{delta:+.1} points (noise of n={n}: about ±{noise:.1})")
+        };
+        parts.push(format!("{name}: {verdict}"));
+    }
+    if parts.is_empty() {
+        return "the adapter's effect: nothing scored".into();
+    }
+    format!("what the adapter changed: {}", parts.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adapter_effect;
+    use serde_json::json;
+
+    fn summary(
+        base: f64,
+        adapter: f64,
+        n: f64,
+    ) -> std::collections::BTreeMap<String, serde_json::Value> {
+        [
+            ("base/id/accuracy", json!(base)),
+            ("adapter/id/accuracy", json!(adapter)),
+            ("adapter/id/n", json!(n)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    #[test]
+    fn the_adapter_effect_says_no_change_noise_or_a_change() {
+        assert_eq!(
+            adapter_effect(&summary(0.65, 0.65, 100.0)),
+            "what the adapter changed: in distribution: no change"
+        );
+        // sqrt(0.65 * 0.35 / 100) * 1.96 = 9.35 points.
+        let s = adapter_effect(&summary(0.65, 0.70, 100.0));
+        assert!(
+            s.contains("+5.0 points, within the noise of n=100 (about ±9.3)"),
+            "{s}"
+        );
+        let s = adapter_effect(&summary(0.65, 0.80, 100.0));
+        assert!(
+            s.contains("+15.0 points (noise of n=100: about ±9.3)"),
+            "{s}"
+        );
+        assert!(!s.contains("shifted"), "{s}");
+        assert_eq!(
+            adapter_effect(&Default::default()),
+            "the adapter's effect: nothing scored"
+        );
+    }
 }

@@ -136,6 +136,10 @@ fn train_then_eval_end_to_end() {
     ]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("held-out preference accuracy"), "{out}");
+    assert!(
+        out.contains("what the adapter changed: in distribution: "),
+        "{out}"
+    );
     let run = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().path())
