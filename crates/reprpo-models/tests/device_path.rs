@@ -453,7 +453,7 @@ const ALLOWED: &[Allowed] = &[
     ),
     a(
         TRAINER,
-        "train_job",
+        "log_window",
         "read_means()",
         1,
         "logging step",
@@ -473,13 +473,22 @@ const ALLOWED: &[Allowed] = &[
     ),
     a(
         TRAINER,
-        "train_job",
+        "evaluate_now",
         "check_finite()",
-        2,
-        "eval / end",
+        1,
+        "eval",
         "ii",
-        "the non-finite state before an evaluation and at the end; no read when the logging step \
-       already read it (before a checkpoint: check_before_save)",
+        "the non-finite state before an evaluation; no read when the logging step already read it",
+    ),
+    a(
+        TRAINER,
+        "run",
+        "check_finite()",
+        1,
+        "end",
+        "ii",
+        "the non-finite state at the end of the stage; no read when the logging step already read \
+       it (before a checkpoint: check_before_save)",
     ),
     a(
         TRAINER,
@@ -531,7 +540,7 @@ const ALLOWED: &[Allowed] = &[
     ),
     a(
         TRAINER,
-        "sft_stage",
+        "train_sft",
         "read_means()",
         1,
         "every 50 SFT steps",
@@ -540,7 +549,7 @@ const ALLOWED: &[Allowed] = &[
     ),
     a(
         TRAINER,
-        "sft_stage",
+        "train_sft",
         "check_finite()",
         1,
         "end of SFT stage",
@@ -549,9 +558,9 @@ const ALLOWED: &[Allowed] = &[
     ),
     a(
         TRAINER,
-        "train_job",
+        "scores",
         "preference_scores()",
-        3,
+        1,
         "per stage",
         "i",
         "the summary's held-out preference accuracy, before and after each stage",

@@ -680,141 +680,152 @@ fn create_run_dir(cfg: &TrainConfig) -> Result<PathBuf> {
 
 fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Result<Outcome> {
     let cfg = resume.map_or_else(|| cfg.clone(), |r| r.cfg.clone());
-    let config_hash = crate::resume::config_hash(&cfg)?;
     let family = cfg.family()?;
     // Everything is loaded and checked before a new run folder is created: a job that fails
     // on its inputs leaves nothing behind.
-    let Inputs {
-        mut model,
-        tok,
-        device,
-        train_pairs,
-        train_ids,
-        eval_pairs,
-        ood_pairs,
-    } = load_inputs(&cfg, ctx)?;
+    let mut inputs = load_inputs(&cfg, ctx)?;
     let run_dir = match resume {
         Some(r) => r.run_dir.clone(),
         None => create_run_dir(&cfg)?,
     };
-
-    // SFT stage (cached by its settings), folded into the base.
-    let mut stage_scores = Vec::new();
-    if cfg.sft_steps() > 0 && family != LossFamily::Sft {
-        stage_scores.push((
-            "random_base",
-            preference_scores(
-                model.lm(),
-                &tok,
-                &eval_pairs,
-                &ood_pairs,
-                &cfg,
-                &device,
-                true,
-            )?,
-        ));
-        let Some(dir) = sft_stage(
-            &cfg,
-            ctx,
-            &run_dir,
-            model.as_mut(),
-            &tok,
-            &train_pairs,
-            &device,
-        )?
-        else {
-            return Ok(stopped_in_sft_stage(run_dir));
-        };
-        peft::bake_adapter(model.as_mut(), &dir)?;
-        let dst = run_dir.join("sft_adapter");
-        if !dst.join("adapter_model.safetensors").exists() {
-            copy_adapter(&dir, &dst)?;
-        }
-    }
-
+    let Some(stage_scores) = sft_phase(&cfg, ctx, &run_dir, &mut inputs, family)? else {
+        return Ok(stopped_in_sft_stage(run_dir));
+    };
     // Base scores for the summary, before any adapter exists.
-    let base_scores = preference_scores(
-        model.lm(),
-        &tok,
-        &eval_pairs,
-        &ood_pairs,
-        &cfg,
-        &device,
-        true,
-    )?;
+    let base_scores = inputs.scores(&cfg, true)?;
+    let mut stage = Stage::start(&cfg, family, inputs, resume, run_dir, ctx.progress)?;
+    let interrupted = stage.run(ctx)?;
+    stage.finish(interrupted, stage_scores, base_scores)
+}
 
-    // The adapter.
-    let resume_ckpt = resume.and_then(|r| r.checkpoint.as_ref().map(|c| c.dir.clone()));
-    let idx = if let Some(ck) = &resume_ckpt {
-        peft::load_adapter(model.as_mut(), &ck.join("adapter"), "policy")?
+/// Scores of one stage for the summary: `(stage name, preference_scores)`.
+type StageScores = Vec<(&'static str, BTreeMap<String, f64>)>;
+
+impl Inputs {
+    /// The held-out preference scores of the model as it is (`adapters_off`: of its base).
+    fn scores(&self, cfg: &TrainConfig, adapters_off: bool) -> Result<BTreeMap<String, f64>> {
+        preference_scores(
+            self.model.lm(),
+            &self.tok,
+            &self.eval_pairs,
+            &self.ood_pairs,
+            cfg,
+            &self.device,
+            adapters_off,
+        )
+    }
+}
+
+/// The SFT stage when the configuration has one (cached by its settings), folded into the base,
+/// with the random base's scores before it; `None` when Ctrl-C stopped it.
+fn sft_phase(
+    cfg: &TrainConfig,
+    ctx: &JobContext,
+    run_dir: &Path,
+    inputs: &mut Inputs,
+    family: LossFamily,
+) -> Result<Option<StageScores>> {
+    if cfg.sft_steps() == 0 || family == LossFamily::Sft {
+        return Ok(Some(Vec::new()));
+    }
+    let random_base = inputs.scores(cfg, true)?;
+    let Some(dir) = sft_stage(
+        cfg,
+        ctx,
+        run_dir,
+        inputs.model.as_mut(),
+        &inputs.tok,
+        &inputs.train_pairs,
+        &inputs.device,
+    )?
+    else {
+        return Ok(None);
+    };
+    peft::bake_adapter(inputs.model.as_mut(), &dir)?;
+    let dst = run_dir.join("sft_adapter");
+    if !dst.join("adapter_model.safetensors").exists() {
+        copy_adapter(&dir, &dst)?;
+    }
+    Ok(Some(vec![("random_base", random_base)]))
+}
+
+/// Add the trained adapter `policy` to `model` and make it active: the checkpoint's when
+/// resuming, `adapter.init_from`'s, or a fresh one from the `[adapter]` table.
+fn attach_adapter(
+    cfg: &TrainConfig,
+    model: &mut dyn TrainModel,
+    checkpoint: Option<&Path>,
+) -> Result<usize> {
+    let idx = if let Some(ck) = checkpoint {
+        peft::load_adapter(model, &ck.join("adapter"), "policy")?
     } else if let Some(dir) = &cfg.adapter.init_from {
-        peft::load_adapter(model.as_mut(), dir, "policy")?
+        peft::load_adapter(model, dir, "policy")?
     } else {
+        let config_err = |e: reprpo_models::ModelError| TrainError::Config {
+            key: "adapter".into(),
+            problem: e.to_string(),
+        };
         let ac = AdapterConfig::from_json(cfg.adapter.peft_json(), Path::new("(config [adapter])"))
-            .map_err(|e| TrainError::Config {
-                key: "adapter".into(),
-                problem: e.to_string(),
-            })?;
-        peft::add_adapter(model.as_mut(), "policy", ac, None, cfg.adapter.seed).map_err(|e| {
-            TrainError::Config {
-                key: "adapter".into(),
-                problem: e.to_string(),
-            }
-        })?
+            .map_err(config_err)?;
+        peft::add_adapter(model, "policy", ac, None, cfg.adapter.seed).map_err(config_err)?
     };
     model.adapter_set_mut().active = Some(idx);
-    let params = peft::adapter_params(model.as_ref(), idx);
-    let mut opt = AdamW::new(
-        params,
-        AdamWConfig {
-            beta1: cfg.train.adam_beta1,
-            beta2: cfg.train.adam_beta2,
-            eps: cfg.train.adam_eps,
-            weight_decay: cfg.train.weight_decay,
-        },
-    )?;
+    Ok(idx)
+}
+
+/// The stage's steps and learning-rate plan for `n_pairs` training pairs; also the optimizer
+/// steps per epoch.
+fn plan(cfg: &TrainConfig, n_pairs: usize) -> Result<(Plan, usize)> {
     let bs = cfg.train.batch_size;
-    let micro_per_epoch = train_pairs.len().div_ceil(bs);
-    let steps_per_epoch = micro_per_epoch.div_ceil(cfg.train.grad_accum).max(1);
+    let steps_per_epoch = n_pairs.div_ceil(bs).div_ceil(cfg.train.grad_accum).max(1);
     let total = cfg
         .train
         .max_steps
         .unwrap_or(steps_per_epoch * cfg.train.epochs);
-    if let Some(r) = resume {
-        r.begin(total)?;
-    }
     let warmup = if cfg.train.warmup_steps > 0 {
         cfg.train.warmup_steps
     } else {
         (cfg.train.warmup_ratio * total as f64).ceil() as usize
     };
-    let stage = Plan {
+    let plan = Plan {
         lr: cfg.train.lr,
         batch_size: bs,
         total,
         warmup,
         schedule: Schedule::parse(&cfg.train.schedule)?,
     };
-    let mut dpo_state = DpoState::default();
-    let mut start = 0;
-    if let Some(ck) = &resume_ckpt {
-        let (state, moments) = run::load_checkpoint(ck)?;
-        opt.load_state(
-            &moments,
-            state.step,
-            &ck.join("optimizer.safetensors"),
-            &device,
-        )?;
-        if let Some((mean, var, count)) = state.running {
-            dpo_state.running.mean = mean;
-            dpo_state.running.var = var;
-            dpo_state.running.std = var.sqrt();
-            dpo_state.running.count = count;
-        }
-        start = state.step;
+    Ok((plan, steps_per_epoch))
+}
+
+/// Restore the optimizer moments and bco_pair's running moments of checkpoint `ck`; returns its
+/// step.
+fn restore(ck: &Path, opt: &mut AdamW, dpo_state: &mut DpoState, device: &Device) -> Result<usize> {
+    let (state, moments) = run::load_checkpoint(ck)?;
+    opt.load_state(
+        &moments,
+        state.step,
+        &ck.join("optimizer.safetensors"),
+        device,
+    )?;
+    if let Some((mean, var, count)) = state.running {
+        dpo_state.running.mean = mean;
+        dpo_state.running.var = var;
+        dpo_state.running.std = var.sqrt();
+        dpo_state.running.count = count;
     }
+    Ok(state.step)
+}
+
+/// The run's metrics log: new, or checked against checkpoint `ck` (and rebuilt from it when
+/// damaged) when resuming from step `start`; with its TensorBoard twin when asked for.
+fn open_log(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    ck: Option<&Path>,
+    start: usize,
+) -> Result<MetricsLog> {
     let log_path = run_dir.join(METRICS);
-    let mut log = match &resume_ckpt {
+    let mut log = match ck {
         Some(ck) => {
             let (log, check) = MetricsLog::resume(&log_path, ck, start)?;
             if check != LogCheck::Intact {
@@ -827,240 +838,383 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
     if cfg.run.tensorboard {
         log.tensorboard(&run_dir.join(crate::tensorboard::TB_DIR), start)?;
     }
+    Ok(log)
+}
 
-    let bar = progress_bar(ctx.progress, total as u64, start as u64);
-    let mut window = DeviceMetrics::default();
-    let mut guard = NonFiniteGuard::new(&device, WATCHED)?;
-    let mut order_cache = None;
-    let mut last_ckpt = resume_ckpt.clone();
-    let mut interrupted = false;
-    let mut step = start;
-    let pair_ids =
-        |s: usize| step_pair_ids(&train_ids, bs, cfg.train.grad_accum, cfg.train.seed, s);
-    let explain = |e: TrainError| explain_non_finite(e, &pair_ids);
-    while step < total {
-        let lr = stage.schedule.lr(
-            stage.lr,
+/// The preference (or SFT) stage of a job: the model with its adapter, the optimizer, and what
+/// the loop carries from step to step.
+struct Stage<'a> {
+    cfg: &'a TrainConfig,
+    family: LossFamily,
+    inputs: Inputs,
+    run_dir: PathBuf,
+    config_hash: String,
+    opt: AdamW,
+    plan: Plan,
+    steps_per_epoch: usize,
+    dpo_state: DpoState,
+    log: MetricsLog,
+    bar: Option<indicatif::ProgressBar>,
+    /// Device-side sums of the metrics since the last logged step.
+    window: DeviceMetrics,
+    guard: NonFiniteGuard,
+    order_cache: Option<(usize, Vec<usize>)>,
+    last_ckpt: Option<PathBuf>,
+    /// Optimizer steps done.
+    step: usize,
+}
+
+impl<'a> Stage<'a> {
+    /// Attach the adapter, build the optimizer and the plan, and restore the checkpoint when
+    /// resuming (after [`Resume::begin`] has checked the run's total against it).
+    fn start(
+        cfg: &'a TrainConfig,
+        family: LossFamily,
+        mut inputs: Inputs,
+        resume: Option<&Resume>,
+        run_dir: PathBuf,
+        progress: bool,
+    ) -> Result<Self> {
+        let ck = resume.and_then(|r| r.checkpoint.as_ref().map(|c| c.dir.clone()));
+        let idx = attach_adapter(cfg, inputs.model.as_mut(), ck.as_deref())?;
+        let mut opt = AdamW::new(
+            peft::adapter_params(inputs.model.as_ref(), idx),
+            AdamWConfig {
+                beta1: cfg.train.adam_beta1,
+                beta2: cfg.train.adam_beta2,
+                eps: cfg.train.adam_eps,
+                weight_decay: cfg.train.weight_decay,
+            },
+        )?;
+        let (plan, steps_per_epoch) = plan(cfg, inputs.train_pairs.len())?;
+        if let Some(r) = resume {
+            r.begin(plan.total)?;
+        }
+        let mut dpo_state = DpoState::default();
+        let step = match &ck {
+            Some(ck) => restore(ck, &mut opt, &mut dpo_state, &inputs.device)?,
+            None => 0,
+        };
+        let log = open_log(cfg, &run_dir, ck.as_deref(), step)?;
+        let guard = NonFiniteGuard::new(&inputs.device, WATCHED)?;
+        Ok(Stage {
+            cfg,
+            family,
+            bar: progress_bar(progress, plan.total as u64, step as u64),
+            config_hash: crate::resume::config_hash(cfg)?,
+            inputs,
+            run_dir,
+            opt,
+            plan,
+            steps_per_epoch,
+            dpo_state,
+            log,
+            window: DeviceMetrics::default(),
+            guard,
+            order_cache: None,
+            last_ckpt: ck,
             step,
-            stage.total,
-            stage.warmup,
+        })
+    }
+
+    /// A non-finite stop, with the ids of the pairs of the step it names.
+    fn explain(&self, e: TrainError) -> TrainError {
+        let t = &self.cfg.train;
+        let ids = &self.inputs.train_ids;
+        explain_non_finite(e, &|s| {
+            step_pair_ids(ids, t.batch_size, t.grad_accum, t.seed, s)
+        })
+    }
+
+    /// Print a line above the progress bar (or plainly without one).
+    fn say(&self, line: String) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    /// Steps until the total or a stop; `Ok(true)` when Ctrl-C stopped the stage (after its
+    /// checkpoint).
+    fn run(&mut self, ctx: &JobContext) -> Result<bool> {
+        let total = self.plan.total;
+        let mut interrupted = false;
+        while self.step < total {
+            self.optimizer_step()?;
+            let step = self.step;
+            if step.is_multiple_of(self.cfg.train.logging_steps) || step == total {
+                self.log_window()?;
+            }
+            if self.cfg.train.eval_every > 0
+                && step.is_multiple_of(self.cfg.train.eval_every)
+                && step < total
+            {
+                self.evaluate_now()?;
+            }
+            let stop = ctx.stop.load(Ordering::SeqCst);
+            let save_steps = self.cfg.run.save_steps;
+            if (save_steps > 0 && step.is_multiple_of(save_steps)) || step == total || stop {
+                self.save()?;
+            }
+            if stop && step < total {
+                interrupted = true;
+                break;
+            }
+        }
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        let last = self.last_ckpt.clone();
+        self.guard
+            .check_finite(last.as_deref())
+            .map_err(|e| self.explain(e))?;
+        Ok(interrupted)
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches, their gradients summed, clipped, applied.
+    fn optimizer_step(&mut self) -> Result<()> {
+        let (cfg, step) = (self.cfg, self.step);
+        let plan = &self.plan;
+        let lr = plan.schedule.lr(
+            plan.lr,
+            step,
+            plan.total,
+            plan.warmup,
             cfg.train.decay_ratio,
         );
-        let progress = step as f64 / total.max(1) as f64;
-        let mut grads: Vec<Option<Tensor>> = vec![None; opt.params().len()];
+        let progress = step as f64 / plan.total.max(1) as f64;
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.params().len()];
         let mut micro = DeviceMetrics::default();
+        let inputs = &self.inputs;
         for a in 0..cfg.train.grad_accum {
             let k = step * cfg.train.grad_accum + a;
             let chunk = micro_batch(
-                &train_pairs,
-                stage.batch_size,
+                &inputs.train_pairs,
+                plan.batch_size,
                 cfg.train.seed,
                 k,
-                &mut order_cache,
+                &mut self.order_cache,
             );
-            let batch = match family {
-                LossFamily::Sft => data::chosen_batch(&chunk, tok.pad, &device)?,
-                _ => data::pair_batch(&chunk, tok.pad, &device)?,
+            let batch = match self.family {
+                LossFamily::Sft => data::chosen_batch(&chunk, inputs.tok.pad, &inputs.device)?,
+                _ => data::pair_batch(&chunk, inputs.tok.pad, &inputs.device)?,
             };
             let out = batch_loss(
-                model.lm(),
-                &cfg,
-                family,
+                inputs.model.lm(),
+                cfg,
+                self.family,
                 &batch,
                 progress,
-                &mut dpo_state,
+                &mut self.dpo_state,
                 true,
                 Some(dropout_seed(cfg.train.seed, 1, k)),
             )?;
-            guard.watch(&out.loss, step + 1, LOSS)?;
+            self.guard.watch(&out.loss, step + 1, LOSS)?;
             let scaled = (out.loss / cfg.train.grad_accum as f64)?;
-            accumulate(&mut grads, opt.gradients(&backward(&scaled)?))?;
+            accumulate(&mut grads, self.opt.gradients(&backward(&scaled)?))?;
             micro.add(&out.metrics)?;
         }
         let norm = clip_and_update(
-            &mut opt,
+            &mut self.opt,
             &mut grads,
             cfg.train.max_grad_norm,
             lr,
             step + 1,
             GRAD_NORM,
-            &mut guard,
+            &mut self.guard,
         )?;
-        step += 1;
-        add_step(&mut window, &micro, norm.as_ref(), lr, &guard)?;
-        if let Some(b) = &bar {
-            b.set_position(step as u64);
+        self.step += 1;
+        add_step(&mut self.window, &micro, norm.as_ref(), lr, &self.guard)?;
+        if let Some(b) = &self.bar {
+            b.set_position(self.step as u64);
         }
-        if step % cfg.train.logging_steps == 0 || step == total {
-            // The one read of the window: its metrics and the non-finite state.
-            let mean = guard
-                .read_means(&window, last_ckpt.as_deref())
-                .map_err(explain)?;
-            if let (Some(b), Some(l)) = (&bar, mean.get("loss")) {
-                b.set_message(format!("loss {l:.4}"));
-            }
-            let mut rec: BTreeMap<String, Value> =
-                mean.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-            rec.insert("step".into(), json!(step));
-            rec.insert("epoch".into(), json!(step as f64 / steps_per_epoch as f64));
-            log.write(&rec)?;
-            let line = format_log(step, total, &mean);
-            match &bar {
-                Some(b) => b.println(line),
-                None => println!("{line}"),
-            }
-            window = DeviceMetrics::default();
-        }
-        let eval_now = cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step < total;
-        if eval_now && !eval_pairs.is_empty() {
-            guard.check_finite(last_ckpt.as_deref()).map_err(explain)?;
-            let em = evaluate(
-                model.lm(),
-                &cfg,
-                family,
-                &eval_pairs,
-                &tok,
-                &device,
-                progress,
-                &dpo_state,
-            )?;
-            let mut rec: BTreeMap<String, Value> = em
-                .iter()
-                .map(|(k, v)| (format!("eval_{k}"), json!(v)))
-                .collect();
-            rec.insert("step".into(), json!(step));
-            log.write(&rec)?;
-            let line = format!("step {step}/{total} eval: {}", short_metrics(&em));
-            match &bar {
-                Some(b) => b.println(line),
-                None => println!("{line}"),
-            }
-            if cfg.train.n_samples > 0 {
-                for s in samples(model.lm(), &tok, &eval_pairs, cfg.train.n_samples)? {
-                    println!("  sample: {s}");
-                }
-            }
-        }
-        let stop = ctx.stop.load(Ordering::SeqCst);
-        let save_now =
-            (cfg.run.save_steps > 0 && step % cfg.run.save_steps == 0) || step == total || stop;
-        if save_now {
-            guard
-                .check_before_save(&opt, step, last_ckpt.as_deref())
-                .map_err(explain)?;
-            let model_ref: &dyn AdapterHost = model.as_ref();
-            let state = TrainerState {
-                step,
-                total_steps: total,
-                running: cfg.dpo.bco_running_mean.then_some((
-                    dpo_state.running.mean,
-                    dpo_state.running.var,
-                    dpo_state.running.count,
-                )),
-                config_hash: Some(config_hash.clone()),
-            };
-            last_ckpt = Some(run::save_checkpoint(
-                &run_dir,
-                &state,
-                &opt.state(),
-                cfg.run.save_total_limit,
-                &log.upto(step),
-                |dir| Ok(peft::save_adapter(model_ref, "policy", dir)?),
-            )?);
-        }
-        if stop && step < total {
-            interrupted = true;
-            break;
-        }
+        Ok(())
     }
-    if let Some(b) = &bar {
-        b.finish_and_clear();
+
+    /// Log the window's means (the one read of the window: its metrics and the non-finite
+    /// state) and start a new window.
+    fn log_window(&mut self) -> Result<()> {
+        let step = self.step;
+        let last = self.last_ckpt.clone();
+        let mean = self
+            .guard
+            .read_means(&self.window, last.as_deref())
+            .map_err(|e| self.explain(e))?;
+        if let (Some(b), Some(l)) = (&self.bar, mean.get("loss")) {
+            b.set_message(format!("loss {l:.4}"));
+        }
+        let mut rec: BTreeMap<String, Value> =
+            mean.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        rec.insert("step".into(), json!(step));
+        rec.insert(
+            "epoch".into(),
+            json!(step as f64 / self.steps_per_epoch as f64),
+        );
+        self.log.write(&rec)?;
+        self.say(format_log(step, self.plan.total, &mean));
+        self.window = DeviceMetrics::default();
+        Ok(())
     }
-    guard.check_finite(last_ckpt.as_deref()).map_err(explain)?;
-    let mut summary = BTreeMap::new();
-    summary.insert("run_dir".into(), json!(run_dir.display().to_string()));
-    summary.insert("steps".into(), json!(step));
-    summary.insert("total_steps".into(), json!(total));
-    summary.insert("interrupted".into(), json!(interrupted));
-    summary.insert("data/id".into(), json!(scored_sets(&cfg, eval_pairs.len())));
-    summary.insert("data/ood".into(), json!(cfg.data.ood_datasets.join(", ")));
-    if interrupted {
-        return Ok(Outcome {
-            run_dir,
-            steps: step,
+
+    /// The periodic evaluation on the held-out pairs (and samples when asked for).
+    fn evaluate_now(&mut self) -> Result<()> {
+        let inputs = &self.inputs;
+        if inputs.eval_pairs.is_empty() {
+            return Ok(());
+        }
+        let step = self.step;
+        let last = self.last_ckpt.clone();
+        self.guard
+            .check_finite(last.as_deref())
+            .map_err(|e| self.explain(e))?;
+        let progress = step as f64 / self.plan.total.max(1) as f64;
+        let em = evaluate(
+            inputs.model.lm(),
+            self.cfg,
+            self.family,
+            &inputs.eval_pairs,
+            &inputs.tok,
+            &inputs.device,
+            progress,
+            &self.dpo_state,
+        )?;
+        let mut rec: BTreeMap<String, Value> = em
+            .iter()
+            .map(|(k, v)| (format!("eval_{k}"), json!(v)))
+            .collect();
+        rec.insert("step".into(), json!(step));
+        self.log.write(&rec)?;
+        let total = self.plan.total;
+        self.say(format!("step {step}/{total} eval: {}", short_metrics(&em)));
+        if self.cfg.train.n_samples > 0 {
+            let n = self.cfg.train.n_samples;
+            for s in samples(inputs.model.lm(), &inputs.tok, &inputs.eval_pairs, n)? {
+                println!("  sample: {s}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A checkpoint of the current step (after checking that what it saves is finite and sane).
+    fn save(&mut self) -> Result<()> {
+        let step = self.step;
+        let last = self.last_ckpt.clone();
+        self.guard
+            .check_before_save(&self.opt, step, last.as_deref())
+            .map_err(|e| self.explain(e))?;
+        let running = &self.dpo_state.running;
+        let state = TrainerState {
+            step,
+            total_steps: self.plan.total,
+            running: self.cfg.dpo.bco_running_mean.then_some((
+                running.mean,
+                running.var,
+                running.count,
+            )),
+            config_hash: Some(self.config_hash.clone()),
+        };
+        let model_ref: &dyn AdapterHost = self.inputs.model.as_ref();
+        self.last_ckpt = Some(run::save_checkpoint(
+            &self.run_dir,
+            &state,
+            &self.opt.state(),
+            self.cfg.run.save_total_limit,
+            &self.log.upto(step),
+            |dir| Ok(peft::save_adapter(model_ref, "policy", dir)?),
+        )?);
+        Ok(())
+    }
+
+    /// The end of the job: the summary (and, unless interrupted, the final adapter, the merged
+    /// model of a full fine-tune, the final evaluation, the adapter's scores, summary.json and
+    /// the plots).
+    fn finish(
+        self,
+        interrupted: bool,
+        stage_scores: StageScores,
+        base_scores: BTreeMap<String, f64>,
+    ) -> Result<Outcome> {
+        let cfg = self.cfg;
+        let mut summary = BTreeMap::new();
+        summary.insert("run_dir".into(), json!(self.run_dir.display().to_string()));
+        summary.insert("steps".into(), json!(self.step));
+        summary.insert("total_steps".into(), json!(self.plan.total));
+        summary.insert("interrupted".into(), json!(interrupted));
+        let n_eval = self.inputs.eval_pairs.len();
+        summary.insert("data/id".into(), json!(scored_sets(cfg, n_eval)));
+        summary.insert("data/ood".into(), json!(cfg.data.ood_datasets.join(", ")));
+        if !interrupted {
+            self.write_results(&mut summary, stage_scores, base_scores)?;
+        }
+        Ok(Outcome {
+            run_dir: self.run_dir,
+            steps: self.step,
             interrupted,
             summary,
-        });
+        })
     }
-    peft::save_adapter(model.as_ref(), "policy", &run_dir.join("adapter"))?;
-    // A full fine-tune of a model read from a folder also gets a plain Hugging Face folder with
-    // the weights merged (the random presets have no base files to copy).
-    if cfg.adapter.kind == "full" && LlamaConfig::preset(&cfg.model.name_or_path).is_none() {
-        let base = reprpo_models::hub::model_dir(&cfg.model.name_or_path).map_err(|e| {
-            TrainError::Config {
-                key: "model.name_or_path".into(),
-                problem: format!("{:?}: {e}", cfg.model.name_or_path),
-            }
-        })?;
-        peft::export_merged(model.as_ref(), "policy", &base, &run_dir.join("merged"))?;
-        summary.insert("merged_model".into(), json!(run_dir.join("merged")));
-    }
-    let final_pairs = if eval_pairs.is_empty() {
-        &train_pairs
-    } else {
-        &eval_pairs
-    };
-    let fin = evaluate(
-        model.lm(),
-        &cfg,
-        family,
-        final_pairs,
-        &tok,
-        &device,
-        1.0,
-        &dpo_state,
-    )?;
-    for (k, v) in fin {
-        summary.insert(format!("final_eval/{k}"), json!(v));
-    }
-    let trained = preference_scores(
-        model.lm(),
-        &tok,
-        &eval_pairs,
-        &ood_pairs,
-        &cfg,
-        &device,
-        false,
-    )?;
-    for (stage, scores) in stage_scores {
-        for (k, v) in scores {
-            summary.insert(format!("{stage}/{k}"), json!(v));
+
+    /// The final adapter (and merged model), the final evaluation and scores into `summary`,
+    /// then summary.json and the plots.
+    fn write_results(
+        &self,
+        summary: &mut BTreeMap<String, Value>,
+        stage_scores: StageScores,
+        base_scores: BTreeMap<String, f64>,
+    ) -> Result<()> {
+        let (cfg, inputs, run_dir) = (self.cfg, &self.inputs, &self.run_dir);
+        peft::save_adapter(inputs.model.as_ref(), "policy", &run_dir.join("adapter"))?;
+        // A full fine-tune of a model read from a folder also gets a plain Hugging Face folder
+        // with the weights merged (the random presets have no base files to copy).
+        if cfg.adapter.kind == "full" && LlamaConfig::preset(&cfg.model.name_or_path).is_none() {
+            let base = reprpo_models::hub::model_dir(&cfg.model.name_or_path).map_err(|e| {
+                TrainError::Config {
+                    key: "model.name_or_path".into(),
+                    problem: format!("{:?}: {e}", cfg.model.name_or_path),
+                }
+            })?;
+            let merged = run_dir.join("merged");
+            peft::export_merged(inputs.model.as_ref(), "policy", &base, &merged)?;
+            summary.insert("merged_model".into(), json!(merged));
         }
+        let final_pairs = if inputs.eval_pairs.is_empty() {
+            &inputs.train_pairs
+        } else {
+            &inputs.eval_pairs
+        };
+        let fin = evaluate(
+            inputs.model.lm(),
+            cfg,
+            self.family,
+            final_pairs,
+            &inputs.tok,
+            &inputs.device,
+            1.0,
+            &self.dpo_state,
+        )?;
+        for (k, v) in fin {
+            summary.insert(format!("final_eval/{k}"), json!(v));
+        }
+        let trained = inputs.scores(cfg, false)?;
+        let stages = stage_scores
+            .into_iter()
+            .chain([("base", base_scores), ("adapter", trained)]);
+        for (stage, scores) in stages {
+            for (k, v) in scores {
+                summary.insert(format!("{stage}/{k}"), json!(v));
+            }
+        }
+        let path = run_dir.join("summary.json");
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| TrainError::Malformed {
+            path: path.clone(),
+            problem: e.to_string(),
+        })?;
+        run::write_atomic(&path, text.as_bytes())?;
+        if cfg.run.plots {
+            crate::plots::write_plots(run_dir)?;
+        }
+        Ok(())
     }
-    for (k, v) in base_scores {
-        summary.insert(format!("base/{k}"), json!(v));
-    }
-    for (k, v) in trained {
-        summary.insert(format!("adapter/{k}"), json!(v));
-    }
-    run::write_atomic(
-        &run_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)
-            .map_err(|e| TrainError::Malformed {
-                path: run_dir.join("summary.json"),
-                problem: e.to_string(),
-            })?
-            .as_bytes(),
-    )?;
-    if cfg.run.plots {
-        crate::plots::write_plots(&run_dir)?;
-    }
-    Ok(Outcome {
-        run_dir,
-        steps: step,
-        interrupted,
-        summary,
-    })
 }
 
 /// How a job stopped (Ctrl-C) during its SFT stage ends: interrupted at step 0, nothing saved.
@@ -1281,16 +1435,7 @@ fn sft_stage(
     pairs: &[TokenizedPair],
     device: &Device,
 ) -> Result<Option<PathBuf>> {
-    let key = json!({
-        "model": cfg.model, "datasets": cfg.data.datasets, "n_train": cfg.data.n_train,
-        "tokenize": format!("{:?}", cfg.tokenize_config()), "sft": cfg.sft, "seed": cfg.train.seed,
-        "version": 1,
-    });
-    let dir = cfg
-        .run
-        .out_dir
-        .join(&cfg.sft.cache_dir)
-        .join(format!("sft-{:016x}", fnv(&key.to_string())));
+    let dir = sft_cache_dir(cfg);
     // Held until this function returns: a second job with the same settings waits here, then
     // reuses this one's adapter.
     let Some(_lock) = lock_cache_entry(&dir, &ctx.stop)? else {
@@ -1311,6 +1456,32 @@ fn sft_stage(
         cfg.sft.on,
         dir.display()
     );
+    if !train_sft(cfg, ctx, run_dir, model, tok, pairs, device)? {
+        return Ok(None);
+    }
+    store_cache_entry(model, &dir)?;
+    // Remove the SFT adapter again: the caller folds it into the base.
+    clear_adapters(model);
+    Ok(Some(dir))
+}
+
+/// The SFT cache entry of `cfg`: `<out_dir>/<sft.cache_dir>/sft-<hash of everything the stage
+/// depends on>`.
+fn sft_cache_dir(cfg: &TrainConfig) -> PathBuf {
+    let key = json!({
+        "model": cfg.model, "datasets": cfg.data.datasets, "n_train": cfg.data.n_train,
+        "tokenize": format!("{:?}", cfg.tokenize_config()), "sft": cfg.sft, "seed": cfg.train.seed,
+        "version": 1,
+    });
+    cfg.run
+        .out_dir
+        .join(&cfg.sft.cache_dir)
+        .join(format!("sft-{:016x}", fnv(&key.to_string())))
+}
+
+/// Add the SFT stage's LoRA adapter (`sft`, every linear layer, r = alpha = `sft.r`) to `model`,
+/// active, and its optimizer.
+fn sft_adapter(cfg: &TrainConfig, model: &mut dyn TrainModel) -> Result<AdamW> {
     let mut ac = crate::config::AdapterOptions {
         kind: "lora".into(),
         r: cfg.sft.r,
@@ -1322,7 +1493,7 @@ fn sft_stage(
     let ac = AdapterConfig::from_json(ac, Path::new("(sft stage)"))?;
     let idx = peft::add_adapter(model, "sft", ac, None, cfg.train.seed)?;
     model.adapter_set_mut().active = Some(idx);
-    let mut opt = AdamW::new(
+    AdamW::new(
         peft::adapter_params(model, idx),
         AdamWConfig {
             beta1: 0.9,
@@ -1330,7 +1501,21 @@ fn sft_stage(
             eps: 1e-8,
             weight_decay: 0.0,
         },
-    )?;
+    )
+}
+
+/// Train the SFT stage's adapter for `sft.steps` steps; `false` when the stop flag (Ctrl-C) was
+/// set (the model is then left without the adapter).
+fn train_sft(
+    cfg: &TrainConfig,
+    ctx: &JobContext,
+    run_dir: &Path,
+    model: &mut dyn TrainModel,
+    tok: &Tok,
+    pairs: &[TokenizedPair],
+    device: &Device,
+) -> Result<bool> {
+    let mut opt = sft_adapter(cfg, model)?;
     let total = cfg.sft_steps();
     let bar = progress_bar(ctx.progress, total as u64, 0);
     let mut order_cache = None;
@@ -1349,7 +1534,7 @@ fn sft_stage(
                 run_dir.display()
             );
             clear_adapters(model);
-            return Ok(None);
+            return Ok(false);
         }
         let lr = Schedule::Cosine.lr(cfg.sft.lr, step, total, warmup, 0.0);
         let chunk = micro_batch(
@@ -1394,10 +1579,7 @@ fn sft_stage(
         b.finish_and_clear();
     }
     guard.check_finite(None)?;
-    store_cache_entry(model, &dir)?;
-    // Remove the SFT adapter again: the caller folds it into the base.
-    clear_adapters(model);
-    Ok(Some(dir))
+    Ok(true)
 }
 
 /// Whether `dir` holds a complete cached adapter.
