@@ -42,6 +42,11 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// The most template instructions one rendering may run. A chat template is a program from a
+/// downloaded file: without a bound, nested loops (`range` allows 100000 items each) hang the
+/// job (found by fuzzing). Real templates run a few hundred instructions per message.
+pub const TEMPLATE_FUEL: u64 = 10_000_000;
+
 fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
@@ -54,6 +59,7 @@ impl ChatTemplate {
         // transformers renders with trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.clone())
             .map_err(|e| DataError::Template(format!("cannot compile: {e}")))?;

@@ -416,6 +416,38 @@ fn parse_csv(path: &Path, bytes: &[u8]) -> Result<Vec<Record>> {
 }
 
 fn read_parquet(path: &Path) -> Result<Table> {
+    // The `parquet` crate panics on some malformed files instead of returning an error (found by
+    // fuzzing: a dictionary page that declares no values divides by zero in parquet 60.1,
+    // `arrow/array_reader/byte_array.rs`). A panic inside the decoder means a malformed file,
+    // so it is reported as one, at the first row not yet read.
+    let mut records = Vec::new();
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        read_parquet_into(path, &mut records)
+    }));
+    match read {
+        Ok(r) => r?,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            return Err(DataError::Malformed {
+                file: path.to_path_buf(),
+                row: records.len() + 1,
+                format: "Parquet",
+                message: format!("the Parquet decoder failed on this file ({what})"),
+            });
+        }
+    }
+    Ok(Table {
+        file: path.to_path_buf(),
+        records,
+    })
+}
+
+/// Read every row of Parquet file `path` into `records`.
+fn read_parquet_into(path: &Path, records: &mut Vec<Record>) -> Result<()> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let file = File::open(path).map_err(|source| DataError::Io {
         file: path.to_path_buf(),
@@ -431,7 +463,6 @@ fn read_parquet(path: &Path) -> Result<Table> {
         .map_err(|e| malformed(0, e.to_string()))?
         .build()
         .map_err(|e| malformed(0, e.to_string()))?;
-    let mut records = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| malformed(records.len() + 1, e.to_string()))?;
         let schema = batch.schema();
@@ -451,10 +482,7 @@ fn read_parquet(path: &Path) -> Result<Table> {
             });
         }
     }
-    Ok(Table {
-        file: path.to_path_buf(),
-        records,
-    })
+    Ok(())
 }
 
 /// One cell of an Arrow array as JSON.

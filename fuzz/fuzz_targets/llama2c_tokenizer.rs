@@ -1,0 +1,7 @@
+//! libFuzzer target `llama2c_tokenizer`: see `reprpo_fuzz::llama2c_tokenizer`.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|d: &[u8]| reprpo_fuzz::llama2c_tokenizer(d));
