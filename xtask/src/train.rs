@@ -183,6 +183,32 @@ fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
         println!("{label:<12}{}{}", col(id, "id"), col(ood, "ood"));
     }
     println!("{}", adapter_effect(s));
+    if let Some(line) = objective_change(s) {
+        println!("{line}");
+    }
+}
+
+/// The trained objective before the first step and at the end, on the final evaluation's pairs:
+/// for the ReprPO family the reroute distance `loss_rr` (which the coefficient schedule does not
+/// move), otherwise the loss. `None` when the run has no "before" (resumed from a checkpoint
+/// written before it was kept).
+fn objective_change(s: &std::collections::BTreeMap<String, serde_json::Value>) -> Option<String> {
+    let get = |k: &str| s.get(k).and_then(serde_json::Value::as_f64);
+    let key = if s.contains_key("initial_eval/loss_rr") {
+        "loss_rr"
+    } else {
+        "loss"
+    };
+    let before = get(&format!("initial_eval/{key}"))?;
+    let after = get(&format!("final_eval/{key}"))?;
+    let change = if before != 0.0 {
+        format!(" ({:+.0}%)", 100.0 * (after / before - 1.0))
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "the objective on the evaluation pairs: {key} {before:.4} before training -> {after:.4}{change}"
+    ))
 }
 
 /// One plain sentence on what the adapter changed against the base it was trained on (after the
@@ -235,6 +261,20 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+
+    #[test]
+    fn the_objective_line_shows_before_and_after() {
+        let mut s = summary(0.5, 0.5, 10.0);
+        assert_eq!(super::objective_change(&s), None);
+        s.insert("initial_eval/loss_rr".into(), json!(1.4));
+        s.insert("final_eval/loss_rr".into(), json!(1.19));
+        s.insert("initial_eval/loss".into(), json!(0.0));
+        s.insert("final_eval/loss".into(), json!(0.7));
+        assert_eq!(
+            super::objective_change(&s).unwrap(),
+            "the objective on the evaluation pairs: loss_rr 1.4000 before training -> 1.1900 (-15%)"
+        );
     }
 
     #[test]

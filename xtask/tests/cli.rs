@@ -206,3 +206,34 @@ fn convert_llama2c_writes_a_hugging_face_folder() {
         assert!(out.join(f).exists(), "{f}");
     }
 }
+
+/// `cargo xtask train` with no arguments (only where it writes): the embedded default's ReprPO
+/// preset makes the run optimise its own objective. The reroute distance on the evaluation
+/// pairs, which the coefficient schedule does not move, falls from its value before the first
+/// step (docs/reprpo-default-sweep.md: -14%), and the summary says so.
+#[test]
+fn the_default_run_lowers_its_reroute_distance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = format!("run.out_dir={}", tmp.path().display());
+    let (ok, out, err) = xtask(&["train", "--no-progress", "run.plots=false", &out_dir]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("the objective on the evaluation pairs: loss_rr"),
+        "{out}"
+    );
+    let run = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("summary.json").is_file())
+        .unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let before = s["initial_eval/loss_rr"].as_f64().unwrap();
+    let after = s["final_eval/loss_rr"].as_f64().unwrap();
+    assert!(after < 0.95 * before, "loss_rr {before} -> {after}");
+    // The retain term holds the chosen completions' hidden states.
+    assert!(
+        s["final_eval/cosine/chosen"].as_f64().unwrap() > 0.98,
+        "{s}"
+    );
+}

@@ -108,6 +108,10 @@ pub struct TrainerState {
     /// (absent in checkpoints written before it existed: those resume with a warning).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// The final evaluation's metrics with the adapter as it was before the first step (the
+    /// summary's "before"; absent in checkpoints written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_eval: Option<BTreeMap<String, f64>>,
 }
 
 /// The name of a checkpoint's manifest.

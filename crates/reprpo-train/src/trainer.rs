@@ -698,6 +698,32 @@ fn train_job(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Resume>) -> Re
     stage.finish(interrupted, stage_scores, base_scores)
 }
 
+/// The evaluation the summary reports, with the model as it is: the held-out pairs (the training
+/// pairs when there are none) at progress 1. Run before the first step too, so that the summary
+/// shows the objective before and after.
+fn final_evaluation(
+    cfg: &TrainConfig,
+    family: LossFamily,
+    inputs: &Inputs,
+    dpo_state: &DpoState,
+) -> Result<BTreeMap<String, f64>> {
+    let pairs = if inputs.eval_pairs.is_empty() {
+        &inputs.train_pairs
+    } else {
+        &inputs.eval_pairs
+    };
+    evaluate(
+        inputs.model.lm(),
+        cfg,
+        family,
+        pairs,
+        &inputs.tok,
+        &inputs.device,
+        1.0,
+        dpo_state,
+    )
+}
+
 /// Scores of one stage for the summary: `(stage name, preference_scores)`.
 type StageScores = Vec<(&'static str, BTreeMap<String, f64>)>;
 
@@ -798,8 +824,13 @@ fn plan(cfg: &TrainConfig, n_pairs: usize) -> Result<(Plan, usize)> {
 }
 
 /// Restore the optimizer moments and bco_pair's running moments of checkpoint `ck`; returns its
-/// step.
-fn restore(ck: &Path, opt: &mut AdamW, dpo_state: &mut DpoState, device: &Device) -> Result<usize> {
+/// state.
+fn restore(
+    ck: &Path,
+    opt: &mut AdamW,
+    dpo_state: &mut DpoState,
+    device: &Device,
+) -> Result<TrainerState> {
     let (state, moments) = run::load_checkpoint(ck)?;
     opt.load_state(
         &moments,
@@ -813,7 +844,7 @@ fn restore(ck: &Path, opt: &mut AdamW, dpo_state: &mut DpoState, device: &Device
         dpo_state.running.std = var.sqrt();
         dpo_state.running.count = count;
     }
-    Ok(state.step)
+    Ok(state)
 }
 
 /// The run's metrics log: new, or checked against checkpoint `ck` (and rebuilt from it when
@@ -860,6 +891,8 @@ struct Stage<'a> {
     guard: NonFiniteGuard,
     order_cache: Option<(usize, Vec<usize>)>,
     last_ckpt: Option<PathBuf>,
+    /// The final evaluation's metrics before the first step (kept in checkpoints).
+    initial_eval: Option<BTreeMap<String, f64>>,
     /// Optimizer steps done.
     step: usize,
 }
@@ -891,9 +924,12 @@ impl<'a> Stage<'a> {
             r.begin(plan.total)?;
         }
         let mut dpo_state = DpoState::default();
-        let step = match &ck {
-            Some(ck) => restore(ck, &mut opt, &mut dpo_state, &inputs.device)?,
-            None => 0,
+        let (step, initial_eval) = match &ck {
+            Some(ck) => {
+                let state = restore(ck, &mut opt, &mut dpo_state, &inputs.device)?;
+                (state.step, state.initial_eval)
+            }
+            None => (0, Some(final_evaluation(cfg, family, &inputs, &dpo_state)?)),
         };
         let log = open_log(cfg, &run_dir, ck.as_deref(), step)?;
         let guard = NonFiniteGuard::new(&inputs.device, WATCHED)?;
@@ -913,6 +949,7 @@ impl<'a> Stage<'a> {
             guard,
             order_cache: None,
             last_ckpt: ck,
+            initial_eval,
             step,
         })
     }
@@ -1112,6 +1149,7 @@ impl<'a> Stage<'a> {
                 running.count,
             )),
             config_hash: Some(self.config_hash.clone()),
+            initial_eval: self.initial_eval.clone(),
         };
         let model_ref: &dyn AdapterHost = self.inputs.model.as_ref();
         self.last_ckpt = Some(run::save_checkpoint(
@@ -1177,23 +1215,13 @@ impl<'a> Stage<'a> {
             peft::export_merged(inputs.model.as_ref(), "policy", &base, &merged)?;
             summary.insert("merged_model".into(), json!(merged));
         }
-        let final_pairs = if inputs.eval_pairs.is_empty() {
-            &inputs.train_pairs
-        } else {
-            &inputs.eval_pairs
-        };
-        let fin = evaluate(
-            inputs.model.lm(),
-            cfg,
-            self.family,
-            final_pairs,
-            &inputs.tok,
-            &inputs.device,
-            1.0,
-            &self.dpo_state,
-        )?;
-        for (k, v) in fin {
-            summary.insert(format!("final_eval/{k}"), json!(v));
+        let fin = final_evaluation(cfg, self.family, inputs, &self.dpo_state)?;
+        let initial = self.initial_eval.iter().flatten();
+        for (prefix, (k, v)) in initial
+            .map(|kv| ("initial_eval", kv))
+            .chain(fin.iter().map(|kv| ("final_eval", kv)))
+        {
+            summary.insert(format!("{prefix}/{k}"), json!(v));
         }
         let trained = inputs.scores(cfg, false)?;
         let stages = stage_scores

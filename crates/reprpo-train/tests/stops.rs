@@ -135,6 +135,7 @@ fn state(step: usize) -> TrainerState {
         total_steps: 10,
         running: None,
         config_hash: None,
+        initial_eval: None,
     }
 }
 
