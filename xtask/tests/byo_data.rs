@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Command;
-
 mod common;
 
 /// Eight TRL conversational rows (implicit prompt).
@@ -23,38 +21,12 @@ fn chat_rows() -> String {
 
 #[test]
 fn train_on_a_relative_data_file_without_brackets() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pairs.jsonl"), chat_rows()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir.path())
-        .args([
-            "train",
-            "--no-progress",
-            "run.out_dir=runs",
-            "run.plots=false",
-            "sft.steps=0",
-            "loss=dpo",
-            "train.max_steps=2",
-            "data.datasets=pairs.jsonl",
-            "data.eval_datasets=./pairs.jsonl:chat",
-            "data.ood_datasets=[]",
-        ])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let run = std::fs::read_dir(dir.path().join("runs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.join("resolved_config.toml").is_file())
-        .unwrap();
-    let cfg: toml::Table = std::fs::read_to_string(run.join("resolved_config.toml"))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (dir, _, data) = train_on_file(&[
+        "train.max_steps=2",
+        "data.eval_datasets=./pairs.jsonl:chat",
+        "data.ood_datasets=[]",
+    ]);
     let abs = dir.path().canonicalize().unwrap().join("pairs.jsonl");
-    let data = cfg["data"].as_table().unwrap();
     assert_eq!(
         data["datasets"].as_array().unwrap()[0].as_str().unwrap(),
         abs.display().to_string()
@@ -91,9 +63,10 @@ fn data_stats_on_a_file_and_a_missing_one() {
     );
 }
 
-/// Run `xtask train` on `pairs.jsonl` (written in a fresh folder) with `extra`; (stdout, the
+/// Run `xtask train` in a fresh folder holding `pairs.jsonl` ([`chat_rows`]), with
+/// `data.datasets=pairs.jsonl` (relative, no brackets) and `extra`; (the folder, stdout, the
 /// run's resolved `[data]` table).
-fn train_on_file(extra: &[&str]) -> (String, toml::Table) {
+fn train_on_file(extra: &[&str]) -> (tempfile::TempDir, String, toml::Table) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pairs.jsonl"), chat_rows()).unwrap();
     let mut args = vec![
@@ -107,17 +80,8 @@ fn train_on_file(extra: &[&str]) -> (String, toml::Table) {
         "data.datasets=pairs.jsonl",
     ];
     args.extend_from_slice(extra);
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .current_dir(dir.path())
-        .args(&args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, stdout, stderr) = common::xtask_in(dir.path(), &args, &[]);
+    assert!(ok, "{stderr}");
     let run = std::fs::read_dir(dir.path().join("runs"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -127,16 +91,14 @@ fn train_on_file(extra: &[&str]) -> (String, toml::Table) {
         .unwrap()
         .parse()
         .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        cfg["data"].as_table().unwrap().clone(),
-    )
+    let data = cfg["data"].as_table().unwrap().clone();
+    (dir, stdout, data)
 }
 
 #[test]
 fn held_out_data_follows_the_training_data() {
     // No evaluation keys: 10% of the file held out, no embedded default split anywhere.
-    let (stdout, data) = train_on_file(&[]);
+    let (_dir, stdout, data) = train_on_file(&[]);
     assert_eq!(data["eval_split"].as_float(), Some(0.1));
     assert!(data["eval_datasets"].as_array().unwrap().is_empty());
     assert!(data["ood_datasets"].as_array().unwrap().is_empty());
@@ -149,7 +111,7 @@ fn held_out_data_follows_the_training_data() {
         "{stdout}"
     );
     // Nothing to score: said once, no table of dashes.
-    let (stdout, _) = train_on_file(&["data.eval_split=0"]);
+    let (_dir, stdout, _) = train_on_file(&["data.eval_split=0"]);
     assert!(stdout.contains("nothing to score"), "{stdout}");
     assert!(!stdout.contains(" -"), "{stdout}");
     // Both an evaluation set and a split: refused, naming the key.

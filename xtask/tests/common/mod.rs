@@ -6,16 +6,7 @@ use std::process::Command;
 
 /// Run `xtask ARGS` (no backtraces in its messages); (success, stdout, stderr).
 pub fn xtask(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run xtask");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    xtask_in(std::path::Path::new("."), args, &[])
 }
 
 /// Run `xtask ARGS` in the working directory `dir` with extra environment variables;
