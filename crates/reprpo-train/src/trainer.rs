@@ -755,16 +755,7 @@ fn sft_phase(
         return Ok(Some(Vec::new()));
     }
     let random_base = inputs.scores(cfg, true)?;
-    let Some(dir) = sft_stage(
-        cfg,
-        ctx,
-        run_dir,
-        inputs.model.as_mut(),
-        &inputs.tok,
-        &inputs.train_pairs,
-        &inputs.device,
-    )?
-    else {
+    let Some(dir) = sft_stage(cfg, ctx, run_dir, inputs)? else {
         return Ok(None);
     };
     peft::bake_adapter(inputs.model.as_mut(), &dir)?;
@@ -1458,10 +1449,7 @@ fn sft_stage(
     cfg: &TrainConfig,
     ctx: &JobContext,
     run_dir: &Path,
-    model: &mut dyn TrainModel,
-    tok: &Tok,
-    pairs: &[TokenizedPair],
-    device: &Device,
+    inputs: &mut Inputs,
 ) -> Result<Option<PathBuf>> {
     let dir = sft_cache_dir(cfg);
     // Held until this function returns: a second job with the same settings waits here, then
@@ -1484,9 +1472,10 @@ fn sft_stage(
         cfg.sft.on,
         dir.display()
     );
-    if !train_sft(cfg, ctx, run_dir, model, tok, pairs, device)? {
+    if !train_sft(cfg, ctx, run_dir, inputs)? {
         return Ok(None);
     }
+    let model = inputs.model.as_mut();
     store_cache_entry(model, &dir)?;
     // Remove the SFT adapter again: the caller folds it into the base.
     clear_adapters(model);
@@ -1538,11 +1527,10 @@ fn train_sft(
     cfg: &TrainConfig,
     ctx: &JobContext,
     run_dir: &Path,
-    model: &mut dyn TrainModel,
-    tok: &Tok,
-    pairs: &[TokenizedPair],
-    device: &Device,
+    inputs: &mut Inputs,
 ) -> Result<bool> {
+    let model = inputs.model.as_mut();
+    let (tok, pairs, device) = (&inputs.tok, &inputs.train_pairs, &inputs.device);
     let mut opt = sft_adapter(cfg, model)?;
     let total = cfg.sft_steps();
     let bar = progress_bar(ctx.progress, total as u64, 0);
