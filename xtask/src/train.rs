@@ -131,6 +131,11 @@ pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
 fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
     let get = |k: &str| s.get(k).and_then(serde_json::Value::as_f64);
     let text = |k: &str| s.get(k).and_then(serde_json::Value::as_str).unwrap_or("");
+    match text("reference") {
+        "initial" => println!("reference model: the initial adapter (a frozen copy)"),
+        "base" => println!("reference model: the base (adapter off)"),
+        _ => {}
+    }
     let has = |split: &str| s.keys().any(|k| k.ends_with(&format!("/{split}/n")));
     let (id, ood) = (has("id"), has("ood"));
     if !id && !ood {

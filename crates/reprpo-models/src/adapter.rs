@@ -1,7 +1,8 @@
 //! Adapters on linear layers, one mechanism for every kind: a [`Linear`] holds its frozen base
 //! weight and, per named adapter, a [`ModuleAdapter`] whose parameters are candle `Var`s (the only
-//! trainable tensors). Which adapter is active, whether adapters are off (the reference model is
-//! the same weights with the adapter off), and train mode travel in a [`Ctx`] with each forward.
+//! trainable tensors). Which adapter is active, whether adapters are off (the base model), which
+//! adapter stands for the reference model (none: the base; or a frozen copy of the initial
+//! adapter, [`AdapterSet::reference`]), and train mode travel in a [`Ctx`] with each forward.
 //!
 //! # Formulas (x: input `[N, in]`, W: base weight `[out, in]`)
 //! - base: `y = x W^T`
@@ -280,6 +281,9 @@ pub struct AdapterSet {
     pub configs: Vec<crate::peft::AdapterConfig>,
     /// The active adapter (applied unless a forward turns adapters off).
     pub active: Option<usize>,
+    /// The adapter a reference forward (`ForwardSpec::reference`) applies: a frozen copy of the
+    /// policy's initial adapter (see `peft::add_frozen_copy`). `None`: the reference is the base.
+    pub reference: Option<usize>,
 }
 
 impl AdapterSet {

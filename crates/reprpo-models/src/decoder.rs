@@ -30,6 +30,8 @@ pub(crate) struct Stack<'a> {
     pub num_layers: usize,
     /// The adapter that is active when a forward does not turn adapters off.
     pub active: Option<usize>,
+    /// The adapter a reference forward ([`ForwardSpec::reference`]) runs with; `None`: the base.
+    pub reference: Option<usize>,
     pub device: &'a Device,
 }
 
@@ -92,7 +94,7 @@ pub(crate) fn forward<M: Decoder>(
     };
     let (cos, sin) = m.rope(&positions, None)?;
     let mask = causal_mask(b, t, 0, m.window(), attention_mask, stack.device)?;
-    let ctx = spec.ctx(stack.active);
+    let ctx = spec.ctx(stack.active, stack.reference);
     let seed = match spec.dropout_seed {
         Some(s) => Some(s),
         None if spec.checkpoint && spec.train => Some(crate::checkpoint::fresh_seed()),
@@ -103,6 +105,10 @@ pub(crate) fn forward<M: Decoder>(
     let mut block = |l: usize, x: &Tensor| -> Result<Tensor> {
         let block_seed = seed.map(|s| crate::checkpoint::block_seed(s, l));
         let run = |x: &Tensor| m.block(l, x, &cos, &sin, &mask, &ctx, None);
+        if spec.reference {
+            // The reference model is frozen: its adapter is read detached, no graph recorded.
+            return crate::checkpoint::scoped(true, block_seed, || run(x));
+        }
         if !spec.checkpoint {
             return match block_seed {
                 None => run(x),

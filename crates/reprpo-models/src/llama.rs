@@ -62,8 +62,12 @@ pub struct ForwardSpec {
     pub hidden_layers: Vec<isize>,
     /// Whether to compute logits (false: stop after the deepest requested layer).
     pub logits: bool,
-    /// Run with adapters off (the reference model), whatever adapter is active.
+    /// Run with adapters off (the base model), whatever adapter is active.
     pub adapters_off: bool,
+    /// Run as the reference model: with the adapter set's `reference` adapter (a frozen copy of
+    /// the initial adapter, read detached) when it has one, else with adapters off.
+    /// `adapters_off` wins over it.
+    pub reference: bool,
     /// Training mode (adapter dropout).
     pub train: bool,
     /// Gradient checkpointing: keep only each decoder block's input for the backward pass and
@@ -459,10 +463,18 @@ impl AdapterHost for Llama {
 }
 
 impl ForwardSpec {
-    /// The adapter state of a forward: `active` unless this spec turns adapters off.
-    pub fn ctx(&self, active: Option<usize>) -> Ctx {
+    /// The adapter state of a forward: `active`, `reference` for a reference forward, none when
+    /// this spec turns adapters off.
+    pub fn ctx(&self, active: Option<usize>, reference: Option<usize>) -> Ctx {
+        let adapter = if self.adapters_off {
+            None
+        } else if self.reference {
+            reference
+        } else {
+            active
+        };
         Ctx {
-            adapter: if self.adapters_off { None } else { active },
+            adapter,
             train: self.train,
         }
     }
@@ -477,6 +489,7 @@ impl Decoder for Llama {
             lm_head: &self.lm_head,
             num_layers: self.config.num_layers,
             active: self.adapters.active,
+            reference: self.adapters.reference,
             device: &self.device,
         }
     }

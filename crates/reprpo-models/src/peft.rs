@@ -584,6 +584,27 @@ pub fn load_adapter(host: &mut dyn AdapterHost, dir: &Path, name: &str) -> Resul
     add_adapter(host, name, config, Some((&weights, &file)), 0)
 }
 
+/// Register a frozen copy of adapter `from` as `name` and make it the set's reference adapter
+/// (`AdapterSet::reference`): same config, its tensors copied (so training `from` leaves the
+/// copy as it was). Its parameters are not returned for `from` by [`adapter_params`], so they never
+/// reach an optimizer, and a reference forward reads them detached. Returns its index.
+pub fn add_frozen_copy(host: &mut dyn AdapterHost, from: usize, name: &str) -> Result<usize> {
+    let config = host
+        .adapter_set()
+        .configs
+        .get(from)
+        .cloned()
+        .ok_or_else(|| ModelError::Invalid(format!("no adapter with index {from}")))?;
+    let weights: HashMap<String, Tensor> = adapter_params(host, from)
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.as_tensor().detach().copy()?)))
+        .collect::<Result<_>>()?;
+    let source = PathBuf::from(format!("(copy of adapter {from})"));
+    let idx = add_adapter(host, name, config, Some((&weights, &source)), 0)?;
+    host.adapter_set_mut().reference = Some(idx);
+    Ok(idx)
+}
+
 /// The trainable parameters of adapter `idx` under their PEFT state-dict names.
 pub fn adapter_params(host: &dyn AdapterHost, idx: usize) -> Vec<(String, Var)> {
     let mut out = Vec::new();

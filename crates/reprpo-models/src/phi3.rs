@@ -719,6 +719,7 @@ impl Decoder for Phi3 {
             lm_head: &self.lm_head,
             num_layers: self.config.num_layers,
             active: self.adapters.active,
+            reference: self.adapters.reference,
             device: &self.device,
         }
     }

@@ -207,6 +207,11 @@ pub struct AdapterOptions {
     pub apply_gs: bool,
     /// Seed of the fresh adapter's init.
     pub seed: u64,
+    /// The reference model of the DPO and ReprPO losses: `initial` (a frozen copy of the adapter
+    /// the run starts from, as TRL's DPOTrainer does with a PEFT model) or `base` (the adapter
+    /// off). Default: `initial` with `adapter.init_from`, `base` otherwise (a fresh adapter is
+    /// the identity at init, so the two agree at step 0 and `base` is cheaper).
+    pub reference: String,
 }
 
 /// The optimisation.
@@ -371,6 +376,9 @@ impl Default for AdapterOptions {
             butterfly_factor: 1,
             apply_gs: false,
             seed: 0,
+            // The behaviour before the key existed (a run folder that lacks it resumes so);
+            // `resolve` makes it "initial" when `adapter.init_from` is given and it is not set.
+            reference: "base".into(),
         }
     }
 }
@@ -966,6 +974,12 @@ impl TrainConfig {
             crate::init_from::check_explicit(&explicit, &cfg.adapter, &loaded, &dir)?;
             cfg.adapter = loaded;
         }
+        let reference_set = user(Figment::new())
+            .extract_inner::<Value>("adapter.reference")
+            .is_ok();
+        if !reference_set && cfg.adapter.init_from.is_some() {
+            cfg.adapter.reference = "initial".into();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -1104,6 +1118,12 @@ impl TrainConfig {
                 "must name at least one module".into(),
             );
         }
+        if !matches!(a.reference.as_str(), "initial" | "base") {
+            return bad(
+                "adapter.reference",
+                format!("must be \"initial\" or \"base\", got {:?}", a.reference),
+            );
+        }
         if let Some(dir) = &a.init_from
             && !dir.join("adapter_config.json").is_file()
         {
@@ -1235,6 +1255,12 @@ impl TrainConfig {
 }
 
 impl AdapterOptions {
+    /// Whether the reference model is a frozen copy of the initial adapter
+    /// (`adapter.reference = "initial"`, explicit or by default).
+    pub fn reference_is_initial(&self) -> bool {
+        self.reference == "initial"
+    }
+
     /// The PEFT `adapter_config.json` for these options.
     pub fn peft_json(&self) -> Map<String, Value> {
         let target: Value = match self.target_modules.as_slice() {

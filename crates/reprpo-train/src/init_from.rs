@@ -5,8 +5,8 @@
 //! used for the run name) describes the adapter the run trains: kind, rank, alpha, targets,
 //! dropout, ... are read from `DIR/adapter_config.json`. A key the user set explicitly
 //! (`adapter.kind=boft`, `adapter.r=8`, in a file or on the command line) that contradicts the
-//! loaded adapter is an error naming both values; `adapter.seed` and `adapter.init_from` itself
-//! are the run's own.
+//! loaded adapter is an error naming both values; `adapter.seed`, `adapter.reference` and
+//! `adapter.init_from` itself are the run's own.
 
 use std::path::Path;
 
@@ -16,8 +16,8 @@ use serde_json::{Map, Value};
 use crate::config::AdapterOptions;
 use crate::error::{Result, TrainError};
 
-/// The adapter options that describe the PEFT adapter in `dir`; `seed` and `init_from` are
-/// taken from `base`.
+/// The adapter options that describe the PEFT adapter in `dir`; `seed`, `reference` and
+/// `init_from` are taken from `base`.
 pub fn loaded_options(dir: &Path, base: &AdapterOptions) -> Result<AdapterOptions> {
     let cfg = AdapterConfig::load(dir).map_err(|e| TrainError::Config {
         key: "adapter.init_from".into(),
@@ -26,6 +26,7 @@ pub fn loaded_options(dir: &Path, base: &AdapterOptions) -> Result<AdapterOption
     let mut o = AdapterOptions {
         init_from: base.init_from.clone(),
         seed: base.seed,
+        reference: base.reference.clone(),
         target_modules: match &cfg.target {
             Target::AllLinear => vec!["all-linear".into()],
             Target::Names(n) => n.clone(),
@@ -108,7 +109,7 @@ pub fn check_explicit(
         _ => &[],
     };
     for key in explicit {
-        if matches!(key.as_str(), "init_from" | "seed") {
+        if matches!(key.as_str(), "init_from" | "seed" | "reference") {
             continue;
         }
         let common = matches!(

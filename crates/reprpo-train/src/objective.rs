@@ -1,5 +1,7 @@
 //! One batch through the model and the loss: the policy forward (adapter on) and, for preference
-//! losses, the reference forward (adapter off, the same weights, no gradient).
+//! losses, the reference forward (no gradient) with `ForwardSpec::reference`: the same weights
+//! with the adapter off (`adapter.reference = "base"`), or with the frozen copy of the initial
+//! adapter the trainer registered as the model's reference adapter (`"initial"`).
 //!
 //! For hidden-state losses both forwards stop after the deepest hidden state the loss reads and
 //! skip the vocabulary projection (unless per-example weights need the DPO margin).
@@ -35,17 +37,14 @@ pub struct BatchLoss {
     pub metrics: BTreeMap<String, Tensor>,
 }
 
-fn spec(
-    layers: &[usize],
-    logits: bool,
-    adapters_off: bool,
-    train: bool,
-    ckpt: bool,
-) -> ForwardSpec {
+/// A forward's spec; `reference`: the reference model (the model's frozen initial adapter when
+/// it has one, else the base), never trained.
+fn spec(layers: &[usize], logits: bool, reference: bool, train: bool, ckpt: bool) -> ForwardSpec {
     ForwardSpec {
         hidden_layers: layers.iter().map(|&l| l as isize).collect(),
         logits,
-        adapters_off,
+        adapters_off: false,
+        reference,
         train,
         checkpoint: ckpt,
         dropout_seed: None,
@@ -84,8 +83,8 @@ pub fn batch_loss(
     dropout_seed: Option<u64>,
 ) -> Result<BatchLoss> {
     let ckpt = cfg.train.grad_checkpointing && train;
-    let spec = |layers: &[usize], logits: bool, off: bool, train: bool, ckpt: bool| {
-        let mut s = spec(layers, logits, off, train, ckpt);
+    let spec = |layers: &[usize], logits: bool, refr: bool, train: bool, ckpt: bool| {
+        let mut s = spec(layers, logits, refr, train, ckpt);
         if train {
             s.dropout_seed = dropout_seed;
         }

@@ -326,7 +326,12 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(best.map(|(_, p)| p))
 }
 
-/// Write a checkpoint atomically: `write_adapter` fills `<tmp>/adapter`, then the optimizer
+/// The folder of a checkpoint that keeps the frozen initial adapter (`adapter.reference =
+/// "initial"`), beside `adapter/`; written by the `write_adapter` callback of [`save_checkpoint`].
+pub const REFERENCE_DIR: &str = "reference_adapter";
+
+/// Write a checkpoint atomically: `write_adapter` fills `<tmp>/adapter` (and may write sibling
+/// folders such as [`REFERENCE_DIR`], which the manifest covers too), then the optimizer
 /// state, the trainer state and `metrics` (the run's log up to this step, what
 /// [`crate::metrics::MetricsLog::resume`] checks the log against) are written, then
 /// `manifest.json` (sizes and SHA-256 of all of

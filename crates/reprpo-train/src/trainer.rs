@@ -767,7 +767,9 @@ fn sft_phase(
 }
 
 /// Add the trained adapter `policy` to `model` and make it active: the checkpoint's when
-/// resuming, `adapter.init_from`'s, or a fresh one from the `[adapter]` table.
+/// resuming, `adapter.init_from`'s, or a fresh one from the `[adapter]` table. With
+/// `adapter.reference = "initial"` the reference model is a frozen copy of the adapter the run
+/// started from (see [`attach_reference`]).
 fn attach_adapter(
     cfg: &TrainConfig,
     model: &mut dyn TrainModel,
@@ -787,8 +789,46 @@ fn attach_adapter(
         peft::add_adapter(model, "policy", ac, None, cfg.adapter.seed).map_err(config_err)?
     };
     model.adapter_set_mut().active = Some(idx);
+    if cfg.adapter.reference_is_initial() && cfg.family()? != LossFamily::Sft {
+        attach_reference(model, idx, checkpoint)?;
+    }
     Ok(idx)
 }
+
+/// The frozen initial adapter (`REFERENCE`), the reference of `adapter.reference = "initial"`:
+/// a copy of the policy as it starts (index `policy`), or, when resuming, the copy the checkpoint
+/// keeps in `reference_adapter/` (the policy there has moved on).
+fn attach_reference(
+    model: &mut dyn TrainModel,
+    policy: usize,
+    checkpoint: Option<&Path>,
+) -> Result<()> {
+    match checkpoint {
+        None => {
+            peft::add_frozen_copy(model, policy, REFERENCE)?;
+        }
+        Some(ck) => {
+            let dir = ck.join(run::REFERENCE_DIR);
+            if !dir.join("adapter_config.json").is_file() {
+                return Err(TrainError::Config {
+                    key: "adapter.reference".into(),
+                    problem: format!(
+                        "is \"initial\" but checkpoint {} keeps no {}/ (written by a run \
+                         whose reference was the base?)",
+                        ck.display(),
+                        run::REFERENCE_DIR
+                    ),
+                });
+            }
+            let idx = peft::load_adapter(model, &dir, REFERENCE)?;
+            model.adapter_set_mut().reference = Some(idx);
+        }
+    }
+    Ok(())
+}
+
+/// The name of the frozen initial adapter in the model's adapter set.
+const REFERENCE: &str = "reference";
 
 /// The stage's steps and learning-rate plan for `n_pairs` training pairs; also the optimizer
 /// steps per epoch.
@@ -1149,7 +1189,7 @@ impl<'a> Stage<'a> {
             &self.opt.state(),
             self.cfg.run.save_total_limit,
             &self.log.upto(step),
-            |dir| Ok(peft::save_adapter(model_ref, "policy", dir)?),
+            |dir| save_adapters(model_ref, dir),
         )?);
         Ok(())
     }
@@ -1169,6 +1209,7 @@ impl<'a> Stage<'a> {
         summary.insert("steps".into(), json!(self.step));
         summary.insert("total_steps".into(), json!(self.plan.total));
         summary.insert("interrupted".into(), json!(interrupted));
+        summary.insert("reference".into(), json!(cfg.adapter.reference));
         let n_eval = self.inputs.eval_pairs.len();
         summary.insert("data/id".into(), json!(scored_sets(cfg, n_eval)));
         summary.insert("data/ood".into(), json!(cfg.data.ood_datasets.join(", ")));
@@ -1234,6 +1275,17 @@ impl<'a> Stage<'a> {
         }
         Ok(())
     }
+}
+
+/// A checkpoint's adapters: the policy in `dir` (`<checkpoint>/adapter`) and, when the reference
+/// is the frozen initial adapter, that one beside it in `<checkpoint>/reference_adapter`.
+fn save_adapters(model: &dyn AdapterHost, dir: &Path) -> Result<()> {
+    peft::save_adapter(model, "policy", dir)?;
+    if model.adapter_set().reference.is_some() {
+        let parent = dir.parent().unwrap_or(dir);
+        peft::save_adapter(model, REFERENCE, &parent.join(run::REFERENCE_DIR))?;
+    }
+    Ok(())
 }
 
 /// How a job stopped (Ctrl-C) during its SFT stage ends: interrupted at step 0, nothing saved.

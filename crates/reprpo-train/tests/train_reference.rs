@@ -15,7 +15,8 @@
 //!   `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `logits/chosen`,
 //!   `logits/rejected`, as logged by TRL 1.16.0's own `DPOTrainer._compute_loss` on the same batch
 //!   with the real PEFT model (TRL does the policy forward and the adapter-disabled reference
-//!   forward itself);
+//!   forward itself; so the runs set `adapter.reference=base`, see reference_model.rs for
+//!   `initial`);
 //! - ReprPO (original, with DoRA, with example weights, with `reprpo.layers=[1,-1]`): `loss`,
 //!   `loss_rr`, `loss_retain`, `coef_rr`, `coef_retain`, `cosine/chosen`, `cosine/rejected` from
 //!   the independent PyTorch reference of `tests/reference/gen_reprpo_fixtures.py` on the hidden
@@ -84,6 +85,9 @@ fn first_logged_step(case: &Value) -> BTreeMap<String, Value> {
             "adapter.init_from={}",
             fx.join(case["adapter"].as_str().unwrap()).display()
         ),
+        // The fixtures' reference is the adapter-disabled model (TRL's `use_adapter(model, None)`);
+        // the frozen-initial-adapter reference is checked in reference_model.rs.
+        "adapter.reference=base".into(),
         "train.lr=0".into(),
         "train.max_steps=1".into(),
         "train.logging_steps=1".into(),
