@@ -65,6 +65,8 @@ for ((i = 1; i <= n; i++)); do
     # Wait for a random logged step (0: the run folder only, i.e. during the SFT stage or
     # before the first step; 12: the last step, i.e. during the final evaluation), then a
     # random 0-300 ms.
+    "$bin" "${args[@]}" "run.out_dir=$out" >"$out/first.log" 2>&1 &
+    pid=$!
     at=$((RANDOM % (steps + 1)))
     until [[ -n $(run_dir_of "$out") ]] && (( $(last_step "$(run_dir_of "$out")") >= at )); do
       kill -0 "$pid" 2>/dev/null || break
