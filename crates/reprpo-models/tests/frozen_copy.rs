@@ -9,27 +9,16 @@ use candle_core::{DType, Device, Tensor};
 use reprpo_models::adapter::AdapterHost;
 use reprpo_models::{ForwardSpec, Llama, peft};
 
-fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
+mod common;
+
+use common::{fixture, max_abs};
 
 fn logits(m: &Llama, ids: &Tensor, spec: &ForwardSpec) -> Tensor {
     m.forward(ids, None, None, spec).unwrap().logits.unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 /// A model with a non-identity LoRA "policy" (B drawn, not zero) at index 0.

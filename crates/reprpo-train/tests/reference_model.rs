@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+mod common;
+
 use reprpo_train::config::Sources;
 use reprpo_train::trainer::{self, JobContext, Outcome};
 use reprpo_train::{TrainConfig, TrainError};
@@ -234,20 +236,6 @@ fn the_default_follows_init_from_and_explicit_values_win() {
     }
 }
 
-fn adapter_bits(dir: &Path) -> BTreeMap<String, Vec<u32>> {
-    candle_core::safetensors::load(
-        dir.join("adapter_model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
-    .into_iter()
-    .map(|(k, v)| {
-        let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (k, bits.into_iter().map(f32::to_bits).collect())
-    })
-    .collect()
-}
-
 /// DPO from the fixture LoRA with the initial adapter as reference: 4 steps of 2 pairs, a
 /// checkpoint every step.
 fn resumable(out: &Path) -> TrainConfig {
@@ -272,10 +260,10 @@ fn resume_with_the_initial_reference_is_bit_identical() {
     let stopped = trainer::train(&resumable(tmp.path()), &ctx(true), None).unwrap();
     assert!(stopped.interrupted && stopped.steps == 1);
     let ck = stopped.run_dir.join("checkpoints/step-0000001");
-    let frozen = adapter_bits(&ck.join("reference_adapter"));
-    assert_eq!(frozen, adapter_bits(&fixtures().join("lora")));
+    let frozen = common::adapter_bits(&ck.join("reference_adapter"));
+    assert_eq!(frozen, common::adapter_bits(&fixtures().join("lora")));
     assert_ne!(
-        adapter_bits(&ck.join("adapter")),
+        common::adapter_bits(&ck.join("adapter")),
         frozen,
         "the policy moved"
     );
@@ -283,8 +271,8 @@ fn resume_with_the_initial_reference_is_bit_identical() {
     let resumed = trainer::train(&cfg, &ctx(false), Some(&stopped.run_dir)).unwrap();
     assert_eq!(resumed.steps, 4);
     assert_eq!(
-        adapter_bits(&resumed.run_dir.join("adapter")),
-        adapter_bits(&straight.run_dir.join("adapter"))
+        common::adapter_bits(&resumed.run_dir.join("adapter")),
+        common::adapter_bits(&straight.run_dir.join("adapter"))
     );
     let (a, b) = (logged(&resumed.run_dir), logged(&straight.run_dir));
     assert_eq!(a, b, "metrics.jsonl");

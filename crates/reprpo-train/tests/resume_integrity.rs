@@ -7,7 +7,6 @@
 //! - a checkpoint whose files differ from its manifest (a flipped bit, an edited step, an extra
 //!   file), falling back to the newest one that verifies, or taking one given explicitly.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -50,20 +49,6 @@ fn logged_steps(run: &Path) -> Vec<u64> {
                 .unwrap()
         })
         .collect()
-}
-
-fn adapter(dir: &Path) -> BTreeMap<String, Vec<u32>> {
-    candle_core::safetensors::load(
-        dir.join("adapter_model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
-    .into_iter()
-    .map(|(k, v)| {
-        let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (k, bits.into_iter().map(f32::to_bits).collect())
-    })
-    .collect()
 }
 
 fn flip_last_byte(path: &Path) {
@@ -131,8 +116,8 @@ fn resume_applies_length_and_cadence_overrides_and_records_them() {
     assert_eq!(out.steps, 6);
     assert_eq!(logged_steps(&run), vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(
-        adapter(&run.join("adapter")),
-        adapter(&straight.run_dir.join("adapter"))
+        common::adapter_bits(&run.join("adapter")),
+        common::adapter_bits(&straight.run_dir.join("adapter"))
     );
     // Checkpoints at the new cadence (3 and the end), the new total in them.
     assert!(ckpt(&run, 3).exists() && ckpt(&run, 6).exists() && !ckpt(&run, 2).exists());
@@ -232,19 +217,19 @@ fn corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one() {
     let tmp = tempfile::tempdir().unwrap();
     let done = trainer::train(&config(tmp.path(), &[]), &ctx(false), None).unwrap();
     let run = done.run_dir;
-    let want = adapter(&run.join("adapter"));
+    let want = common::adapter_bits(&run.join("adapter"));
     std::fs::remove_dir_all(run.join("adapter")).unwrap();
     flip_last_byte(&ckpt(&run, 4).join("optimizer.safetensors"));
     let out = trainer::train(&config(tmp.path(), &[]), &ctx(false), Some(&run)).unwrap();
     assert_eq!(out.steps, 4);
     // Step 4 was redone from step 3: the same adapter, each step logged once.
-    assert_eq!(adapter(&run.join("adapter")), want);
+    assert_eq!(common::adapter_bits(&run.join("adapter")), want);
     assert_eq!(logged_steps(&run), vec![1, 2, 3, 4]);
     assert!(run.join("checkpoints/skipped-step-0000004").is_dir());
     // An explicit checkpoint: that one, and the newer ones moved aside.
     let out = trainer::train(&config(tmp.path(), &[]), &ctx(false), Some(&ckpt(&run, 2))).unwrap();
     assert_eq!(out.steps, 4);
-    assert_eq!(adapter(&run.join("adapter")), want);
+    assert_eq!(common::adapter_bits(&run.join("adapter")), want);
     assert_eq!(logged_steps(&run), vec![1, 2, 3, 4]);
     assert!(run.join("checkpoints/skipped-step-0000004-1").is_dir());
     assert!(run.join("checkpoints/skipped-step-0000003").is_dir());
@@ -355,8 +340,8 @@ fn a_run_from_before_a_key_existed_resumes_with_its_default() {
             reprpo_train::run::write_manifest(&ck).unwrap();
             trainer::train(&config(Path::new("unused"), &[]), &ctx(false), Some(&run)).unwrap();
             assert_eq!(
-                adapter(&run.join("adapter")),
-                adapter(&straight.run_dir.join("adapter"))
+                common::adapter_bits(&run.join("adapter")),
+                common::adapter_bits(&straight.run_dir.join("adapter"))
             );
             let rewritten = std::fs::read_to_string(&cfg_path).unwrap();
             assert!(rewritten.contains("eval_split = 0.0"), "{rewritten}");

@@ -49,3 +49,19 @@ pub fn config(out: &Path, extra: &[&str]) -> TrainConfig {
     })
     .unwrap()
 }
+
+/// The bits of every tensor of the adapter in `dir` (`adapter_model.safetensors`), by name: for
+/// comparing two runs bit for bit.
+pub fn adapter_bits(dir: &Path) -> std::collections::BTreeMap<String, Vec<u32>> {
+    candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, v)| {
+        let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (k, bits.into_iter().map(f32::to_bits).collect())
+    })
+    .collect()
+}
