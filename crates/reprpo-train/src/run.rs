@@ -303,29 +303,6 @@ pub fn checkpoint_dir(run_dir: &Path, step: usize) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step-{step:07}"))
 }
 
-/// The newest checkpoint of a run by name, if any, unverified (`--resume` takes the newest that
-/// passes [`verify_checkpoint`] instead).
-pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<PathBuf>> {
-    let dir = run_dir.join("checkpoints");
-    if !dir.is_dir() {
-        return Ok(None);
-    }
-    let mut best: Option<(usize, PathBuf)> = None;
-    for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
-        let e = e.map_err(io(&dir))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<usize>().ok())
-            && e.path().join("trainer_state.json").is_file()
-            && best.as_ref().is_none_or(|(b, _)| n > *b)
-        {
-            best = Some((n, e.path()));
-        }
-    }
-    Ok(best.map(|(_, p)| p))
-}
-
 /// The folder of a checkpoint that keeps the frozen initial adapter (`adapter.reference =
 /// "initial"`), beside `adapter/`; written by the `write_adapter` callback of [`save_checkpoint`].
 pub const REFERENCE_DIR: &str = "reference_adapter";
@@ -360,7 +337,7 @@ pub fn save_checkpoint(
     match written {
         Ok(dir) => {
             crash_point(step, "rename");
-            prune_checkpoints(&parent, keep).map_err(|e| at_step(step, &parent, e))?;
+            prune_checkpoints(run_dir, keep).map_err(|e| at_step(step, &parent, e))?;
             Ok(dir)
         }
         Err(e) => {
@@ -472,27 +449,11 @@ fn rename_into_place(tmp: &Path, final_dir: &Path) -> Result<PathBuf> {
     Ok(final_dir.to_path_buf())
 }
 
-/// Remove the oldest `step-N` folders of `parent` beyond `keep` (at least one is kept).
-fn prune_checkpoints(parent: &Path, keep: usize) -> Result<()> {
-    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(parent)
-        .map_err(io(parent))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix("step-")?
-                .parse()
-                .ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    steps.sort();
-    let keep = keep.max(1);
-    if steps.len() > keep {
-        for (_, p) in &steps[..steps.len() - keep] {
-            std::fs::remove_dir_all(p).map_err(io(p))?;
-        }
+/// Remove the oldest checkpoint folders of the run beyond `keep` ([`checkpoints`]; at least
+/// one is kept).
+fn prune_checkpoints(run_dir: &Path, keep: usize) -> Result<()> {
+    for p in checkpoints(run_dir)?.into_iter().skip(keep.max(1)) {
+        std::fs::remove_dir_all(&p).map_err(io(&p))?;
     }
     Ok(())
 }

@@ -541,30 +541,15 @@ fn step_pair_ids(
 }
 
 /// Add to a [`TrainError::NonFinite`] stop the usual causes and the pairs of its step.
-fn explain_non_finite(e: TrainError, pair_ids: &dyn Fn(usize) -> Vec<String>) -> TrainError {
-    match e {
-        TrainError::NonFinite {
-            step,
-            what,
-            value,
-            last_checkpoint,
-            hint,
-        } => {
-            let hint = format!(
-                "{hint} Usual causes: a learning rate too high (train.lr), bf16/f16 overflow (try \
-                 model.dtype=\"f32\"), or a bad batch: step {step} took the pairs [{}].",
-                pair_ids(step).join(", ")
-            );
-            TrainError::NonFinite {
-                step,
-                what,
-                value,
-                last_checkpoint,
-                hint,
-            }
-        }
-        other => other,
+fn explain_non_finite(mut e: TrainError, pair_ids: &dyn Fn(usize) -> Vec<String>) -> TrainError {
+    if let TrainError::NonFinite { step, hint, .. } = &mut e {
+        *hint = format!(
+            "{hint} Usual causes: a learning rate too high (train.lr), bf16/f16 overflow (try \
+             model.dtype=\"f32\"), or a bad batch: step {step} took the pairs [{}].",
+            pair_ids(*step).join(", ")
+        );
     }
+    e
 }
 
 /// The ids of the pairs of `raw` that survived tokenisation (all but `dropped`), in order: the

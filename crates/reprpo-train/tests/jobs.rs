@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicBool;
 
 mod common;
 
-use common::{config, ctx, datasets_dir};
+use common::{config, ctx, datasets_dir, exploding, non_finite_stop};
 use reprpo_models::peft;
 use reprpo_train::config::Sources;
 use reprpo_train::trainer::{self, JobContext};
@@ -192,48 +192,23 @@ fn interrupted_and_resumed_run_is_bit_identical() {
                 .any(|(_, v)| v.iter().any(|x| *x != 0.0))
         );
         // The resumed run's log has each step once.
-        let steps: Vec<u64> = std::fs::read_to_string(resumed.run_dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(steps, vec![1, 2, 3, 4, 5], "{loss}");
+        assert_eq!(
+            common::logged_steps(&resumed.run_dir),
+            vec![1, 2, 3, 4, 5],
+            "{loss}"
+        );
     }
 }
 
 #[test]
 fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(
-        tmp.path(),
-        &[
-            "loss=dpo",
-            "train.lr=1e30",
-            "train.max_grad_norm=0",
-            // lr 0 at step 1, so its checkpoint is finite; step 2's update explodes.
-            "train.warmup_steps=2",
-            "train.max_steps=4",
-            "run.save_steps=1",
-        ],
-    );
-    let err = trainer::train(&cfg, &ctx(false), None).unwrap_err();
-    let TrainError::NonFinite {
-        step,
-        last_checkpoint,
-        ..
-    } = &err
-    else {
-        panic!("expected a non-finite error, got {err}");
-    };
+    // lr 0 at step 1, so its checkpoint is finite; step 2's update explodes.
+    let cfg = exploding(tmp.path(), &["train.warmup_steps=2", "train.max_steps=4"]);
+    let (step, last_checkpoint, err) = non_finite_stop(&cfg);
     let msg = err.to_string();
     assert!(msg.contains(&format!("step {step}")), "{msg}");
-    let ck = last_checkpoint
-        .clone()
-        .expect("a checkpoint before the bad step");
+    let ck = last_checkpoint.expect("a checkpoint before the bad step");
     assert!(ck.join("trainer_state.json").is_file());
     assert!(ck.join("adapter/adapter_model.safetensors").is_file());
     let state: serde_json::Value =

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::ctx;
+use common::{ctx, logged_steps};
 use reprpo_train::trainer;
 use reprpo_train::{TrainConfig, TrainError};
 
@@ -37,18 +37,6 @@ fn stopped_run(out: &Path, extra: &[&str]) -> PathBuf {
 
 fn ckpt(run: &Path, step: usize) -> PathBuf {
     run.join("checkpoints").join(format!("step-{step:07}"))
-}
-
-fn logged_steps(run: &Path) -> Vec<u64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect()
 }
 
 fn flip_last_byte(path: &Path) {

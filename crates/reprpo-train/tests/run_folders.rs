@@ -106,3 +106,25 @@ fn every_file_of_a_run_follows_the_umask() {
     // resolved_config, metrics, summary, final adapter (2) and 2 checkpoints of 6 files each.
     assert!(seen >= 15, "{seen} files");
 }
+
+/// `run.save_total_limit`: only the newest checkpoints are kept.
+#[test]
+fn older_checkpoints_beyond_the_limit_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        &[
+            "train.max_steps=5",
+            "run.save_steps=1",
+            "run.save_total_limit=2",
+        ],
+    );
+    let run = trainer::train(&cfg, &ctx(false), None).unwrap().run_dir;
+    assert_eq!(
+        reprpo_train::run::checkpoints(&run).unwrap(),
+        vec![
+            reprpo_train::run::checkpoint_dir(&run, 5),
+            reprpo_train::run::checkpoint_dir(&run, 4)
+        ]
+    );
+}

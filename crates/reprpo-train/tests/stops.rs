@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{config, ctx};
+use common::{config, ctx, exploding, non_finite_stop};
 use reprpo_train::TrainError;
 use reprpo_train::run::{self, TrainerState};
 use reprpo_train::trainer::{self, EXPLODING};
@@ -40,29 +40,11 @@ fn an_exploding_run_names_a_finite_checkpoint() {
     // lr 0 for step 1, then 5e29: step 2's update puts ~1e29 values in the adapter (finite, but
     // exploding); step 3's loss is NaN. Step 2's checkpoint must be refused.
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(
-        tmp.path(),
-        &[
-            "loss=dpo",
-            "train.lr=1e30",
-            "train.max_grad_norm=0",
-            "train.warmup_steps=2",
-            "train.max_steps=8",
-            "run.save_steps=1",
-        ],
-    );
-    let err = trainer::train(&cfg, &ctx(false), None).unwrap_err();
-    let TrainError::NonFinite {
-        step,
-        last_checkpoint,
-        ..
-    } = &err
-    else {
-        panic!("expected a non-finite error, got {err}");
-    };
+    let cfg = exploding(tmp.path(), &["train.warmup_steps=2", "train.max_steps=8"]);
+    let (step, last_checkpoint, err) = non_finite_stop(&cfg);
     eprintln!("{err}");
-    assert_eq!(*step, 2, "{err}");
-    let ck = last_checkpoint.clone().expect("step 1's checkpoint");
+    assert_eq!(step, 2, "{err}");
+    let ck = last_checkpoint.expect("step 1's checkpoint");
     assert!(ck.ends_with("step-0000001"), "{}", ck.display());
     assert!(largest(&ck.join("adapter/adapter_model.safetensors")) <= EXPLODING);
     assert!(largest(&ck.join("optimizer.safetensors")) <= EXPLODING);
@@ -74,27 +56,10 @@ fn an_exploding_run_names_a_finite_checkpoint() {
 #[test]
 fn an_exploding_first_step_names_no_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(
-        tmp.path(),
-        &[
-            "loss=dpo",
-            "train.lr=1e30",
-            "train.max_grad_norm=0",
-            "train.max_steps=4",
-            "run.save_steps=1",
-        ],
-    );
-    let err = trainer::train(&cfg, &ctx(false), None).unwrap_err();
-    let TrainError::NonFinite {
-        step,
-        last_checkpoint,
-        ..
-    } = &err
-    else {
-        panic!("expected a non-finite error, got {err}");
-    };
+    let cfg = exploding(tmp.path(), &["train.max_steps=4"]);
+    let (step, last_checkpoint, err) = non_finite_stop(&cfg);
     eprintln!("{err}");
-    assert_eq!(*step, 1, "{err}");
+    assert_eq!(step, 1, "{err}");
     assert!(last_checkpoint.is_none(), "{err}");
 }
 

@@ -2,7 +2,7 @@
 //! embedded default data (8 pairs, batches of 4, no SFT stage, no plots, no extra eval sets,
 //! logging every step, constant learning rate), with `extra` overrides after it.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,4 +64,44 @@ pub fn adapter_bits(dir: &Path) -> std::collections::BTreeMap<String, Vec<u32>> 
         (k, bits.into_iter().map(f32::to_bits).collect())
     })
     .collect()
+}
+
+/// The small configuration of a run that explodes: DPO at learning rate 1e30 without clipping,
+/// a checkpoint every step, then `extra` (the warm-up and the length).
+pub fn exploding(out: &Path, extra: &[&str]) -> TrainConfig {
+    let mut all = vec![
+        "loss=dpo",
+        "train.lr=1e30",
+        "train.max_grad_norm=0",
+        "run.save_steps=1",
+    ];
+    all.extend_from_slice(extra);
+    config(out, &all)
+}
+
+/// Train `cfg`, which must stop on a non-finite value: (the step the error names, the checkpoint
+/// it names as the last good one, the error).
+pub fn non_finite_stop(cfg: &TrainConfig) -> (usize, Option<PathBuf>, reprpo_train::TrainError) {
+    let err = reprpo_train::trainer::train(cfg, &ctx(false), None).unwrap_err();
+    match &err {
+        reprpo_train::TrainError::NonFinite {
+            step,
+            last_checkpoint,
+            ..
+        } => (*step, last_checkpoint.clone(), err),
+        _ => panic!("expected a non-finite error, got {err}"),
+    }
+}
+
+/// The `step` of every record of a run's `metrics.jsonl`, in order.
+pub fn logged_steps(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
 }
