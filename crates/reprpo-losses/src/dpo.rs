@@ -530,14 +530,14 @@ impl LossOut {
 /// at `x = 0` is the true 1/2 whatever sign `abs` takes there (`min(x, 0) - log(1 + exp(-|x|))`
 /// would give 1 in candle, whose `min` splits ties and whose `abs'(0) = 1`; `x = 0` is every example
 /// at the first step of DPO, when the policy equals the reference).
-fn logsigmoid(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn logsigmoid(x: &Tensor) -> Result<Tensor> {
     let a = x.abs()?;
     let soft = a.neg()?.exp()?.affine(1.0, 1.0)?.log()?;
     Ok(x.sub(&a)?.affine(0.5, 0.0)?.sub(&soft)?)
 }
 
 /// `max(u, 0)` with PyTorch's gradient at 0 (zero; candle's `relu` passes 1 there).
-fn relu(u: &Tensor) -> Result<Tensor> {
+pub(crate) fn relu(u: &Tensor) -> Result<Tensor> {
     Ok(u.gt(0.0)?.where_cond(u, &u.zeros_like()?)?)
 }
 

@@ -6,11 +6,14 @@
 //! - [`reprpo`]: the ReprPO family (hidden-state reroute/retain losses and their variants); every
 //!   per-position variant runs through the fused CPU kernel of [`fused`] (one pass, its own
 //!   backward).
+//! - [`methods`]: the reference ReprPO project's method losses (`mse`, `prefvec`, `rank`) on
+//!   collected, transformed activations, with its sink-filtered token reduction.
 
 mod cka;
 pub mod dpo;
 pub mod error;
 pub mod fused;
+pub mod methods;
 mod pool;
 pub mod reprpo;
 

@@ -411,7 +411,7 @@ fn relu0(u: &Tensor) -> Result<Tensor> {
 }
 
 /// `|u|` with gradient 0 at 0.
-fn abs0(u: &Tensor) -> Result<Tensor> {
+pub(crate) fn abs0(u: &Tensor) -> Result<Tensor> {
     Ok(relu0(u)?.add(&relu0(&u.neg()?)?)?)
 }
 
@@ -423,7 +423,7 @@ fn safe_sqrt(s: &Tensor) -> Result<Tensor> {
 }
 
 /// `‖x‖` over the last dimension (dropped), gradient 0 at 0.
-fn norm(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn norm(x: &Tensor) -> Result<Tensor> {
     safe_sqrt(&x.sqr()?.sum(D::Minus1)?)
 }
 

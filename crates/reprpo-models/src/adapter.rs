@@ -108,7 +108,7 @@ fn unflat(y: Tensor, mut dims: Vec<usize>, out: usize) -> Result<Tensor> {
 /// `x` with entries zeroed with probability `p` and the rest scaled by 1/(1-p).
 /// Inside a seeded scope (`checkpoint`) the mask comes from the scope's generator, so a
 /// recomputation draws the same mask.
-fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
+pub(crate) fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }

@@ -28,4 +28,5 @@ pub mod logps;
 pub mod model;
 pub(crate) mod num;
 pub mod ops;
+pub mod transform;
 pub use model::CausalLm;

@@ -1,0 +1,143 @@
+//! The reference's `rank` method loss: activations read as log-probabilities over the feature
+//! dimension, compared with a DPO-style logistic per feature.
+//!
+//! # Formula
+//! Per key, with `ℓ(o) = reduce(log_softmax_h(o))` (log-softmax over the **feature** dimension per
+//! token, then the sink-filtered token mean of the parent module, the sinks found on the
+//! log-softmax vectors):
+//! - `θ_r = ℓ(pi_r) - ℓ(ref_r)`, `θ_c = ℓ(pi_c) - ℓ(ref_c)`, `θ = θ_c - θ_r` (`[B, H]`);
+//! - `reroute_k = mean_h softplus(β θ)`: the reference's `-log σ(-β θ)`, computed stably (the
+//!   reference's `log(sigmoid(·))` is +inf where `β θ ≳ 88` in f32; elsewhere both agree). Its
+//!   sign is the reference's: minimising it lowers `θ`;
+//! - `rank_retain_k = mean_h (β θ_c)^2`; metrics `_ptheta_k = mean_h θ`, `_ptheta_cho_k`,
+//!   `_ptheta_rej_k`.
+//!
+//! With key means, `nll_ratio[b] = mean_t (nll_pi - nll_ref)[b, t]` (chosen, over all `T`), and `z`
+//! the sequence log-probability margin:
+//! `retain = [use_dpo_loss] relu(-z) + [use_nll_loss] 100 relu(nll_ratio) + [use_rank_retain]
+//! rank_retain`, and `loss = mean_b reroute + α mean_b retain`.
+//!
+//! Metrics (means): `loss_reroute`, `loss_retain`, `loss_rank_retain`, `_ptheta`, `_ptheta_cho`,
+//! `_ptheta_rej`, `_nll_loss` (mean of `nll_pi` over `B × T`), `_ref_nll_loss`,
+//! `_nll_loss_ratio`, `loss_nll_retain`, `loss_dpo_retain`, `_dpo_ptheta`. (The reference's
+//! README calls this a KL; there is no KL term in its code.)
+
+use std::collections::BTreeMap;
+
+use candle_core::{D, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{MethodInputs, key_mean, log_sigmoid, metric, nlls, ptheta, reduced_keys};
+use crate::dpo::{LossOut, relu};
+use crate::error::Result;
+
+/// The reference's `RankLossConfig` (its defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
+#[serde(default, deny_unknown_fields)]
+pub struct RankConfig {
+    /// Weight of the retain sum (the reference's `α`).
+    #[serde(alias = "α")]
+    pub alpha: f64,
+    /// Scale inside the per-feature logistic (the reference's `β`).
+    #[serde(alias = "β")]
+    pub beta: f64,
+    /// Retain term `relu(-z)`.
+    pub use_dpo_loss: bool,
+    /// Retain term `100 relu(mean_t(nll_pi - nll_ref))`.
+    pub use_nll_loss: bool,
+    /// Retain term `mean_k mean_h (β θ_c)^2`.
+    pub use_rank_retain: bool,
+}
+
+impl Default for RankConfig {
+    fn default() -> Self {
+        RankConfig {
+            alpha: 0.25,
+            beta: 1.0,
+            use_dpo_loss: true,
+            use_nll_loss: false,
+            use_rank_retain: false,
+        }
+    }
+}
+
+/// The names of the per-key terms, as the reference's metrics.
+const TERMS: [&str; 5] = [
+    "loss_reroute",
+    "loss_rank_retain",
+    "_ptheta",
+    "_ptheta_cho",
+    "_ptheta_rej",
+];
+
+/// Per-key `[B]` terms in the order of [`TERMS`].
+fn key_terms(r: &super::Reduced, beta: f64) -> Result<[Tensor; 5]> {
+    let th_r = (&r.pr - &r.rr)?;
+    let th_c = (&r.pc - &r.rc)?;
+    let th = (&th_c - &th_r)?;
+    let reroute = log_sigmoid(&(&th * -beta)?)?.neg()?;
+    Ok([
+        reroute.mean(D::Minus1)?,
+        (&th_c * beta)?.sqr()?.mean(D::Minus1)?,
+        th.mean(D::Minus1)?,
+        th_c.mean(D::Minus1)?,
+        th_r.mean(D::Minus1)?,
+    ])
+}
+
+/// The `rank` loss of the module docs.
+pub fn rank_loss(inputs: &MethodInputs, cfg: &RankConfig) -> Result<LossOut> {
+    let keys = reduced_keys(inputs, |x| Ok(log_softmax(x)?))?;
+    let mut per_term: Vec<Vec<Tensor>> = vec![Vec::with_capacity(keys.len()); TERMS.len()];
+    for r in &keys {
+        for (i, t) in key_terms(r, cfg.beta)?.into_iter().enumerate() {
+            per_term[i].push(t);
+        }
+    }
+    let terms: Vec<Tensor> = per_term
+        .iter()
+        .map(|t| key_mean(t))
+        .collect::<Result<_>>()?;
+    let (reroute, rank_retain) = (&terms[0], &terms[1]);
+    let (nll_pi, nll_ref) = nlls(inputs, "rank")?;
+    let nll_ratio = (nll_pi - nll_ref)?.mean(D::Minus1)?;
+    let z = ptheta(inputs)?;
+    let retain_dpo = relu(&z.neg()?)?.to_dtype(reroute.dtype())?;
+    let retain_nll = relu(&nll_ratio)?.to_dtype(reroute.dtype())?;
+    let mut retain = reroute.zeros_like()?;
+    if cfg.use_dpo_loss {
+        retain = (retain + &retain_dpo)?;
+    }
+    if cfg.use_nll_loss {
+        retain = (retain + (&retain_nll * 100.0)?)?;
+    }
+    if cfg.use_rank_retain {
+        retain = (retain + rank_retain)?;
+    }
+    let per_example = (reroute + (&retain * cfg.alpha)?)?;
+    let loss = (reroute.mean_all()? + (retain.mean_all()? * cfg.alpha)?)?;
+    let mut metrics = BTreeMap::new();
+    metrics.insert("loss_retain".into(), metric(&retain)?);
+    metrics.insert("_nll_loss".into(), metric(nll_pi)?);
+    metrics.insert("_ref_nll_loss".into(), metric(nll_ref)?);
+    metrics.insert("_nll_loss_ratio".into(), metric(&nll_ratio)?);
+    metrics.insert("loss_nll_retain".into(), metric(&retain_nll)?);
+    metrics.insert("loss_dpo_retain".into(), metric(&retain_dpo)?);
+    metrics.insert("_dpo_ptheta".into(), metric(&z)?);
+    for (name, t) in TERMS.iter().zip(&terms) {
+        metrics.insert((*name).into(), metric(t)?);
+    }
+    Ok(LossOut {
+        loss,
+        per_example,
+        metrics,
+    })
+}
+
+/// `log_softmax` over the last dimension, differentiable.
+fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.detach().max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
