@@ -576,7 +576,7 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
         sync(&dev)?;
         let t0 = Instant::now();
         let out = reprpo_train::objective::batch_loss(
-            &model, &cfg, family, &batch, 0.0, &mut state, true, None,
+            &model, &cfg, family, &batch, 0.0, &mut state, true, None, None,
         )?;
         mem.sample()?;
         let g = opt.gradients(&reprpo_train::trainer::backward(&out.loss)?);

@@ -2,7 +2,8 @@
 //! weight and, per named adapter, a [`ModuleAdapter`] whose parameters are candle `Var`s (the only
 //! trainable tensors). Which adapter is active, whether adapters are off (the base model), which
 //! adapter stands for the reference model (none: the base; or a frozen copy of the initial
-//! adapter, [`AdapterSet::reference`]), and train mode travel in a [`Ctx`] with each forward.
+//! adapter, [`AdapterSet::reference`]), train mode and the recorder of side activations
+//! ([`crate::collect`]) travel in a [`Ctx`] with each forward.
 //!
 //! # Formulas (x: input `[N, in]`, W: base weight `[out, in]`)
 //! - base: `y = x W^T`
@@ -16,15 +17,19 @@
 use candle_core::{DType, Tensor, Var};
 
 use crate::checkpoint::param;
+use crate::collect::TapRecorder;
 use crate::error::{ModelError, Result};
 
 /// Per-forward adapter state.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Ctx {
+pub struct Ctx<'a> {
     /// Index of the adapter to apply; `None`: base weights only.
     pub adapter: Option<usize>,
     /// Training mode (adapter dropout on).
     pub train: bool,
+    /// Where the linear layers hand their inputs and outputs when a forward asks for taps
+    /// (`ForwardSpec::taps`, see [`crate::collect`]); `None`: nothing is recorded.
+    pub taps: Option<&'a TapRecorder>,
 }
 
 /// LoRA / DoRA parameters of one linear layer.
@@ -146,7 +151,7 @@ impl Linear {
         self.weight.dims()[1]
     }
 
-    fn adapter(&self, ctx: &Ctx) -> Option<&ModuleAdapter> {
+    fn adapter(&self, ctx: &Ctx<'_>) -> Option<&ModuleAdapter> {
         let i = ctx.adapter?;
         if matches!(&self.merged, Some((j, _)) if *j == i) {
             return None;
@@ -155,7 +160,7 @@ impl Linear {
     }
 
     /// Apply to `x` of shape `[..., in]`.
-    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx<'_>) -> Result<Tensor> {
         let (x2, dims) = flat(x)?;
         let out = self.out_dim();
         let y = match self.adapter(ctx) {
@@ -200,12 +205,16 @@ impl Linear {
                 x2.matmul(&w.t()?)?
             }
         };
-        unflat(y, dims, out)
+        let y = unflat(y, dims, out)?;
+        if let Some(rec) = ctx.taps {
+            rec.record(&self.name, x, &y)?;
+        }
+        Ok(y)
     }
 
     /// The trainable parameters this layer reads in a forward with `ctx` (none when adapters are
     /// off, this layer is not targeted, or the adapter is merged).
-    pub fn active_params(&self, ctx: &Ctx) -> Vec<Var> {
+    pub fn active_params(&self, ctx: &Ctx<'_>) -> Vec<Var> {
         self.adapter(ctx)
             .map(|a| a.params().into_iter().map(|(_, v)| v).collect())
             .unwrap_or_default()

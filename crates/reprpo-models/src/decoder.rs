@@ -1,16 +1,20 @@
 //! The decoder stack shared by Llama and Phi-3: the forward over a padded batch (embedding,
 //! blocks up to the deepest one a [`ForwardSpec`] needs, checkpointed or not, final norm, output
-//! head, hidden states), the cached forward over new tokens (generation and prompt-cache
-//! scoring), and the additive attention masks. An architecture supplies what differs through
-//! [`Decoder`]: its block, its RoPE tables and the parts of the stack around the blocks.
+//! head, hidden states, side activations of `crate::collect`), the cached forward over new
+//! tokens (generation and prompt-cache scoring), and the additive attention masks. An
+//! architecture supplies what differs through [`Decoder`]: its block, its RoPE tables and the
+//! parts of the stack around the blocks.
 //!
 //! # Hidden-state convention (as `transformers`' `output_hidden_states`)
 //! There are `L + 1` states: index 0 is the token embeddings, index `i` (1..L-1) the output of
 //! layer `i`, and index `L` the output of the last layer after the final norm.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 
 use crate::adapter::{Ctx, Linear};
+use crate::collect::{Tap, TapRecorder};
 use crate::error::{ModelError, Result};
 use crate::llama::{ForwardSpec, KvCache, MASK_VALUE, Output};
 use crate::ops::rms_norm;
@@ -94,7 +98,15 @@ pub(crate) fn forward<M: Decoder>(
     };
     let (cos, sin) = m.rope(&positions, None)?;
     let mask = causal_mask(b, t, 0, m.window(), attention_mask, stack.device)?;
-    let ctx = spec.ctx(stack.active, stack.reference);
+    let num_layers = stack.num_layers;
+    let tapped = tapped_blocks(m, &spec.taps, num_layers)?;
+    let recorder = TapRecorder::new(&spec.taps);
+    // `plain` records nothing: the checkpointed blocks (which hold no tap) run with it.
+    let plain = spec.ctx(stack.active, stack.reference);
+    let ctx = Ctx {
+        taps: (!spec.taps.is_empty()).then_some(&recorder),
+        ..plain
+    };
     let seed = match spec.dropout_seed {
         Some(s) => Some(s),
         None if spec.checkpoint && spec.train => Some(crate::checkpoint::fresh_seed()),
@@ -109,7 +121,9 @@ pub(crate) fn forward<M: Decoder>(
             // The reference model is frozen: its adapter is read detached, no graph recorded.
             return crate::checkpoint::scoped(true, block_seed, || run(x));
         }
-        if !spec.checkpoint {
+        // A checkpointed block keeps no inner activation in the graph: blocks with taps run
+        // plainly.
+        if !spec.checkpoint || tapped[l] {
             return match block_seed {
                 None => run(x),
                 Some(_) => crate::checkpoint::scoped(false, block_seed, || run(x)),
@@ -119,18 +133,19 @@ pub(crate) fn forward<M: Decoder>(
             let m = std::sync::Arc::new(m.clone());
             let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
             std::sync::Arc::new(move |l: usize, x: &Tensor| {
-                m.block(l, x, &cos, &sin, &mask, &ctx, None)
+                m.block(l, x, &cos, &sin, &mask, &plain, None)
             })
         });
         crate::checkpoint::checkpointed(owned, l, x, m.layer_params(l, &ctx), block_seed)
     };
-    let num_layers = stack.num_layers;
     let wanted = resolve_layers(spec, num_layers)?;
-    // Deepest state needed; index L needs every layer plus the final norm.
+    // Blocks to run: all with logits; else up to the deepest hidden state (index L needs every
+    // layer plus the final norm) or block holding a tap.
     let deepest = if spec.logits {
         num_layers
     } else {
-        wanted.iter().copied().max().unwrap_or(0)
+        let last_tap = tapped.iter().rposition(|&t| t).map_or(0, |l| l + 1);
+        wanted.iter().copied().max().unwrap_or(0).max(last_tap)
     };
     let mut x = embed(&stack, input_ids)?;
     let mut states: Vec<Option<Tensor>> = vec![None; num_layers + 1];
@@ -163,7 +178,35 @@ pub(crate) fn forward<M: Decoder>(
                 .ok_or_else(|| ModelError::Invalid(format!("hidden state {i} was not computed")))
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Output { logits, hidden })
+    let taps = recorder.finish(&spec.taps)?;
+    Ok(Output {
+        logits,
+        hidden,
+        taps,
+    })
+}
+
+/// Per block, whether it holds a module of `taps`; an error names a tap of no linear layer.
+fn tapped_blocks<M: Decoder>(m: &M, taps: &[Tap], num_layers: usize) -> Result<Vec<bool>> {
+    let mut tapped = vec![false; num_layers];
+    if taps.is_empty() {
+        return Ok(tapped);
+    }
+    let block_of: HashMap<&str, usize> = (0..num_layers)
+        .flat_map(|l| m.layer_linears(l).into_iter().map(move |lin| (lin, l)))
+        .map(|(lin, l)| (lin.name.as_str(), l))
+        .collect();
+    for t in taps {
+        let l = block_of.get(t.module.as_str()).ok_or_else(|| {
+            ModelError::Invalid(format!(
+                "tap `{}`: the model has no linear layer of that name (module paths look \
+                 like `model.layers.0.self_attn.o_proj`)",
+                t.module
+            ))
+        })?;
+        tapped[*l] = true;
+    }
+    Ok(tapped)
 }
 
 /// Token embeddings `[B, T, hidden]` of `ids` (`[B, T]`).
@@ -247,6 +290,7 @@ fn blocks_after<M: Decoder>(
     let ctx = Ctx {
         adapter: stack.active,
         train: false,
+        taps: None,
     };
     for (l, slot) in kv.iter_mut().enumerate() {
         x = m.block(l, &x, &cos, &sin, mask, &ctx, Some(slot))?;

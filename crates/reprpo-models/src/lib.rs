@@ -1,7 +1,8 @@
 //! reprpo-models: Llama and Phi-3 on candle, written for training: full-sequence logits, hidden
-//! states of chosen layers in `transformers`' `output_hidden_states` convention, padding-aware
-//! attention masks, early exit, and adapters (LoRA, DoRA, BOFT, OFT, HRA, and full fine-tuning of
-//! linear layers) whose weights alone are trainable.
+//! states of chosen layers in `transformers`' `output_hidden_states` convention, inputs or outputs
+//! of chosen linear modules (`collect`), padding-aware attention masks, early exit, and adapters
+//! (LoRA, DoRA, BOFT, OFT, HRA, and full fine-tuning of linear layers) whose weights alone are
+//! trainable.
 
 pub mod error;
 
@@ -13,6 +14,8 @@ pub use config::LlamaConfig;
 pub use llama::{ForwardSpec, KvCache, Llama, Output};
 pub mod adapter;
 pub mod checkpoint;
+pub mod collect;
+pub use collect::{Tap, TapSide, parse_layers, select_modules, side_taps};
 pub mod files;
 pub mod full;
 pub mod generate;

@@ -78,6 +78,11 @@ pub struct ForwardSpec {
     /// [`crate::checkpoint::block_seed`]) instead of candle's; a checkpointed forward without it
     /// draws a fresh seed.
     pub dropout_seed: Option<u64>,
+    /// Side activations to return: inputs or outputs of linear modules (see
+    /// [`crate::collect`]). Without logits the forward stops after the deepest block holding a
+    /// tap or a requested hidden state; with `checkpoint`, blocks holding a tap are not
+    /// checkpointed.
+    pub taps: Vec<crate::collect::Tap>,
 }
 
 impl ForwardSpec {
@@ -97,6 +102,8 @@ pub struct Output {
     pub logits: Option<Tensor>,
     /// `(index, [B, T, hidden])` in the order asked for.
     pub hidden: Vec<(usize, Tensor)>,
+    /// `(module, [B, T, in or out])` for each of [`ForwardSpec::taps`], in the order asked for.
+    pub taps: Vec<(String, Tensor)>,
 }
 
 /// Per-layer key/value cache for generation.
@@ -465,7 +472,7 @@ impl AdapterHost for Llama {
 impl ForwardSpec {
     /// The adapter state of a forward: `active`, `reference` for a reference forward, none when
     /// this spec turns adapters off.
-    pub fn ctx(&self, active: Option<usize>, reference: Option<usize>) -> Ctx {
+    pub fn ctx(&self, active: Option<usize>, reference: Option<usize>) -> Ctx<'static> {
         let adapter = if self.adapters_off {
             None
         } else if self.reference {
@@ -476,6 +483,7 @@ impl ForwardSpec {
         Ctx {
             adapter,
             train: self.train,
+            taps: None,
         }
     }
 }

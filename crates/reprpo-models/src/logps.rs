@@ -105,15 +105,32 @@ pub fn token_logps_slow(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<
 
 /// `[B, T-1]` in `acc`: `logits[b, t-1, ids[b, t]] - logsumexp logits[b, t-1, :]`, composed.
 fn shifted_logps_slow(logits: &Tensor, ids: &Tensor, acc: DType) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let pred = logits.i((.., ..t - 1, ..))?.to_dtype(acc)?;
-    let target = ids.i((.., 1..))?.contiguous()?;
-    let flat = pred.reshape((b * (t - 1), v))?;
+    let t = logits.dim(1)?;
+    picked_logps(
+        &logits.i((.., ..t - 1, ..))?,
+        &ids.i((.., 1..))?.contiguous()?,
+        acc,
+    )
+}
+
+/// `[B, n]` in `acc`: `pred[b, i, target[b, i]] - logsumexp pred[b, i, :]`, composed.
+fn picked_logps(pred: &Tensor, target: &Tensor, acc: DType) -> Result<Tensor> {
+    let (b, n, v) = pred.dims3()?;
+    let flat = pred.to_dtype(acc)?.reshape((b * n, v))?;
     let lse = flat.max_keepdim(D::Minus1)?.detach();
     let shifted = flat.broadcast_sub(&lse)?;
     let lse = (shifted.exp()?.sum_keepdim(D::Minus1)?.log()? + lse)?;
-    let picked = flat.gather(&target.reshape((b * (t - 1), 1))?, D::Minus1)?;
-    Ok((picked - lse)?.reshape((b, t - 1))?)
+    let picked = flat.gather(&target.contiguous()?.reshape((b * n, 1))?, D::Minus1)?;
+    Ok((picked - lse)?.reshape((b, n))?)
+}
+
+/// The reference ReprPO project's *unshifted* token cross-entropy, `[B, T]` f32:
+/// `nll[b, t] = -log softmax(logits[b, t])[ids[b, t]] * mask[b, t]` (the token scored at its own
+/// position, not the next one; what its `prefvec` and `rank` losses read). Differentiable with
+/// respect to `logits`; composed candle ops.
+pub fn unshifted_nll(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let lp = picked_logps(logits, ids, DType::F32)?;
+    Ok((lp.neg()? * mask.to_dtype(DType::F32)?)?)
 }
 
 fn fused_ok(logits: &Tensor) -> bool {

@@ -44,6 +44,9 @@ pub trait CausalLm {
         let _ = (cache, new_tokens);
         false
     }
+    /// The input embedding and the output head, both `[vocab, hidden]` (the same tensor when
+    /// tied), as the `svd` and `supr` activation transforms read them.
+    fn vocab_matrices(&self) -> (Tensor, Tensor);
 }
 
 impl CausalLm for Llama {
@@ -75,6 +78,10 @@ impl CausalLm for Llama {
     }
     fn project(&self, normed: &Tensor) -> Result<Tensor> {
         Llama::project(self, normed)
+    }
+    fn vocab_matrices(&self) -> (Tensor, Tensor) {
+        let s = crate::decoder::Decoder::stack(self);
+        (s.embed.clone(), s.lm_head.clone())
     }
 }
 
@@ -110,6 +117,10 @@ impl CausalLm for Phi3 {
     }
     fn project(&self, normed: &Tensor) -> Result<Tensor> {
         Phi3::project(self, normed)
+    }
+    fn vocab_matrices(&self) -> (Tensor, Tensor) {
+        let s = crate::decoder::Decoder::stack(self);
+        (s.embed.clone(), s.lm_head.clone())
     }
 }
 

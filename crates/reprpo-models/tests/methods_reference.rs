@@ -241,10 +241,10 @@ fn run_case(fx: &Fixture, case: &Value) -> Vec<String> {
                 check_grad(gname, grads.get(v.as_tensor()), w, atol, &mut errs)
             }
             None => {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    if common::max_abs(g) > 0.0 {
-                        errs.push(format!("{gname}: gradient where the reference has none"));
-                    }
+                if let Some(g) = grads.get(v.as_tensor())
+                    && common::max_abs(g) > 0.0
+                {
+                    errs.push(format!("{gname}: gradient where the reference has none"));
                 }
             }
         }

@@ -42,6 +42,9 @@ pub struct TrainConfig {
     pub dpo: DpoConfig,
     /// Options of the ReprPO family.
     pub reprpo: ReprPoConfig,
+    /// The reference ReprPO project's method space (losses on collected activations, their
+    /// transforms), used by its experiment names (`loss = "hs-ether-prefvec"`, ...).
+    pub method: crate::method::MethodConfig,
     /// The optimisation.
     pub train: TrainOptions,
     /// An optional SFT stage on the chosen completions before the preference stage (the original
@@ -298,6 +301,7 @@ impl Default for TrainConfig {
             adapter: AdapterOptions::default(),
             dpo: DpoConfig::default(),
             reprpo: ReprPoConfig::default(),
+            method: crate::method::MethodConfig::default(),
             train: TrainOptions::default(),
             sft: SftStage::default(),
         }
@@ -434,6 +438,8 @@ pub enum LossFamily {
     Dpo,
     /// A ReprPO-family loss (variant from `[reprpo]`).
     ReprPo,
+    /// A method of the reference ReprPO project (`[method]`).
+    Method,
 }
 
 /// The DPO `loss_type` names the `loss` key accepts (plus `dpo` = `sigmoid`).
@@ -486,6 +492,7 @@ pub fn loss_names() -> Vec<String> {
     ] {
         v.push(r.into());
     }
+    v.extend(crate::method::presets().into_iter().map(|(n, _)| n));
     v
 }
 
@@ -505,6 +512,17 @@ fn loss_preset(name: &str) -> Result<Value> {
     if let Some(v) = reprpo_variant(name) {
         let v = serde_json::to_value(v).unwrap_or(Value::Null);
         return Ok(json!({ "reprpo": { "variant": v }, "train": { "lr": 1e-3 } }));
+    }
+    if let Some(p) = crate::method::preset(name) {
+        return Ok(p);
+    }
+    if name == "projgrad" || name == "projbp" {
+        return Err(TrainError::Config {
+            key: "loss".into(),
+            problem: format!(
+                "{name} (the reference project's gradient projection) is not implemented yet"
+            ),
+        });
     }
     Err(TrainError::Config {
         key: "loss".into(),
@@ -823,6 +841,7 @@ pub fn key_doc(key: &str) -> Option<&'static str> {
         Some(("adapter", f)) => AdapterOptions::get_field_docs(f),
         Some(("train", f)) => TrainOptions::get_field_docs(f),
         Some(("sft", f)) => SftStage::get_field_docs(f),
+        Some(("method", f)) => return crate::method::key_doc(f),
         Some(_) => return None,
     };
     doc.ok()
@@ -992,6 +1011,8 @@ impl TrainConfig {
             Ok(LossFamily::Dpo)
         } else if reprpo_variant(&self.loss).is_some() {
             Ok(LossFamily::ReprPo)
+        } else if crate::method::preset(&self.loss).is_some() {
+            Ok(LossFamily::Method)
         } else {
             loss_preset(&self.loss).map(|_| LossFamily::Sft)
         }

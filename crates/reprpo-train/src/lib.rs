@@ -19,6 +19,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod init_from;
+pub mod method;
 pub mod metrics;
 pub mod objective;
 pub mod optim;

@@ -48,6 +48,7 @@ fn spec(layers: &[usize], logits: bool, reference: bool, train: bool, ckpt: bool
         train,
         checkpoint: ckpt,
         dropout_seed: None,
+        taps: Vec::new(),
     }
 }
 
@@ -81,6 +82,7 @@ pub fn batch_loss(
     dpo_state: &mut DpoState,
     train: bool,
     dropout_seed: Option<u64>,
+    method: Option<&crate::method::MethodSetup>,
 ) -> Result<BatchLoss> {
     let ckpt = cfg.train.grad_checkpointing && train;
     let spec = |layers: &[usize], logits: bool, refr: bool, train: bool, ckpt: bool| {
@@ -165,6 +167,10 @@ pub fn batch_loss(
             inputs.rejected_logits_sum = Some(lr);
             let out = dpo_loss(&inputs, &cfg.dpo, dpo_state)?;
             finish(out)
+        }
+        LossFamily::Method => {
+            let setup = method.ok_or_else(|| missing("method setup"))?;
+            crate::method::method_batch_loss(model, setup, batch, train, ckpt, dropout_seed)
         }
         LossFamily::ReprPo => {
             let b = batch.pairs;

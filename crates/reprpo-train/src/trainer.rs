@@ -51,6 +51,7 @@ use serde_json::{Value, json};
 use crate::config::{LossFamily, TrainConfig};
 use crate::data::{self, DeviceBatch};
 use crate::error::{Result, TrainError, io};
+use crate::method::MethodSetup;
 use crate::metrics::{LogCheck, METRICS, MetricsLog};
 use crate::objective::batch_loss;
 use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grads_to, global_grad_norm};
@@ -612,12 +613,19 @@ struct Inputs {
     train_ids: Vec<String>,
     eval_pairs: Vec<TokenizedPair>,
     ood_pairs: Vec<TokenizedPair>,
+    /// The run's method (`LossFamily::Method`): collection, transform and loss, resolved and
+    /// checked against the model before any data is read.
+    method: Option<MethodSetup>,
 }
 
 /// Load the model and every dataset of `cfg`, and check them against each other.
 fn load_inputs(cfg: &TrainConfig, ctx: &JobContext) -> Result<Inputs> {
     let (model, tok, device) = load_model(cfg)?;
     cfg.validate_for_model(model.num_layers())?;
+    let method = match cfg.family()? {
+        LossFamily::Method => Some(MethodSetup::new(cfg, model.as_ref())?),
+        _ => None,
+    };
     let tcfg = cfg.tokenize_config();
     let mut train_raw = data::load_pairs(&cfg.data.datasets, &ctx.datasets_dir, cfg.train.seed)?;
     let held_out = data::hold_out(&mut train_raw, cfg.data.eval_split, cfg.train.seed);
@@ -653,6 +661,7 @@ fn load_inputs(cfg: &TrainConfig, ctx: &JobContext) -> Result<Inputs> {
         train_ids,
         eval_pairs,
         ood_pairs,
+        method,
     })
 }
 
@@ -706,6 +715,7 @@ fn final_evaluation(
         &inputs.device,
         1.0,
         dpo_state,
+        inputs.method.as_ref(),
     )
 }
 
@@ -926,8 +936,15 @@ impl<'a> Stage<'a> {
     ) -> Result<Self> {
         let ck = resume.and_then(|r| r.checkpoint.as_ref().map(|c| c.dir.clone()));
         let idx = attach_adapter(cfg, inputs.model.as_mut(), ck.as_deref())?;
+        let mut params = peft::adapter_params(inputs.model.as_ref(), idx);
+        if let Some(m) = &inputs.method {
+            if let Some(ck) = &ck {
+                m.load(ck)?;
+            }
+            params.extend(m.params());
+        }
         let mut opt = AdamW::new(
-            peft::adapter_params(inputs.model.as_ref(), idx),
+            params,
             AdamWConfig {
                 beta1: cfg.train.adam_beta1,
                 beta2: cfg.train.adam_beta2,
@@ -1061,6 +1078,7 @@ impl<'a> Stage<'a> {
                 &mut self.dpo_state,
                 true,
                 Some(dropout_seed(cfg.train.seed, 1, k)),
+                inputs.method.as_ref(),
             )?;
             self.guard.watch(&out.loss, step + 1, LOSS)?;
             let scaled = (out.loss / cfg.train.grad_accum as f64)?;
@@ -1130,6 +1148,7 @@ impl<'a> Stage<'a> {
             &inputs.device,
             progress,
             &self.dpo_state,
+            inputs.method.as_ref(),
         )?;
         let mut rec: BTreeMap<String, Value> = em
             .iter()
@@ -1168,13 +1187,20 @@ impl<'a> Stage<'a> {
             initial_eval: self.initial_eval.clone(),
         };
         let model_ref: &dyn AdapterHost = self.inputs.model.as_ref();
+        let method = self.inputs.method.as_ref();
         self.last_ckpt = Some(run::save_checkpoint(
             &self.run_dir,
             &state,
             &self.opt.state(),
             self.cfg.run.save_total_limit,
             &self.log.upto(step),
-            |dir| save_adapters(model_ref, dir),
+            |dir| {
+                save_adapters(model_ref, dir)?;
+                match method {
+                    Some(m) => m.save(dir.parent().unwrap_or(dir)),
+                    None => Ok(()),
+                }
+            },
         )?);
         Ok(())
     }
@@ -1219,6 +1245,9 @@ impl<'a> Stage<'a> {
     ) -> Result<()> {
         let (cfg, inputs, run_dir) = (self.cfg, &self.inputs, &self.run_dir);
         peft::save_adapter(inputs.model.as_ref(), "policy", &run_dir.join("adapter"))?;
+        if let Some(m) = &inputs.method {
+            m.save(run_dir)?;
+        }
         // A full fine-tune of a model read from a folder also gets a plain Hugging Face folder
         // with the weights merged (the random presets have no base files to copy).
         if cfg.adapter.kind == "full" && LlamaConfig::preset(&cfg.model.name_or_path).is_none() {
@@ -1338,6 +1367,7 @@ pub fn evaluate(
     device: &Device,
     progress: f64,
     dpo_state: &DpoState,
+    method: Option<&MethodSetup>,
 ) -> Result<BTreeMap<String, f64>> {
     let n = pairs.len().min(cfg.train.n_eval_examples.max(1));
     let mut acc = DeviceMetrics::default();
@@ -1349,7 +1379,7 @@ pub fn evaluate(
             _ => data::pair_batch(&refs, tok.pad, device)?,
         };
         let out = batch_loss(
-            model, cfg, family, &batch, progress, &mut state, false, None,
+            model, cfg, family, &batch, progress, &mut state, false, None, method,
         )?;
         acc.add(&out.metrics)?;
     }
@@ -1607,6 +1637,7 @@ fn train_sft(
             &mut dpo_state,
             true,
             Some(dropout_seed(cfg.train.seed, 0, step)),
+            None,
         )?;
         let mut grads = opt.gradients(&backward(&out.loss)?);
         clip_and_update(&mut opt, &mut grads, 1.0, lr, step + 1, 0, &mut guard)?;

@@ -47,6 +47,7 @@ fn loss_on_train_pairs(
         &dev,
         progress,
         &Default::default(),
+        None,
     )
     .unwrap()
 }

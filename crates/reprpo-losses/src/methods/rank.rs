@@ -87,7 +87,7 @@ fn key_terms(r: &super::Reduced, beta: f64) -> Result<[Tensor; 5]> {
 
 /// The `rank` loss of the module docs.
 pub fn rank_loss(inputs: &MethodInputs, cfg: &RankConfig) -> Result<LossOut> {
-    let keys = reduced_keys(inputs, |x| Ok(log_softmax(x)?))?;
+    let keys = reduced_keys(inputs, log_softmax)?;
     let mut per_term: Vec<Vec<Tensor>> = vec![Vec::with_capacity(keys.len()); TERMS.len()];
     for r in &keys {
         for (i, t) in key_terms(r, cfg.beta)?.into_iter().enumerate() {

@@ -93,7 +93,7 @@ impl Ether {
             "ether" | "etherplus" | "oft" | "etherplusHH"
         ) {
             return Err(bad(
-                "transform.Htype",
+                "Htype",
                 format!(
                     "{:?}: expected ether, etherplus, oft or etherplusHH",
                     cfg.htype
@@ -101,10 +101,7 @@ impl Ether {
             ));
         }
         if cfg.nb == 0 || cfg.reduction == 0 {
-            return Err(bad(
-                "transform.nb",
-                "nb and reduction must be at least 1".into(),
-            ));
+            return Err(bad("nb", "nb and reduction must be at least 1".into()));
         }
         let flip = cfg.flip_side && !hh;
         let mut rng = StdRng::seed_from_u64(site.seed);
@@ -112,9 +109,10 @@ impl Ether {
         for (key, &d) in site.sizes {
             let f = d / cfg.reduction;
             let side = if flip { f } else { d };
-            if f == 0 || d % cfg.nb != 0 || side % cfg.nb != 0 || (hh && f % cfg.nb != 0) {
+            let divides = |x: usize| x.is_multiple_of(cfg.nb);
+            if f == 0 || !divides(d) || !divides(side) || (hh && !divides(f)) {
                 return Err(bad(
-                    "transform.nb",
+                    if f == 0 { "reduction" } else { "nb" },
                     format!(
                         "activation {key} has width {d}: ETHER needs nb = {} to divide {d}{}, and \
                          ⌊{d} / reduction {}⌋ = {f} to be at least 1",

@@ -55,7 +55,7 @@ impl Hra {
         if cfg.r == 0 {
             return Err(crate::error::ModelError::Config {
                 file: "transform".into(),
-                key: "transform.r".into(),
+                key: "r".into(),
                 problem: "HRA needs at least one reflection".into(),
             });
         }

@@ -32,10 +32,11 @@ pub use ortho::OrthoConfig;
 pub use spectral::{SupprConfig, SvdConfig};
 
 /// Which transform, with its reference configuration (defaults as the reference's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum TransformConfig {
     /// The identity.
+    #[default]
     None,
     /// ETHER-style reflections in a rank-`⌊d / reduction⌋` bottleneck.
     Ether(EtherConfig),
@@ -47,12 +48,6 @@ pub enum TransformConfig {
     Supr(SupprConfig),
     /// A learned orthogonal map (PyTorch's Householder parametrization).
     Ortho(OrthoConfig),
-}
-
-impl Default for TransformConfig {
-    fn default() -> Self {
-        TransformConfig::None
-    }
 }
 
 impl TransformConfig {

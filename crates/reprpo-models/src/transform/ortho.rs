@@ -56,7 +56,7 @@ impl Ortho {
         if cfg.orthogonal_map != "householder" {
             return Err(ModelError::Config {
                 file: "transform".into(),
-                key: "transform.orthogonal_map".into(),
+                key: "orthogonal_map".into(),
                 problem: format!(
                     "{:?} is not implemented; use \"householder\"",
                     cfg.orthogonal_map

@@ -65,7 +65,7 @@ fn config_err(key: &str, problem: String) -> ModelError {
 fn matrices<'a>(site: &'a TransformSite<'_>, kind: &str) -> Result<&'a ModelMatrices> {
     site.matrices.ok_or_else(|| {
         config_err(
-            "transform.kind",
+            "kind",
             format!("{kind} needs the model's embedding and output head"),
         )
     })
@@ -115,7 +115,7 @@ fn svd_map(w: &Tensor, cfg: &SvdConfig, dev: &Device) -> Result<Tensor> {
     let (v, d) = w.dims2()?;
     if v < d {
         return Err(config_err(
-            "transform.kind",
+            "kind",
             format!("svd needs at least as many vocabulary rows as hidden features ({v} < {d})"),
         ));
     }
@@ -149,7 +149,7 @@ impl Svd {
         let d = m.head.dim(1)?;
         if let Some((k, w)) = site.sizes.iter().find(|(_, w)| **w != d) {
             return Err(config_err(
-                "transform.kind",
+                "collect_hs",
                 format!("svd maps hidden states of width {d}; activation {k} has width {w}"),
             ));
         }
@@ -202,7 +202,7 @@ impl Suppressed {
     pub(crate) fn new(_cfg: &SupprConfig, site: &TransformSite<'_>) -> Result<Self> {
         if !site.hidden_states || site.sizes.keys().any(|k| k.parse::<usize>().is_err()) {
             return Err(config_err(
-                "transform.kind",
+                "collect_hs",
                 "supr works on hidden states (collect_hs = true) only".into(),
             ));
         }
