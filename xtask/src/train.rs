@@ -44,13 +44,70 @@ pub struct TrainArgs {
     /// Print the resolved configuration and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// List every `loss` preset (the DPO and ReprPO families, and the reference ReprPO project's
+    /// experiment names with the `[method]` keys each sets) and exit.
+    #[arg(long)]
+    pub list_presets: bool,
     /// No progress bar (log lines only).
     #[arg(long)]
     pub no_progress: bool,
 }
 
+/// The text of `--list-presets`.
+pub fn presets_text() -> String {
+    let method: Vec<(String, serde_json::Value)> = reprpo_train::method::presets();
+    let mut out = String::from("Loss presets (`loss=NAME`):\n\n");
+    let names = reprpo_train::config::loss_names();
+    let families: [(&str, &dyn Fn(&str) -> bool); 3] = [
+        ("SFT", &|n: &str| n == "sft"),
+        (
+            "ReprPO family (this project's reroute/retain losses, `[reprpo]`)",
+            &|n: &str| n.starts_with("reprpo"),
+        ),
+        ("DPO family (TRL's loss types, `[dpo]`)", &|n: &str| {
+            n != "sft" && !n.starts_with("reprpo") && !method.iter().any(|(m, _)| m == n)
+        }),
+    ];
+    for (title, keep) in families {
+        out.push_str(&format!("{title}:\n"));
+        for n in names.iter().filter(|n| keep(n)) {
+            out.push_str(&format!("  {n}\n"));
+        }
+        out.push('\n');
+    }
+    out.push_str(
+        "Methods of the reference ReprPO project (its experiments.py names; `[method]`):\n",
+    );
+    for (name, v) in &method {
+        let mut set: Vec<String> = Vec::new();
+        flatten("method", &v["method"], &mut set);
+        flatten("train", &v["train"], &mut set);
+        out.push_str(&format!("  {name:<44} {}\n", set.join(" ")));
+    }
+    out.push_str(
+        "  projgrad, projbp                             (gradient projection; see README)\n",
+    );
+    out
+}
+
+/// `key=value` lines of a nested JSON object under `prefix`.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+    match v.as_object() {
+        Some(obj) => {
+            for (k, val) in obj {
+                flatten(&format!("{prefix}.{k}"), val, out);
+            }
+        }
+        None => out.push(format!("{prefix}={v}")),
+    }
+}
+
 /// Run the job.
 pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
+    if a.list_presets {
+        print!("{}", presets_text());
+        return Ok(());
+    }
     let mut src = Sources {
         env: true,
         ..Default::default()

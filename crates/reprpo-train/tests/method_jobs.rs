@@ -1,0 +1,132 @@
+//! Training jobs with the reference ReprPO project's methods on the embedded default data: the
+//! transform's parameters train with the adapter, are saved in every checkpoint and in the run
+//! folder, and a resumed run reloads them and ends bit for bit where the uninterrupted run ends;
+//! bad `[method]` combinations are errors naming the key before a run folder exists.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::{adapter_bits, ctx};
+use reprpo_train::TrainConfig;
+use reprpo_train::trainer;
+
+/// A 3-step run of `loss`, a checkpoint every step (all kept), then `extra`.
+fn config(out: &Path, loss: &str, extra: &[&str]) -> TrainConfig {
+    let loss = format!("loss={loss}");
+    let mut all = vec![
+        loss.as_str(),
+        "run.save_steps=1",
+        "run.save_total_limit=10",
+        "train.lr=1e-3",
+        "train.max_steps=3",
+    ];
+    all.extend_from_slice(extra);
+    common::config(out, &all)
+}
+
+fn tensor_bits(file: &Path) -> BTreeMap<String, Vec<u32>> {
+    candle_core::safetensors::load(file, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (k, bits.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn transform_parameters_train_save_and_resume_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "hs-ether-prefvec", &[]);
+    let straight = trainer::train(&cfg, &ctx(false), None).unwrap();
+    let run = &straight.run_dir;
+    let fin = tensor_bits(&run.join("transform.safetensors"));
+    let first = tensor_bits(&run.join("checkpoints/step-0000001/transform.safetensors"));
+    let names: Vec<&String> = fin.keys().collect();
+    assert!(names.iter().any(|n| n.ends_with(".ether_R")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.ends_with(".linear.weight")),
+        "{names:?}"
+    );
+    // The trained parameters moved between step 1 and the end; the frozen projection did not.
+    for (k, v) in &fin {
+        let moved = first[k] != *v;
+        assert_eq!(moved, !k.ends_with(".linear.weight"), "{k}");
+    }
+    // Stopped after step 1 (Ctrl-C), then resumed: the same transform, adapter and log.
+    let stopped = trainer::train(&cfg, &ctx(true), None).unwrap();
+    assert!(stopped.interrupted);
+    let ck = stopped.run_dir.join("checkpoints/step-0000001");
+    assert_eq!(tensor_bits(&ck.join("transform.safetensors")), first);
+    trainer::train(&cfg, &ctx(false), Some(&stopped.run_dir)).unwrap();
+    let resumed = &stopped.run_dir;
+    assert_eq!(tensor_bits(&resumed.join("transform.safetensors")), fin);
+    assert_eq!(
+        adapter_bits(&resumed.join("adapter")),
+        adapter_bits(&run.join("adapter"))
+    );
+    let log = |d: &Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    assert_eq!(log(resumed), log(run));
+    // The method's own metrics are logged.
+    let line = log(run).lines().next().unwrap().to_string();
+    for k in ["loss_proj", "loss_dpo", "retain_cosine", "dpo_acc"] {
+        assert!(line.contains(&format!("\"{k}\"")), "{k} in {line}");
+    }
+}
+
+#[test]
+fn a_side_method_without_parameters_runs_and_writes_no_transform_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "side-none-rank", &["train.max_steps=2"]);
+    let out = trainer::train(&cfg, &ctx(false), None).unwrap();
+    assert!(
+        out.run_dir
+            .join("adapter/adapter_model.safetensors")
+            .exists()
+    );
+    assert!(!out.run_dir.join("transform.safetensors").exists());
+}
+
+#[test]
+fn bad_method_combinations_are_errors_naming_the_key_before_any_run_folder() {
+    let cases: [(&str, &[&str], &str); 4] = [
+        (
+            "side-none-prefvec",
+            &["method.collection_keys_in=[\"nothing$\"]"],
+            "method.collection_keys_in",
+        ),
+        (
+            "hs-none-mse",
+            &["method.collection_layers=\"7\""],
+            "method.collection_layers",
+        ),
+        (
+            "hs-none-mse",
+            &[
+                "method.transform=\"supr\"",
+                "method.collection_layers=\"1\"",
+            ],
+            "method.collection_layers",
+        ),
+        (
+            "side-none-mse",
+            &["method.transform=\"supr\""],
+            "method.collect_hs",
+        ),
+    ];
+    for (loss, extra, key) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("runs");
+        let cfg = config(&out, loss, extra);
+        let e = trainer::train(&cfg, &ctx(false), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{loss} {extra:?}: {e}");
+        assert!(!out.exists(), "{loss} {extra:?}: a run folder was created");
+    }
+}
