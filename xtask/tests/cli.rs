@@ -237,3 +237,68 @@ fn the_default_run_lowers_its_reroute_distance() {
         "{s}"
     );
 }
+
+/// A run of a reference method with a trained transform (issue 17): `eval` on its folder scores
+/// the adapted model and reproduces the training job's held-out scores (the transform acts on
+/// activations inside the loss only; eval accepts the run's `transform.safetensors`).
+#[test]
+fn eval_of_a_transform_run_reproduces_its_training_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = format!("run.out_dir={}", tmp.path().display());
+    let (ok, out, err) = xtask(&[
+        "train",
+        "loss=hs-ether-prefvec",
+        "sft.steps=0",
+        "train.max_steps=2",
+        "train.lr=1e-2",
+        "data.n_train=8",
+        "run.plots=false",
+        &out_dir,
+        "--no-progress",
+    ]);
+    assert!(ok, "{out}{err}");
+    let run = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("transform.safetensors").is_file())
+        .expect("a run folder with a transform");
+    let (ok, out, err) = xtask(&[
+        "eval",
+        "--adapter",
+        run.to_str().unwrap(),
+        "--suite",
+        "default",
+        "generations=0",
+        "--no-progress",
+    ]);
+    assert!(ok, "{out}{err}");
+    let read = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let summary = read(run.join("summary.json"));
+    let table = read(run.join("eval/default/table.json"));
+    let col = |name: &str| {
+        table["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|c| c["name"] == name)
+            .unwrap()
+    };
+    let row = &table["rows"][1]["cells"];
+    for (set, key) in [("default-test", "id"), ("default-ood", "ood")] {
+        let cell = &row[col(set)];
+        for stat in ["acc", "prob"] {
+            let got = cell[stat].as_f64().unwrap();
+            let skey = format!(
+                "adapter/{key}/{}",
+                if stat == "acc" { "accuracy" } else { "prob" }
+            );
+            let want = summary[&skey].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{set} {stat}: eval {got}, training {want}"
+            );
+        }
+    }
+}

@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{adapter_bits, ctx};
+use common::{adapter_bits, ctx, tensor_bits};
 use reprpo_train::TrainConfig;
 use reprpo_train::trainer;
 
@@ -26,17 +25,6 @@ fn config(out: &Path, loss: &str, extra: &[&str]) -> TrainConfig {
     ];
     all.extend_from_slice(extra);
     common::config(out, &all)
-}
-
-fn tensor_bits(file: &Path) -> BTreeMap<String, Vec<u32>> {
-    candle_core::safetensors::load(file, &candle_core::Device::Cpu)
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| {
-            let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            (k, bits.into_iter().map(f32::to_bits).collect())
-        })
-        .collect()
 }
 
 #[test]

@@ -168,6 +168,30 @@ pub(crate) fn key_mean(terms: &[Tensor]) -> Result<Tensor> {
     Ok(Tensor::stack(terms, 0)?.mean(0)?)
 }
 
+/// The key means of `N` per-key terms: `f` gives the `N` `[B]` terms of one key.
+pub(crate) fn term_means<const N: usize>(
+    keys: &[Reduced],
+    f: impl Fn(&Reduced) -> Result<[Tensor; N]>,
+) -> Result<Vec<Tensor>> {
+    let mut per_term: Vec<Vec<Tensor>> = vec![Vec::with_capacity(keys.len()); N];
+    for r in keys {
+        for (i, t) in f(r)?.into_iter().enumerate() {
+            per_term[i].push(t);
+        }
+    }
+    per_term.iter().map(|t| key_mean(t)).collect()
+}
+
+/// A loss's metrics: each named tensor's detached mean.
+pub(crate) fn metrics_of<'a>(
+    named: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+) -> Result<BTreeMap<String, Tensor>> {
+    named
+        .into_iter()
+        .map(|(n, t)| Ok((n.to_string(), metric(t)?)))
+        .collect()
+}
+
 /// `z = (lp(pi_c) - lp(pi_r)) - (lp(ref_c) - lp(ref_r))`.
 pub(crate) fn ptheta(inputs: &MethodInputs) -> Result<Tensor> {
     let f = |c: &Collected| c.logps.to_dtype(DType::F32);
@@ -218,6 +242,39 @@ pub(crate) fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     logsigmoid(x)
 }
 
+/// The reference's `compute_dpo_loss` on the summed log-probabilities `[pi_c, pi_r, ref_c,
+/// ref_r]` (each `[B]`): `loss = mean_b −log σ(β z[b])` with
+/// `z = (lp(pi_c) − lp(pi_r)) − (lp(ref_c) − lp(ref_r))`, differentiable through the policy's
+/// log-probabilities (the reference's are detached here), and its metrics (detached):
+/// `chosen_rewards = mean(lp(pi_c) − lp(ref_c))`, `rejected_rewards`, `dpo_loss` (= the loss),
+/// `model_logratios = mean(lp(pi_c) − lp(pi_r))`, `reference_logratios`, `logits = mean z` and
+/// `dpo_acc = mean[lp(pi_c) > lp(pi_r)]` (the policy's own preference; no β in the rewards).
+pub fn reference_dpo_loss(lp: [&Tensor; 4], beta: f64) -> Result<LossOut> {
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let (pc, pr) = (f(lp[0])?, f(lp[1])?);
+    let (rc, rr) = (f(lp[2])?.detach(), f(lp[3])?.detach());
+    let model = (&pc - &pr)?;
+    let refr = (&rc - &rr)?;
+    let z = (&model - &refr)?;
+    let per_example = logsigmoid(&(&z * beta)?)?.neg()?;
+    let loss = per_example.mean_all()?;
+    let (model, z) = (model.detach(), z.detach());
+    let mut m = BTreeMap::new();
+    m.insert("chosen_rewards".into(), (pc.detach() - &rc)?.mean_all()?);
+    m.insert("rejected_rewards".into(), (pr.detach() - &rr)?.mean_all()?);
+    m.insert("dpo_loss".into(), loss.detach());
+    m.insert("model_logratios".into(), model.mean_all()?);
+    m.insert("reference_logratios".into(), refr.mean_all()?);
+    m.insert("logits".into(), z.mean_all()?);
+    let acc = model.gt(0.0)?.to_dtype(DType::F32)?.mean_all()?;
+    m.insert("dpo_acc".into(), acc);
+    Ok(LossOut {
+        loss,
+        per_example,
+        metrics: m,
+    })
+}
+
 /// The metrics the reference adds around every method loss (all detached):
 /// - DPO's with β = 0.1 on the log-probabilities: `chosen_rewards = mean(lp(pi_c) - lp(ref_c))`,
 ///   `rejected_rewards`, `dpo_loss = mean(-log σ(0.1 z))`, `model_logratios = mean(lp(pi_c) -
@@ -230,26 +287,16 @@ pub fn add_reference_metrics(
     inputs: &MethodInputs,
     metrics: &mut BTreeMap<String, Tensor>,
 ) -> Result<()> {
-    let f = |c: &Collected| c.logps.detach().to_dtype(DType::F32);
-    let (pc, pr, rc, rr) = (
-        f(&inputs.pi_cho)?,
-        f(&inputs.pi_rej)?,
-        f(&inputs.ref_cho)?,
-        f(&inputs.ref_rej)?,
-    );
-    let model = (&pc - &pr)?;
-    let refr = (&rc - &rr)?;
-    let z = (&model - &refr)?;
-    let dpo = logsigmoid(&(&z * 0.1)?)?.neg()?;
+    let d = |c: &Collected| c.logps.detach();
+    let lp = [
+        d(&inputs.pi_cho),
+        d(&inputs.pi_rej),
+        d(&inputs.ref_cho),
+        d(&inputs.ref_rej),
+    ];
+    let dpo = reference_dpo_loss([&lp[0], &lp[1], &lp[2], &lp[3]], 0.1)?;
+    metrics.extend(dpo.metrics);
     let m = &mut *metrics;
-    m.insert("chosen_rewards".into(), (&pc - &rc)?.mean_all()?);
-    m.insert("rejected_rewards".into(), (&pr - &rr)?.mean_all()?);
-    m.insert("dpo_loss".into(), dpo.mean_all()?);
-    m.insert("model_logratios".into(), model.mean_all()?);
-    m.insert("reference_logratios".into(), refr.mean_all()?);
-    m.insert("logits".into(), z.mean_all()?);
-    let acc = model.gt(0.0)?.to_dtype(DType::F32)?.mean_all()?;
-    m.insert("dpo_acc".into(), acc);
     let cos_keys = |a: &Collected, b: &Collected| -> Result<Tensor> {
         let per_key = a
             .acts

@@ -16,7 +16,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{MethodInputs, key_mean, metric, nanmean, norm, reduced_keys};
+use super::{MethodInputs, key_mean, metrics_of, nanmean, norm, reduced_keys};
 use crate::dpo::LossOut;
 use crate::error::Result;
 
@@ -60,9 +60,7 @@ pub fn mse_loss(inputs: &MethodInputs, cfg: &MseConfig) -> Result<LossOut> {
     let retain = key_mean(&retain)?;
     let per_example = ((&reroute + (&retain * cfg.alpha)?)? * 100.0)?;
     let loss = nanmean(&per_example)?;
-    let mut metrics = std::collections::BTreeMap::new();
-    metrics.insert("loss_reroute".into(), metric(&reroute)?);
-    metrics.insert("loss_retain".into(), metric(&retain)?);
+    let metrics = metrics_of([("loss_reroute", &reroute), ("loss_retain", &retain)])?;
     Ok(LossOut {
         loss,
         per_example,

@@ -25,12 +25,12 @@
 //! `loss_angle_orth`, `_cosine_similarity`. With the defaults the loss is
 //! `1e5 |mean_k (d_k·u_k) mean_h u_k|` plus the DPO term: the reference README's "abs_proj_loss".
 
-use std::collections::BTreeMap;
-
 use candle_core::{D, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{MethodInputs, cos_t, key_mean, log_sigmoid, metric, nlls, norm, ptheta, reduced_keys};
+use super::{
+    MethodInputs, cos_t, log_sigmoid, metrics_of, nlls, norm, ptheta, reduced_keys, term_means,
+};
 use crate::dpo::LossOut;
 use crate::error::Result;
 
@@ -105,19 +105,7 @@ const TERMS: [&str; 6] = [
 /// The `prefvec` loss of the module docs.
 pub fn prefvec_loss(inputs: &MethodInputs, cfg: &PrefVecConfig) -> Result<LossOut> {
     let keys = reduced_keys(inputs, |x| Ok(x.clone()))?;
-    let mut per_term: Vec<Vec<Tensor>> = vec![Vec::with_capacity(keys.len()); TERMS.len()];
-    for r in &keys {
-        for (i, t) in key_terms(&r.pc, &r.pr, &r.rc, &r.rr, cfg.eps)?
-            .into_iter()
-            .enumerate()
-        {
-            per_term[i].push(t);
-        }
-    }
-    let terms: Vec<Tensor> = per_term
-        .iter()
-        .map(|t| key_mean(t))
-        .collect::<Result<_>>()?;
+    let terms = term_means(&keys, |r| key_terms(&r.pc, &r.pr, &r.rc, &r.rr, cfg.eps))?;
     let [orth, angle, proj] = [&terms[0], &terms[1], &terms[2]];
     let mut inner = if cfg.use_proj_loss {
         (proj * 1e5)?
@@ -144,15 +132,14 @@ pub fn prefvec_loss(inputs: &MethodInputs, cfg: &PrefVecConfig) -> Result<LossOu
     let (nll_pi, nll_ref) = nlls(inputs, "prefvec")?;
     let ratio = (nll_pi - nll_ref)?.detach();
     let loss_nll = crate::dpo::relu(&ratio)?.mean(D::Minus1)?;
-    let mut metrics = BTreeMap::new();
-    metrics.insert("loss_reroute".into(), metric(&inner)?);
-    metrics.insert("loss_dpo".into(), metric(&dpo)?);
-    metrics.insert("loss_nll".into(), metric(&loss_nll)?);
-    metrics.insert("nll_loss_ratio".into(), metric(&ratio)?);
-    metrics.insert("ptheta".into(), metric(&z)?);
-    for (name, t) in TERMS.iter().zip(&terms) {
-        metrics.insert((*name).into(), metric(t)?);
-    }
+    let own = [
+        ("loss_reroute", &inner),
+        ("loss_dpo", &dpo),
+        ("loss_nll", &loss_nll),
+        ("nll_loss_ratio", &ratio),
+        ("ptheta", &z),
+    ];
+    let metrics = metrics_of(own.into_iter().chain(TERMS.into_iter().zip(&terms)))?;
     Ok(LossOut {
         loss,
         per_example,

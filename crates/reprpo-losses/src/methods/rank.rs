@@ -22,12 +22,10 @@
 //! `_nll_loss_ratio`, `loss_nll_retain`, `loss_dpo_retain`, `_dpo_ptheta`. (The reference's
 //! README calls this a KL; there is no KL term in its code.)
 
-use std::collections::BTreeMap;
-
 use candle_core::{D, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{MethodInputs, key_mean, log_sigmoid, metric, nlls, ptheta, reduced_keys};
+use super::{MethodInputs, log_sigmoid, metrics_of, nlls, ptheta, reduced_keys, term_means};
 use crate::dpo::{LossOut, relu};
 use crate::error::Result;
 
@@ -88,16 +86,7 @@ fn key_terms(r: &super::Reduced, beta: f64) -> Result<[Tensor; 5]> {
 /// The `rank` loss of the module docs.
 pub fn rank_loss(inputs: &MethodInputs, cfg: &RankConfig) -> Result<LossOut> {
     let keys = reduced_keys(inputs, log_softmax)?;
-    let mut per_term: Vec<Vec<Tensor>> = vec![Vec::with_capacity(keys.len()); TERMS.len()];
-    for r in &keys {
-        for (i, t) in key_terms(r, cfg.beta)?.into_iter().enumerate() {
-            per_term[i].push(t);
-        }
-    }
-    let terms: Vec<Tensor> = per_term
-        .iter()
-        .map(|t| key_mean(t))
-        .collect::<Result<_>>()?;
+    let terms = term_means(&keys, |r| key_terms(r, cfg.beta))?;
     let (reroute, rank_retain) = (&terms[0], &terms[1]);
     let (nll_pi, nll_ref) = nlls(inputs, "rank")?;
     let nll_ratio = (nll_pi - nll_ref)?.mean(D::Minus1)?;
@@ -116,17 +105,16 @@ pub fn rank_loss(inputs: &MethodInputs, cfg: &RankConfig) -> Result<LossOut> {
     }
     let per_example = (reroute + (&retain * cfg.alpha)?)?;
     let loss = (reroute.mean_all()? + (retain.mean_all()? * cfg.alpha)?)?;
-    let mut metrics = BTreeMap::new();
-    metrics.insert("loss_retain".into(), metric(&retain)?);
-    metrics.insert("_nll_loss".into(), metric(nll_pi)?);
-    metrics.insert("_ref_nll_loss".into(), metric(nll_ref)?);
-    metrics.insert("_nll_loss_ratio".into(), metric(&nll_ratio)?);
-    metrics.insert("loss_nll_retain".into(), metric(&retain_nll)?);
-    metrics.insert("loss_dpo_retain".into(), metric(&retain_dpo)?);
-    metrics.insert("_dpo_ptheta".into(), metric(&z)?);
-    for (name, t) in TERMS.iter().zip(&terms) {
-        metrics.insert((*name).into(), metric(t)?);
-    }
+    let own = [
+        ("loss_retain", &retain),
+        ("_nll_loss", nll_pi),
+        ("_ref_nll_loss", nll_ref),
+        ("_nll_loss_ratio", &nll_ratio),
+        ("loss_nll_retain", &retain_nll),
+        ("loss_dpo_retain", &retain_dpo),
+        ("_dpo_ptheta", &z),
+    ];
+    let metrics = metrics_of(own.into_iter().chain(TERMS.into_iter().zip(&terms)))?;
     Ok(LossOut {
         loss,
         per_example,

@@ -53,17 +53,19 @@ pub fn config(out: &Path, extra: &[&str]) -> TrainConfig {
 /// The bits of every tensor of the adapter in `dir` (`adapter_model.safetensors`), by name: for
 /// comparing two runs bit for bit.
 pub fn adapter_bits(dir: &Path) -> std::collections::BTreeMap<String, Vec<u32>> {
-    candle_core::safetensors::load(
-        dir.join("adapter_model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
-    .into_iter()
-    .map(|(k, v)| {
-        let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (k, bits.into_iter().map(f32::to_bits).collect())
-    })
-    .collect()
+    tensor_bits(&dir.join("adapter_model.safetensors"))
+}
+
+/// The bits of every f32 tensor of a safetensors file, by name.
+pub fn tensor_bits(file: &Path) -> std::collections::BTreeMap<String, Vec<u32>> {
+    candle_core::safetensors::load(file, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let bits = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (k, bits.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
 }
 
 /// The small configuration of a run that explodes: DPO at learning rate 1e30 without clipping,
