@@ -11,7 +11,8 @@
 //! `[d, d]` Gram matrix in f64 (faer), which gives the same `M` without a `[V, d]` SVD and without
 //! the singular vectors' sign ambiguity. With `dual_svd` (default): `a = h M_embed`,
 //! `b = h M_head`, `io = a + b - ((a·b) / (b·b)) b`; otherwise `io = h M_head`. Output
-//! `y = h - io` (differentiable in `h`).
+//! `y = h - io` (differentiable in `h`; computed in f32 for bf16 activations, whose rounding the
+//! cancellation would otherwise amplify; the reference runs it in bf16).
 //!
 //! # `supr` (`SupressedHSTransform`)
 //! Hidden-state keys only (integers), at least two. Sorted numerically into `X_0 .. X_{L-1}`
@@ -169,10 +170,13 @@ impl Svd {
 
 impl ActTransform for Svd {
     fn apply(&self, maps: &[&Acts], _train: bool) -> Result<Vec<Acts>> {
-        map_keys(maps, |key, h| {
+        map_keys(maps, |key, h_in| {
             if !self.keys.iter().any(|k| k == key) {
                 return Ok(None);
             }
+            // `h - io` cancels most of `h` (the singular values scale it up): computed in f32
+            // whatever the activations' dtype, then rounded once.
+            let h = &h_in.to_dtype(DType::F32)?;
             let b = tokens_matmul(h, &self.head)?;
             let io = match &self.embed {
                 None => b,
@@ -183,7 +187,7 @@ impl ActTransform for Svd {
                     ((&a + &b)? - b.broadcast_mul(&ab.div(&bb)?)?)?
                 }
             };
-            Ok(Some((h - io)?))
+            Ok(Some((h - io)?.to_dtype(h_in.dtype())?))
         })
     }
     fn params(&self) -> Vec<(String, Var)> {
