@@ -234,6 +234,12 @@ pub fn key_doc(f: &str) -> Option<&'static str> {
         Some(("mse", k)) => MseConfig::get_field_docs(k),
         Some(("prefvec", k)) => PrefVecConfig::get_field_docs(k),
         Some(("rank", k)) => RankConfig::get_field_docs(k),
+        Some(("ether", "Htype")) => EtherConfig::get_field_docs("htype"),
+        Some(("ether", k)) => EtherConfig::get_field_docs(k),
+        Some(("hra", "apply_GS")) => HraConfig::get_field_docs("apply_gs"),
+        Some(("hra", k)) => HraConfig::get_field_docs(k),
+        Some(("svd", k)) => SvdConfig::get_field_docs(k),
+        Some(("ortho", k)) => OrthoConfig::get_field_docs(k),
         Some(_) => return None,
     };
     doc.ok()

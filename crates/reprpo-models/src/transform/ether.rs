@@ -31,7 +31,7 @@ use super::{ActTransform, Acts, TransformSite, map_keys, prefix, tokens_matmul, 
 use crate::error::{ModelError, Result};
 
 /// The reference's `ETHERConfig` (its defaults).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct EtherConfig {
     /// Number of diagonal blocks.

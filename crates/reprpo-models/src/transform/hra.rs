@@ -24,7 +24,7 @@ use super::{ActTransform, Acts, TransformSite, map_keys, prefix, tokens_matmul, 
 use crate::error::Result;
 
 /// The reference's `HRAConfig` (its defaults).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct HraConfig {
     /// Number of reflections.

@@ -23,7 +23,7 @@ use super::{ActTransform, Acts, TransformSite, map_keys, prefix, tokens_matmul};
 use crate::error::{ModelError, Result};
 
 /// The reference's `OrthoConfig`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct OrthoConfig {
     /// `householder` (the only map implemented).

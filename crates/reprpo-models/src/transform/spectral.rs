@@ -32,7 +32,7 @@ use super::{ActTransform, Acts, ModelMatrices, TransformSite, map_keys, tokens_m
 use crate::error::{ModelError, Result};
 
 /// The reference's `SVDConfig` (its defaults).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct SvdConfig {
     /// Quantile of the singular values below which they are raised (`≥ 1`: a hard projection).
