@@ -118,3 +118,64 @@ fn bad_method_combinations_are_errors_naming_the_key_before_any_run_folder() {
         assert!(!out.exists(), "{loss} {extra:?}: a run folder was created");
     }
 }
+
+/// Every method preset (the reference's experiment names) resolves, builds its setup on the
+/// embedded default's tiny model and gives a finite loss whose gradient reaches the adapter (and
+/// the transform's parameters, when it has some), on a batch of the default data.
+#[test]
+fn every_method_preset_takes_a_step_on_the_tiny_model() {
+    use reprpo_models::peft;
+    use reprpo_train::method::{MethodSetup, method_batch_loss, presets};
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::config(tmp.path(), &[]);
+    let (mut model, tok, dev) = trainer::load_model(&base).unwrap();
+    let cfg = peft::AdapterConfig::lora(8, 16.0, &["q_proj", "v_proj", "o_proj", "down_proj"]);
+    let idx = peft::add_adapter(model.as_mut(), "policy", cfg, None, 7).unwrap();
+    model.adapter_set_mut().active = Some(idx);
+    // Move LoRA B off zero so the first step's gradients reach A as well.
+    for (_, v) in peft::adapter_params(model.as_ref(), idx) {
+        v.set(&v.as_tensor().randn_like(0.0, 0.02).unwrap())
+            .unwrap();
+    }
+    let raw =
+        reprpo_train::data::load_pairs(&base.data.datasets, &common::datasets_dir(), 1).unwrap();
+    let pairs = reprpo_train::data::tokenize(&tok, &raw[..3], &base.tokenize_config()).unwrap();
+    let refs: Vec<_> = pairs.iter().collect();
+    let batch = reprpo_train::data::pair_batch(&refs, tok.pad, &dev).unwrap();
+    let names = presets();
+    assert_eq!(names.len(), 35);
+    for (name, _) in names {
+        let loss = format!("loss={name}");
+        let mut extra = vec![loss.as_str()];
+        // The default layers of a 4-layer model are `range(.3,-2)` = [1]: one layer, which supr
+        // (it drops the lowest) refuses, as `bad_method_combinations_...` checks.
+        if name.starts_with("hs-supr") && !name.ends_with('2') {
+            extra.push("method.collection_layers=\"1,2\"");
+        }
+        let cfg = common::config(tmp.path(), &extra);
+        let setup =
+            MethodSetup::new(&cfg, model.as_ref()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out = method_batch_loss(model.lm(), &setup, &batch, true, false, Some(1)).unwrap();
+        let loss = out.loss.to_scalar::<f32>().unwrap();
+        assert!(loss.is_finite(), "{name}: loss {loss}");
+        let g = out.loss.backward().unwrap();
+        let reached = peft::adapter_params(model.as_ref(), idx)
+            .iter()
+            .filter(|(_, v)| g.get(v.as_tensor()).is_some())
+            .count();
+        assert!(reached > 0, "{name}: no adapter gradient");
+        for (p, v) in setup.params() {
+            let gp = g
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {p}"));
+            let m = gp
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(m.is_finite(), "{name}: {p}");
+        }
+    }
+}
