@@ -42,7 +42,8 @@ Imports: `import baukit` runs widget/image modules (torchvision, PIL) that the r
 bare `baukit` package object pointing at the installed package directory is put in sys.modules and the real
 `baukit/nethook.py` is then imported from it (nothing of baukit is copied). `reprpo.experiments` imports
 `reprpo.interventions` (lightning, bitsandbytes, transformers, peft: installed, pinned); open_pref_eval,
-datasets, tyro, wandb are not needed by anything imported here and are neither installed nor stubbed.
+datasets, tyro, wandb are not needed by anything imported here and are not stubbed (open_pref_eval is
+installed in the venv for gen_open_pref_eval_fixtures.py; nothing here imports it).
 `experiment_configs` is enumerated (its unseeded shuffle only changes dict order; cases are sorted).
 """
 

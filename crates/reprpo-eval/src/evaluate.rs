@@ -8,7 +8,9 @@
 //! Long items are cut as lm-evaluation-harness cuts them ([`EvalTruncation::Context`], the
 //! default): tokenised without limits, each sequence then keeps its last `max_length + 1` tokens
 //! ([`window`]); [`EvalTruncation::Training`] keeps the training limits of `tokenize`. The table
-//! says which rule ran and how many items it cut ([`TruncationNote`]).
+//! says which rule ran and how many items it cut ([`TruncationNote`]). Datasets of a suite with
+//! `scoring = "open-pref-eval"` ([`Scoring::OpenPrefEval`]) are tokenised and cut by open_pref_eval's
+//! own rules instead ([`crate::open_pref_eval`]), whatever `tokenize` and `truncation` say.
 
 use std::collections::HashSet;
 
@@ -21,9 +23,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::{EvalError, Result};
+use crate::open_pref_eval;
 use crate::score::{DpoReward, McScore, PrefScore, dpo_reward, mc_score, pref_score};
 use crate::scorer::{ScoreMode, ScoreOptions, SeqLogp, score_groups};
-use crate::suite::{Items, Loaded, Shift};
+use crate::suite::{Items, Loaded, Scoring, Shift};
 use crate::table::{Cell, Column, Row, Table, TruncationNote, mc_cell, pref_cell, shift_rows};
 
 /// Settings of an evaluation.
@@ -245,8 +248,19 @@ enum Prepared<'a> {
     Pairs(Vec<(&'a PreferencePair, Group)>),
 }
 
-/// Tokenise a dataset and cut its items as `opts` says; the items dropped by tokenisation.
+/// Tokenise a dataset and cut its items as `opts` says (open_pref_eval's rules under
+/// [`Scoring::OpenPrefEval`]); the items dropped by tokenisation.
 fn prepare<'a>(tok: &Tok, d: &'a Loaded, opts: &EvalOptions) -> Result<(Prepared<'a>, usize)> {
+    if let Scoring::OpenPrefEval(cfg) = d.spec.scoring {
+        let Items::Pairs(pairs) = &d.items else {
+            return Err(EvalError::Invalid(format!(
+                "dataset {}: scoring = \"open-pref-eval\" scores preference pairs only",
+                d.spec.name
+            )));
+        };
+        let groups = open_pref_eval::tokenize_pairs(tok, pairs, &cfg)?;
+        return Ok((Prepared::Pairs(pairs.iter().zip(groups).collect()), 0));
+    }
     let (mut p, dropped) = tokenize_dataset(tok, d, &opts.tokenize_config())?;
     if let (EvalTruncation::Context, Some(l)) = (opts.truncation, opts.max_length) {
         p.groups_mut().for_each(|g| window_group(g, l));
@@ -360,7 +374,7 @@ fn evaluate_job<M: CausalLm + AdapterHost + ?Sized>(
     let mut prepared = Vec::with_capacity(datasets.len());
     let mut dropped = Vec::new();
     let mut truncation = TruncationNote {
-        rule: opts.truncation_rule(),
+        rule: truncation_rule(opts, datasets),
         items: Vec::new(),
     };
     for d in datasets {
@@ -490,6 +504,31 @@ fn evaluate_job<M: CausalLm + AdapterHost + ?Sized>(
         generations,
         dropped,
     })
+}
+
+/// The table's cutting rule: `opts`' rule, or open_pref_eval's for the datasets it scores (named
+/// when the suite mixes both).
+fn truncation_rule(opts: &EvalOptions, datasets: &[Loaded]) -> String {
+    let mut rules: Vec<(String, Vec<&str>)> = Vec::new();
+    for d in datasets {
+        let rule = match d.spec.scoring {
+            Scoring::Default => opts.truncation_rule(),
+            Scoring::OpenPrefEval(cfg) => cfg.rule(),
+        };
+        match rules.iter_mut().find(|(r, _)| *r == rule) {
+            Some((_, names)) => names.push(&d.spec.name),
+            None => rules.push((rule, vec![&d.spec.name])),
+        }
+    }
+    match rules.as_slice() {
+        [] => opts.truncation_rule(),
+        [(rule, _)] => rule.clone(),
+        several => several
+            .iter()
+            .map(|(rule, names)| format!("{}: {rule}", names.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
 }
 
 /// A per-example record with `truncated`: whether any of the item's sequences was cut.

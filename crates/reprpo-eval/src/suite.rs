@@ -4,6 +4,7 @@
 //! # Format
 //! ```toml
 //! description = "what the suite measures"
+//! scoring = "default"          # optional: default | open-pref-eval (see `Scoring`)
 //!
 //! [[dataset]]
 //! name = "default-test"        # the column name; also the recipe name unless `recipe`/`inline`
@@ -40,7 +41,8 @@
 //! the working directory there).
 //!
 //! Unknown keys, a duplicate dataset name, both `recipe` and `inline`, `limit = 0`, `format`
-//! on pairs and a shift naming an unknown dataset are errors naming the file and the key.
+//! on pairs, an unknown `scoring`, `kind = "mc"` or `format` under `scoring = "open-pref-eval"`
+//! and a shift naming an unknown dataset are errors naming the file and the key.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -50,6 +52,7 @@ use reprpo_data::{McItem, PreferencePair, default_data, hub};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result, io};
+use crate::open_pref_eval::OpenPrefEval;
 
 /// What a dataset is for in a comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +113,37 @@ pub enum McFormat {
     QaPrimer,
 }
 
+/// How the datasets of a suite are tokenised and scored (the suite's `scoring` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scoring {
+    /// `default`: this project's evaluation. The evaluation options' tokenisation
+    /// (`tokenize.*`: the run's, BOS and the chat template as it says, EOS appended to pairs and
+    /// counted) and cutting rule (`truncation`); multiple choice and pairs.
+    #[default]
+    Default,
+    /// `open-pref-eval`: open_pref_eval @ 0c7f3a3, the reference ReprPO project's evaluation
+    /// (no BOS, no chat template, prompt and completions encoded apart and cut by its own
+    /// limits, the mean log-probability of the completion's tokens; see
+    /// [`crate::open_pref_eval`]). Preference pairs only: multiple-choice sources are scored as
+    /// their pairs (correct against each incorrect choice). The evaluation options' tokenisation
+    /// and `truncation` do not apply.
+    OpenPrefEval(OpenPrefEval),
+}
+
+impl Scoring {
+    /// The names `scoring` takes.
+    pub const NAMES: [&'static str; 2] = ["default", "open-pref-eval"];
+
+    /// The scoring a suite's `scoring = NAME` means (open_pref_eval with its default limits).
+    pub fn from_name(name: &str) -> Option<Scoring> {
+        match name {
+            "default" => Some(Scoring::Default),
+            "open-pref-eval" => Some(Scoring::OpenPrefEval(OpenPrefEval::default())),
+            _ => None,
+        }
+    }
+}
+
 /// One dataset of a suite.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetSpec {
@@ -125,6 +159,8 @@ pub struct DatasetSpec {
     pub format: McFormat,
     /// Score only the first N items.
     pub limit: Option<usize>,
+    /// How it is tokenised and scored (the suite's `scoring`).
+    pub scoring: Scoring,
 }
 
 /// A GENIES shift pair: an adapter trained on `source` is scored on the source's test split
@@ -150,6 +186,8 @@ pub struct Suite {
     pub file: PathBuf,
     /// Free text.
     pub description: String,
+    /// How its datasets are tokenised and scored.
+    pub scoring: Scoring,
     /// The datasets, in column order.
     pub datasets: Vec<DatasetSpec>,
     /// GENIES shift pairs.
@@ -161,6 +199,8 @@ pub struct Suite {
 struct RawSuite {
     #[serde(default)]
     description: Option<String>,
+    #[serde(default)]
+    scoring: Option<String>,
     #[serde(default)]
     dataset: Vec<RawDataset>,
     #[serde(default)]
@@ -318,6 +358,7 @@ impl DatasetSpec {
             kind: Kind::Auto,
             format: McFormat::Plain,
             limit: None,
+            scoring: Scoring::Default,
         })
     }
 }
@@ -329,6 +370,7 @@ impl Suite {
             name: "data".into(),
             file: PathBuf::from(COMMAND_LINE),
             description: "datasets given with --data".into(),
+            scoring: Scoring::Default,
             datasets: Vec::with_capacity(datasets.len()),
             shifts: Vec::new(),
         };
@@ -338,8 +380,9 @@ impl Suite {
         Ok(s)
     }
 
-    /// Append a dataset; its name must be new (the error suggests `NAME:ROLE=FILE`).
-    pub fn add(&mut self, d: DatasetSpec) -> Result<()> {
+    /// Append a dataset, scored as the suite scores its own (`scoring`); its name must be new
+    /// (the error suggests `NAME:ROLE=FILE`).
+    pub fn add(&mut self, mut d: DatasetSpec) -> Result<()> {
         if self.datasets.iter().any(|x| x.name == d.name) {
             return Err(EvalError::Config {
                 file: PathBuf::from(COMMAND_LINE),
@@ -350,6 +393,7 @@ impl Suite {
                 ),
             });
         }
+        d.scoring = self.scoring;
         self.datasets.push(d);
         Ok(())
     }
@@ -402,6 +446,18 @@ impl Suite {
         };
         let raw: RawSuite =
             toml::from_str(text).map_err(|e| err(String::new(), e.message().trim().to_string()))?;
+        let scoring = match raw.scoring.as_deref() {
+            None => Scoring::Default,
+            Some(s) => Scoring::from_name(s).ok_or_else(|| {
+                err(
+                    "scoring".into(),
+                    format!(
+                        "unknown scoring `{s}` (known: {})",
+                        Scoring::NAMES.join(", ")
+                    ),
+                )
+            })?,
+        };
         let mut recipes: Option<BTreeMap<String, Recipe>> = None;
         let mut datasets = Vec::with_capacity(raw.dataset.len());
         let mut seen = HashSet::new();
@@ -421,6 +477,15 @@ impl Suite {
                     key("format"),
                     "only multiple-choice datasets have a format".into(),
                 ));
+            }
+            if let Scoring::OpenPrefEval(_) = scoring {
+                let pairs_only = "scoring = \"open-pref-eval\" scores preference pairs only";
+                if d.kind == Kind::Mc {
+                    return Err(err(key("kind"), pairs_only.into()));
+                }
+                if d.format.is_some() {
+                    return Err(err(key("format"), pairs_only.into()));
+                }
             }
             let recipe = match (d.recipe, d.inline) {
                 (Some(_), Some(_)) => {
@@ -460,6 +525,7 @@ impl Suite {
                 kind: d.kind,
                 format: d.format.unwrap_or_default(),
                 limit: d.limit,
+                scoring,
             });
         }
         if datasets.is_empty() {
@@ -497,6 +563,7 @@ impl Suite {
             name: name.to_string(),
             file: file.to_path_buf(),
             description: raw.description.unwrap_or_default(),
+            scoring,
             datasets,
             shifts,
         })
@@ -541,7 +608,8 @@ pub fn source_available(spec: &DatasetSpec, root: &Path) -> bool {
     is_embedded(&spec.recipe) || spec.recipe.local_path(root).is_none_or(|p| p.exists())
 }
 
-/// Read, convert and cap one dataset; `limit` (if given) caps it further.
+/// Read, convert and cap one dataset; `limit` (if given) caps it further. Under
+/// [`Scoring::OpenPrefEval`] the items are always pairs (`kind = "mc"` is an error).
 pub fn load_dataset(spec: &DatasetSpec, root: &Path, limit: Option<usize>) -> Result<Loaded> {
     let (pairs, mc) = if is_embedded(&spec.recipe) {
         let d = default_data::embedded()?;
@@ -555,10 +623,18 @@ pub fn load_dataset(spec: &DatasetSpec, root: &Path, limit: Option<usize>) -> Re
         let c = recipe::load_recipe(&spec.recipe, root, &hub::dataset_files)?;
         (c.pairs, c.mc)
     };
+    let pairs_only = matches!(spec.scoring, Scoring::OpenPrefEval(_));
     let want_mc = match spec.kind {
+        Kind::Mc if pairs_only => {
+            return Err(EvalError::Config {
+                file: spec.recipe.file.clone(),
+                key: format!("{}.kind", spec.name),
+                problem: "scoring = \"open-pref-eval\" scores preference pairs only".into(),
+            });
+        }
         Kind::Mc => true,
         Kind::Pairs => false,
-        Kind::Auto => !mc.is_empty(),
+        Kind::Auto => !mc.is_empty() && !pairs_only,
     };
     let cap = match (spec.limit, limit) {
         (Some(a), Some(b)) => Some(a.min(b)),

@@ -4,7 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use reprpo_eval::suite::{Items, McFormat, Role, Suite, load_dataset, source_available};
+use reprpo_data::recipe::{HubSource, Source};
+use reprpo_eval::open_pref_eval::OpenPrefEval;
+use reprpo_eval::suite::{
+    DatasetSpec, Items, Kind, McFormat, Role, Scoring, Suite, load_dataset, source_available,
+};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -177,6 +181,120 @@ fn sycophancy_and_hh_suites_load() {
     }
 }
 
+/// The reference ReprPO project's protocol: train (first 750 pairs), test, oos, rnd, scored as
+/// open_pref_eval scores them. The GENIES columns load from the real files (skipped where absent,
+/// except with CI=true); `rnd` is a hub dataset (tested offline in reprpo-data's reprpo_ref.rs).
+#[test]
+fn reprpo_ref_suite_is_the_reference_protocol() {
+    let s = suite("reprpo-ref");
+    assert_eq!(s.scoring, Scoring::OpenPrefEval(OpenPrefEval::default()));
+    assert_eq!(
+        OpenPrefEval::default(),
+        OpenPrefEval {
+            max_prompt_length: 512,
+            max_length: 1024
+        }
+    );
+    let cols: Vec<(&str, &str, Role, Kind, Option<usize>)> = s
+        .datasets
+        .iter()
+        .map(|d| {
+            (
+                d.name.as_str(),
+                d.recipe.name.as_str(),
+                d.role,
+                d.kind,
+                d.limit,
+            )
+        })
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            (
+                "train",
+                "genies-unhelpful-alpaca-train",
+                Role::Train,
+                Kind::Pairs,
+                Some(750)
+            ),
+            (
+                "test",
+                "genies-unhelpful-alpaca-test",
+                Role::Test,
+                Kind::Pairs,
+                None
+            ),
+            (
+                "oos",
+                "genies-illegal-dont-help-test",
+                Role::Ood,
+                Kind::Pairs,
+                None
+            ),
+            (
+                "rnd",
+                "ethics-justice-test",
+                Role::Unrelated,
+                Kind::Pairs,
+                None
+            ),
+        ]
+    );
+    assert!(s.datasets.iter().all(|d| d.scoring == s.scoring));
+    assert_eq!(
+        s.datasets[3].recipe.source,
+        Source::Hub(HubSource {
+            repo: "wassname/ethics_expression_preferences".into(),
+            config: "justice".into(),
+            split: "test".into()
+        })
+    );
+    assert_eq!(
+        (s.shifts[0].source.as_str(), s.shifts[0].target.as_str()),
+        ("test", "oos")
+    );
+    // A dataset added on the command line is scored as the suite scores its own.
+    let mut s2 = s.clone();
+    let extra = DatasetSpec::from_arg(
+        "more:unrelated=default-ood",
+        &root(),
+        &root().join("datasets"),
+    )
+    .unwrap();
+    assert_eq!(extra.scoring, Scoring::Default);
+    s2.add(extra).unwrap();
+    assert_eq!(s2.datasets[4].scoring, s.scoring);
+
+    let genies = &s.datasets[..3];
+    if !genies.iter().all(|d| source_available(d, &root())) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "suite reprpo-ref: GENIES data missing, and CI=true requires ../shared/data"
+        );
+        println!("skipped: ../shared/data/genies not present");
+        return;
+    }
+    let mut n = Vec::new();
+    for d in genies {
+        let l = load_dataset(d, &root(), None).unwrap();
+        let Items::Pairs(pairs) = &l.items else {
+            panic!("{}: the protocol scores pairs", d.name)
+        };
+        n.push(pairs.len());
+        if d.name == "train" {
+            // The first 750 pairs in file order: rows 1..=375, both pairs of each.
+            assert_eq!(pairs[0].id, "genies-unhelpful-alpaca-train/1/0");
+            assert_eq!(pairs[749].id, "genies-unhelpful-alpaca-train/375/1");
+        }
+    }
+    // Counted by hand (python json.load): 1,200 training pairs (750 kept), 500 and 492.
+    assert_eq!(n, [750, 500, 492]);
+    // A global limit still cuts to the first pairs.
+    let l = load_dataset(&s.datasets[1], &root(), Some(3)).unwrap();
+    assert_eq!(l.items.len(), 3);
+}
+
 #[test]
 fn bad_suites_name_the_key() {
     let ds = root().join("datasets");
@@ -202,6 +320,40 @@ fn bad_suites_name_the_key() {
         "[[dataset]]\nname = \"g\"\nrole = \"test\"\ninline = { converter = \"nope\", source = { path = \"x.json\" } }\n",
     );
     assert!(e.contains("dataset[1].inline") && e.contains("nope"), "{e}");
+    let e = err("scoring = \"trl\"\n[[dataset]]\nname = \"default-test\"\nrole = \"test\"\n");
+    assert!(
+        e.contains("`scoring`") && e.contains("trl") && e.contains("open-pref-eval"),
+        "{e}"
+    );
+    let e = err(
+        "scoring = \"open-pref-eval\"\n[[dataset]]\nname = \"default-mc\"\nrole = \"test\"\nkind = \"mc\"\n",
+    );
+    assert!(
+        e.contains("dataset[1].kind") && e.contains("pairs only"),
+        "{e}"
+    );
+    let e = err(
+        "scoring = \"open-pref-eval\"\n[[dataset]]\nname = \"default-mc\"\nrole = \"test\"\nformat = \"numbered\"\n",
+    );
+    assert!(e.contains("dataset[1].format"), "{e}");
+    // Multiple-choice data under open-pref-eval scoring loads as its pairs.
+    let s = Suite::parse(
+        "ok",
+        f,
+        "scoring = \"open-pref-eval\"\n[[dataset]]\nname = \"default-mc\"\nrole = \"test\"\n",
+        &ds,
+    )
+    .unwrap();
+    let l = load_dataset(&s.datasets[0], &root(), Some(4)).unwrap();
+    assert!(
+        matches!(l.items, Items::Pairs(ref p) if p.len() == 4),
+        "{:?}",
+        l.items
+    );
+    let mut spec = s.datasets[0].clone();
+    spec.kind = Kind::Mc;
+    let e = load_dataset(&spec, &root(), None).unwrap_err().to_string();
+    assert!(e.contains("pairs only"), "{e}");
     let e = Suite::by_name("nope", &root().join("datasets/suites"), &ds)
         .unwrap_err()
         .to_string();
