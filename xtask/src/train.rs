@@ -45,7 +45,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub print_config: bool,
     /// List every `loss` preset (the DPO and ReprPO families, and the reference ReprPO project's
-    /// experiment names with the `[method]` keys each sets) and exit.
+    /// experiment names with the `[method]` keys each sets, its gradient interventions with
+    /// theirs) and exit.
     #[arg(long)]
     pub list_presets: bool,
     /// No progress bar (log lines only).
@@ -65,7 +66,10 @@ pub fn presets_text() -> String {
             &|n: &str| n.starts_with("reprpo"),
         ),
         ("DPO family (TRL's loss types, `[dpo]`)", &|n: &str| {
-            n != "sft" && !n.starts_with("reprpo") && !method.iter().any(|(m, _)| m == n)
+            n != "sft"
+                && !n.starts_with("reprpo")
+                && !method.iter().any(|(m, _)| m == n)
+                && reprpo_train::gradproj::preset(n).is_none()
         }),
     ];
     for (title, keep) in families {
@@ -84,9 +88,14 @@ pub fn presets_text() -> String {
         flatten("train", &v["train"], &mut set);
         out.push_str(&format!("  {name:<44} {}\n", set.join(" ")));
     }
-    out.push_str(
-        "  projgrad, projbp                             (gradient projection; see README)\n",
-    );
+    for name in ["projgrad", "projbp"] {
+        let mut set: Vec<String> = Vec::new();
+        if let Some(v) = reprpo_train::gradproj::preset(name) {
+            flatten("train", &v["train"], &mut set);
+        }
+        let note = format!("(gradient intervention, `[{name}]`)");
+        out.push_str(&format!("  {name:<44} {} {note}\n", set.join(" ")));
+    }
     out
 }
 

@@ -2,8 +2,9 @@
 //! weight and, per named adapter, a [`ModuleAdapter`] whose parameters are candle `Var`s (the only
 //! trainable tensors). Which adapter is active, whether adapters are off (the base model), which
 //! adapter stands for the reference model (none: the base; or a frozen copy of the initial
-//! adapter, [`AdapterSet::reference`]), train mode and the recorder of side activations
-//! ([`crate::collect`]) travel in a [`Ctx`] with each forward.
+//! adapter, [`AdapterSet::reference`]), train mode, the recorder of side activations
+//! ([`crate::collect`]) and the gradient hooks of projbp ([`crate::gradproj::GradHooks`]) travel
+//! in a [`Ctx`] with each forward.
 //!
 //! # Formulas (x: input `[N, in]`, W: base weight `[out, in]`)
 //! - base: `y = x W^T`
@@ -19,6 +20,7 @@ use candle_core::{DType, Tensor, Var};
 use crate::checkpoint::param;
 use crate::collect::TapRecorder;
 use crate::error::{ModelError, Result};
+use crate::gradproj::GradHooks;
 
 /// Per-forward adapter state.
 #[derive(Debug, Clone, Copy, Default)]
@@ -30,6 +32,9 @@ pub struct Ctx<'a> {
     /// Where the linear layers hand their inputs and outputs when a forward asks for taps
     /// (`ForwardSpec::taps`, see [`crate::collect`]); `None`: nothing is recorded.
     pub taps: Option<&'a TapRecorder>,
+    /// Rewrites of the gradient at the outputs of hooked modules (`ForwardSpec::grad_hooks`,
+    /// see [`crate::gradproj`]); `None`: the backward pass is left alone.
+    pub grad_hooks: Option<&'a GradHooks>,
 }
 
 /// LoRA / DoRA parameters of one linear layer.
@@ -209,7 +214,10 @@ impl Linear {
         if let Some(rec) = ctx.taps {
             rec.record(&self.name, x, &y)?;
         }
-        Ok(y)
+        match ctx.grad_hooks {
+            Some(h) => h.wrap(&self.name, &y),
+            None => Ok(y),
+        }
     }
 
     /// The trainable parameters this layer reads in a forward with `ctx` (none when adapters are

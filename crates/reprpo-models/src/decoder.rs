@@ -105,6 +105,7 @@ pub(crate) fn forward<M: Decoder>(
     let plain = spec.ctx(stack.active, stack.reference);
     let ctx = Ctx {
         taps: (!spec.taps.is_empty()).then_some(&recorder),
+        grad_hooks: spec.grad_hooks.as_deref(),
         ..plain
     };
     let seed = match spec.dropout_seed {
@@ -132,8 +133,14 @@ pub(crate) fn forward<M: Decoder>(
         let owned = shared.get_or_insert_with(|| {
             let m = std::sync::Arc::new(m.clone());
             let (cos, sin, mask) = (cos.clone(), sin.clone(), mask.clone());
+            // projbp's hooks go with the block into its recomputation (where the graph is).
+            let hooks = spec.grad_hooks.clone();
             std::sync::Arc::new(move |l: usize, x: &Tensor| {
-                m.block(l, x, &cos, &sin, &mask, &plain, None)
+                let ctx = Ctx {
+                    grad_hooks: hooks.as_deref(),
+                    ..plain
+                };
+                m.block(l, x, &cos, &sin, &mask, &ctx, None)
             })
         });
         crate::checkpoint::checkpointed(owned, l, x, m.layer_params(l, &ctx), block_seed)
@@ -291,6 +298,7 @@ fn blocks_after<M: Decoder>(
         adapter: stack.active,
         train: false,
         taps: None,
+        grad_hooks: None,
     };
     for (l, slot) in kv.iter_mut().enumerate() {
         x = m.block(l, &x, &cos, &sin, mask, &ctx, Some(slot))?;

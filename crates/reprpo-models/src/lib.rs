@@ -1,8 +1,8 @@
 //! reprpo-models: Llama and Phi-3 on candle, written for training: full-sequence logits, hidden
 //! states of chosen layers in `transformers`' `output_hidden_states` convention, inputs or outputs
-//! of chosen linear modules (`collect`), padding-aware attention masks, early exit, and adapters
-//! (LoRA, DoRA, BOFT, OFT, HRA, and full fine-tuning of linear layers) whose weights alone are
-//! trainable.
+//! of chosen linear modules (`collect`), gradient rewrites at module outputs (`gradproj`),
+//! padding-aware attention masks, early exit, and adapters (LoRA, DoRA, BOFT, OFT, HRA, and full
+//! fine-tuning of linear layers) whose weights alone are trainable.
 
 pub mod error;
 
@@ -19,6 +19,7 @@ pub use collect::{Tap, TapSide, parse_layers, select_modules, side_taps};
 pub mod files;
 pub mod full;
 pub mod generate;
+pub mod gradproj;
 pub mod hub;
 pub mod llama2c;
 pub mod orth;

@@ -83,6 +83,10 @@ pub struct ForwardSpec {
     /// tap or a requested hidden state; with `checkpoint`, blocks holding a tap are not
     /// checkpointed.
     pub taps: Vec<crate::collect::Tap>,
+    /// projbp's hooks: the outputs of the modules they name are wrapped in an identity whose
+    /// backward rewrites their gradient (see [`crate::gradproj`]); ignored by reference
+    /// forwards, which keep no graph. Checkpointed blocks take them into their recomputation.
+    pub grad_hooks: Option<std::sync::Arc<crate::gradproj::GradHooks>>,
 }
 
 impl ForwardSpec {
@@ -484,6 +488,7 @@ impl ForwardSpec {
             adapter,
             train: self.train,
             taps: None,
+            grad_hooks: None,
         }
     }
 }

@@ -47,6 +47,9 @@ pub trait CausalLm {
     /// The input embedding and the output head, both `[vocab, hidden]` (the same tensor when
     /// tied), as the `svd` and `supr` activation transforms read them.
     fn vocab_matrices(&self) -> (Tensor, Tensor);
+    /// The module paths of the linear layers whose active adapter has trainable parameters, in
+    /// model order (what the gradient interventions hook, [`crate::gradproj::hooked_modules`]).
+    fn trained_modules(&self) -> Vec<String>;
 }
 
 impl CausalLm for Llama {
@@ -82,6 +85,9 @@ impl CausalLm for Llama {
     fn vocab_matrices(&self) -> (Tensor, Tensor) {
         let s = crate::decoder::Decoder::stack(self);
         (s.embed.clone(), s.lm_head.clone())
+    }
+    fn trained_modules(&self) -> Vec<String> {
+        crate::gradproj::hooked_modules(self)
     }
 }
 
@@ -121,6 +127,9 @@ impl CausalLm for Phi3 {
     fn vocab_matrices(&self) -> (Tensor, Tensor) {
         let s = crate::decoder::Decoder::stack(self);
         (s.embed.clone(), s.lm_head.clone())
+    }
+    fn trained_modules(&self) -> Vec<String> {
+        crate::gradproj::hooked_modules(self)
     }
 }
 

@@ -414,16 +414,55 @@ const LOGPS: &str = "crates/reprpo-models/src/logps.rs";
 const CPU_KERNEL: &str = "inside a fused CPU kernel or its gate (fused_cpu): never on a device";
 
 const SPECTRAL: &str = "crates/reprpo-models/src/transform/spectral.rs";
-const SPECTRAL_WHY: &str =
-    "svd / supr transforms: the embedding and head eigendecomposition (faer, f64) when the run \
+const SPECTRAL_WHY: &str = "svd / supr transforms: the embedding and head eigendecomposition (faer, f64) when the run \
      starts, never in a step";
 
 const ALLOWED: &[Allowed] = &[
-    a(SPECTRAL, "gram_eigen", "Device::Cpu", 1, "once", "off", SPECTRAL_WHY),
-    a(SPECTRAL, "gram_eigen", "to_device", 1, "once", "off", SPECTRAL_WHY),
-    a(SPECTRAL, "gram_eigen", "to_vec", 1, "once", "off", SPECTRAL_WHY),
-    a(SPECTRAL, "spectral_matrix", "Device::Cpu", 2, "once", "off", SPECTRAL_WHY),
-    a(SPECTRAL, "spectral_matrix", "to_device", 1, "once", "off", SPECTRAL_WHY),
+    a(
+        SPECTRAL,
+        "gram_eigen",
+        "Device::Cpu",
+        1,
+        "once",
+        "off",
+        SPECTRAL_WHY,
+    ),
+    a(
+        SPECTRAL,
+        "gram_eigen",
+        "to_device",
+        1,
+        "once",
+        "off",
+        SPECTRAL_WHY,
+    ),
+    a(
+        SPECTRAL,
+        "gram_eigen",
+        "to_vec",
+        1,
+        "once",
+        "off",
+        SPECTRAL_WHY,
+    ),
+    a(
+        SPECTRAL,
+        "spectral_matrix",
+        "Device::Cpu",
+        2,
+        "once",
+        "off",
+        SPECTRAL_WHY,
+    ),
+    a(
+        SPECTRAL,
+        "spectral_matrix",
+        "to_device",
+        1,
+        "once",
+        "off",
+        SPECTRAL_WHY,
+    ),
     a(
         TRAINER,
         "load_model",

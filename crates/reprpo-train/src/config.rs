@@ -28,7 +28,9 @@ use crate::error::{Result, TrainError};
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// The loss: `sft`, `reprpo` (and `reprpo-<variant>`: `reprpo-direction`, ...), `dpo`
-    /// (= TRL's `sigmoid`) or any TRL `loss_type` name (`ipo`, `hinge`, ...). Selects a preset.
+    /// (= TRL's `sigmoid`), any TRL `loss_type` name (`ipo`, `hinge`, ...), an experiment name of
+    /// the reference ReprPO project (`hs-ether-prefvec`, ..., `projgrad`, `projbp`). Selects a
+    /// preset.
     pub loss: String,
     /// Run folder and checkpoints.
     pub run: RunConfig,
@@ -45,6 +47,10 @@ pub struct TrainConfig {
     /// The reference ReprPO project's method space (losses on collected activations, their
     /// transforms), used by its experiment names (`loss = "hs-ether-prefvec"`, ...).
     pub method: crate::method::MethodConfig,
+    /// The reference ReprPO project's `projgrad` intervention (`loss = "projgrad"`).
+    pub projgrad: crate::gradproj::ProjGradConfig,
+    /// The reference ReprPO project's `projbp` intervention (`loss = "projbp"`).
+    pub projbp: crate::gradproj::ProjBpConfig,
     /// The optimisation.
     pub train: TrainOptions,
     /// An optional SFT stage on the chosen completions before the preference stage (the original
@@ -302,6 +308,8 @@ impl Default for TrainConfig {
             dpo: DpoConfig::default(),
             reprpo: ReprPoConfig::default(),
             method: crate::method::MethodConfig::default(),
+            projgrad: crate::gradproj::ProjGradConfig::default(),
+            projbp: crate::gradproj::ProjBpConfig::default(),
             train: TrainOptions::default(),
             sft: SftStage::default(),
         }
@@ -440,6 +448,9 @@ pub enum LossFamily {
     ReprPo,
     /// A method of the reference ReprPO project (`[method]`).
     Method,
+    /// A gradient intervention of the reference ReprPO project: DPO with its gradient projected
+    /// onto a preference direction (`projgrad`, `[projgrad]`; `projbp`, `[projbp]`).
+    GradProj,
 }
 
 /// The DPO `loss_type` names the `loss` key accepts (plus `dpo` = `sigmoid`).
@@ -493,6 +504,7 @@ pub fn loss_names() -> Vec<String> {
         v.push(r.into());
     }
     v.extend(crate::method::presets().into_iter().map(|(n, _)| n));
+    v.extend(["projgrad".to_string(), "projbp".into()]);
     v
 }
 
@@ -516,13 +528,8 @@ fn loss_preset(name: &str) -> Result<Value> {
     if let Some(p) = crate::method::preset(name) {
         return Ok(p);
     }
-    if name == "projgrad" || name == "projbp" {
-        return Err(TrainError::Config {
-            key: "loss".into(),
-            problem: format!(
-                "{name} (the reference project's gradient projection) is not implemented yet"
-            ),
-        });
+    if let Some(p) = crate::gradproj::preset(name) {
+        return Ok(p);
     }
     Err(TrainError::Config {
         key: "loss".into(),
@@ -829,8 +836,8 @@ pub fn known_keys() -> Vec<String> {
         .collect()
 }
 
-/// The doc comment of a key's field, from the structs of this file (`dpo.*` and `reprpo.*` are
-/// the losses crate's structs: none).
+/// The doc comment of a key's field, from the structs of this file, `method.rs` and
+/// `gradproj.rs` (`dpo.*` and `reprpo.*` are the losses crate's structs: none).
 pub fn key_doc(key: &str) -> Option<&'static str> {
     use documented::DocumentedFields as _;
     let doc = match key.split_once('.') {
@@ -842,6 +849,7 @@ pub fn key_doc(key: &str) -> Option<&'static str> {
         Some(("train", f)) => TrainOptions::get_field_docs(f),
         Some(("sft", f)) => SftStage::get_field_docs(f),
         Some(("method", f)) => return crate::method::key_doc(f),
+        Some((t @ ("projgrad" | "projbp"), f)) => return crate::gradproj::key_doc(t, f),
         Some(_) => return None,
     };
     doc.ok()
@@ -1013,6 +1021,8 @@ impl TrainConfig {
             Ok(LossFamily::ReprPo)
         } else if crate::method::preset(&self.loss).is_some() {
             Ok(LossFamily::Method)
+        } else if crate::gradproj::Intervention::of(&self.loss).is_some() {
+            Ok(LossFamily::GradProj)
         } else {
             loss_preset(&self.loss).map(|_| LossFamily::Sft)
         }
@@ -1048,6 +1058,7 @@ impl TrainConfig {
         };
         self.family()?;
         adapter_preset(&self.adapter.kind)?;
+        crate::gradproj::validate(self)?;
         let t = &self.train;
         if !(t.lr.is_finite() && t.lr >= 0.0) {
             return bad("train.lr", format!("must be finite and >= 0, got {}", t.lr));

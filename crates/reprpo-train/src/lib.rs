@@ -4,6 +4,7 @@
 //!   validation;
 //! - [`data`]: dataset names to tokenised pairs and device batches;
 //! - [`init_from`]: the `[adapter]` table of a run started from an existing adapter;
+//! - [`gradproj`]: the reference ReprPO project's gradient interventions (`projgrad`, `projbp`);
 //! - [`objective`]: one batch through the policy (adapter on) and reference (adapter off) forwards
 //!   and the loss;
 //! - [`optim`]: AdamW with checkpointable f32 state, schedules, clipping;
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod gradproj;
 pub mod init_from;
 pub mod method;
 pub mod metrics;

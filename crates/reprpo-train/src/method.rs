@@ -170,7 +170,7 @@ fn transform_error(e: reprpo_models::ModelError, transform: &str) -> TrainError 
 
 /// The reference's experiment names that train a method (its `experiments.py`, bd9ae63),
 /// with the `[method]` keys each sets; `dpo` is the DPO family's preset, and `projgrad` /
-/// `projbp` are not implemented yet.
+/// `projbp` are the gradient interventions' (`crate::gradproj`).
 pub fn presets() -> Vec<(String, Value)> {
     let mut out = Vec::new();
     let base = |hs: bool, t: &str, l: &str| json!({"collect_hs": hs, "transform": t, "loss": l});
@@ -469,5 +469,6 @@ pub fn method_batch_loss(
     Ok(BatchLoss {
         loss: out.loss,
         metrics,
+        gradproj: None,
     })
 }

@@ -35,6 +35,9 @@ pub struct BatchLoss {
     /// Metrics of this batch: detached scalars on the batch's device (`loss` among them), each
     /// in the dtype the loss computed it in; read them to the host only when they are logged.
     pub metrics: BTreeMap<String, Tensor>,
+    /// What a gradient intervention (`loss = "projgrad"` / `"projbp"`) leaves for after the
+    /// backward pass ([`crate::gradproj::accumulate`] applies projgrad's rewrite).
+    pub gradproj: Option<crate::gradproj::GradProj>,
 }
 
 /// A forward's spec; `reference`: the reference model (the model's frozen initial adapter when
@@ -48,7 +51,7 @@ fn spec(layers: &[usize], logits: bool, reference: bool, train: bool, ckpt: bool
         train,
         checkpoint: ckpt,
         dropout_seed: None,
-        taps: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -103,7 +106,11 @@ pub fn batch_loss(
             let mut metrics = BTreeMap::new();
             metrics.insert("loss".into(), loss.detach());
             metrics.insert("nll_loss".into(), loss.detach());
-            Ok(BatchLoss { loss, metrics })
+            Ok(BatchLoss {
+                loss,
+                metrics,
+                gradproj: None,
+            })
         }
         LossFamily::Dpo if cfg.dpo.ld_alpha.is_none() && !cfg.dpo.use_weighting => {
             // Only the counted positions are projected onto the vocabulary (LD-DPO's tails and
@@ -171,6 +178,9 @@ pub fn batch_loss(
         LossFamily::Method => {
             let setup = method.ok_or_else(|| missing("method setup"))?;
             crate::method::method_batch_loss(model, setup, batch, train, ckpt, dropout_seed)
+        }
+        LossFamily::GradProj => {
+            crate::gradproj::gradproj_batch_loss(model, cfg, batch, train, ckpt, dropout_seed)
         }
         LossFamily::ReprPo => {
             let b = batch.pairs;
@@ -337,6 +347,7 @@ fn finish(out: LossOut) -> Result<BatchLoss> {
     Ok(BatchLoss {
         loss: out.loss,
         metrics,
+        gradproj: None,
     })
 }
 

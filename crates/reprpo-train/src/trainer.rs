@@ -199,7 +199,7 @@ fn clip_and_update(
 }
 
 /// Add `new` gradients into the accumulated ones.
-fn accumulate(grads: &mut [Option<Tensor>], new: Vec<Option<Tensor>>) -> Result<()> {
+pub(crate) fn accumulate(grads: &mut [Option<Tensor>], new: Vec<Option<Tensor>>) -> Result<()> {
     for (acc, g) in grads.iter_mut().zip(new) {
         if let Some(g) = g {
             *acc = Some(match acc.take() {
@@ -1082,8 +1082,17 @@ impl<'a> Stage<'a> {
             )?;
             self.guard.watch(&out.loss, step + 1, LOSS)?;
             let scaled = (out.loss / cfg.train.grad_accum as f64)?;
-            accumulate(&mut grads, self.opt.gradients(&backward(&scaled)?))?;
-            micro.add(&out.metrics)?;
+            let new = self.opt.gradients(&backward(&scaled)?);
+            let mut metrics = out.metrics;
+            let params = self.opt.params();
+            crate::gradproj::accumulate(
+                out.gradproj.as_ref(),
+                &mut grads,
+                new,
+                params,
+                &mut metrics,
+            )?;
+            micro.add(&metrics)?;
         }
         let norm = clip_and_update(
             &mut self.opt,

@@ -15,7 +15,7 @@ use reprpo_train::TrainConfig;
 use reprpo_train::trainer;
 
 /// Custom ops that have a `cuda_fwd` (and a backward that works on any device).
-const HAS_CUDA_FORWARD: [&str; 1] = ["checkpoint"];
+const HAS_CUDA_FORWARD: [&str; 2] = ["checkpoint", "projbp-hook"];
 
 fn config(out: &Path, extra: &[&str]) -> TrainConfig {
     let mut all = vec!["train.max_steps=2", "train.eval_every=1"];
@@ -65,6 +65,8 @@ fn a_written_out_job_runs_only_ops_that_exist_on_cuda() {
             "adapter.kind=full",
             "train.grad_checkpointing=true",
         ],
+        &["loss=projbp", "train.grad_checkpointing=true"],
+        &["loss=projgrad", "projgrad.weight_dim=2"],
     ] {
         let seen = traced_job(extra, true);
         let cpu_only: Vec<_> = seen
