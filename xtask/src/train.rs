@@ -59,22 +59,28 @@ pub fn presets_text() -> String {
     let method: Vec<(String, serde_json::Value)> = reprpo_train::method::presets();
     let mut out = String::from("Loss presets (`loss=NAME`):\n\n");
     let names = reprpo_train::config::loss_names();
-    let families: [(&str, &dyn Fn(&str) -> bool); 3] = [
-        ("SFT", &|n: &str| n == "sft"),
-        (
-            "ReprPO family (this project's reroute/retain losses, `[reprpo]`)",
-            &|n: &str| n.starts_with("reprpo"),
-        ),
-        ("DPO family (TRL's loss types, `[dpo]`)", &|n: &str| {
-            n != "sft"
-                && !n.starts_with("reprpo")
-                && !method.iter().any(|(m, _)| m == n)
-                && reprpo_train::gradproj::preset(n).is_none()
-        }),
+    // 0: SFT, 1: this project's ReprPO family, 2: the DPO family; method and gradient
+    // intervention presets are listed below.
+    let family = |n: &str| -> Option<usize> {
+        if n == "sft" {
+            Some(0)
+        } else if n.starts_with("reprpo") {
+            Some(1)
+        } else if method.iter().any(|(m, _)| m == n) || reprpo_train::gradproj::preset(n).is_some()
+        {
+            None
+        } else {
+            Some(2)
+        }
+    };
+    let titles = [
+        "SFT",
+        "ReprPO family (this project's reroute/retain losses, `[reprpo]`)",
+        "DPO family (TRL's loss types, `[dpo]`)",
     ];
-    for (title, keep) in families {
+    for (i, title) in titles.iter().enumerate() {
         out.push_str(&format!("{title}:\n"));
-        for n in names.iter().filter(|n| keep(n)) {
+        for n in names.iter().filter(|n| family(n) == Some(i)) {
             out.push_str(&format!("  {n}\n"));
         }
         out.push('\n');
