@@ -37,15 +37,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
-use reprpo_data::tokenize::Batch;
+use candle_core::{DType, Tensor};
+use common::step_fixture::{StepFixture as Fixture, max_abs, model, resolve as config};
 use reprpo_models::{CausalLm, Llama, peft};
 use reprpo_train::TrainConfig;
 use reprpo_train::config::Sources;
-use reprpo_train::data::DeviceBatch;
 use reprpo_train::gradproj::{GradProj, gradproj_batch_loss};
 use serde_json::Value;
 
@@ -54,68 +53,6 @@ const FLOOR: f64 = 1e-9;
 /// The case whose rewritten gradients float32 cannot pin down to 1e-4 (module docs).
 const ILL_CONDITIONED: &str = "x-projbp-scaleorth-reverse-noclip";
 const ILL_CONDITIONED_REL: f64 = 5e-3;
-
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/methods")
-}
-
-fn model() -> Llama {
-    let d = dir().join("tiny_llama");
-    let mut m = Llama::load(&d, DType::F32, &Device::Cpu).unwrap();
-    peft::load_adapter(&mut m, &d.join("adapter"), "policy").unwrap();
-    m.adapters.active = Some(0);
-    m
-}
-
-fn config(overrides: &[String]) -> TrainConfig {
-    TrainConfig::resolve(&Sources {
-        overrides: overrides.to_vec(),
-        ..Default::default()
-    })
-    .unwrap()
-}
-
-struct Fixture {
-    json: Value,
-    t: HashMap<String, Tensor>,
-}
-
-fn fixture() -> Fixture {
-    let json =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("step.json")).unwrap()).unwrap();
-    let t = candle_core::safetensors::load(dir().join("step.safetensors"), &Device::Cpu).unwrap();
-    Fixture { json, t }
-}
-
-impl Fixture {
-    fn case(&self, name: &str) -> &Value {
-        self.json["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap()
-    }
-
-    fn batch(&self) -> DeviceBatch {
-        let t = &self.t;
-        let ids = Tensor::cat(&[&t["batch/chosen"], &t["batch/rejected"]], 0).unwrap();
-        let mask = Tensor::cat(&[&t["batch/chosen_mask"], &t["batch/rejected_mask"]], 0).unwrap();
-        let (rows, seq_len) = ids.dims2().unwrap();
-        let flat = |x: &Tensor, dt: DType| x.flatten_all().unwrap().to_dtype(dt).unwrap();
-        let input_ids: Vec<u32> = flat(&ids, DType::U32).to_vec1().unwrap();
-        let attention_mask: Vec<u8> = flat(&mask, DType::U8).to_vec1().unwrap();
-        let b = Batch {
-            rows,
-            seq_len,
-            input_ids,
-            loss_mask: attention_mask.clone(),
-            attention_mask,
-            prompt_cols: 0,
-        };
-        DeviceBatch::new(&b, rows / 2, &Device::Cpu).unwrap()
-    }
-}
 
 /// `key=value` overrides of a fixture case's reference config (its `β`, booleans, `mag_clip`
 /// with null = `false`, `weight_dim`).
@@ -148,19 +85,6 @@ fn overrides(case: &Value) -> Vec<String> {
         out.push(format!("{kind}.{key}={v}"));
     }
     out
-}
-
-fn max_abs(x: &Tensor) -> f64 {
-    x.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 fn scalar(x: &Tensor) -> f64 {
@@ -322,7 +246,7 @@ fn compare(f: &Fixture, name: &str, s: &Step) -> Vec<String> {
 }
 
 fn check(name: &str) {
-    let f = fixture();
+    let f = Fixture::load();
     let o = overrides(f.case(name));
     let errs = compare(&f, name, &step(&f, &o, false));
     assert!(
@@ -360,7 +284,7 @@ fn projbp_scale_orth_reverse_without_clip_matches_the_reference() {
 
 #[test]
 fn the_presets_set_the_reference_learning_rates() {
-    let f = fixture();
+    let f = Fixture::load();
     for name in ["projgrad", "projbp"] {
         let cfg = config(&[format!("loss={name}")]);
         assert_eq!(cfg.train.lr, f.case(name)["config"]["lr"].as_f64().unwrap());
@@ -375,7 +299,7 @@ fn the_presets_set_the_reference_learning_rates() {
 /// direction's sign (projgrad's `mag_clip`), since the projection `(g·u) u` does not.
 #[test]
 fn flipping_a_switch_breaks_the_match() {
-    let f = fixture();
+    let f = Fixture::load();
     let cases: [(&str, &[&str], &[&str]); 4] = [
         (
             "projgrad",
@@ -447,7 +371,7 @@ fn flipping_a_switch_breaks_the_match() {
 /// hook once per policy forward.
 #[test]
 fn projbp_hooks_reach_checkpointed_blocks() {
-    let f = fixture();
+    let f = Fixture::load();
     let o = overrides(f.case("projbp"));
     let (plain, ckpt) = (step(&f, &o, false), step(&f, &o, true));
     for (n, g) in &plain.after {
@@ -478,7 +402,7 @@ fn bad_switches_are_errors_naming_the_key() {
 /// `mag_clip = false` (the reference's `None`) survives the resolved config's TOML round trip.
 #[test]
 fn mag_clip_off_reads_back() {
-    let cfg = config(&["loss=projbp".into(), "projbp.mag_clip=false".into()]);
+    let cfg = config(&["loss=projbp", "projbp.mag_clip=false"]);
     assert_eq!(cfg.projbp.mag_clip, None);
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("c.toml");

@@ -12,92 +12,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
-use reprpo_data::tokenize::Batch;
-use reprpo_models::{Llama, peft};
-use reprpo_train::TrainConfig;
-use reprpo_train::config::Sources;
-use reprpo_train::data::DeviceBatch;
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use common::step_fixture::{StepFixture, dir, max_abs, model, resolve as config};
+use reprpo_models::peft;
 use reprpo_train::method::{MethodSetup, method_batch_loss};
-use serde_json::Value;
 
 const TOL: f64 = 1e-4;
 
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/methods")
-}
-
-fn model() -> Llama {
-    let d = dir().join("tiny_llama");
-    let mut m = Llama::load(&d, DType::F32, &Device::Cpu).unwrap();
-    peft::load_adapter(&mut m, &d.join("adapter"), "policy").unwrap();
-    m.adapters.active = Some(0);
-    m
-}
-
-fn config(overrides: &[&str]) -> TrainConfig {
-    TrainConfig::resolve(&Sources {
-        overrides: overrides.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    })
-    .unwrap()
-}
-
-fn batch(t: &HashMap<String, Tensor>) -> DeviceBatch {
-    let ids = Tensor::cat(&[&t["batch/chosen"], &t["batch/rejected"]], 0).unwrap();
-    let mask = Tensor::cat(&[&t["batch/chosen_mask"], &t["batch/rejected_mask"]], 0).unwrap();
-    let (rows, seq_len) = ids.dims2().unwrap();
-    let input_ids: Vec<u32> = ids
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::U32)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let attention_mask: Vec<u8> = mask
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::U8)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b = Batch {
-        rows,
-        seq_len,
-        input_ids,
-        loss_mask: attention_mask.clone(),
-        attention_mask,
-        prompt_cols: 0,
-    };
-    DeviceBatch::new(&b, rows / 2, &Device::Cpu).unwrap()
-}
-
-fn max_abs(x: &Tensor) -> f64 {
-    f64::from(
-        x.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-    )
-}
-
 fn check(case: &str, overrides: &[&str]) {
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir().join("step.json")).unwrap()).unwrap();
-    let t = candle_core::safetensors::load(dir().join("step.safetensors"), &Device::Cpu).unwrap();
-    let c = json["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == case)
-        .unwrap();
+    let f = StepFixture::load();
+    let (c, t) = (f.case(case), &f.t);
     let m = model();
     let cfg = config(overrides);
     let setup = MethodSetup::new(&cfg, &m).unwrap();
@@ -107,7 +35,7 @@ fn check(case: &str, overrides: &[&str]) {
         .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|n| (n.to_string(), v.clone())))
         .collect();
     reprpo_models::transform::set_from(setup.transform.as_ref(), &params, &dir()).unwrap();
-    let out = method_batch_loss(&m, &setup, &batch(&t), true, false, None).unwrap();
+    let out = method_batch_loss(&m, &setup, &f.batch(), true, false, None).unwrap();
     let mut errs = Vec::new();
     let close = |a: f64, b: f64| (a - b).abs() <= TOL * b.abs().max(1e-3);
     let loss = f64::from(out.loss.to_scalar::<f32>().unwrap());
