@@ -5,7 +5,13 @@
 //! `../shared/anchors/pytorch_anchor.py` does it (random Llama of the anchor's shapes, LoRA r=16
 //! alpha=16 on the seven projections, reference forward with adapters off, policy forward, DPO
 //! sigmoid or ReprPO on hidden states `L/2` and `3L/4`, backward, AdamW lr 1e-4), through the
-//! trainer's own objective ([`reprpo_train::objective::batch_loss`]). On CUDA each step is timed
+//! trainer's own objective ([`reprpo_train::objective::batch_loss`]); `--loss` may also name a
+//! method preset of the reference ReprPO project (`hs-ether-prefvec`, `side-none-prefvec`, ...:
+//! its collection, transform and loss through [`reprpo_train::method::MethodSetup`], the
+//! transform's parameters in the optimizer beside the adapter's, as the trainer does; the Rust
+//! side of `tests/reference/bench_methods.sh`) or `projgrad` / `projbp` (projgrad's rewrite of
+//! the gradients after the backward, through [`reprpo_train::gradproj::accumulate`] as the
+//! trainer applies it). On CUDA each step is timed
 //! between two device synchronisations and the peak device memory is the high watermark of the
 //! memory pool candle allocates from (see [`DeviceMem`]).
 
@@ -64,7 +70,7 @@ pub(crate) enum BenchCmd {
         /// Tokens per sequence (the first half is prompt).
         #[arg(long, default_value_t = 128)]
         seq: usize,
-        /// A DPO `loss_type` or a ReprPO variant.
+        /// A DPO `loss_type`, a ReprPO variant or a method preset.
         #[arg(long, default_value = "dpo")]
         loss: String,
         /// Timed steps (after 2 warm-up steps).
@@ -109,7 +115,8 @@ pub(crate) struct TrainBench {
     /// Tokens per sequence (the first half is prompt, the second the completion).
     #[arg(long, default_value_t = 512)]
     pub seq: usize,
-    /// A DPO `loss_type` (`dpo` = sigmoid, beta 0.1) or a ReprPO variant (`reprpo`).
+    /// A DPO `loss_type` (`dpo` = sigmoid, beta 0.1), a ReprPO variant (`reprpo`) or a method
+    /// preset of the reference ReprPO project (`hs-ether-prefvec`, `side-none-prefvec`, ...).
     #[arg(long, default_value = "dpo")]
     pub loss: String,
     /// Gradient checkpointing (blocks recomputed in backward).
@@ -510,8 +517,12 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
     })?;
     let family = cfg.family()?;
     ensure!(
-        matches!(family, LossFamily::Dpo | LossFamily::ReprPo),
-        "--loss must be a DPO type or a ReprPO variant"
+        matches!(
+            family,
+            LossFamily::Dpo | LossFamily::ReprPo | LossFamily::Method | LossFamily::GradProj
+        ),
+        "--loss must be a DPO type, a ReprPO variant, a method preset (hs-ether-prefvec, ...) \
+         or projgrad / projbp"
     );
     let name = device_name(&dev);
     eprintln!(
@@ -552,7 +563,17 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
         prompt_cols: a.seq / 2,
     };
     let batch = reprpo_train::data::DeviceBatch::new(&host, a.pairs, &dev)?;
-    let params = peft::adapter_params(&model, 0);
+    let mut params = peft::adapter_params(&model, 0);
+    // A method preset (`hs-ether-prefvec`, ...): what is collected and the transform, resolved
+    // against the model as the trainer does; the transform's parameters train with the adapter.
+    let method = match family {
+        LossFamily::Method => {
+            let setup = reprpo_train::method::MethodSetup::new(&cfg, &model)?;
+            params.extend(setup.params());
+            Some(setup)
+        }
+        _ => None,
+    };
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = AdamW::new(
         params,
@@ -576,10 +597,27 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
         sync(&dev)?;
         let t0 = Instant::now();
         let out = reprpo_train::objective::batch_loss(
-            &model, &cfg, family, &batch, 0.0, &mut state, true, None, None,
+            &model,
+            &cfg,
+            family,
+            &batch,
+            0.0,
+            &mut state,
+            true,
+            None,
+            method.as_ref(),
         )?;
         mem.sample()?;
-        let g = opt.gradients(&reprpo_train::trainer::backward(&out.loss)?);
+        let new = opt.gradients(&reprpo_train::trainer::backward(&out.loss)?);
+        // projgrad rewrites the gradients after the backward, as the trainer does.
+        let mut g = vec![None; new.len()];
+        reprpo_train::gradproj::accumulate(
+            out.gradproj.as_ref(),
+            &mut g,
+            new,
+            opt.params(),
+            &mut Default::default(),
+        )?;
         mem.sample()?;
         // Hidden-state losses stop at their deepest layer: adapters above it get no gradient.
         ensure!(

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::dpo::{LossOut, logsigmoid};
 use crate::error::{LossError, Result};
 
+mod cosine;
 mod mse;
 mod prefvec;
 mod rank;
@@ -137,16 +138,17 @@ pub(crate) struct Reduced {
     pub rr: Tensor,
 }
 
-/// `reduce` of every key after `pre` (identity or log-softmax), in key order.
+/// `reduce(x, mask)` of every key (`reduce_tokens`, or `reduce_log_softmax_tokens` for rank), in
+/// key order.
 pub(crate) fn reduced_keys(
     inputs: &MethodInputs,
-    pre: impl Fn(&Tensor) -> Result<Tensor>,
+    reduce: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Vec<Reduced>> {
     let red = |c: &Collected, k: &String| -> Result<Tensor> {
         let x = c.acts.get(k).ok_or_else(|| {
             LossError::InvalidInput(format!("method loss: activation {k:?} missing"))
         })?;
-        reduce_tokens(&pre(x)?, &c.mask)
+        reduce(x, &c.mask)
     };
     inputs
         .pi_cho
@@ -305,11 +307,7 @@ pub fn add_reference_metrics(
                 let y = b.acts.get(k).ok_or_else(|| {
                     LossError::InvalidInput(format!("method loss: activation {k:?} missing"))
                 })?;
-                let c = cos_t(
-                    &x.detach().to_dtype(DType::F32)?,
-                    &y.detach().to_dtype(DType::F32)?,
-                )?;
-                nanmean(&c)
+                nanmean(&cosine::row_cosines(x, y)?)
             })
             .collect::<Result<Vec<_>>>()?;
         nanmean(&Tensor::stack(&per_key, 0)?)

@@ -49,7 +49,7 @@ fn log_dist_ratio(a: &Tensor, b: &Tensor, a2: &Tensor, b2: &Tensor, eps: f64) ->
 
 /// The `mse` loss of the module docs.
 pub fn mse_loss(inputs: &MethodInputs, cfg: &MseConfig) -> Result<LossOut> {
-    let keys = reduced_keys(inputs, |x| Ok(x.clone()))?;
+    let keys = reduced_keys(inputs, super::reduce_tokens)?;
     let mut reroute = Vec::with_capacity(keys.len());
     let mut retain = Vec::with_capacity(keys.len());
     for r in &keys {

@@ -104,7 +104,7 @@ const TERMS: [&str; 6] = [
 
 /// The `prefvec` loss of the module docs.
 pub fn prefvec_loss(inputs: &MethodInputs, cfg: &PrefVecConfig) -> Result<LossOut> {
-    let keys = reduced_keys(inputs, |x| Ok(x.clone()))?;
+    let keys = reduced_keys(inputs, super::reduce_tokens)?;
     let terms = term_means(&keys, |r| key_terms(&r.pc, &r.pr, &r.rc, &r.rr, cfg.eps))?;
     let [orth, angle, proj] = [&terms[0], &terms[1], &terms[2]];
     let mut inner = if cfg.use_proj_loss {

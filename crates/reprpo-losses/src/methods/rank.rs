@@ -85,7 +85,7 @@ fn key_terms(r: &super::Reduced, beta: f64) -> Result<[Tensor; 5]> {
 
 /// The `rank` loss of the module docs.
 pub fn rank_loss(inputs: &MethodInputs, cfg: &RankConfig) -> Result<LossOut> {
-    let keys = reduced_keys(inputs, log_softmax)?;
+    let keys = reduced_keys(inputs, super::reduce::reduce_log_softmax_tokens)?;
     let terms = term_means(&keys, |r| key_terms(r, cfg.beta))?;
     let (reroute, rank_retain) = (&terms[0], &terms[1]);
     let (nll_pi, nll_ref) = nlls(inputs, "rank")?;
@@ -120,12 +120,4 @@ pub fn rank_loss(inputs: &MethodInputs, cfg: &RankConfig) -> Result<LossOut> {
         per_example,
         metrics,
     })
-}
-
-/// `log_softmax` over the last dimension, differentiable.
-fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.detach().max_keepdim(D::Minus1)?;
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
 }

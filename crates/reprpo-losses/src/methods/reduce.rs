@@ -14,10 +14,18 @@
 //! masked mean. There is no epsilon: a row with no counted token is `0 / 0 = NaN`, as in the
 //! reference (its losses skip such rows with `nanmean` where they do). With `T = 1` the standard
 //! deviation is NaN and nothing is dropped. The threshold is computed on the device (no read back).
+//!
+//! On the CPU (outside `reprpo_kernels::written_out`) [`reduce_tokens`] and
+//! [`reduce_log_softmax_tokens`] run one fused kernel with its own backward (`reduce/fused.rs`);
+//! elsewhere, and in [`reduce_tokens_unfused`], the chain of candle ops the kernel is tested
+//! against.
 
 use candle_core::{D, DType, Tensor};
 
 use crate::error::{LossError, Result};
+
+mod fused;
+mod simd;
 
 /// The reference's sink threshold, in standard deviations above the row's mean norm.
 pub const SINK_THRESHOLD: f64 = 1.0;
@@ -46,10 +54,56 @@ pub fn sink_filtered_mask(x: &Tensor, mask: &Tensor, threshold: f64) -> Result<T
 }
 
 /// `reduce(x)` `[B, H]` of the module docs (the reference's `reduce_tokens_w_attention` with
-/// its defaults: sink filter on, threshold 1, no token weights).
+/// its defaults: sink filter on, threshold 1, no token weights), in `x`'s dtype.
 pub fn reduce_tokens(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    check_mask(x, mask)?;
+    if fused::applies(x) {
+        return fused::sink_mean(x, mask, fused::Pre::Identity, SINK_THRESHOLD);
+    }
+    reduce_tokens_unfused(x, mask)
+}
+
+/// [`reduce_tokens`] through the chain of candle ops (the path of other devices, and the
+/// reference the fused CPU kernel is tested against).
+pub fn reduce_tokens_unfused(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = sink_filtered_mask(x, mask, SINK_THRESHOLD)?;
     masked_mean_tokens(x, &m)
+}
+
+/// `reduce(log_softmax_h(x))` `[B, H]`: the per-token log-softmax over the features, then the
+/// sink-filtered mean (the sinks found on the log-softmax vectors), as the reference's `rank` loss
+/// reduces; differentiable through the log-softmax. In `x`'s dtype.
+pub fn reduce_log_softmax_tokens(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    check_mask(x, mask)?;
+    if fused::applies(x) {
+        return fused::sink_mean(x, mask, fused::Pre::LogSoftmax, SINK_THRESHOLD);
+    }
+    reduce_log_softmax_tokens_unfused(x, mask)
+}
+
+/// [`reduce_log_softmax_tokens`] through the chain of candle ops.
+pub fn reduce_log_softmax_tokens_unfused(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    reduce_tokens_unfused(&log_softmax(x)?, mask)
+}
+
+/// `log_softmax` over the last dimension, differentiable (the max is a detached shift).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.detach().max_keepdim(D::Minus1)?;
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+fn check_mask(x: &Tensor, mask: &Tensor) -> Result<()> {
+    let (b, t, _) = x.dims3()?;
+    if mask.dims() != [b, t] {
+        return Err(LossError::InvalidInput(format!(
+            "token reduction: mask {:?} does not match activations {:?}",
+            mask.dims(),
+            x.dims()
+        )));
+    }
+    Ok(())
 }
 
 /// `sum_t m[b,t] x[b,t,:] / sum_t m[b,t]` (`m` constant, in `x`'s dtype).
