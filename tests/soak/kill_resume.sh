@@ -25,10 +25,11 @@ results=${4:-$work/results.tsv}
 trap 'rm -rf "$work"' EXIT
 
 # The run: the embedded default, shortened; a checkpoint every 2 steps, an evaluation every 4,
-# an SFT stage of 10 steps (each trial has its own out_dir, so its own SFT cache).
+# an SFT stage of 10 steps (each trial has its own out_dir, so its own SFT cache); no process
+# memory in the log (it differs run to run), so that logs compare byte for byte.
 args=(train --no-progress run.plots=false train.max_steps=12 run.save_steps=2
       train.logging_steps=1 train.eval_every=4 train.n_eval_examples=16 sft.steps=10
-      data.ood_datasets=[])
+      data.ood_datasets=[] run.log_memory=false)
 steps=12
 phases=(adapter optimizer state metrics manifest rename)
 RANDOM=$seed

@@ -141,6 +141,16 @@ pub(crate) struct TrainBench {
     /// Also report `median_s` (the old `train-step` field name).
     #[arg(skip)]
     pub legacy_fields: bool,
+    /// Quantise the base's linear layers as each is drawn: `none`, `nf4`, `fp4` or `int8`
+    /// (`model.quantize`).
+    #[arg(long, default_value = "none")]
+    pub quantize: String,
+    /// Double quantisation of the 4-bit absmax (`model.double_quant`).
+    #[arg(long)]
+    pub double_quant: bool,
+    /// `adamw` or `adamw_8bit` (`train.optim`).
+    #[arg(long, default_value = "adamw")]
+    pub optim: String,
 }
 
 /// Run a `bench` subcommand.
@@ -175,6 +185,9 @@ pub(crate) fn run(cmd: BenchCmd) -> Result<()> {
             json: None,
             release_pool_memory: false,
             legacy_fields: true,
+            quantize: "none".into(),
+            double_quant: false,
+            optim: "adamw".into(),
         })
         .map(|_| ()),
         BenchCmd::Tokenize {
@@ -494,7 +507,7 @@ mod cuda {
 /// `bench train`: build, run `warmup + steps` steps, print (and optionally write) the JSON.
 pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
     use reprpo_train::config::LossFamily;
-    use reprpo_train::optim::{AdamW, AdamWConfig};
+    use reprpo_train::optim::{AdamW, AdamWConfig, OptimKind};
     use reprpo_train::{Sources, TrainConfig};
     ensure!(a.steps >= 1, "--steps must be at least 1");
     ensure!(
@@ -510,6 +523,9 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
         format!("reprpo.layers=[{}, {}]", layers / 2, 3 * layers / 4),
         format!("train.grad_checkpointing={}", a.grad_ckpt),
         "sft.steps=0".to_string(),
+        format!("model.quantize={}", a.quantize),
+        format!("model.double_quant={}", a.double_quant),
+        format!("train.optim={}", a.optim),
     ];
     let cfg = TrainConfig::resolve(&Sources {
         overrides,
@@ -541,7 +557,12 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
     let mut mem = DeviceMem::new(&dev, !a.release_pool_memory)?;
 
     let t_build = Instant::now();
-    let mut model = Llama::random(lc, 0.02, 0, dtype, &dev)?;
+    let opts = reprpo_models::LoadOptions {
+        dtype,
+        device: dev.clone(),
+        quantize: cfg.model.quant_config()?,
+    };
+    let mut model = Llama::random_with(lc, 0.02, 0, &opts)?;
     peft::add_adapter(
         &mut model,
         "policy",
@@ -575,7 +596,7 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
         _ => None,
     };
     let trainable: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(
+    let mut opt = AdamW::with_kind(
         params,
         AdamWConfig {
             beta1: 0.9,
@@ -583,9 +604,11 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
             eps: 1e-8,
             weight_decay: 0.01,
         },
+        OptimKind::parse(&a.optim)?,
     )?;
     sync(&dev)?;
     let build_s = t_build.elapsed().as_secs_f64();
+    let build_rss_mib = peak_rss_mib();
     eprintln!("model built in {build_s:.1} s");
 
     let mut state = Default::default();
@@ -667,6 +690,11 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
         o.insert("peak_rss_mib".into(), json!(peak_rss_mib()));
         o.insert("loss".into(), json!(loss));
         o.insert("trainable_params".into(), json!(trainable));
+        o.insert("quantize".into(), json!(a.quantize));
+        o.insert("double_quant".into(), json!(a.double_quant));
+        o.insert("optim".into(), json!(a.optim));
+        o.insert("optimizer_state_bytes".into(), json!(opt.state_bytes()));
+        o.insert("peak_rss_after_build_mib".into(), json!(build_rss_mib));
         o.insert("model_build_s".into(), json!(build_s));
         if a.legacy_fields {
             o.insert("preset".into(), json!(a.shape));

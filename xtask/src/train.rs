@@ -156,6 +156,12 @@ pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
             );
         };
         print!("{}", cfg.to_toml()?);
+        match reprpo_train::memory::note(cfg, &note_device(&cfg.model.device)) {
+            Some(n) => eprintln!("{n}"),
+            None => {
+                eprintln!("estimated memory: unknown (the model's config.json could not be read)")
+            }
+        }
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -200,9 +206,27 @@ pub fn run(a: TrainArgs, root: &Path) -> Result<()> {
 /// The end-of-run table: held-out preference accuracy per stage, in distribution and shifted,
 /// naming the datasets each column scored; a column with nothing scored is left out, and with
 /// nothing to score at all it says so instead of printing a table of dashes.
+/// The device `--print-config` compares the estimate with: CUDA when `model.device` names one
+/// that opens, the CPU otherwise (then the machine's available memory is the limit).
+fn note_device(name: &str) -> candle_core::Device {
+    let n = name
+        .strip_prefix("cuda")
+        .map(|s| s.trim_start_matches(':').parse::<usize>().unwrap_or(0));
+    match n {
+        Some(n) => candle_core::Device::new_cuda(n).unwrap_or(candle_core::Device::Cpu),
+        None => candle_core::Device::Cpu,
+    }
+}
+
 fn print_summary(s: &std::collections::BTreeMap<String, serde_json::Value>) {
     let get = |k: &str| s.get(k).and_then(serde_json::Value::as_f64);
     let text = |k: &str| s.get(k).and_then(serde_json::Value::as_str).unwrap_or("");
+    if let Some(m) = get("memory/peak_rss_mib") {
+        println!("peak memory: {m:.0} MiB (process resident set)");
+    }
+    if let Some(m) = get("memory/device_used_mib") {
+        println!("device memory: {m:.0} MiB used at most (sampled at logging steps)");
+    }
     match text("reference") {
         "initial" => println!("reference model: the initial adapter (a frozen copy)"),
         "base" => println!("reference model: the base (adapter off)"),

@@ -302,3 +302,40 @@ fn eval_of_a_transform_run_reproduces_its_training_scores() {
         }
     }
 }
+
+#[test]
+fn print_config_estimates_memory_and_warns_when_it_cannot_fit() {
+    let weights = |err: &str| -> f64 {
+        let tail = err.split("(weights ").nth(1).unwrap();
+        tail.split(',').next().unwrap().trim().parse().unwrap()
+    };
+    let (ok, _, err) = xtask(&["train", "--print-config", "model.name_or_path=small"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("estimated memory:"), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let dense = weights(&err);
+    // NF4 keeps the projections at about 0.56 bytes per weight instead of 4; the embedding and
+    // output head stay f32, so the whole is smaller but not eight times.
+    let (ok, _, err) = xtask(&[
+        "train",
+        "--print-config",
+        "model.name_or_path=small",
+        "model.quantize=nf4",
+        "sft.steps=0",
+    ]);
+    assert!(ok, "{err}");
+    let nf4 = weights(&err);
+    assert!(nf4 < dense && nf4 > dense / 8.0, "{nf4} vs {dense}");
+    let (ok, _, err) = xtask(&[
+        "train",
+        "--print-config",
+        "model.name_or_path=small",
+        "train.batch_size=1000000",
+        "data.max_length=4096",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("warning: that exceeds") && err.contains("train.grad_checkpointing"),
+        "{err}"
+    );
+}

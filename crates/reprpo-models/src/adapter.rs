@@ -14,8 +14,17 @@
 //!   `y = (m / n) * (x W^T + s * dropout(x) A^T B^T)` with magnitude m `[out]` (when dropout is
 //!   off this is `x (m / n * W')^T`).
 //! - Orthogonal kinds (BOFT, OFT, HRA): `y = x (R W)^T`-style transforms, see `orth.rs`.
+//!
+//! The base weight is dense or quantised ([`BaseWeight`], `model.quantize`, see [`crate::quant`]).
+//! A quantised W enters the same formulas as `dequant(W)` in the compute dtype: `x W^T` through
+//! [`crate::frozen::quant_matmul`] (dequantised in the forward and again in the backward, so no
+//! dense copy outlives the op), the LoRA branch unchanged, DoRA's norm and the orthogonal kinds'
+//! `R W` from a dequantised copy (as PEFT does on a bitsandbytes base). Merging into a quantised
+//! weight is an error: it would need a re-quantisation that changes the base.
 
-use candle_core::{DType, Tensor, Var};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::param;
 use crate::collect::TapRecorder;
@@ -88,13 +97,85 @@ impl ModuleAdapter {
     }
 }
 
+/// The frozen base weight `[out, in]` of a [`Linear`].
+#[derive(Clone)]
+pub enum BaseWeight {
+    /// In the compute dtype.
+    Dense(Tensor),
+    /// Quantised (NF4, FP4 or int8); dequantised to `dtype` on `device` where it is used.
+    Quant {
+        /// The packed weight.
+        q: Arc<crate::quant::QuantTensor>,
+        /// The compute dtype.
+        dtype: DType,
+        /// Where the dequantised weight and the layer's outputs live.
+        device: Device,
+    },
+}
+
+impl std::fmt::Debug for BaseWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BaseWeight::Dense(t) => write!(f, "Dense({:?}, {:?})", t.dims(), t.dtype()),
+            BaseWeight::Quant { q, dtype, .. } => {
+                write!(f, "Quant({:?}, {:?} -> {dtype:?})", q.shape(), q.qtype())
+            }
+        }
+    }
+}
+
+impl BaseWeight {
+    /// `(out, in)`.
+    pub fn dims2(&self) -> (usize, usize) {
+        match self {
+            BaseWeight::Dense(t) => {
+                let d = t.dims();
+                (d[0], d.get(1).copied().unwrap_or(1))
+            }
+            BaseWeight::Quant { q, .. } => q.shape(),
+        }
+    }
+
+    /// The device of the layer.
+    pub fn device(&self) -> &Device {
+        match self {
+            BaseWeight::Dense(t) => t.device(),
+            BaseWeight::Quant { device, .. } => device,
+        }
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            BaseWeight::Dense(t) => t.dtype(),
+            BaseWeight::Quant { dtype, .. } => *dtype,
+        }
+    }
+
+    /// The weight as a dense tensor in the compute dtype (a dequantised copy when quantised).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            BaseWeight::Dense(t) => Ok(t.clone()),
+            BaseWeight::Quant { q, dtype, device } => q.dequantize(*dtype, device),
+        }
+    }
+
+    /// The quantised weight, when it is one.
+    pub fn quantized(&self) -> Option<&crate::quant::QuantTensor> {
+        match self {
+            BaseWeight::Quant { q, .. } => Some(q),
+            BaseWeight::Dense(_) => None,
+        }
+    }
+}
+
 /// A linear layer `y = x W^T` (no bias) with optional adapters.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Module path in Hugging Face naming (`model.layers.0.self_attn.q_proj`).
     pub name: String,
     /// Frozen base weight `[out, in]`.
-    pub weight: Tensor,
+    pub weight: BaseWeight,
     /// Adapter slot per registered adapter index (`None`: this adapter does not target it).
     pub adapters: Vec<Option<ModuleAdapter>>,
     /// When an adapter is merged into `weight`: its index and the original weight, restored
@@ -138,6 +219,11 @@ pub(crate) fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
 impl Linear {
     /// A layer without adapters.
     pub fn new(name: String, weight: Tensor) -> Self {
+        Self::with_base(name, BaseWeight::Dense(weight))
+    }
+
+    /// A layer without adapters on a dense or quantised base.
+    pub fn with_base(name: String, weight: BaseWeight) -> Self {
         Linear {
             name,
             weight,
@@ -148,12 +234,25 @@ impl Linear {
 
     /// Output features.
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims2().0
     }
 
     /// Input features.
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims2().1
+    }
+
+    /// The device of the layer.
+    pub fn device(&self) -> &Device {
+        self.weight.device()
+    }
+
+    /// `x W^T` with the base weight alone (no gradient to W).
+    fn base_matmul(&self, x2: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            BaseWeight::Dense(w) => crate::frozen::frozen_matmul(x2, w),
+            BaseWeight::Quant { q, .. } => crate::frozen::quant_matmul(x2, q),
+        }
     }
 
     fn adapter(&self, ctx: &Ctx<'_>) -> Option<&ModuleAdapter> {
@@ -169,7 +268,7 @@ impl Linear {
         let (x2, dims) = flat(x)?;
         let out = self.out_dim();
         let y = match self.adapter(ctx) {
-            None => crate::frozen::frozen_matmul(&x2, &self.weight)?,
+            None => self.base_matmul(&x2)?,
             Some(ModuleAdapter::Lora(m))
                 if m.magnitude.is_none() && !(ctx.train && m.dropout > 0.0) =>
             {
@@ -177,7 +276,12 @@ impl Linear {
                 let dt = x2.dtype();
                 let a = param(&m.a).to_dtype(dt)?;
                 let b = param(&m.b).to_dtype(dt)?;
-                crate::frozen::lora_matmul(&x2, &self.weight, &a, &b, m.scale)?
+                match &self.weight {
+                    BaseWeight::Dense(w) => crate::frozen::lora_matmul(&x2, w, &a, &b, m.scale)?,
+                    BaseWeight::Quant { q, .. } => {
+                        crate::frozen::lora_quant_matmul(&x2, q, &a, &b, m.scale)?
+                    }
+                }
             }
             Some(ModuleAdapter::Lora(m)) => {
                 let dt = x2.dtype();
@@ -189,13 +293,14 @@ impl Linear {
                 } else {
                     x2.clone()
                 };
-                let base = crate::frozen::frozen_matmul(&x2, &self.weight)?;
+                let base = self.base_matmul(&x2)?;
                 let lora = (xin.matmul(&a.t()?)?.matmul(&b.t()?)? * m.scale)?;
                 match &m.magnitude {
                     None => (base + lora)?,
                     Some(mag) => {
                         // PEFT: the norm of the adapted weight is detached (no gradient).
-                        let w = (self.weight.to_dtype(DType::F32)? + (pb.matmul(&pa)? * m.scale)?)?;
+                        let w0 = self.weight.dense()?.to_dtype(DType::F32)?;
+                        let w = (w0 + (pb.matmul(&pa)? * m.scale)?)?;
                         let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?.detach().squeeze(1)?;
                         let factor = param(mag).div(&norm)?.to_dtype(dt)?.unsqueeze(0)?;
                         (base + lora)?.broadcast_mul(&factor)?
@@ -203,7 +308,7 @@ impl Linear {
                 }
             }
             Some(ModuleAdapter::Transform(t)) => {
-                let mut w = t.weight(&self.weight, ctx.train)?;
+                let mut w = t.weight(&self.weight.dense()?, ctx.train)?;
                 if crate::checkpoint::no_grad() {
                     w = w.detach();
                 }
@@ -230,14 +335,15 @@ impl Linear {
 
     /// The effective weight with adapter `i` applied (for merging and checks).
     pub fn adapted_weight(&self, i: usize) -> Result<Tensor> {
+        let base = self.weight.dense()?;
         let Some(Some(a)) = self.adapters.get(i) else {
-            return Ok(self.weight.clone());
+            return Ok(base);
         };
-        let dt = self.weight.dtype();
+        let dt = base.dtype();
         Ok(match a {
             ModuleAdapter::Lora(m) => {
                 let delta = (m.b.as_tensor().matmul(m.a.as_tensor())? * m.scale)?;
-                let w = (self.weight.to_dtype(DType::F32)? + delta)?;
+                let w = (base.to_dtype(DType::F32)? + delta)?;
                 match &m.magnitude {
                     None => w.to_dtype(dt)?,
                     Some(mag) => {
@@ -247,7 +353,7 @@ impl Linear {
                     }
                 }
             }
-            ModuleAdapter::Transform(t) => t.weight(&self.weight, false)?,
+            ModuleAdapter::Transform(t) => t.weight(&base, false)?,
         })
     }
 
@@ -267,24 +373,31 @@ impl Linear {
             }
             None => {}
         }
+        if self.weight.quantized().is_some() {
+            return Err(ModelError::Invalid(format!(
+                "{}: the base weight is quantised (model.quantize); an adapter cannot be merged \
+                 into it without re-quantising the base. Load the base unquantised to merge",
+                self.name
+            )));
+        }
         let adapted = self.adapted_weight(i)?;
-        let original = std::mem::replace(&mut self.weight, adapted);
-        self.merged = Some((i, original));
+        let original = std::mem::replace(&mut self.weight, BaseWeight::Dense(adapted));
+        self.merged = Some((i, original.dense()?));
         Ok(true)
     }
 
     /// Restore the exact base weight if an adapter is merged.
     pub fn unmerge(&mut self) {
         if let Some((_, w)) = self.merged.take() {
-            self.weight = w;
+            self.weight = BaseWeight::Dense(w);
         }
     }
 
-    /// The base weight without any merged adapter.
-    pub fn base_weight(&self) -> &Tensor {
+    /// The base weight without any merged adapter, dense (a dequantised copy when quantised).
+    pub fn base_weight(&self) -> Result<Tensor> {
         match &self.merged {
-            Some((_, w)) => w,
-            None => &self.weight,
+            Some((_, w)) => Ok(w.clone()),
+            None => self.weight.dense(),
         }
     }
 }

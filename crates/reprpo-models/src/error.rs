@@ -74,6 +74,15 @@ pub enum ModelError {
     /// The tokenizer could not be built or run.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A quantised weight (or one to quantise) is missing a tensor, has a malformed tensor or
+    /// quant-state key, or cannot be quantised.
+    #[error("tensor `{name}`: {problem}")]
+    Quant {
+        /// The tensor name (for a quant-state key, the tensor holding it).
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// An argument outside its domain (shapes, layer indices, ...).
     #[error("invalid argument: {0}")]
     Invalid(String),

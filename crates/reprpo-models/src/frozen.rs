@@ -8,20 +8,36 @@
 //!
 //! [`lora_matmul`] does the same for a LoRA-adapted layer (`x W^T + s x A^T B^T` as one op with
 //! its own backward); `adapter::Linear::forward` uses it for plain LoRA without dropout.
+//!
+//! [`quant_matmul`] is `x dequant(W)^T` for a quantised W ([`crate::quant`]): the forward
+//! dequantises W into a temporary, multiplies and drops it; the backward dequantises it again
+//! for `grad_x = grad_y dequant(W)` (as bitsandbytes' `MatMul4Bit` does), so the graph holds only
+//! the packed weight; [`lora_quant_matmul`] is [`lora_matmul`] on such a weight, one node as well
+//! (composing the two would keep the adapter branch's `[m, out]` output and sum for the
+//! backward of every layer: +53% peak memory on the `small` bench). On other devices (or with the written-out switch) the dequantised weight is
+//! a detached constant in a plain `matmul` (same values; the graph then keeps the dense copy).
+
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor,
+};
 
 use crate::error::Result;
+use crate::quant::QuantTensor;
 
+/// `x W^T` with a frozen W, dense or quantised (`frozen-matmul` / `quant-matmul` in traces).
 struct FrozenMatmul {
-    /// `[out, in]`, contiguous.
-    w: Tensor,
+    w: Frozen,
 }
 
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
-        "frozen-matmul"
+        match self.w {
+            Frozen::Dense(_) => "frozen-matmul",
+            Frozen::Quant(_) => "quant-matmul",
+        }
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -29,11 +45,15 @@ impl CustomOp1 for FrozenMatmul {
         let (m, k) = x_l.shape().dims2()?;
         let (n, k2) = self.w.dims2()?;
         if k != k2 {
-            candle_core::bail!("frozen-matmul: input has {k} features, weight expects {k2}");
+            candle_core::bail!(
+                "{}: input has {k} features, weight expects {k2}",
+                self.name()
+            );
         }
-        let (guard, w_l) = self.w.storage_and_layout();
+        let w = self.w.get(x.dtype(), &Device::Cpu)?;
+        let (guard, w_l) = w.storage_and_layout();
         let Storage::Cpu(w) = &*guard else {
-            candle_core::bail!("frozen-matmul: weight is not on the CPU");
+            candle_core::bail!("{}: weight is not on the CPU", self.name());
         };
         let wt_l = w_l.transpose(0, 1)?;
         let y = x.matmul(w, (1, m, n, k), x_l, &wt_l)?;
@@ -47,7 +67,8 @@ impl CustomOp1 for FrozenMatmul {
         grad_y: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         // d(x W^T)/dx applied to grad_y: grad_y W. W gets nothing.
-        Ok(Some(grad_y.matmul(&self.w.detach())?))
+        let w = self.w.get(grad_y.dtype(), grad_y.device())?;
+        Ok(Some(grad_y.matmul(&w.detach())?))
     }
 }
 
@@ -55,7 +76,7 @@ impl CustomOp1 for FrozenMatmul {
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if reprpo_kernels::fused_cpu(x.device()) && w.device().is_cpu() && x.dtype() == w.dtype() {
         let x = x.contiguous()?;
-        let w = w.contiguous()?;
+        let w = Frozen::Dense(w.contiguous()?);
         Ok(x.apply_op1(FrozenMatmul { w })?)
     } else {
         Ok(x.matmul(&w.t()?)?)
@@ -66,9 +87,35 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `B` `[out, r]`: one node in the graph instead of about ten, and a backward that writes each
 /// gradient once (`dx = g W + s (g B) A`, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`).
 struct LoraMatmul {
-    /// `[out, in]`, contiguous.
-    w: Tensor,
+    w: Frozen,
     scale: f64,
+}
+
+/// The frozen weight of a fused op: dense (`[out, in]`, contiguous), or quantised and
+/// dequantised where the op needs it (forward and backward), never kept.
+enum Frozen {
+    Dense(Tensor),
+    Quant(Arc<QuantTensor>),
+}
+
+impl Frozen {
+    /// `[out, in]` in `dtype` on `device`.
+    fn get(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => Ok(w.clone()),
+            Frozen::Quant(q) => q
+                .dequantize(dtype, device)
+                .map_err(candle_core::Error::wrap),
+        }
+    }
+
+    /// `(out, in)`.
+    fn dims2(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Frozen::Dense(w) => w.dims2(),
+            Frozen::Quant(q) => Ok(q.shape()),
+        }
+    }
 }
 
 /// `lhs rhs^T` (both 2-D) with candle's CPU GEMM.
@@ -102,8 +149,9 @@ impl CustomOp3 for LoraMatmul {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         reprpo_kernels::ran_cpu_kernel(self.name());
         let (m, _) = x_l.shape().dims2()?;
-        let (n, _) = self.w.dims2()?;
-        let (guard, w_l) = self.w.storage_and_layout();
+        let n = self.w.dims2()?.0;
+        let w = self.w.get(x.dtype(), &Device::Cpu)?;
+        let (guard, w_l) = w.storage_and_layout();
         let Storage::Cpu(w) = &*guard else {
             candle_core::bail!("lora-matmul: weight is not on the CPU");
         };
@@ -140,7 +188,8 @@ impl CustomOp3 for LoraMatmul {
         let g = g.contiguous()?;
         // The adapter branch's output gradient is s g; push s through the rank-r side.
         let du = (g.matmul(&b)? * self.scale)?;
-        let dx = (g.matmul(&self.w)? + du.matmul(&a)?)?;
+        let w = self.w.get(g.dtype(), g.device())?;
+        let dx = (g.matmul(&w)? + du.matmul(&a)?)?;
         let da = du.t()?.matmul(&x)?;
         let u = x.matmul(&a.t()?)?;
         let db = (g.t()?.matmul(&u)? * self.scale)?;
@@ -162,7 +211,7 @@ pub fn lora_matmul(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
             &a.contiguous()?,
             &b.contiguous()?,
             LoraMatmul {
-                w: w.contiguous()?,
+                w: Frozen::Dense(w.contiguous()?),
                 scale,
             },
         )?)
@@ -170,5 +219,54 @@ pub fn lora_matmul(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
         let base = frozen_matmul(x, w)?;
         let lora = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
         Ok((base + lora)?)
+    }
+}
+
+/// [`lora_matmul`] on a quantised frozen weight: `x dequant(W)^T + s (x A^T) B^T`, one node
+/// whose forward and backward dequantise W into a temporary (module docs); written out with
+/// [`quant_matmul`] where the fused op does not apply.
+pub fn lora_quant_matmul(
+    x: &Tensor,
+    q: &Arc<QuantTensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let dt = x.dtype();
+    let same = [a, b]
+        .iter()
+        .all(|t| t.dtype() == dt && t.device().is_cpu());
+    if reprpo_kernels::fused_cpu(x.device()) && same && matches!(dt, DType::F32 | DType::F64) {
+        let x = x.contiguous()?;
+        Ok(x.apply_op3(
+            &a.contiguous()?,
+            &b.contiguous()?,
+            LoraMatmul {
+                w: Frozen::Quant(q.clone()),
+                scale,
+            },
+        )?)
+    } else {
+        let base = quant_matmul(x, q)?;
+        let lora = (x.matmul(&a.t()?)?.matmul(&b.t()?)? * scale)?;
+        Ok((base + lora)?)
+    }
+}
+
+/// `x dequant(W)^T` for `x` `[m, in]` and a quantised frozen `W` `[out, in]`, in `x`'s dtype; no
+/// gradient flows to `W` (module docs).
+pub fn quant_matmul(x: &Tensor, q: &Arc<QuantTensor>) -> Result<Tensor> {
+    if reprpo_kernels::fused_cpu(x.device())
+        && matches!(
+            x.dtype(),
+            DType::F32 | DType::F64 | DType::BF16 | DType::F16
+        )
+    {
+        let x = x.contiguous()?;
+        let w = Frozen::Quant(q.clone());
+        Ok(x.apply_op1(FrozenMatmul { w })?)
+    } else {
+        let w = q.dequantize(x.dtype(), x.device())?;
+        Ok(x.matmul(&w.t()?)?)
     }
 }

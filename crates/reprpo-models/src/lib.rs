@@ -2,7 +2,8 @@
 //! states of chosen layers in `transformers`' `output_hidden_states` convention, inputs or outputs
 //! of chosen linear modules (`collect`), gradient rewrites at module outputs (`gradproj`),
 //! padding-aware attention masks, early exit, and adapters (LoRA, DoRA, BOFT, OFT, HRA, and full
-//! fine-tuning of linear layers) whose weights alone are trainable.
+//! fine-tuning of linear layers) whose weights alone are trainable, on a dense or quantised
+//! (NF4, FP4, int8; bitsandbytes' formats) frozen base.
 
 pub mod error;
 
@@ -32,5 +33,8 @@ pub mod logps;
 pub mod model;
 pub(crate) mod num;
 pub mod ops;
+pub mod quant;
 pub mod transform;
+pub mod weights;
 pub use model::CausalLm;
+pub use weights::LoadOptions;

@@ -23,6 +23,7 @@ use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::config::LlamaConfig;
 use crate::decoder::{self, Decoder, KvSlot, Stack};
 use crate::error::{ModelError, Result};
+use crate::weights::{LazyFiles, LoadOptions, Loader};
 
 /// The additive mask value for disallowed attention: finite, so fully masked rows stay finite.
 pub const MASK_VALUE: f32 = -1e30;
@@ -134,68 +135,10 @@ pub struct Llama {
     pub adapters: AdapterSet,
 }
 
-pub(crate) fn take(
-    map: &mut HashMap<String, Tensor>,
-    name: &str,
-    shape: &[usize],
-    file: &Path,
-    dtype: DType,
-) -> Result<Tensor> {
-    let t = map.remove(name).ok_or_else(|| ModelError::Weight {
-        file: file.to_path_buf(),
-        name: name.into(),
-        problem: "missing".into(),
-    })?;
-    if t.dims() != shape {
-        return Err(ModelError::Weight {
-            file: file.to_path_buf(),
-            name: name.into(),
-            problem: format!("shape {:?}, expected {shape:?}", t.dims()),
-        });
-    }
-    Ok(t.to_dtype(dtype)?)
-}
-
 /// Read every tensor of a model folder: `model.safetensors`, or the shards listed in
 /// `model.safetensors.index.json`.
 pub fn load_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let files: Vec<std::path::PathBuf> = if single.exists() {
-        vec![single]
-    } else if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-            file: index.clone(),
-            source,
-        })?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Format {
-            file: index.clone(),
-            problem: e.to_string(),
-        })?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::Config {
-                file: index.clone(),
-                key: "weight_map".into(),
-                problem: "missing or not an object".into(),
-            })?;
-        let mut shards: Vec<String> = map
-            .values()
-            .filter_map(|s| s.as_str().map(str::to_string))
-            .collect();
-        shards.sort();
-        shards.dedup();
-        shards.into_iter().map(|s| dir.join(s)).collect()
-    } else {
-        return Err(ModelError::Io {
-            file: single,
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no model.safetensors(.index.json)",
-            ),
-        });
-    };
+    let files = crate::weights::model_files(dir)?;
     let mut out = HashMap::new();
     for f in files {
         let part = candle_core::safetensors::load(&f, device).map_err(|e| ModelError::Format {
@@ -210,9 +153,16 @@ pub fn load_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, T
 impl Llama {
     /// Load `dir/config.json` and the safetensors weights, cast to `dtype`, on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, &LoadOptions::dense(dtype, device))
+    }
+
+    /// Load `dir/config.json` and the safetensors weights tensor by tensor with `opts` (the
+    /// linear weights quantised on the way in when `opts.quantize` says so, or read
+    /// pre-quantised from a bitsandbytes checkpoint).
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
-        let tensors = load_safetensors(dir, device)?;
-        Self::from_tensors(config, tensors, dir, dtype, device)
+        let mut files = LazyFiles::open(dir)?;
+        Self::from_source(config, &mut Loader::new(&mut files, dir, opts), opts)
     }
 
     /// Build from named tensors (HF names, `model.` prefix).
@@ -223,29 +173,25 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let opts = LoadOptions::dense(dtype, device);
+        Self::from_source(config, &mut Loader::new(&mut t, file, &opts), &opts)
+    }
+
+    /// Build from the tensors a [`Loader`] gives.
+    pub fn from_source(
+        config: LlamaConfig,
+        t: &mut Loader<'_>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let (dtype, device) = (opts.dtype, &opts.device);
         let c = &config;
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let embed = take(
-            &mut t,
-            "model.embed_tokens.weight",
-            &[c.vocab_size, h],
-            file,
-            dtype,
-        )?;
+        let embed = t.dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
             let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-                Ok(Linear::new(
-                    format!("{p}.{name}"),
-                    take(
-                        &mut t,
-                        &format!("{p}.{name}.weight"),
-                        &[out, inp],
-                        file,
-                        dtype,
-                    )?,
-                ))
+                t.linear(&format!("{p}.{name}"), out, inp)
             };
             let q = lin("self_attn.q_proj", c.num_heads * hd, h)?;
             let k = lin("self_attn.k_proj", c.num_kv_heads * hd, h)?;
@@ -255,20 +201,8 @@ impl Llama {
             let up = lin("mlp.up_proj", i, h)?;
             let down = lin("mlp.down_proj", h, i)?;
             layers.push(Block {
-                input_norm: take(
-                    &mut t,
-                    &format!("{p}.input_layernorm.weight"),
-                    &[h],
-                    file,
-                    dtype,
-                )?,
-                post_norm: take(
-                    &mut t,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                    file,
-                    dtype,
-                )?,
+                input_norm: t.dense(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: t.dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 q,
                 k,
                 v,
@@ -278,11 +212,11 @@ impl Llama {
                 down,
             });
         }
-        let norm = take(&mut t, "model.norm.weight", &[h], file, dtype)?;
+        let norm = t.dense("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            take(&mut t, "lm_head.weight", &[c.vocab_size, h], file, dtype)?
+            t.dense("lm_head.weight", &[c.vocab_size, h])?
         };
         let inv: Vec<f32> = c.inv_freq().into_iter().map(|x| x as f32).collect();
         let n = inv.len();
@@ -316,56 +250,20 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        use rand::{Rng, SeedableRng};
-        let on_host = device.is_cpu();
-        if !on_host {
-            device.set_seed(seed)?;
-        }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut normal = |shape: &[usize]| -> Result<Tensor> {
-            let t = if on_host {
-                let n: usize = shape.iter().product();
-                let v: Vec<f32> = (0..n)
-                    .map(|_| {
-                        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
-                        (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-                    })
-                    .collect();
-                Tensor::from_vec(v, shape, device)?
-            } else {
-                Tensor::randn(0f32, std as f32, shape, device)?
-            };
-            Ok(t.to_dtype(dtype)?)
-        };
-        let c = &config;
-        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let ones = Tensor::ones(h, dtype, device)?;
-        let mut t = HashMap::new();
-        t.insert(
-            "model.embed_tokens.weight".to_string(),
-            normal(&[c.vocab_size, h])?,
-        );
-        t.insert("model.norm.weight".to_string(), ones.clone());
-        if !c.tie_word_embeddings {
-            t.insert("lm_head.weight".to_string(), normal(&[c.vocab_size, h])?);
-        }
-        for l in 0..c.num_layers {
-            let p = format!("model.layers.{l}");
-            for (n, o, inp) in [
-                ("self_attn.q_proj", c.num_heads * hd, h),
-                ("self_attn.k_proj", c.num_kv_heads * hd, h),
-                ("self_attn.v_proj", c.num_kv_heads * hd, h),
-                ("self_attn.o_proj", h, c.num_heads * hd),
-                ("mlp.gate_proj", i, h),
-                ("mlp.up_proj", i, h),
-                ("mlp.down_proj", h, i),
-            ] {
-                t.insert(format!("{p}.{n}.weight"), normal(&[o, inp])?);
-            }
-            t.insert(format!("{p}.input_layernorm.weight"), ones.clone());
-            t.insert(format!("{p}.post_attention_layernorm.weight"), ones.clone());
-        }
-        Self::from_tensors(config, t, Path::new("(random)"), dtype, device)
+        Self::random_with(config, std, seed, &LoadOptions::dense(dtype, device))
+    }
+
+    /// [`Llama::random`] loaded with `opts`: with `opts.quantize` each projection is quantised
+    /// as soon as it is drawn, so the model is never whole in full precision.
+    pub fn random_with(
+        config: LlamaConfig,
+        std: f64,
+        seed: u64,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let mut src = RandomSource::new(&config, std, seed, opts.dtype, &opts.device)?;
+        let origin = Path::new("(random)");
+        Self::from_source(config, &mut Loader::new(&mut src, origin, opts), opts)
     }
 
     /// The weights' dtype.
@@ -551,5 +449,115 @@ impl Decoder for Llama {
 
     fn layer_linears(&self, l: usize) -> Vec<&Linear> {
         self.layers[l].linears().to_vec()
+    }
+}
+
+/// The tensors of [`Llama::random`], drawn on request in one fixed order (embedding, final norm,
+/// output head, then each layer's projections and norms) from one generator, whatever order the
+/// loader asks in: a tensor asked for before its turn draws the ones before it, which wait in
+/// `ready` (only the output head, since the loader asks for it last).
+struct RandomSource {
+    /// `(name, shape, drawn: N(0, std^2), else ones)` in drawing order.
+    plan: Vec<(String, Vec<usize>, bool)>,
+    next: usize,
+    ready: HashMap<String, Tensor>,
+    rng: rand::rngs::StdRng,
+    std: f64,
+    dtype: DType,
+    device: Device,
+}
+
+impl RandomSource {
+    fn new(c: &LlamaConfig, std: f64, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let mut plan = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![c.vocab_size, h],
+                true,
+            ),
+            ("model.norm.weight".to_string(), vec![h], false),
+        ];
+        if !c.tie_word_embeddings {
+            plan.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], true));
+        }
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            for (n, o, inp) in [
+                ("self_attn.q_proj", c.num_heads * hd, h),
+                ("self_attn.k_proj", c.num_kv_heads * hd, h),
+                ("self_attn.v_proj", c.num_kv_heads * hd, h),
+                ("self_attn.o_proj", h, c.num_heads * hd),
+                ("mlp.gate_proj", i, h),
+                ("mlp.up_proj", i, h),
+                ("mlp.down_proj", h, i),
+            ] {
+                plan.push((format!("{p}.{n}.weight"), vec![o, inp], true));
+            }
+            plan.push((format!("{p}.input_layernorm.weight"), vec![h], false));
+            plan.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                false,
+            ));
+        }
+        Ok(RandomSource {
+            plan,
+            next: 0,
+            ready: HashMap::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            std,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Draw `shape` from N(0, std^2): Box-Muller on the seeded host generator on the CPU,
+    /// the device's generator elsewhere.
+    fn normal(&mut self, shape: &[usize]) -> Result<Tensor> {
+        use rand::Rng;
+        let t = if self.device.is_cpu() {
+            let n: usize = shape.iter().product();
+            let std = self.std;
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u1: f64 = self.rng.random::<f64>().max(1e-300);
+                    let u2: f64 = self.rng.random();
+                    (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                })
+                .collect();
+            Tensor::from_vec(v, shape, &self.device)?
+        } else {
+            Tensor::randn(0f32, self.std as f32, shape, &self.device)?
+        };
+        Ok(t.to_dtype(self.dtype)?)
+    }
+}
+
+impl crate::weights::TensorSource for RandomSource {
+    fn take_raw(&mut self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        while !self.ready.contains_key(name) && self.next < self.plan.len() {
+            let (n, shape, drawn) = self.plan[self.next].clone();
+            self.next += 1;
+            let t = if drawn {
+                self.normal(&shape)?
+            } else {
+                Tensor::ones(shape, self.dtype, &self.device)?
+            };
+            self.ready.insert(n, t);
+        }
+        match self.ready.remove(name) {
+            Some(t) => Ok(Some(t.to_device(device)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        let pending = self.plan[self.next..].iter().map(|(n, _, _)| n.clone());
+        self.ready.keys().cloned().chain(pending).collect()
     }
 }

@@ -880,7 +880,7 @@ pub fn load_adapter_boft_cpu_fallback(
     let dev = host
         .linears()
         .first()
-        .map(|l| l.weight.device().clone())
+        .map(|l| l.device().clone())
         .unwrap_or(Device::Cpu);
     let weights = candle_core::safetensors::load(&file, &dev).map_err(|e| ModelError::Format {
         file: file.clone(),

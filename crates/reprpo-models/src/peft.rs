@@ -466,7 +466,7 @@ pub fn add_adapter(
             continue;
         }
         n_targets += 1;
-        let dev = lin.weight.device().clone();
+        let dev = lin.device().clone();
         let (out, inp) = (lin.out_dim(), lin.in_dim());
         let key = |suffix: &str| format!("{KEY_PREFIX}{}.{suffix}", lin.name);
         let module = match (&config.kind, weights) {
@@ -474,7 +474,7 @@ pub fn add_adapter(
                 &config.kind,
                 out,
                 inp,
-                lin.base_weight(),
+                &lin.base_weight()?,
                 &mut rng,
                 &dev,
             )?),
@@ -575,7 +575,7 @@ pub fn load_adapter(host: &mut dyn AdapterHost, dir: &Path, name: &str) -> Resul
     let dev = host
         .linears()
         .first()
-        .map(|l| l.weight.device().clone())
+        .map(|l| l.device().clone())
         .unwrap_or(Device::Cpu);
     let weights = candle_core::safetensors::load(&file, &dev).map_err(|e| ModelError::Format {
         file: file.clone(),
@@ -750,8 +750,9 @@ pub fn bake_adapter(host: &mut dyn AdapterHost, dir: &Path) -> Result<()> {
 /// Each file is written to a temporary name and renamed into place.
 ///
 /// # Errors
-/// [`ModelError::Invalid`] for an unknown adapter, [`ModelError::Weight`] when a linear layer has
-/// no `<module>.weight` in the base files, I/O and format errors naming the file.
+/// [`ModelError::Invalid`] for an unknown adapter or a quantised base, [`ModelError::Weight`]
+/// when a linear layer has no `<module>.weight` in the base files, I/O and format errors naming
+/// the file.
 pub fn export_merged(
     host: &dyn AdapterHost,
     name: &str,
@@ -762,6 +763,17 @@ pub fn export_merged(
         .adapter_set()
         .index(name)
         .ok_or_else(|| ModelError::Invalid(format!("no adapter named {name:?}")))?;
+    if let Some(lin) = host
+        .linears()
+        .into_iter()
+        .find(|l| l.weight.quantized().is_some())
+    {
+        return Err(ModelError::Invalid(format!(
+            "{}: the base weight is quantised (model.quantize); a merged export needs the \
+             unquantised base",
+            lin.name
+        )));
+    }
     let mut tensors = crate::llama::load_safetensors(base_dir, &Device::Cpu)?;
     for lin in host.linears() {
         let key = format!("{}.weight", lin.name);
@@ -773,7 +785,7 @@ pub fn export_merged(
             });
         };
         let w = match &lin.merged {
-            Some((j, _)) if *j == idx => lin.weight.clone(),
+            Some((j, _)) if *j == idx => lin.weight.dense()?,
             _ => lin.adapted_weight(idx)?,
         };
         if w.dims() != old.dims() {

@@ -35,7 +35,8 @@ use serde_json::Value;
 use crate::adapter::{AdapterHost, AdapterSet, Ctx, Linear};
 use crate::decoder::{self, Decoder, KvSlot, Stack};
 use crate::error::{ModelError, Result};
-use crate::llama::{ForwardSpec, KvCache, Output, load_safetensors, rms_norm, take};
+use crate::llama::{ForwardSpec, KvCache, Output, rms_norm};
+use crate::weights::{LazyFiles, LoadOptions, Loader};
 
 /// The subset of a Phi-3 `config.json` this crate reads, in both layouts (transformers 4.x
 /// `rope_theta` / `rope_scaling`, 5.x `rope_parameters`). Keys irrelevant to the forward pass are
@@ -495,9 +496,15 @@ pub struct Phi3 {
 impl Phi3 {
     /// Load `dir/config.json` and the safetensors weights, cast to `dtype`, on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, &LoadOptions::dense(dtype, device))
+    }
+
+    /// Load `dir/config.json` and the safetensors weights tensor by tensor with `opts` (see
+    /// [`crate::Llama::load_with`]).
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let config = Phi3Config::from_dir(dir)?;
-        let tensors = load_safetensors(dir, device)?;
-        Self::from_tensors(config, tensors, dir, dtype, device)
+        let mut files = LazyFiles::open(dir)?;
+        Self::from_source(config, &mut Loader::new(&mut files, dir, opts), opts)
     }
 
     /// Build from named tensors (HF names, `model.` prefix).
@@ -508,39 +515,29 @@ impl Phi3 {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let opts = LoadOptions::dense(dtype, device);
+        Self::from_source(config, &mut Loader::new(&mut t, file, &opts), &opts)
+    }
+
+    /// Build from the tensors a [`Loader`] gives.
+    pub fn from_source(config: Phi3Config, t: &mut Loader<'_>, opts: &LoadOptions) -> Result<Self> {
+        let (dtype, device) = (opts.dtype, &opts.device);
         let c = &config;
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let embed = take(
-            &mut t,
-            "model.embed_tokens.weight",
-            &[c.vocab_size, h],
-            file,
-            dtype,
-        )?;
+        let embed = t.dense("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let qkv_rows = (c.num_heads + 2 * c.num_kv_heads) * hd;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
             let mut lin = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-                Ok(Linear::new(
-                    format!("{p}.{name}"),
-                    take(
-                        &mut t,
-                        &format!("{p}.{name}.weight"),
-                        &[out, inp],
-                        file,
-                        dtype,
-                    )?,
-                ))
+                t.linear(&format!("{p}.{name}"), out, inp)
             };
             let qkv = lin("self_attn.qkv_proj", qkv_rows, h)?;
             let o = lin("self_attn.o_proj", h, c.num_heads * hd)?;
             let gate_up = lin("mlp.gate_up_proj", 2 * i, h)?;
             let down = lin("mlp.down_proj", h, i)?;
-            let mut norm =
-                |name: &str| take(&mut t, &format!("{p}.{name}.weight"), &[h], file, dtype);
-            let input_norm = norm("input_layernorm")?;
-            let post_norm = norm("post_attention_layernorm")?;
+            let input_norm = t.dense(&format!("{p}.input_layernorm.weight"), &[h])?;
+            let post_norm = t.dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
             layers.push(Block {
                 input_norm,
                 qkv,
@@ -550,11 +547,11 @@ impl Phi3 {
                 down,
             });
         }
-        let norm = take(&mut t, "model.norm.weight", &[h], file, dtype)?;
+        let norm = t.dense("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            take(&mut t, "lm_head.weight", &[c.vocab_size, h], file, dtype)?
+            t.dense("lm_head.weight", &[c.vocab_size, h])?
         };
         let freq = |long: bool| -> Result<Tensor> {
             let v = c.inv_freq(long);

@@ -305,14 +305,15 @@ mod tests {
 // ---------------------------------------------------------------------------------------------
 // (b) Host reads on the training and scoring steps.
 
-/// The files of the training step (objective, trainer, optimizer, batches), the model and the
+/// The files of the training step (objective, trainer, optimizers, batches), the model and the
 /// losses.
 fn step_files() -> Vec<PathBuf> {
     let r = root();
-    let mut files: Vec<PathBuf> = ["objective.rs", "trainer.rs", "optim.rs", "data.rs"]
+    let mut files: Vec<PathBuf> = ["objective.rs", "trainer.rs", "data.rs"]
         .iter()
         .map(|f| r.join("crates/reprpo-train/src").join(f))
         .collect();
+    files.extend(rust_files(&r.join("crates/reprpo-train/src/optim")));
     files.extend(rust_files(&r.join("crates/reprpo-models/src")));
     files.extend(rust_files(&r.join("crates/reprpo-losses/src")));
     files
@@ -408,16 +409,116 @@ const fn a(
 }
 
 const TRAINER: &str = "crates/reprpo-train/src/trainer.rs";
-const OPTIM: &str = "crates/reprpo-train/src/optim.rs";
+const OPTIM: &str = "crates/reprpo-train/src/optim/mod.rs";
 const PEFT: &str = "crates/reprpo-models/src/peft.rs";
 const LOGPS: &str = "crates/reprpo-models/src/logps.rs";
 const CPU_KERNEL: &str = "inside a fused CPU kernel or its gate (fused_cpu): never on a device";
+const QUANT_BNB: &str = "crates/reprpo-models/src/quant/bnb.rs";
+const QUANT_MOD: &str = "crates/reprpo-models/src/quant/mod.rs";
+const WEIGHTS: &str = "crates/reprpo-models/src/weights.rs";
+const QUANT_LOAD: &str = "a bitsandbytes checkpoint's packed weights and quantisation state read or \
+     written on the host when a model loads or saves, never in a step";
+const QUANT_DEQUANT: &str = "a quantised base dequantises each layer's weight on the host in every \
+     forward and backward; on the CPU that is where it runs, on a GPU the weight is then uploaded \
+     (a round trip per layer and pass: a CUDA dequantise kernel is GPU part 2's, issue 18)";
 
 const SPECTRAL: &str = "crates/reprpo-models/src/transform/spectral.rs";
 const SPECTRAL_WHY: &str = "svd / supr transforms: the embedding and head eigendecomposition (faer, f64) when the run \
      starts, never in a step";
 
 const ALLOWED: &[Allowed] = &[
+    a(
+        "crates/reprpo-models/src/frozen.rs",
+        "cpu_fwd",
+        "Device::Cpu",
+        2,
+        "micro-batch",
+        "off",
+        CPU_KERNEL,
+    ),
+    a(
+        "crates/reprpo-models/src/llama.rs",
+        "take_raw",
+        "to_device",
+        1,
+        "once",
+        "off",
+        "the random presets drawn tensor by tensor when the model is built",
+    ),
+    a(
+        QUANT_BNB,
+        "read_four_bit",
+        "to_vec",
+        1,
+        "once",
+        "off",
+        QUANT_LOAD,
+    ),
+    a(
+        QUANT_BNB,
+        "read_int8",
+        "to_vec",
+        3,
+        "once",
+        "off",
+        QUANT_LOAD,
+    ),
+    a(
+        QUANT_BNB,
+        "tensor_from_bytes",
+        "Device::Cpu",
+        1,
+        "once",
+        "off",
+        QUANT_LOAD,
+    ),
+    a(QUANT_BNB, "vec_f32", "to_vec", 1, "once", "off", QUANT_LOAD),
+    a(QUANT_BNB, "vec_u8", "to_vec", 1, "once", "off", QUANT_LOAD),
+    a(
+        QUANT_BNB,
+        "write_four_bit",
+        "Device::Cpu",
+        1,
+        "once",
+        "off",
+        QUANT_LOAD,
+    ),
+    a(
+        QUANT_BNB,
+        "write_int8",
+        "Device::Cpu",
+        1,
+        "once",
+        "off",
+        QUANT_LOAD,
+    ),
+    a(
+        QUANT_MOD,
+        "quantize",
+        "Device::Cpu",
+        1,
+        "once",
+        "off",
+        "a weight quantised as it is loaded, on the host",
+    ),
+    a(
+        QUANT_MOD,
+        "dequantize",
+        "Device::Cpu",
+        3,
+        "micro-batch",
+        "iii",
+        QUANT_DEQUANT,
+    ),
+    a(
+        QUANT_MOD,
+        "dequantize",
+        "to_device",
+        1,
+        "micro-batch",
+        "iii",
+        QUANT_DEQUANT,
+    ),
     a(
         SPECTRAL,
         "gram_eigen",
@@ -637,10 +738,65 @@ const ALLOWED: &[Allowed] = &[
         OPTIM,
         "load_state",
         "to_device",
-        1,
+        2,
         "resume",
         "off",
-        "optimizer moments onto the device",
+        "optimizer moments (f32, or 8-bit codes and absmax) onto the device",
+    ),
+    a(
+        OPTIM,
+        "state",
+        "Device::Cpu",
+        1,
+        "checkpoint",
+        "off",
+        "the one-byte marker of the 8-bit optimizer's kind, made on the host for the checkpoint",
+    ),
+    a(
+        QUANT_MOD,
+        "quantize",
+        "to_device",
+        1,
+        "once",
+        "off",
+        "a weight quantised as it is loaded, on the host",
+    ),
+    a(
+        QUANT_MOD,
+        "quantize",
+        "to_vec",
+        1,
+        "once",
+        "off",
+        "a weight quantised as it is loaded, on the host",
+    ),
+    a(
+        WEIGHTS,
+        "linear",
+        "Device::Cpu",
+        1,
+        "once",
+        "off",
+        "a checkpoint tensor read onto the host to be quantised as the model loads",
+    ),
+    a(
+        WEIGHTS,
+        "prequantized",
+        "Device::Cpu",
+        1,
+        "once",
+        "off",
+        "a pre-quantised checkpoint's packed weight and state kept on the host, where they are \
+       dequantised",
+    ),
+    a(
+        WEIGHTS,
+        "take_raw",
+        "to_device",
+        1,
+        "once",
+        "off",
+        "in-memory tensors moved to the model's device as the model loads",
     ),
     a(
         "crates/reprpo-models/src/generate.rs",

@@ -104,7 +104,8 @@ fn full_delta_equals_replaced_weights_and_round_trips() {
     for lin in replaced.linears_mut() {
         let key = format!("{}{}.full_delta.weight", peft::KEY_PREFIX, lin.name);
         if let Some((_, d)) = deltas.iter().find(|(k, _)| *k == key) {
-            lin.weight = (&lin.weight + d).unwrap();
+            let w = (lin.weight.dense().unwrap() + d).unwrap();
+            lin.weight = reprpo_models::adapter::BaseWeight::Dense(w);
             n += 1;
         }
     }

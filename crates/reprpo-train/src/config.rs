@@ -18,6 +18,7 @@ use figment::providers::{Env, Format as _, Serialized, Toml};
 use reprpo_data::tokenize::{TokenizationMode, TokenizeConfig, Truncation};
 use reprpo_losses::dpo::{DpoConfig, LossType};
 use reprpo_losses::reprpo::{ReprPoConfig, ReprPoVariant};
+use reprpo_models::quant::{QuantConfig, QuantType};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -75,6 +76,10 @@ pub struct RunConfig {
     /// Also write the scalars of `metrics.jsonl` as a TensorBoard event file under `<run>/tb/`
     /// (`tensorboard --logdir runs`).
     pub tensorboard: bool,
+    /// Put the process's peak memory (and the device's, on a GPU) in every logged
+    /// `metrics.jsonl` record (`memory/*`); off: logs that are identical run to run. The summary
+    /// reports it either way.
+    pub log_memory: bool,
 }
 
 /// The base model.
@@ -92,6 +97,13 @@ pub struct ModelConfig {
     pub init_std: f64,
     /// Seed of the random init (`tiny`/`small` only).
     pub init_seed: u64,
+    /// Quantise the frozen base's linear layers at load time: `none`, `nf4` or `fp4`
+    /// (bitsandbytes' 4-bit, absmax per block of 64) or `int8` (LLM.int8 row-wise). Embeddings,
+    /// norms and the output head stay in `dtype`; adapters train on top as on a dense base. A
+    /// pre-quantised bitsandbytes checkpoint is read as saved (leave this `none` or set its type).
+    pub quantize: String,
+    /// Quantise the 4-bit absmax again (bitsandbytes' `bnb_4bit_use_double_quant`).
+    pub double_quant: bool,
 }
 
 /// The data.
@@ -253,6 +265,9 @@ pub struct TrainOptions {
     pub adam_beta2: f64,
     /// AdamW epsilon.
     pub adam_eps: f64,
+    /// `adamw` (f32 moments, as torch.optim.AdamW) or `adamw_8bit` (8-bit blockwise moments of
+    /// tensors of at least 4096 elements, as bitsandbytes' AdamW8bit).
+    pub optim: String,
     /// Global-norm gradient clipping (0: off).
     pub max_grad_norm: f64,
     /// Seed of the data order (and of everything else random in training).
@@ -325,6 +340,7 @@ impl Default for RunConfig {
             save_total_limit: 2,
             plots: true,
             tensorboard: false,
+            log_memory: true,
         }
     }
 }
@@ -337,6 +353,8 @@ impl Default for ModelConfig {
             device: "cpu".into(),
             init_std: 0.02,
             init_seed: 0,
+            quantize: "none".into(),
+            double_quant: false,
         }
     }
 }
@@ -350,7 +368,42 @@ impl ModelConfig {
                 problem: format!("must be f32, bf16 or f16, got {:?}", self.dtype),
             });
         }
+        self.quant_config()?;
         Ok(())
+    }
+
+    /// The quantisation of the base that `quantize` and `double_quant` ask for (`None`: dense).
+    pub fn quant_config(&self) -> Result<Option<QuantConfig>> {
+        let err = |key: &str, problem: String| TrainError::Config {
+            key: key.into(),
+            problem,
+        };
+        let qtype = match self.quantize.as_str() {
+            "none" => None,
+            "nf4" => Some(QuantType::Nf4),
+            "fp4" => Some(QuantType::Fp4),
+            "int8" => Some(QuantType::Int8),
+            other => {
+                return Err(err(
+                    "model.quantize",
+                    format!("must be none, nf4, fp4 or int8, got {other:?}"),
+                ));
+            }
+        };
+        if self.double_quant && !matches!(qtype, Some(QuantType::Nf4 | QuantType::Fp4)) {
+            return Err(err(
+                "model.double_quant",
+                format!(
+                    "quantises the absmax of a 4-bit base: needs model.quantize = nf4 or fp4, \
+                     got {:?}",
+                    self.quantize
+                ),
+            ));
+        }
+        Ok(qtype.map(|qtype| QuantConfig {
+            double_quant: self.double_quant,
+            ..QuantConfig::new(qtype)
+        }))
     }
 }
 
@@ -411,6 +464,7 @@ impl Default for TrainOptions {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
+            optim: "adamw".into(),
             max_grad_norm: 1.0,
             seed: 42,
             logging_steps: 10,
@@ -1095,6 +1149,7 @@ impl TrainConfig {
             );
         }
         crate::optim::Schedule::parse(&t.schedule)?;
+        crate::optim::OptimKind::parse(&t.optim)?;
         if !(0.0..1.0).contains(&t.adam_beta1) {
             return bad(
                 "train.adam_beta1",
@@ -1221,6 +1276,27 @@ impl TrainConfig {
         }
         if self.sft_steps() > 0 && (self.sft.batch_size == 0 || self.sft.r == 0) {
             return bad("sft", "batch_size and r must be at least 1".into());
+        }
+        if self.model.quantize != "none" && self.sft_steps() > 0 {
+            return bad(
+                "sft.steps",
+                format!(
+                    "the SFT stage is folded into the base weights, which model.quantize = {:?} \
+                     keeps quantised: set sft.steps = 0 (or start from an SFT adapter with \
+                     adapter.init_from)",
+                    self.model.quantize
+                ),
+            );
+        }
+        if self.model.quantize != "none" && self.adapter.kind == "full" {
+            return bad(
+                "adapter.kind",
+                format!(
+                    "a full fine-tune trains the base weights themselves, which model.quantize = \
+                     {:?} keeps frozen and quantised: use an adapter (lora, dora, boft, oft, hra)",
+                    self.model.quantize
+                ),
+            );
         }
         Ok(())
     }

@@ -7,9 +7,10 @@
 //! - [`gradproj`]: the reference ReprPO project's gradient interventions (`projgrad`, `projbp`);
 //! - [`objective`]: one batch through the policy (adapter on) and reference (adapter off) forwards
 //!   and the loss;
-//! - [`optim`]: AdamW with checkpointable f32 state, schedules, clipping;
+//! - [`optim`]: AdamW with checkpointable f32 or 8-bit state, schedules, clipping;
 //! - [`run`]: the run folder and atomic checkpoints with their manifests;
 //! - [`metrics`]: `metrics.jsonl`, copied into each checkpoint, checked and rebuilt on resume;
+//! - [`memory`]: peak memory in the summary and the log, the memory estimate of `--print-config`;
 //! - [`resume`]: `--resume`: the checkpoint that verifies, the config checked against it, the
 //!   overrides allowed on resume;
 //! - [`trainer`]: the loop, resume, Ctrl-C, SFT stage and summary;
@@ -21,6 +22,7 @@ pub mod data;
 pub mod error;
 pub mod gradproj;
 pub mod init_from;
+pub mod memory;
 pub mod method;
 pub mod metrics;
 pub mod objective;

@@ -54,7 +54,7 @@ use crate::error::{Result, TrainError, io};
 use crate::method::MethodSetup;
 use crate::metrics::{LogCheck, METRICS, MetricsLog};
 use crate::objective::batch_loss;
-use crate::optim::{AdamW, AdamWConfig, Schedule, clip_grads_to, global_grad_norm};
+use crate::optim::{AdamW, AdamWConfig, OptimKind, Schedule, clip_grads_to, global_grad_norm};
 use crate::resume::Resume;
 use crate::run::{self, TrainerState};
 
@@ -136,8 +136,13 @@ pub fn load_model(cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Device
             })?
         }
     };
+    let opts = reprpo_models::LoadOptions {
+        dtype,
+        device: device.clone(),
+        quantize: m.quant_config()?,
+    };
     if let Some(preset) = LlamaConfig::preset(&m.name_or_path) {
-        let model = Llama::random(preset, m.init_std, m.init_seed, dtype, &device)?;
+        let model = Llama::random_with(preset, m.init_std, m.init_seed, &opts)?;
         return Ok((Box::new(model), Tok::byte_level()?, device));
     }
     let dir = reprpo_models::hub::model_dir(&m.name_or_path).map_err(|e| TrainError::Config {
@@ -158,8 +163,8 @@ pub fn load_model(cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Device
     let tok = Tok::from_dir(&dir)?;
     reprpo_models::model::check_vocab_dir(&tok, &dir)?;
     let model: Box<dyn TrainModel> = match model_type {
-        "llama" => Box::new(Llama::load(&dir, dtype, &device)?),
-        "phi3" => Box::new(Phi3::load(&dir, dtype, &device)?),
+        "llama" => Box::new(Llama::load_with(&dir, &opts)?),
+        "phi3" => Box::new(Phi3::load_with(&dir, &opts)?),
         other => {
             return Err(TrainError::Malformed {
                 path: cfg_path,
@@ -914,6 +919,8 @@ struct Stage<'a> {
     bar: Option<indicatif::ProgressBar>,
     /// Device-side sums of the metrics since the last logged step.
     window: DeviceMetrics,
+    /// The memory samples of the logged records.
+    memory: crate::memory::MemoryLog,
     guard: NonFiniteGuard,
     order_cache: Option<(usize, Vec<usize>)>,
     last_ckpt: Option<PathBuf>,
@@ -943,7 +950,7 @@ impl<'a> Stage<'a> {
             }
             params.extend(m.params());
         }
-        let mut opt = AdamW::new(
+        let mut opt = AdamW::with_kind(
             params,
             AdamWConfig {
                 beta1: cfg.train.adam_beta1,
@@ -951,6 +958,7 @@ impl<'a> Stage<'a> {
                 eps: cfg.train.adam_eps,
                 weight_decay: cfg.train.weight_decay,
             },
+            OptimKind::parse(&cfg.train.optim)?,
         )?;
         let (plan, steps_per_epoch) = plan(cfg, inputs.train_pairs.len())?;
         if let Some(r) = resume {
@@ -979,6 +987,7 @@ impl<'a> Stage<'a> {
             dpo_state,
             log,
             window: DeviceMetrics::default(),
+            memory: Default::default(),
             guard,
             order_cache: None,
             last_ckpt: ck,
@@ -1130,6 +1139,10 @@ impl<'a> Stage<'a> {
             "epoch".into(),
             json!(step as f64 / self.steps_per_epoch as f64),
         );
+        let memory = self.memory.sample(&self.inputs.device);
+        if self.cfg.run.log_memory {
+            rec.extend(memory);
+        }
         self.log.write(&rec)?;
         self.say(format_log(step, self.plan.total, &mean));
         self.window = DeviceMetrics::default();
@@ -1218,7 +1231,7 @@ impl<'a> Stage<'a> {
     /// model of a full fine-tune, the final evaluation, the adapter's scores, summary.json and
     /// the plots).
     fn finish(
-        self,
+        mut self,
         interrupted: bool,
         stage_scores: StageScores,
         base_scores: BTreeMap<String, f64>,
@@ -1230,6 +1243,12 @@ impl<'a> Stage<'a> {
         summary.insert("total_steps".into(), json!(self.plan.total));
         summary.insert("interrupted".into(), json!(interrupted));
         summary.insert("reference".into(), json!(cfg.adapter.reference));
+        summary.extend(self.memory.sample(&self.inputs.device));
+        summary.insert("optimizer".into(), json!(cfg.train.optim));
+        summary.insert(
+            "optimizer_state_bytes".into(),
+            json!(self.opt.state_bytes()),
+        );
         let n_eval = self.inputs.eval_pairs.len();
         summary.insert("data/id".into(), json!(scored_sets(cfg, n_eval)));
         summary.insert("data/ood".into(), json!(cfg.data.ood_datasets.join(", ")));

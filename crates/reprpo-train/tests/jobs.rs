@@ -152,10 +152,18 @@ fn load_adapter_tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
 
 #[test]
 fn interrupted_and_resumed_run_is_bit_identical() {
-    for loss in ["reprpo", "dpo"] {
+    // The 8-bit optimizer's case: LoRA r = 32 gives q_proj's A and B 32 x 128 = 4096 elements
+    // (8-bit moments) and k_proj's B 64 x 32 (f32 moments), so both kinds of state resume.
+    let cases: [(&str, &[&str]); 3] = [
+        ("reprpo", &[]),
+        ("dpo", &[]),
+        ("dpo", &["train.optim=adamw_8bit", "adapter.r=32"]),
+    ];
+    for (loss, more) in cases {
         let tmp = tempfile::tempdir().unwrap();
-        let extra = [
-            &format!("loss={loss}") as &str,
+        let loss_kv = format!("loss={loss}");
+        let mut extra = vec![
+            loss_kv.as_str(),
             "train.max_steps=5",
             "train.grad_accum=2",
             "train.lr=3e-3",
@@ -166,6 +174,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
             // Seeded dropout masks: resume is exact with dropout too.
             "adapter.dropout=0.1",
         ];
+        extra.extend_from_slice(more);
         let cfg = config(tmp.path(), &extra);
         let straight = trainer::train(&cfg, &ctx(false), None).unwrap();
         // Stop flag set from the start: the run stops after its first step with a checkpoint.
@@ -173,6 +182,26 @@ fn interrupted_and_resumed_run_is_bit_identical() {
         assert!(stopped.interrupted);
         assert_eq!(stopped.steps, 1);
         assert!(!stopped.run_dir.join("adapter").exists());
+        if !more.is_empty() {
+            // The 8-bit path is really taken: u8 codes with their absmax, f32 moments below
+            // the threshold, and the kind's marker in the checkpoint.
+            let ck = checkpoint_steps(&stopped.run_dir);
+            assert_eq!(ck, vec![1]);
+            let opt = candle_core::safetensors::load(
+                stopped
+                    .run_dir
+                    .join("checkpoints")
+                    .join(format!("step-{:07}", ck[0]))
+                    .join("optimizer.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let dtypes: Vec<_> = opt.values().map(|t| t.dtype()).collect();
+            assert!(dtypes.contains(&candle_core::DType::U8), "{:?}", opt.keys());
+            assert!(dtypes.contains(&candle_core::DType::F32));
+            assert!(opt.contains_key(reprpo_train::optim::KIND_8BIT_KEY));
+            assert!(opt.keys().any(|k| k.starts_with("absmax_m.")));
+        }
         let resumed = trainer::train(&cfg, &ctx(false), Some(&stopped.run_dir)).unwrap();
         assert!(!resumed.interrupted);
         assert_eq!(resumed.steps, 5);
@@ -183,7 +212,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
             let vb = &b[k];
             assert!(
                 va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{loss}: {k} differs after resume"
+                "{loss} {more:?}: {k} differs after resume"
             );
         }
         // The B matrices moved (the comparison is not between two untrained adapters).

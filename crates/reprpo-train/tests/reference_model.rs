@@ -66,6 +66,8 @@ fn overrides(out: &Path, extra: &[String]) -> Vec<String> {
         "train.warmup_ratio=0".into(),
         format!("run.out_dir={}", out.display()),
         "run.plots=false".into(),
+        // Logs compared across runs: without the process's memory, which differs run to run.
+        "run.log_memory=false".into(),
     ];
     v.extend_from_slice(extra);
     v

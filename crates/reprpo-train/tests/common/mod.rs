@@ -1,6 +1,7 @@
 //! Shared by the training-job tests: the job context and a small, fast configuration on the
 //! embedded default data (8 pairs, batches of 4, no SFT stage, no plots, no extra eval sets,
-//! logging every step, constant learning rate), with `extra` overrides after it.
+//! logging every step, constant learning rate, no memory in the log), with `extra` overrides
+//! after it.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::panic)]
 
@@ -42,6 +43,9 @@ pub fn config(out: &Path, extra: &[&str]) -> TrainConfig {
         "train.logging_steps=1".into(),
         "train.warmup_ratio=0".into(),
         "train.schedule=constant".into(),
+        // Logs compared across runs: without the process's memory, which differs run to run
+        // (`memory_is_logged_and_summarised` in jobs.rs turns it back on).
+        "run.log_memory=false".into(),
     ];
     overrides.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::resolve(&Sources {

@@ -1,0 +1,292 @@
+//! A QLoRA step against transformers + bitsandbytes + PEFT (issue 19). Fixtures in
+//! `tests/fixtures/quant/` from `tests/reference/gen_quant_fixtures.py` (the pre-quantised folder
+//! and its logits) and `tests/reference/gen_qlora_fixtures.py` (`qlora/`: the dense original of
+//! that folder, a PEFT LoRA adapter, and per case the logits, loss and LoRA gradients of one
+//! step; versions and code paths in `qlora/qlora.json`).
+//!
+//! Cases: the bitsandbytes pre-quantised nf4 folder read as it is; the dense folder quantised here
+//! at load time to int8 (transformers' `load_in_8bit`) and to nf4 + double quant (`load_in_4bit`,
+//! which bitsandbytes packs into exactly the pre-quantised folder's tensors).
+//!
+//! Loss: the mean next-token cross-entropy over attended targets,
+//! `sum_{b, t < T-1, mask[b, t+1] = 1} -log_softmax(logits[b, t])[ids[b, t+1]] / count`.
+//!
+//! Tolerance: max |ours - reference| <= 1e-4 * max |reference| for logits, loss and every
+//! gradient (f32 compute); the quantised matmul against a dense matmul with the dequantised
+//! weight within 1e-6 relative.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use reprpo_models::quant::{QuantConfig, QuantTensor, QuantType, read_safetensors};
+use reprpo_models::{ForwardSpec, Llama, LoadOptions, peft};
+
+const TOL: f32 = 1e-4;
+
+fn quant_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/quant")
+}
+
+fn qlora_dir() -> PathBuf {
+    quant_dir().join("qlora")
+}
+
+fn st(path: PathBuf) -> HashMap<String, Tensor> {
+    read_safetensors(&path).unwrap()
+}
+
+fn max_abs(x: &Tensor) -> f32 {
+    x.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-30)
+}
+
+fn opts(quantize: Option<QuantConfig>) -> LoadOptions {
+    LoadOptions {
+        dtype: DType::F32,
+        device: Device::Cpu,
+        quantize,
+    }
+}
+
+fn nf4_dq() -> QuantConfig {
+    QuantConfig {
+        qtype: QuantType::Nf4,
+        block_size: 64,
+        double_quant: true,
+    }
+}
+
+/// The mean next-token cross-entropy over attended targets (module docs).
+fn next_token_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
+    let t = ids.dim(1).unwrap();
+    let lp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1).unwrap(), D::Minus1).unwrap();
+    let tgt = ids
+        .narrow(1, 1, t - 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .unsqueeze(2)
+        .unwrap();
+    let nll = lp
+        .gather(&tgt, 2)
+        .unwrap()
+        .squeeze(2)
+        .unwrap()
+        .neg()
+        .unwrap();
+    let m = mask
+        .narrow(1, 1, t - 1)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    ((nll * &m).unwrap().sum_all().unwrap()
+        / m.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64)
+        .unwrap()
+}
+
+/// Worst relative errors of one step: (logits, loss, gradients).
+struct Errors {
+    logits: f32,
+    loss: f32,
+    grads: f32,
+}
+
+/// `model` with the fixture's PEFT adapter active: one forward, the loss and its gradients
+/// against case `case` of `qlora.safetensors`.
+fn qlora_step(mut model: Llama, case: &str) -> Errors {
+    let fx = st(qlora_dir().join("qlora.safetensors"));
+    let ids = fx["input_ids"].to_dtype(DType::U32).unwrap();
+    let mask = &fx["attention_mask"];
+    let idx = peft::load_adapter(&mut model, &qlora_dir().join("adapter"), "policy").unwrap();
+    assert_eq!(idx, 0);
+    model.adapters.active = Some(0);
+    let spec = ForwardSpec {
+        train: true,
+        ..ForwardSpec::logits()
+    };
+    let logits = model
+        .forward(&ids, Some(mask), None, &spec)
+        .unwrap()
+        .logits
+        .unwrap();
+    let e_logits = rel_err(&logits, &fx[&format!("{case}.logits")]);
+    assert!(e_logits <= TOL, "{case}: logits rel err {e_logits}");
+
+    let loss = next_token_loss(&logits, &ids, mask);
+    let want_loss = &fx[&format!("{case}.loss")];
+    let e_loss = rel_err(&loss.reshape(1).unwrap(), want_loss);
+    assert!(e_loss <= TOL, "{case}: loss {loss} vs {want_loss}");
+
+    let grads = loss.backward().unwrap();
+    let params = peft::adapter_params(&model, 0);
+    let prefix = format!("{case}.grad.");
+    let n_want = fx.keys().filter(|k| k.starts_with(&prefix)).count();
+    assert_eq!(params.len(), 28, "{case}: 2 x 7 projections x 2 layers");
+    assert_eq!(params.len(), n_want, "{case}: parameter count");
+    let mut e_grads = 0f32;
+    for (name, var) in &params {
+        let want = fx
+            .get(&format!("{prefix}{name}"))
+            .unwrap_or_else(|| panic!("{case}: PEFT has no gradient named {name}"));
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{case}: no gradient reached {name}"));
+        assert!(max_abs(got) > 0.0, "{case}: zero gradient at {name}");
+        let e = rel_err(got, want);
+        assert!(e <= TOL, "{case}: gradient {name} rel err {e}");
+        e_grads = e_grads.max(e);
+    }
+    eprintln!(
+        "{case}: logits {e_logits:.2e}, loss {e_loss:.2e}, gradients {e_grads:.2e} ({} params)",
+        params.len()
+    );
+    Errors {
+        logits: e_logits,
+        loss: e_loss,
+        grads: e_grads,
+    }
+}
+
+fn logits_of(model: &Llama, ids: &Tensor) -> Tensor {
+    model
+        .forward(ids, None, None, &ForwardSpec::logits())
+        .unwrap()
+        .logits
+        .unwrap()
+}
+
+/// The folder bitsandbytes' `save_pretrained` wrote loads as it is and gives transformers'
+/// logits; asking for the same quantisation changes nothing, asking for another is an error.
+#[test]
+fn prequantised_folder_logits_match_transformers() {
+    let folder = quant_dir().join("tiny_llama_bnb_nf4");
+    let reference = st(quant_dir().join("tiny_llama_bnb_nf4_reference.safetensors"));
+    let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
+    let model = Llama::load_with(&folder, &opts(None)).unwrap();
+    let logits = logits_of(&model, &ids);
+    let e = rel_err(&logits, &reference["logits"]);
+    eprintln!("pre-quantised nf4 folder: logits rel err {e:.2e}");
+    assert!(e <= TOL, "logits rel err {e}");
+
+    let same = Llama::load_with(&folder, &opts(Some(nf4_dq()))).unwrap();
+    assert_eq!(rel_err(&logits_of(&same, &ids), &logits), 0.0);
+    let err = Llama::load_with(&folder, &opts(Some(QuantConfig::new(QuantType::Int8))))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pre-quantised"), "{err}");
+
+    // The dense original gives transformers' unquantised logits.
+    let dense = Llama::load_with(&qlora_dir().join("tiny_llama_dense"), &opts(None)).unwrap();
+    let e = rel_err(&logits_of(&dense, &ids), &reference["logits_unquantised"]);
+    assert!(e <= TOL, "dense logits rel err {e}");
+}
+
+#[test]
+fn qlora_step_on_prequantised_nf4_matches_peft() {
+    let folder = quant_dir().join("tiny_llama_bnb_nf4");
+    qlora_step(Llama::load_with(&folder, &opts(None)).unwrap(), "nf4");
+}
+
+/// The same step with every fused CPU kernel off (the quantised layers take the dense-matmul
+/// fallback path of other devices).
+#[test]
+fn qlora_step_written_out_matches_peft() {
+    let folder = quant_dir().join("tiny_llama_bnb_nf4");
+    reprpo_kernels::written_out(|| {
+        qlora_step(Llama::load_with(&folder, &opts(None)).unwrap(), "nf4");
+    });
+}
+
+/// The dense folder quantised here at load time to nf4 + double quant: the pre-quantised folder's
+/// weights (bitsandbytes packs them identically, checked by the fixture script), so the same
+/// logits bit for bit, and PEFT's step.
+#[test]
+fn qlora_step_nf4_quantised_at_load_matches_peft() {
+    let dense = qlora_dir().join("tiny_llama_dense");
+    let model = Llama::load_with(&dense, &opts(Some(nf4_dq()))).unwrap();
+    let pre = Llama::load_with(&quant_dir().join("tiny_llama_bnb_nf4"), &opts(None)).unwrap();
+    let fx = st(qlora_dir().join("qlora.safetensors"));
+    let ids = fx["input_ids"].to_dtype(DType::U32).unwrap();
+    assert_eq!(
+        rel_err(&logits_of(&model, &ids), &logits_of(&pre, &ids)),
+        0.0
+    );
+    qlora_step(model, "nf4");
+}
+
+/// The dense folder quantised here at load time to LLM.int8 (transformers' `load_in_8bit`; its
+/// train-mode CPU forward dequantises and multiplies in f32, as we do).
+#[test]
+fn qlora_step_int8_quantised_at_load_matches_peft() {
+    let dense = qlora_dir().join("tiny_llama_dense");
+    let model = Llama::load_with(&dense, &opts(Some(QuantConfig::new(QuantType::Int8)))).unwrap();
+    let e = qlora_step(model, "int8");
+    assert!(e.logits <= TOL && e.loss <= TOL && e.grads <= TOL);
+}
+
+/// `frozen::quant_matmul` (the fused CPU op, and the written-out fallback) against a plain matmul
+/// with the dequantised weight: values and the gradient with respect to the input.
+#[test]
+fn quant_matmul_input_gradient_equals_dense() {
+    let fx = st(quant_dir().join("quant.safetensors"));
+    let w = &fx["a.input"]; // [32, 96]: blocks straddle rows
+    let (n, k) = w.dims2().unwrap();
+    let m = 5;
+    let xs: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let gs: Vec<f32> = (0..m * n)
+        .map(|i| ((i * 13 % 29) as f32 / 14.0) - 1.0)
+        .collect();
+    let g = Tensor::from_vec(gs, (m, n), &Device::Cpu).unwrap();
+    for cfg in [
+        nf4_dq(),
+        QuantConfig::new(QuantType::Fp4),
+        QuantConfig::new(QuantType::Int8),
+    ] {
+        let q = Arc::new(QuantTensor::quantize(w, &cfg, "a").unwrap());
+        let dq = q.dequantize(DType::F32, &Device::Cpu).unwrap();
+        let run = |quant: bool| -> (Tensor, Tensor) {
+            let x = Var::from_vec(xs.clone(), (m, k), &Device::Cpu).unwrap();
+            let y = if quant {
+                reprpo_models::frozen::quant_matmul(x.as_tensor(), &q).unwrap()
+            } else {
+                x.as_tensor().matmul(&dq.t().unwrap()).unwrap()
+            };
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads.get(x.as_tensor()).unwrap().clone())
+        };
+        let (y_ref, gx_ref) = run(false);
+        let ((y, gx), kernels) = reprpo_kernels::trace_cpu_kernels(|| run(true));
+        assert!(kernels.contains(&"quant-matmul"), "{kernels:?}");
+        let ((y_w, gx_w), kernels_w) =
+            reprpo_kernels::trace_cpu_kernels(|| reprpo_kernels::written_out(|| run(true)));
+        assert!(!kernels_w.contains(&"quant-matmul"), "{kernels_w:?}");
+        for (what, a, b) in [
+            ("y", &y, &y_ref),
+            ("dx", &gx, &gx_ref),
+            ("y written out", &y_w, &y_ref),
+            ("dx written out", &gx_w, &gx_ref),
+        ] {
+            let e = rel_err(a, b);
+            assert!(e <= 1e-6, "{:?} {what}: rel err {e}", cfg.qtype);
+            eprintln!("{:?} {what}: rel err {e:.2e}", cfg.qtype);
+        }
+    }
+}
