@@ -245,10 +245,7 @@ fn preset(name: &str) -> Result<LlamaConfig> {
 
 /// Peak resident memory of this process (VmHWM), in MiB, where /proc has it.
 fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    reprpo_train::memory::peak_rss_bytes().map(|b| b as f64 / (1u64 << 20) as f64)
 }
 
 /// The device as words: the card's name on CUDA, the CPU model and thread count on the CPU.
