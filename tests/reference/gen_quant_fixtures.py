@@ -15,6 +15,41 @@ Writes, under tests/fixtures/quant/:
   ``tiny_llama_bnb_nf4_reference.safetensors`` holds its logits on a fixed batch and bnb's dequantised
   f32 weight of every quantised linear.
 
+* ``tiny_llama_bnb_int8/``: the same tiny Llama (same seed and draws) quantised by transformers with
+  ``BitsAndBytesConfig(load_in_8bit=True)`` (LLM.int8 row-wise; ``Int8Params`` casts each weight to
+  float16, then ``int8_vectorwise_quant``) on the CPU and saved with ``save_pretrained`` (bitsandbytes
+  0.50.2 saves int8 on the CPU: ``{module}.weight`` I8, ``{module}.SCB`` F32, ``{module}.weight_format``
+  U8 scalar 0; checked equal to ``int8_vectorwise_quant(original.to(float16))``).
+  ``tiny_llama_bnb_int8_reference.safetensors`` holds transformers' logits on that folder, reloaded as
+  it is (``from_pretrained(folder)``, no re-quantisation) on the nf4 folder's batch:
+
+  - ``logits``: the model in ``train()`` mode under ``no_grad`` (every dropout is 0): ``Linear8bitLt`` ->
+    ``MatMul8bitFp`` on the CPU, i.e. ``CB * (SCB / 127)`` in f32 then an f32 ``linear``, the path a
+    QLoRA step takes and the one this project computes (checked equal to a dense f32 model holding those
+    weights);
+  - ``logits_llm_int8_inference``: ``eval()`` mode, bitsandbytes' LLM.int8 inference path
+    (``MatMul8bitLt``: the activations quantised to int8 as well, outlier threshold 6.0), which this
+    project does not implement; recorded for comparison only (quant.json ``tiny_llama_int8``).
+* ``peft_nf4/``: a PEFT LoRA adapter trained by PEFT on the pre-quantised ``tiny_llama_bnb_nf4`` folder
+  (read as it is): r=4, alpha=8, dropout 0, task CAUSAL_LM, the seven projections; PEFT's default
+  init (``torch.manual_seed(3)``), then 4 steps of ``torch.optim.AdamW(lr=1e-2)`` on the mean
+  next-token cross-entropy of the batch below; saved with ``save_pretrained`` (``adapter/``:
+  ``adapter_model.safetensors`` + ``adapter_config.json``; ``base_model_name_or_path`` set to
+  ``tiny_llama_bnb_nf4`` and ``target_modules`` sorted, PEFT writing a Python set). ``peft_nf4.safetensors``:
+  ``input_ids`` / ``attention_mask`` [2, 10] (row 1's last 3 tokens padding), PEFT's ``logits`` of
+  base + adapter (``eval()``, ``no_grad``) and ``logits_base`` (``disable_adapter()``); the adapter
+  moves the logits by ``adapter_moves_logits`` in quant.json.
+
+Checking an adapter saved by reprpo with PEFT (the "here -> PEFT" direction of ``peft_nf4``):
+
+    REPRPO_EXPORT_DIR=/tmp/rust_qlora cargo test -p reprpo-models --test peft_prequantised
+    /work/venvs/bnb/bin/python tests/reference/gen_quant_fixtures.py --check-rust-adapters /tmp/rust_qlora
+
+loads every adapter folder under that directory with ``PeftModel.from_pretrained`` on the pre-quantised
+nf4 folder, checks that PEFT holds exactly the file's tensors and that its logits on the ``peft_nf4``
+batch are within 1e-4 of the ``rust_logits.safetensors`` reprpo wrote beside the adapter. It writes
+no fixture.
+
 Which bitsandbytes code path runs on the CPU (bitsandbytes 0.50.2; checked with
 ``torch._C._dispatch_dump``, recorded in quant.json):
 
@@ -38,10 +73,14 @@ Which bitsandbytes code path runs on the CPU (bitsandbytes 0.50.2; checked with
 Run (see requirements-quant.txt for the environment):
 
     /work/venvs/bnb/bin/python tests/reference/gen_quant_fixtures.py
+
+``gen_qlora_fixtures.py`` reads ``tiny_llama_bnb_nf4/``: regenerate its fixtures after this script
+if that folder changed.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -198,7 +237,8 @@ def mean_fixtures(tensors: dict, meta: dict) -> None:
     meta["mean_lengths"] = lengths
 
 
-def tiny_llama(meta: dict) -> None:
+def dense_tiny_llama() -> transformers.LlamaForCausalLM:
+    """The tiny random Llama every folder here quantises (f32)."""
     cfg = transformers.LlamaConfig(
         vocab_size=128,
         hidden_size=64,
@@ -215,6 +255,11 @@ def tiny_llama(meta: dict) -> None:
     with torch.no_grad():
         for p in model.parameters():  # weights at a scale where 4-bit error is visible but small
             p.normal_(0.0, 0.08) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+    return model
+
+
+def tiny_llama(meta: dict) -> None:
+    model = dense_tiny_llama()
     folder = OUT / "tiny_llama_bnb_nf4"
     bnb_cfg = transformers.BitsAndBytesConfig(
         load_in_4bit=True,
@@ -257,10 +302,8 @@ def tiny_llama(meta: dict) -> None:
             for k, v in st2.as_dict(packed=True).items():
                 assert torch.equal(saved[f"{name}.weight.{k}"], v), (name, k)
 
-    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 127, 2], [3, 3, 40, 80, 100, 7, 0, 64]])
-    for mod in q.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.support_avx512bf16_for_cpu = False  # dequantise + f32 linear (bnb's generic CPU path)
+    ids = torch.tensor(NF4_IDS)
+    no_bf16_repack(q)
     with torch.no_grad():
         logits = q(input_ids=ids).logits.float()
     with torch.no_grad():
@@ -283,7 +326,236 @@ def tiny_llama(meta: dict) -> None:
     }
 
 
+NF4_IDS = [[1, 5, 9, 17, 33, 65, 127, 2], [3, 3, 40, 80, 100, 7, 0, 64]]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def keep_only(folder: Path, names: set[str]) -> None:
+    for f in folder.iterdir():
+        if f.name not in names:
+            f.unlink()
+
+
+def no_bf16_repack(model) -> None:
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False  # dequantise + f32 linear (bnb's generic CPU path)
+
+
+def tiny_llama_int8(meta: dict) -> None:
+    """``tiny_llama_bnb_int8/`` and its reference logits (module docstring)."""
+    model = dense_tiny_llama()
+    folder = OUT / "tiny_llama_bnb_int8"
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        originals = load_file(str(Path(tmp) / "model.safetensors"))
+        q = transformers.LlamaForCausalLM.from_pretrained(
+            tmp,
+            quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+            dtype=torch.float32,
+            device_map="cpu",
+        ).eval()
+    if folder.exists():
+        shutil.rmtree(folder)
+    q.save_pretrained(folder, safe_serialization=True)  # before any forward
+    keep_only(folder, {"config.json", "model.safetensors"})
+    saved = load_file(str(folder / "model.safetensors"))
+
+    # The saved tensors are Int8Params' quantisation of the original weights; the rest unchanged.
+    linears = sorted(n for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear8bitLt))
+    assert len(linears) == 14, linears
+    for name in linears:
+        cb, scb, _ = F.int8_vectorwise_quant(originals[f"{name}.weight"].to(torch.float16))
+        assert saved[f"{name}.weight"].dtype == torch.int8, name
+        assert torch.equal(saved[f"{name}.weight"], cb), name
+        assert torch.equal(saved[f"{name}.SCB"], scb), name
+        wf = saved[f"{name}.weight_format"]
+        assert wf.dtype == torch.uint8 and wf.shape == () and int(wf) == 0, name
+    quantised = {f"{n}.{k}" for n in linears for k in ("weight", "SCB", "weight_format")}
+    assert set(saved) == quantised | (set(originals) - {f"{n}.weight" for n in linears})
+    for k, v in originals.items():
+        if k not in quantised:
+            assert torch.equal(saved[k], v), k
+
+    # transformers reads the folder as it is (no re-quantisation): its modules hold the saved bytes.
+    r = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
+    mods = dict(r.named_modules())
+    weights = {}
+    for name in linears:
+        mod = mods[name]
+        assert isinstance(mod, bnb.nn.Linear8bitLt), name
+        assert torch.equal(mod.weight.data, saved[f"{name}.weight"]), name
+        scb = mod.weight.SCB if getattr(mod.weight, "SCB", None) is not None else mod.state.SCB
+        assert torch.equal(scb, saved[f"{name}.SCB"]), name
+        # MatMul8bitFp's weight: CB.to(f32).mul_(SCB.unsqueeze(1).mul(1 / 127))
+        weights[name] = saved[f"{name}.weight"].to(torch.float32).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+
+    ids = torch.tensor(NF4_IDS)
+    with torch.no_grad():
+        r.train()  # Linear8bitLt on the CPU in train mode: MatMul8bitFp (dequantise, f32 linear)
+        logits = r(input_ids=ids).logits.float()
+        r.eval()  # LLM.int8 inference (int8 activations); not what reprpo computes
+        logits_inference = r(input_ids=ids).logits.float()
+        dense = dense_tiny_llama()
+        sd = dense.state_dict()
+        for name, w in weights.items():
+            sd[f"{name}.weight"].copy_(w)
+        logits_dense = dense(input_ids=ids).logits.float()
+    save_file(
+        {
+            "input_ids": ids.to(torch.int64),
+            "logits": logits.contiguous(),
+            "logits_llm_int8_inference": logits_inference.contiguous(),
+        },
+        str(OUT / "tiny_llama_bnb_int8_reference.safetensors"),
+    )
+    meta["tiny_llama_int8"] = {
+        "folder": "tiny_llama_bnb_int8",
+        "quantized_linears": linears,
+        "quantized_by": "transformers from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True), "
+        "dtype=float32, device_map='cpu') on the CPU; saved with save_pretrained before any forward; tensors "
+        "checked equal to bitsandbytes.functional.int8_vectorwise_quant(original.to(float16))",
+        "reloaded_by": "transformers from_pretrained(folder) (pre-quantised, read as saved; checked)",
+        "logits_path": "train() under no_grad: Linear8bitLt -> MatMul8bitFp: CB.to(f32) * (SCB / 127), f32 linear",
+        "reference_file": "tiny_llama_bnb_int8_reference.safetensors",
+        "max_abs_logit_diff_vs_dense_with_dequantised_weights": float((logits - logits_dense).abs().max()),
+        "max_abs_logit_diff_llm_int8_inference_vs_logits": float((logits_inference - logits).abs().max()),
+        "max_abs_logit": float(logits.abs().max()),
+    }
+
+
+def peft_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor(
+        [[1, 5, 9, 17, 33, 65, 127, 2, 44, 90], [3, 3, 40, 80, 100, 7, 64, 0, 0, 0]], dtype=torch.int64
+    )
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return ids, mask
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    m = mask[:, 1:].float()
+    return (nll * m).sum() / m.sum()
+
+
+def load_nf4_folder():
+    q4 = transformers.LlamaForCausalLM.from_pretrained(
+        OUT / "tiny_llama_bnb_nf4", dtype=torch.float32, device_map="cpu"
+    )
+    no_bf16_repack(q4)
+    return q4
+
+
+def peft_nf4(meta: dict) -> None:
+    """``peft_nf4/``: a LoRA adapter trained by PEFT on the pre-quantised nf4 folder (module docstring)."""
+    out = OUT / "peft_nf4"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
+    ids, mask = peft_batch()
+    torch.manual_seed(3)
+    lcfg = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"
+    )
+    pm = peft.get_peft_model(load_nf4_folder(), lcfg)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    assert len(params) == 28 and all(p.dtype == torch.float32 for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    pm.train()
+    losses = []
+    for _ in range(4):
+        opt.zero_grad(set_to_none=True)
+        loss = next_token_loss(pm(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    pm.eval()
+    adir = out / "adapter"
+    pm.save_pretrained(adir)
+    keep_only(adir, {"adapter_config.json", "adapter_model.safetensors"})
+    acfg = json.loads((adir / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = "tiny_llama_bnb_nf4"  # not this machine's path
+    acfg["target_modules"] = sorted(acfg["target_modules"])  # a Python set: order varies per run
+    (adir / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+    saved = load_file(str(adir / "adapter_model.safetensors"))
+    held = {k.replace(".default.", "."): v for k, v in pm.named_parameters() if "lora_" in k}
+    assert sorted(saved) == sorted(held)
+    assert all(torch.equal(saved[k], v) for k, v in held.items())
+    with torch.no_grad():
+        logits = pm(input_ids=ids, attention_mask=mask).logits.float()
+        with pm.disable_adapter():
+            logits_base = pm(input_ids=ids, attention_mask=mask).logits.float()
+    # PEFT reads the folder back (as the Rust side will) and gives the same logits
+    again = peft.PeftModel.from_pretrained(load_nf4_folder(), adir).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits.float(), logits)
+    save_file(
+        {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "logits": logits.contiguous(),
+            "logits_base": logits_base.contiguous(),
+        },
+        str(out / "peft_nf4.safetensors"),
+    )
+    meta["peft_nf4"] = {
+        "folder": "peft_nf4",
+        "base": "tiny_llama_bnb_nf4 (pre-quantised, read as it is; Linear4bit support_avx512bf16_for_cpu=False)",
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS, "task_type": "CAUSAL_LM"},
+        "training": "PEFT default init after torch.manual_seed(3); 4 steps of torch.optim.AdamW(lr=1e-2) on the "
+        "mean next-token cross-entropy over attended targets of the batch",
+        "train_losses": losses,
+        "logits": "eval() under no_grad, base + adapter; logits_base: disable_adapter()",
+        "adapter_moves_logits": float((logits - logits_base).abs().max()),
+        "max_abs_logit": float(logits.abs().max()),
+    }
+
+
+def check_rust_adapters(root: Path) -> None:
+    """PEFT loads every adapter reprpo saved under ``root`` on the pre-quantised nf4 folder."""
+    from peft.utils import get_peft_model_state_dict
+
+    fx = load_file(str(OUT / "peft_nf4" / "peft_nf4.safetensors"))
+    ids, mask = fx["input_ids"], fx["attention_mask"]
+    kinds = sorted(d for d in root.iterdir() if (d / "adapter_config.json").exists())
+    assert kinds, f"no adapter folders under {root}"
+    worst = 0.0
+    for d in kinds:
+        pm = peft.PeftModel.from_pretrained(load_nf4_folder(), d).eval()
+        file = load_file(str(d / "adapter_model.safetensors"))
+        held = get_peft_model_state_dict(pm, save_embedding_layers=False)
+        assert sorted(held) == sorted(file), (d.name, sorted(set(held) ^ set(file)))
+        for k, v in file.items():
+            assert held[k].dtype == v.dtype and torch.equal(held[k], v), (d.name, k)
+        with torch.no_grad():
+            got = pm(input_ids=ids, attention_mask=mask).logits.float()
+            with pm.disable_adapter():
+                base = pm(input_ids=ids, attention_mask=mask).logits.float()
+        want = load_file(str(d / "rust_logits.safetensors"))["logits"]
+        err = float((got - want).abs().max())
+        moved = float((got - base).abs().max())
+        print(f"{d.name:24s} max abs logit diff PEFT vs reprpo {err:.2e} (adapter moves logits by {moved:.2e}; "
+              f"{len(file)} tensors equal)")
+        assert moved > 1e-3, f"{d.name}: the adapter does nothing, the check proves little"
+        worst = max(worst, err)
+    print(f"worst max abs logit diff {worst:.2e}")
+    assert worst <= 1e-4, "PEFT disagrees with reprpo"
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--check-rust-adapters",
+        type=Path,
+        metavar="DIR",
+        help="check adapters reprpo saved (peft_prequantised.rs with REPRPO_EXPORT_DIR) with PEFT; writes nothing",
+    )
+    args = ap.parse_args()
+    if args.check_rust_adapters is not None:
+        check_rust_adapters(args.check_rust_adapters)
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {
         "generator": "tests/reference/gen_quant_fixtures.py",
@@ -319,6 +591,8 @@ def main() -> None:
     mean_fixtures(tensors, meta)
     save_file(tensors, str(OUT / "quant.safetensors"))
     tiny_llama(meta)
+    tiny_llama_int8(meta)
+    peft_nf4(meta)
     (OUT / "quant.json").write_text(json.dumps(meta, indent=1) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT} ({total} bytes)", file=sys.stderr)

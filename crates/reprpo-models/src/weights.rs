@@ -9,10 +9,17 @@
 //! peak is about the quantised model plus the largest tensor, not the full-precision model).
 //! A `HashMap<String, Tensor>` (tensors already in memory, e.g. a random model) is a
 //! [`TensorSource`] too.
+//!
+//! Pre-quantised linear layers are recognised by the names bitsandbytes saves beside
+//! `{module}.weight`: 4-bit (`load_in_4bit`) `{module}.weight.absmax`, `.quant_map`,
+//! `.quant_state.bitsandbytes__nf4` / `__fp4` (and `.nested_*` with double quantisation);
+//! LLM.int8 (`load_in_8bit`) `{module}.SCB` and `{module}.weight_format`, the `weight` itself
+//! stored as safetensors I8 (read as U8 with the same bytes, candle having no i8).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -28,6 +35,15 @@ pub trait TensorSource {
     fn take_raw(&mut self, name: &str, device: &Device) -> Result<Option<Tensor>>;
     /// The names of the tensors not taken yet.
     fn names(&self) -> Vec<String>;
+    /// The names of the tensors not taken yet that start with `prefix`. The loader asks this
+    /// once per linear layer, so a source that can answer without listing every name (a sorted
+    /// map) should override the default, which filters [`TensorSource::names`].
+    fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.names()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .collect()
+    }
 }
 
 impl TensorSource for HashMap<String, Tensor> {
@@ -40,6 +56,13 @@ impl TensorSource for HashMap<String, Tensor> {
 
     fn names(&self) -> Vec<String> {
         self.keys().cloned().collect()
+    }
+
+    fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 }
 
@@ -54,7 +77,8 @@ struct Entry {
 
 /// The safetensors files of a model folder, headers parsed, data read on demand.
 pub struct LazyFiles {
-    entries: HashMap<String, Entry>,
+    /// Sorted by name, so the names under a prefix are a range (`names_with_prefix`).
+    entries: BTreeMap<String, Entry>,
 }
 
 /// `model.safetensors`, or the shards named in `model.safetensors.index.json`.
@@ -137,7 +161,7 @@ fn read_header(file: &Path) -> Result<(safetensors::tensor::Metadata, u64)> {
 impl LazyFiles {
     /// Parse the headers of every safetensors file of the model folder `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let mut entries = HashMap::new();
+        let mut entries = BTreeMap::new();
         for file in model_files(dir)? {
             let (meta, start) = read_header(&file)?;
             for (name, info) in meta.tensors() {
@@ -172,7 +196,9 @@ impl LazyFiles {
         };
         use safetensors::Dtype as S;
         let dtype = match e.dtype {
-            S::U8 => DType::U8,
+            // bitsandbytes' int8 weights: candle has no i8; the bytes are kept as they are and
+            // `QuantTensor::from_bnb` reads them back as int8.
+            S::U8 | S::I8 => DType::U8,
             S::U32 => DType::U32,
             S::I16 => DType::I16,
             S::I32 => DType::I32,
@@ -205,6 +231,15 @@ impl TensorSource for LazyFiles {
 
     fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
+    }
+
+    fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.entries
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .map(|(name, _)| name)
+            .take_while(|name| name.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 }
 
@@ -264,25 +299,76 @@ impl<'a> Loader<'a> {
         Ok(t)
     }
 
+    /// `raw`, refused unless stored as a float: an integer tensor here is quantised data whose
+    /// quantisation state is missing (e.g. an int8 `weight` without its `SCB`), and casting it
+    /// would silently give wrong weights.
+    fn raw_float(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = self.raw(name, shape, device)?;
+        if !t.dtype().is_float() {
+            return Err(self.weight_err(
+                name,
+                format!(
+                    "holds integer data (read as {:?}; safetensors I8 reads as U8), expected a \
+                     float tensor: quantised data without its quantisation state (e.g. an int8 \
+                     weight without `SCB`)?",
+                    t.dtype()
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
     /// The dense tensor `name` of shape `shape`, in the compute dtype.
     pub fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let device = self.opts.device.clone();
-        Ok(self.raw(name, shape, &device)?.to_dtype(self.opts.dtype)?)
+        Ok(self
+            .raw_float(name, shape, &device)?
+            .to_dtype(self.opts.dtype)?)
     }
 
     /// The linear layer `module` (`{module}.weight`, `[out, in]`): read pre-quantised when the
-    /// checkpoint stores it so (bitsandbytes' `weight.absmax` beside it), quantised here when
-    /// the options ask for it, dense otherwise.
+    /// checkpoint stores it so (bitsandbytes' 4-bit `{module}.weight.*` state, or LLM.int8's
+    /// `{module}.SCB` / `{module}.weight_format` beside it), quantised here when the options ask
+    /// for it, dense otherwise.
     pub fn linear(&mut self, module: &str, out: usize, inp: usize) -> Result<Linear> {
         let name = format!("{module}.weight");
-        let quant_names: Vec<String> = self
-            .src
-            .names()
-            .into_iter()
-            .filter(|n| n.starts_with(&format!("{name}.")))
-            .collect();
-        if !quant_names.is_empty() {
-            return self.prequantized(module, &name, quant_names, (out, inp));
+        let four_prefix = format!("{name}.");
+        let scb = format!("{module}.SCB");
+        let format_name = format!("{module}.weight_format");
+        let (mut four_bit, mut int8) = (Vec::new(), Vec::new());
+        for n in self.src.names_with_prefix(&format!("{module}.")) {
+            if n.starts_with(&four_prefix) {
+                four_bit.push(n);
+            } else if n == scb || n == format_name {
+                int8.push(n);
+            }
+        }
+        match (four_bit.is_empty(), int8.is_empty()) {
+            (false, false) => {
+                return Err(self.weight_err(
+                    &name,
+                    format!(
+                        "both 4-bit quantisation state ({}) and int8 state ({}) are stored for \
+                         this weight; expected one",
+                        four_bit.join(", "),
+                        int8.join(", ")
+                    ),
+                ));
+            }
+            (false, true) => return self.prequantized(module, &name, four_bit, (out, inp)),
+            (true, false) => {
+                if !int8.contains(&scb) {
+                    return Err(self.weight_err(
+                        &scb,
+                        format!(
+                            "missing: `{format_name}` marks an LLM.int8 weight, whose row \
+                             scales `{scb}` are not in the checkpoint"
+                        ),
+                    ));
+                }
+                return self.prequantized(module, &name, int8, (out, inp));
+            }
+            (true, true) => {}
         }
         let base = match &self.opts.quantize {
             None => BaseWeight::Dense(self.dense(&name, &[out, inp])?),
@@ -290,7 +376,7 @@ impl<'a> Loader<'a> {
                 // Quantised on the CPU from the weight in the compute dtype (as transformers
                 // casts a checkpoint tensor to `torch_dtype` before bitsandbytes packs it).
                 let w = self
-                    .raw(&name, &[out, inp], &Device::Cpu)?
+                    .raw_float(&name, &[out, inp], &Device::Cpu)?
                     .to_dtype(self.opts.dtype)?;
                 let q = QuantTensor::quantize(&w, cfg, &name)?;
                 BaseWeight::Quant {

@@ -14,6 +14,11 @@
 //! Tolerance: max |ours - reference| <= 1e-4 * max |reference| for logits, loss and every
 //! gradient (f32 compute); the quantised matmul against a dense matmul with the dequantised
 //! weight within 1e-6 relative.
+//!
+//! Also the pre-quantised LLM.int8 folder (`tiny_llama_bnb_int8/`, gen_quant_fixtures.py:
+//! transformers' `load_in_8bit` + `save_pretrained`, int8 weights stored as safetensors I8): it
+//! loads as saved, nothing re-quantised, with transformers' logits within 1e-4 (absolute), and
+//! the loader's errors on damaged int8 / 4-bit folders name the folder and the tensor.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,7 +27,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor, Var};
+use reprpo_models::adapter::{AdapterHost, BaseWeight};
 use reprpo_models::quant::{QuantConfig, QuantTensor, QuantType, read_safetensors};
+use reprpo_models::weights::{LazyFiles, TensorSource};
 use reprpo_models::{ForwardSpec, Llama, LoadOptions, peft};
 
 const TOL: f32 = 1e-4;
@@ -195,6 +202,158 @@ fn prequantised_folder_logits_match_transformers() {
     let dense = Llama::load_with(&qlora_dir().join("tiny_llama_dense"), &opts(None)).unwrap();
     let e = rel_err(&logits_of(&dense, &ids), &reference["logits_unquantised"]);
     assert!(e <= TOL, "dense logits rel err {e}");
+}
+
+/// The LLM.int8 folder transformers + bitsandbytes saved (`load_in_8bit`, `save_pretrained`):
+/// read as it is (I8 `weight`, `SCB`, `weight_format`; each layer writes back the saved bytes,
+/// so nothing was re-quantised) and transformers' logits within 1e-4 (its train-mode CPU path,
+/// `MatMul8bitFp`: dequantise, f32 linear, as we compute; its eval-mode LLM.int8 inference also
+/// quantises the activations, which we do not, and is only reported).
+#[test]
+fn prequantised_int8_folder_logits_match_transformers() {
+    let folder = quant_dir().join("tiny_llama_bnb_int8");
+    let reference = st(quant_dir().join("tiny_llama_bnb_int8_reference.safetensors"));
+    let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
+    let model = Llama::load_with(&folder, &opts(None)).unwrap();
+
+    let saved = st(folder.join("model.safetensors"));
+    let mut n_int8 = 0;
+    for lin in model.linears() {
+        let BaseWeight::Quant { q, .. } = &lin.weight else {
+            panic!("{}: not read as a quantised weight", lin.name);
+        };
+        assert_eq!(q.qtype(), QuantType::Int8, "{}", lin.name);
+        let tensors = q.to_bnb(&format!("{}.", lin.name)).unwrap();
+        assert_eq!(tensors.len(), 3, "{}: weight, SCB, weight_format", lin.name);
+        for (name, t) in tensors {
+            let want = &saved[&name];
+            assert_eq!((t.dtype(), t.dims()), (want.dtype(), want.dims()), "{name}");
+            let eq = t.eq(want).unwrap().flatten_all().unwrap();
+            assert_eq!(eq.min(0).unwrap().to_scalar::<u8>().unwrap(), 1, "{name}");
+        }
+        n_int8 += 1;
+    }
+    assert_eq!(n_int8, 14);
+
+    let logits = logits_of(&model, &ids);
+    let e = max_abs(&(&logits - &reference["logits"]).unwrap());
+    let inference = max_abs(&(&logits - &reference["logits_llm_int8_inference"]).unwrap());
+    eprintln!(
+        "pre-quantised int8 folder: logits max abs err {e:.2e} (max |logit| {:.2}); \
+         vs bitsandbytes' eval-mode LLM.int8 inference {inference:.2e}",
+        max_abs(&reference["logits"])
+    );
+    assert!(e <= TOL, "logits max abs err {e}");
+
+    let same = Llama::load_with(&folder, &opts(Some(QuantConfig::new(QuantType::Int8)))).unwrap();
+    assert_eq!(rel_err(&logits_of(&same, &ids), &logits), 0.0);
+    let err = Llama::load_with(&folder, &opts(Some(nf4_dq())))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pre-quantised") && err.contains("q_proj.weight"),
+        "{err}"
+    );
+}
+
+/// A copy of the model folder `from` in a temporary directory with the safetensors tensors
+/// filtered by `keep` (dtypes, shapes and bytes as they were, I8 included).
+fn damaged_copy(from: &std::path::Path, keep: impl Fn(&str) -> bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(from.join("config.json"), dir.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(from.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().filter(|(n, _)| keep(n)).collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+/// Damaged pre-quantised folders: errors, naming the folder and the tensor, never a silent cast
+/// of quantised bytes.
+#[test]
+fn damaged_prequantised_folders_are_errors() {
+    let (int8, nf4) = (
+        quant_dir().join("tiny_llama_bnb_int8"),
+        quant_dir().join("tiny_llama_bnb_nf4"),
+    );
+    let t = "model.layers.1.mlp.up_proj";
+    // (folder, tensors removed, what the error must say besides the folder and `t`)
+    let cases: Vec<(&PathBuf, Vec<String>, Vec<&str>)> = vec![
+        // int8 row scales gone, `weight_format` still there
+        (
+            &int8,
+            vec![format!("{t}.SCB")],
+            vec!["SCB", "weight_format", "missing"],
+        ),
+        // both int8 state tensors gone: the I8 weight alone is no float weight
+        (
+            &int8,
+            vec![format!("{t}.SCB"), format!("{t}.weight_format")],
+            vec!["weight", "integer data", "expected a float"],
+        ),
+        // the int8 weight itself gone
+        (
+            &int8,
+            vec![format!("{t}.weight")],
+            vec!["weight", "missing"],
+        ),
+        // nf4: the quant state gone, absmax still there
+        (
+            &nf4,
+            vec![format!("{t}.weight.quant_state.bitsandbytes__nf4")],
+            vec!["quant_state.bitsandbytes__nf4", "missing"],
+        ),
+    ];
+    for (folder, drop, want) in cases {
+        let copy = damaged_copy(folder, |n| !drop.iter().any(|d| d == n));
+        let err = Llama::load_with(copy.path(), &opts(None))
+            .unwrap_err()
+            .to_string();
+        eprintln!("without {drop:?}: {err}");
+        assert!(err.contains(&copy.path().display().to_string()), "{err}");
+        assert!(err.contains(t), "{err}");
+        for w in want {
+            assert!(err.contains(w), "without {drop:?}: {err:?} lacks {w:?}");
+        }
+    }
+}
+
+/// `LazyFiles::names_with_prefix` (a range of its sorted map) answers what filtering every name
+/// would, also where one layer index is a prefix of another (`layers.1.` vs `layers.10.`).
+#[test]
+fn lazy_files_names_with_prefix_equals_filter() {
+    let files = LazyFiles::open(&quant_dir().join("tiny_llama_bnb_nf4")).unwrap();
+    let all = files.names();
+    for prefix in [
+        "",
+        "model.",
+        "model.layers.1.",
+        "model.layers.1",
+        "model.layers.0.self_attn.q_proj.",
+        "model.layers.0.self_attn.q_proj.weight.",
+        "lm_head.weight",
+        "zzz",
+    ] {
+        let mut want: Vec<String> = all
+            .iter()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect();
+        want.sort();
+        let got = files.names_with_prefix(prefix);
+        assert_eq!(got, want, "prefix {prefix:?}");
+    }
+    let mut m: HashMap<String, Tensor> = HashMap::new();
+    for n in ["a.1.x", "a.10.x", "a.1", "b"] {
+        m.insert(
+            n.into(),
+            Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+        );
+    }
+    let mut got = m.names_with_prefix("a.1.");
+    got.sort();
+    assert_eq!(got, ["a.1.x"]);
 }
 
 #[test]
