@@ -15,6 +15,8 @@
 //! collects those names for a closure. Tests use it to assert which custom ops a step would
 //! run on another device: under [`written_out`], only ops that also have a CUDA forward.
 
+pub mod simd;
+
 use std::cell::{Cell, RefCell};
 
 use candle_core::Device;

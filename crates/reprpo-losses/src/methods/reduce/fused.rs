@@ -29,6 +29,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, 
 use half::{bf16, f16};
 use pulp::Arch;
 use rayon::prelude::*;
+use reprpo_kernels::simd::exp_f32;
 
 use crate::error::Result;
 use crate::fused::rows::{Acc, Elem};
@@ -47,48 +48,6 @@ pub(crate) enum Pre {
     Identity,
     /// `y = log_softmax_h(x)`.
     LogSoftmax,
-}
-
-/// `e^x` in f32 without a libm call (the scalar tails of the SIMD loops of `simd.rs`): Cephes'
-/// `expf` (`x = n ln 2 + r`, a degree-6 polynomial in `r`, `2^n` applied in two halves so that
-/// subnormal results underflow gradually), within 2 ulp; `+inf` above 88.72, 0 below -104, NaN for
-/// NaN. In the baseline build LLVM does not vectorise it across lanes (see `simd.rs`).
-#[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    const HI: f32 = 88.722_83;
-    const LO: f32 = -104.0;
-    // Round to nearest through the magic number 1.5 * 2^23 (no `floor`, which is a libm call on
-    // the SSE2 baseline).
-    const MAGIC: f32 = 12_582_912.0;
-    let xc = x.clamp(LO, HI);
-    let t = xc * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    let r = xc - n * C1 - n * C2;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let n1 = ni >> 1;
-    let n2 = ni - n1;
-    let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
-    let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
-    let v = y * s1 * s2;
-    if x.is_nan() {
-        x
-    } else if x > HI {
-        f32::INFINITY
-    } else if x < LO {
-        0.0
-    } else {
-        v
-    }
 }
 
 /// The accumulator arithmetic the kernel needs beyond [`Acc`].
@@ -515,45 +474,4 @@ pub(crate) fn sink_mean(x: &Tensor, mask: &Tensor, pre: Pre, threshold: f64) -> 
     };
     Ok(x.contiguous()?
         .apply_op2(&mask.detach().contiguous()?, op)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp_f32;
-
-    /// Distance in units in the last place of the f32 nearest to the exact value.
-    fn ulps(got: f32, exact: f64) -> f64 {
-        let e = exact as f32;
-        let ulp = (f32::from_bits(e.abs().to_bits() + 1) - e.abs()) as f64;
-        (got as f64 - exact).abs() / ulp
-    }
-
-    #[test]
-    fn exp_f32_within_two_ulp_of_the_exact_exponential() {
-        let mut worst: f64 = 0.0;
-        // Every 97th f32 in [-87.3, 88.7] by bit pattern (normal results), both signs.
-        let pos = (0..0x42B1_7000u32).step_by(97).map(f32::from_bits);
-        let neg = (0..0x42AE_9000u32).step_by(97).map(|b| -f32::from_bits(b));
-        for x in pos.chain(neg) {
-            let exact = (x as f64).exp();
-            let e = ulps(exp_f32(x), exact);
-            assert!(
-                e <= 2.0,
-                "exp_f32({x:e}) = {:e}, exact {exact:e}: {e} ulp",
-                exp_f32(x)
-            );
-            worst = worst.max(e);
-        }
-        eprintln!("exp_f32: worst {worst:.2} ulp");
-        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
-        assert_eq!(exp_f32(89.0), f32::INFINITY);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(-105.0), 0.0);
-        assert!(exp_f32(f32::NAN).is_nan());
-        // Subnormal results underflow gradually (within one step of the subnormal grid).
-        let sub = exp_f32(-100.0);
-        assert!(sub > 0.0 && sub < f32::MIN_POSITIVE, "{sub:e}");
-        let step = f64::from(f32::from_bits(1));
-        assert!((f64::from(sub) - (-100f64).exp()).abs() <= step, "{sub:e}");
-    }
 }

@@ -4,49 +4,10 @@
 //! scalar `e^x` per element was 70% of the kernel's time).
 //!
 //! Only arguments `≤ 0` reach the exponential here (`x - max` in the forward, `x - c` with
-//! `c ≥ max` in the backward), so [`exp_nonpos`] covers `[-87.33, 0]` with normal results and
-//! gives 0 below (where `e^x < 1.2e-38`, against a row sum of at least 1).
+//! `c ≥ max` in the backward): `reprpo_kernels::simd::exp_nonpos`, tested there.
 
 use pulp::{Arch, Simd, WithSimd};
-
-use super::fused::exp_f32;
-
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const C1: f32 = 0.693_359_4;
-const C2: f32 = -2.121_944_4e-4;
-/// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
-const MAGIC: f32 = 12_582_912.0;
-/// Below this `e^x` would be subnormal; the lanes give 0 there.
-const LO: f32 = -87.33;
-
-/// `e^x` per lane for `x ≤ 0` (Cephes' `expf` as [`exp_f32`], with FMA where the CPU has it):
-/// within 2 ulp on `[-87.33, 0]`, 0 below, NaN for NaN.
-#[inline(always)]
-pub(crate) fn exp_nonpos<S: Simd>(s: S, x: S::f32s) -> S::f32s {
-    let lo = s.splat_f32s(LO);
-    let xc = s.max_f32s(x, lo);
-    let t = s.mul_add_f32s(xc, s.splat_f32s(LOG2E), s.splat_f32s(MAGIC));
-    let n = s.sub_f32s(t, s.splat_f32s(MAGIC));
-    let ni = s.sub_i32s(s.transmute_i32s_f32s(t), s.splat_i32s(0x4B40_0000));
-    let r = s.mul_add_f32s(n, s.splat_f32s(-C1), xc);
-    let r = s.mul_add_f32s(n, s.splat_f32s(-C2), r);
-    let mut p = s.splat_f32s(1.987_569_1e-4);
-    for k in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = s.mul_add_f32s(p, r, s.splat_f32s(k));
-    }
-    let y = s.mul_add_f32s(s.mul_f32s(p, r), r, s.add_f32s(r, s.splat_f32s(1.0)));
-    let bits = s.add_i32s(ni, s.splat_i32s(127));
-    let scale = s.wrapping_dyn_shl_u32s(s.transmute_u32s_i32s(bits), s.splat_u32s(23));
-    let v = s.mul_f32s(y, s.transmute_f32s_u32s(scale));
-    let v = s.select_f32s(s.less_than_f32s(x, lo), s.splat_f32s(0.0), v);
-    s.select_f32s(s.equal_f32s(x, x), v, x)
-}
+use reprpo_kernels::simd::{exp_f32, exp_nonpos};
 
 /// `(c, ‖x - c‖²)` of one row, `c = max + ln Σ exp(x - max)`.
 struct LseNorm<'a> {
@@ -163,78 +124,9 @@ pub(crate) fn softmax_grad(
     });
 }
 
-/// [`exp_nonpos`] over a slice (for the tests).
-#[cfg(test)]
-fn exp_slice(arch: Arch, x: &[f32]) -> Vec<f32> {
-    struct Op<'a>(&'a [f32], &'a mut [f32]);
-    impl WithSimd for Op<'_> {
-        type Output = ();
-        #[inline(always)]
-        fn with_simd<S: Simd>(self, s: S) {
-            let (xh, xt) = S::as_simd_f32s(self.0);
-            let (dh, dt) = S::as_mut_simd_f32s(self.1);
-            for (d, &v) in dh.iter_mut().zip(xh) {
-                *d = exp_nonpos(s, v);
-            }
-            for (d, &v) in dt.iter_mut().zip(xt) {
-                *d = exp_f32(v);
-            }
-        }
-    }
-    let mut out = vec![0f32; x.len()];
-    arch.dispatch(Op(x, &mut out));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ulps(got: f32, exact: f64) -> f64 {
-        let e = exact as f32;
-        let ulp = (f32::from_bits(e.abs().to_bits() + 1) - e.abs()) as f64;
-        (got as f64 - exact).abs() / ulp
-    }
-
-    #[test]
-    fn simd_exp_within_two_ulp_on_the_non_positive_range() {
-        // Every 37th f32 in [-87.33, 0] by bit pattern, in the dispatched SIMD lanes.
-        let x: Vec<f32> = (0..=0x42AE_A8F5u32)
-            .step_by(37)
-            .map(|b| -f32::from_bits(b))
-            .collect();
-        let got = exp_slice(Arch::new(), &x);
-        let mut worst: f64 = 0.0;
-        for (&v, &g) in x.iter().zip(&got) {
-            let e = ulps(g, (v as f64).exp());
-            assert!(e <= 2.0, "exp({v:e}) = {g:e}: {e} ulp");
-            worst = worst.max(e);
-        }
-        eprintln!("simd exp: worst {worst:.2} ulp over {} values", x.len());
-        // Special values, 8 times over (64 values: whole vectors on every instruction set).
-        let specials = [
-            f32::NEG_INFINITY,
-            -1e30,
-            -90.0,
-            f32::NAN,
-            -0.0,
-            0.0,
-            -88.0,
-            -1.0,
-        ];
-        let x: Vec<f32> = specials.iter().cycle().take(64).copied().collect();
-        for s in exp_slice(Arch::new(), &x).chunks(8) {
-            assert_eq!(&s[..3], &[0.0, 0.0, 0.0]);
-            assert!(s[3].is_nan());
-            assert_eq!(&s[4..6], &[1.0, 1.0]);
-            assert_eq!(s[6], 0.0);
-            assert!(
-                (f64::from(s[7]) / (-1f64).exp() - 1.0).abs() < 3e-7,
-                "{}",
-                s[7]
-            );
-        }
-    }
 
     #[test]
     fn row_loops_match_the_scalar_formulas() {
