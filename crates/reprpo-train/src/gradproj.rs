@@ -5,11 +5,14 @@
 //! are in [`reprpo_models::gradproj`]).
 //!
 //! # One batch ([`gradproj_batch_loss`])
-//! Four forwards, as the reference runs them: the reference model (no gradient; the base, or the
-//! frozen initial adapter with `adapter.reference = "initial"`) on the chosen rows, then on the
-//! rejected rows, then the policy on each. When training, the reference forwards record the
-//! outputs of the hooked modules (the linear layers carrying a trainable adapter), and so do the
-//! policy forwards when projgrad reads its direction from the policy (`use_pref_ref = false`).
+//! The reference runs four forwards: the reference model (no gradient; the base, or the frozen
+//! initial adapter with `adapter.reference = "initial"`) on the chosen rows, then on the rejected
+//! rows, then the policy on each. Rows are independent, so here the reference model runs once on
+//! all rows and each half takes its rows of the result; so does the policy under projgrad
+//! (under projbp its forwards stay one per half: the rewrite reads each forward's whole output
+//! gradient). When training, the reference forward records the outputs of the hooked modules
+//! (the linear layers carrying a trainable adapter), and so does the policy's when projgrad
+//! reads its direction from the policy (`use_pref_ref = false`).
 //! projbp's policy forwards carry the hooks that rewrite the gradient at each hooked module's
 //! output during the backward pass (`ForwardSpec::grad_hooks`).
 //!
@@ -390,24 +393,65 @@ fn missing(what: &str) -> TrainError {
     )))
 }
 
-/// One forward's logits and taps.
-struct Pass {
+/// The chosen (`[0]`) or rejected (`[1]`) half of a batch after a forward.
+struct Side {
+    /// `[B]` summed next-token log-probabilities under the attention mask (differentiable
+    /// through a policy forward).
+    lp: Tensor,
+    /// `[B, T, V]` logits, detached (for the NLL metrics).
     logits: Tensor,
+    /// The recorded module outputs `[B, T, H]`, detached.
     taps: BTreeMap<String, Tensor>,
 }
 
-fn pass(model: &dyn CausalLm, ids: &Tensor, mask: &Tensor, spec: &ForwardSpec) -> Result<Pass> {
-    let out = model.forward(ids, Some(mask), None, spec)?;
-    let logits = out.logits.ok_or_else(|| missing("logits"))?;
-    let taps = out.taps.into_iter().map(|(k, t)| (k, t.detach())).collect();
-    Ok(Pass { logits, taps })
+/// The chosen and the rejected rows of `batch` through `model` with `spec`: in one forward of
+/// all `2B` rows when `together` (rows are independent, so each half gets what a forward of its
+/// own gives), else one forward per half, the rejected one with `spec_r`.
+fn forward_pair(
+    model: &dyn CausalLm,
+    batch: &DeviceBatch,
+    (spec, spec_r): (&ForwardSpec, &ForwardSpec),
+    together: bool,
+) -> Result<[Side; 2]> {
+    let b = batch.pairs;
+    let run = |ids: &Tensor, mask: &Tensor, spec: &ForwardSpec| -> Result<Side> {
+        let out = model.forward(ids, Some(mask), None, spec)?;
+        let logits = out.logits.ok_or_else(|| missing("logits"))?;
+        Ok(Side {
+            lp: token_logps(&logits, ids, mask)?.sum,
+            logits: logits.detach(),
+            taps: out.taps.into_iter().map(|(k, t)| (k, t.detach())).collect(),
+        })
+    };
+    if !together {
+        let half = |k: usize, spec| -> Result<Side> {
+            let r = k * b..(k + 1) * b;
+            run(&batch.ids.i(r.clone())?, &batch.attention.i(r)?, spec)
+        };
+        return Ok([half(0, spec)?, half(1, spec_r)?]);
+    }
+    let all = run(&batch.ids, &batch.attention, spec)?;
+    let half = |k: usize| -> Result<Side> {
+        let r = k * b..(k + 1) * b;
+        let taps = all
+            .taps
+            .iter()
+            .map(|(m, t)| Ok((m.clone(), t.i(r.clone())?)))
+            .collect::<Result<_>>()?;
+        Ok(Side {
+            lp: all.lp.i(r.clone())?,
+            logits: all.logits.i(r)?,
+            taps,
+        })
+    };
+    Ok([half(0)?, half(1)?])
 }
 
-/// `[B, H]` directions of every module of `modules` from the taps of a chosen and a rejected
-/// pass (module docs of `reprpo_models::gradproj`).
-fn directions<'a>(
+/// `[B, H]` directions of every module of `modules` from the taps of the chosen and the
+/// rejected half (module docs of `reprpo_models::gradproj`).
+fn directions(
     modules: &[String],
-    (cho, rej): (&'a Pass, &'a Pass),
+    (cho, rej): (&Side, &Side),
     (m_c, m_r): (&Tensor, &Tensor),
     pooling: Pooling,
     reverse: bool,
@@ -415,13 +459,14 @@ fn directions<'a>(
     modules
         .iter()
         .map(|m| {
-            let tap = |p: &'a Pass| -> Result<&'a Tensor> {
+            let tap = |p: &'_ Side| -> Result<Tensor> {
                 p.taps
                     .get(m)
+                    .cloned()
                     .ok_or_else(|| missing(&format!("output of {m}")))
             };
             let v =
-                gradproj::preference_dirs((tap(cho)?, m_c), (tap(rej)?, m_r), pooling, reverse)?;
+                gradproj::preference_dirs((&tap(cho)?, m_c), (&tap(rej)?, m_r), pooling, reverse)?;
             Ok((m.clone(), v))
         })
         .collect()
@@ -441,7 +486,6 @@ pub fn gradproj_batch_loss(
     let kind = Intervention::of(&cfg.loss)
         .ok_or_else(|| config_error("loss", format!("{:?} is no intervention", cfg.loss)))?;
     let b = batch.pairs;
-    let ids = [batch.ids.i(..b)?, batch.ids.i(b..2 * b)?];
     let masks = [batch.attention.i(..b)?, batch.attention.i(b..2 * b)?];
     let modules = if train {
         model.trained_modules()
@@ -455,8 +499,10 @@ pub fn gradproj_batch_loss(
         taps: taps.clone(),
         ..Default::default()
     };
-    let ref_c = pass(model, &ids[0], &masks[0], &ref_spec)?;
-    let ref_r = pass(model, &ids[1], &masks[1], &ref_spec)?;
+    // The reference forwards (no gradient) run on all rows at once, as do projgrad's policy
+    // forwards; projbp's rewrite reads each forward's whole output gradient, so its policy
+    // forwards stay one per half, as the reference runs them.
+    let [ref_c, ref_r] = forward_pair(model, batch, (&ref_spec, &ref_spec), true)?;
     let pair = (&masks[0], &masks[1]);
     let policy_taps = kind == Intervention::ProjGrad && !cfg.projgrad.use_pref_ref;
     let hooks = match kind {
@@ -487,19 +533,20 @@ pub fn gradproj_batch_loss(
         ..Default::default()
     };
     let seed = dropout_seed.filter(|_| train);
-    // The rejected forward draws other dropout masks than the chosen one.
+    // Apart, the rejected forward draws other dropout masks than the chosen one.
     let seed_r = seed.map(|s| s ^ 0x9e37_79b9_7f4a_7c15);
-    let pi_c = pass(model, &ids[0], &masks[0], &policy_spec(seed))?;
-    let pi_r = pass(model, &ids[1], &masks[1], &policy_spec(seed_r))?;
-    let lp = |p: &Pass, k: usize| -> Result<Tensor> {
-        Ok(token_logps(&p.logits, &ids[k], &masks[k])?.sum)
-    };
-    let (lpc, lpr) = (lp(&pi_c, 0)?, lp(&pi_r, 1)?);
-    let (lrc, lrr) = (lp(&ref_c, 0)?, lp(&ref_r, 1)?);
-    let out = reference_dpo_loss([&lpc, &lpr, &lrc, &lrr], DPO_BETA)?;
+    let [pi_c, pi_r] = forward_pair(
+        model,
+        batch,
+        (&policy_spec(seed), &policy_spec(seed_r)),
+        hooks.is_none(),
+    )?;
+    let (lpc, lpr, lrc, lrr) = (&pi_c.lp, &pi_r.lp, &ref_c.lp, &ref_r.lp);
+    let out = reference_dpo_loss([lpc, lpr, lrc, lrr], DPO_BETA)?;
     let mut metrics = out.metrics;
-    let nll = |p: &Pass| -> Result<Tensor> {
-        Ok(unshifted_nll(&p.logits.detach(), &ids[0], &masks[0])?.mean_all()?)
+    let ids_c = batch.ids.i(..b)?;
+    let nll = |p: &Side| -> Result<Tensor> {
+        Ok(unshifted_nll(&p.logits, &ids_c, &masks[0])?.mean_all()?)
     };
     let (nll_pi, nll_ref) = (nll(&pi_c)?, nll(&ref_c)?);
     metrics.insert("nll_loss_ratio".into(), nll_pi.div(&nll_ref)?);
