@@ -4,7 +4,9 @@
 //! chosen row at the same position).
 //!
 //! Every distance starts from one statistics pass over the pair, `[‖x - y‖², x·y, ‖x‖², ‖y‖²]`
-//! (which also gives the cosine diagnostics); the scalar formulas on those sums run in f64. The
+//! (which also gives the cosine diagnostics; in explicit SIMD for f32 rows and for bf16 / f16 rows
+//! widened in L1-sized chunks, f32 lanes, partial sums in f64); the scalar formulas on those sums
+//! run in f64. The
 //! forward leaves a [`PairCache`] per pair (the sums and whatever the variant needs) so that the
 //! backward reads each row once more only to write `∂d/∂x` (times the upstream multiplier `a`).
 //! Gradients, with `nx = ‖x‖`, `ny = ‖y‖`, `den = nx ny`, `cos = x·y / max(den, 1e-8)`:
@@ -28,7 +30,9 @@
 use std::cmp::Ordering;
 
 use candle_core::{CpuStorage, WithDType};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use pulp::{Arch, Simd, WithSimd};
 
 /// The accumulator type of the kernels (`f32` or `f64`).
 pub(crate) trait Acc:
@@ -136,11 +140,21 @@ pub(crate) trait Elem: WithDType {
     fn down(a: Self::A) -> Self;
     /// The kernel's output storage from accumulator values.
     fn out_storage(v: Vec<Self::A>) -> CpuStorage;
+    /// Half precision (bf16, f16): rows are widened chunk by chunk ([`Elem::widen`]) for the
+    /// explicit-SIMD row loops.
+    const HALF: bool = false;
+    /// The row itself when the type is f32 (for the explicit-SIMD row loops).
+    fn as_f32(_x: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// `dst = x` widened to f32 (same length), for [`Elem::HALF`] types; others leave `dst`.
+    fn widen(_x: &[Self], _dst: &mut [f32]) {}
 }
 
 macro_rules! impl_elem {
-    ($t:ty, $a:ty, $up:expr, $down:expr, $store:ident) => {
+    ($t:ty, $a:ty, $up:expr, $down:expr, $store:ident, {$($extra:item)*}) => {
         impl Elem for $t {
+            $($extra)*
             type A = $a;
             #[inline(always)]
             fn up(self) -> $a {
@@ -156,10 +170,140 @@ macro_rules! impl_elem {
         }
     };
 }
-impl_elem!(f32, f32, |x| x, |a| a, F32);
-impl_elem!(f64, f64, |x| x, |a| a, F64);
-impl_elem!(bf16, f32, bf16::to_f32, bf16::from_f32, F32);
-impl_elem!(f16, f32, f16::to_f32, f16::from_f32, F32);
+impl_elem!(f32, f32, |x| x, |a| a, F32, {
+    fn as_f32(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
+});
+impl_elem!(f64, f64, |x| x, |a| a, F64, {});
+impl_elem!(bf16, f32, bf16::to_f32, bf16::from_f32, F32, {
+    const HALF: bool = true;
+    fn widen(x: &[bf16], dst: &mut [f32]) {
+        x.convert_to_f32_slice(dst);
+    }
+});
+impl_elem!(f16, f32, f16::to_f32, f16::from_f32, F32, {
+    const HALF: bool = true;
+    fn widen(x: &[f16], dst: &mut [f32]) {
+        x.convert_to_f32_slice(dst);
+    }
+});
+
+/// `[‖x - y‖², x·y, ‖x‖², ‖y‖²]` of two f32 rows of one length, in explicit SIMD (f32 lanes,
+/// FMA where the CPU has it; `pulp` dispatch).
+struct Stats4Simd<'a>(&'a [f32], &'a [f32]);
+
+impl WithSimd for Stats4Simd<'_> {
+    type Output = [f32; 4];
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) -> [f32; 4] {
+        let (xh, xt) = S::as_simd_f32s(self.0);
+        let (yh, yt) = S::as_simd_f32s(self.1);
+        let z = s.splat_f32s(0.0);
+        let (mut dd, mut dot, mut nx, mut ny) = (z, z, z, z);
+        for (&a, &b) in xh.iter().zip(yh) {
+            let d = s.sub_f32s(a, b);
+            dd = s.mul_add_f32s(d, d, dd);
+            dot = s.mul_add_f32s(a, b, dot);
+            nx = s.mul_add_f32s(a, a, nx);
+            ny = s.mul_add_f32s(b, b, ny);
+        }
+        let mut out = [dd, dot, nx, ny].map(|v| s.reduce_sum_f32s(v));
+        for (&a, &b) in xt.iter().zip(yt) {
+            let d = a - b;
+            out[0] += d * d;
+            out[1] += a * b;
+            out[2] += a * a;
+            out[3] += b * b;
+        }
+        out
+    }
+}
+
+/// `‖x‖²` of an f32 row in explicit SIMD (as [`Stats4Simd`]).
+struct SumSqSimd<'a>(&'a [f32]);
+
+impl WithSimd for SumSqSimd<'_> {
+    type Output = f32;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) -> f32 {
+        let (xh, xt) = S::as_simd_f32s(self.0);
+        let z = s.splat_f32s(0.0);
+        let (mut a0, mut a1) = (z, z);
+        let (pairs, rest) = xh.as_chunks::<2>();
+        for [v0, v1] in pairs {
+            a0 = s.mul_add_f32s(*v0, *v0, a0);
+            a1 = s.mul_add_f32s(*v1, *v1, a1);
+        }
+        for &v in rest {
+            a0 = s.mul_add_f32s(v, v, a0);
+        }
+        let mut out = s.reduce_sum_f32s(s.add_f32s(a0, a1));
+        for &v in xt {
+            out += v * v;
+        }
+        out
+    }
+}
+
+/// Widened chunks of half-precision rows, short enough to stay in L1.
+const CHUNK: usize = 512;
+
+/// `f` of two f32 rows of one length (4 sums), or of half-precision rows widened chunk by chunk
+/// (partial sums added in f64); `None` for f64 rows.
+#[inline(always)]
+fn simd_pair<E: Elem>(
+    x: &[E],
+    y: &[E],
+    f: impl Fn(&[f32], &[f32]) -> [f32; 4],
+) -> Option<[f64; 4]> {
+    if let (Some(a), Some(b)) = (E::as_f32(x), E::as_f32(y)) {
+        return Some(f(a, b).map(f64::from));
+    }
+    if !E::HALF || x.len() != y.len() {
+        return None;
+    }
+    let (mut bx, mut by) = ([0f32; CHUNK], [0f32; CHUNK]);
+    let mut out = [0f64; 4];
+    for (cx, cy) in x.chunks(CHUNK).zip(y.chunks(CHUNK)) {
+        let n = cx.len();
+        E::widen(cx, &mut bx[..n]);
+        E::widen(cy, &mut by[..n]);
+        for (o, p) in out.iter_mut().zip(f(&bx[..n], &by[..n])) {
+            *o += f64::from(p);
+        }
+    }
+    Some(out)
+}
+
+/// [`Stats4Simd`] of f32 or half-precision rows (`None` for f64).
+#[inline(always)]
+fn stats4_simd<E: Elem>(x: &[E], y: &[E]) -> Option<[f64; 4]> {
+    let arch = Arch::new();
+    simd_pair(x, y, |a, b| arch.dispatch(Stats4Simd(a, b)))
+}
+
+/// `‖x‖²` of one row: explicit SIMD for f32 and half-precision rows (widened chunk by chunk,
+/// partial sums in f64), eight lanes for f64.
+#[inline(always)]
+pub(crate) fn sum_sq<E: Elem>(x: &[E]) -> f64 {
+    let arch = Arch::new();
+    if let Some(a) = E::as_f32(x) {
+        return f64::from(arch.dispatch(SumSqSimd(a)));
+    }
+    if !E::HALF {
+        return lane_sum(x, x, |a, _| a * a).to_f64();
+    }
+    let mut buf = [0f32; CHUNK];
+    x.chunks(CHUNK)
+        .map(|c| {
+            E::widen(c, &mut buf[..c.len()]);
+            f64::from(arch.dispatch(SumSqSimd(&buf[..c.len()])))
+        })
+        .sum()
+}
 
 /// Lanes of the per-row accumulators (independent sums, so the loops vectorise).
 const LANES: usize = 8;
@@ -212,6 +356,9 @@ fn lane_sum_acc<A: Acc>(x: &[A], y: &[A], f: impl Fn(A, A) -> A) -> A {
 /// `[‖x - y‖², x·y, ‖x‖², ‖y‖²]` of one row pair.
 #[inline(always)]
 pub(crate) fn stats4<E: Elem>(x: &[E], y: &[E]) -> [f64; 4] {
+    if let Some(st) = stats4_simd(x, y) {
+        return st;
+    }
     let z = [E::A::ZERO; LANES];
     let (mut dd, mut dot, mut nx, mut ny) = (z, z, z, z);
     let (cx, rx) = x.as_chunks::<LANES>();
@@ -248,6 +395,9 @@ pub(crate) fn stats4<E: Elem>(x: &[E], y: &[E]) -> [f64; 4] {
 /// `[‖x - y‖², x·y, ‖x‖²]` of one row pair (`‖y‖²` is known from the chosen pair).
 #[inline(always)]
 pub(crate) fn stats3<E: Elem>(x: &[E], y: &[E]) -> [f64; 3] {
+    if let Some([dd, dot, nx, _]) = stats4_simd(x, y) {
+        return [dd, dot, nx];
+    }
     let z = [E::A::ZERO; LANES];
     let (mut dd, mut dot, mut nx) = (z, z, z);
     let (cx, rx) = x.as_chunks::<LANES>();

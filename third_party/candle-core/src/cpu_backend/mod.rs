@@ -3,7 +3,7 @@ use crate::backend::{BackendDevice, BackendStorage};
 use crate::op::{BinaryOpT, CmpOp, ReduceOp, UnaryOpT};
 use crate::{DType, Error, IntDType, Layout, NdIter, Result, Shape, WithDType};
 use float8::F8E4M3;
-use half::{bf16, f16, slice::HalfFloatSliceExt, vec::HalfFloatVecExt};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 mod utils;
@@ -1943,6 +1943,37 @@ impl CpuStorage {
     }
 }
 
+/// Half precision (`bf16` / `f16`) to f32, split over threads like the other elementwise ops
+/// (reprpo patch: `to_dtype` and the bf16 matmul's widening ran on one thread).
+fn widen_par<H: Copy + Send + Sync>(vs: &[H], layout: &Layout) -> Vec<f32>
+where
+    [H]: HalfFloatSliceExt,
+{
+    let one = |v: H| {
+        let mut o = [0f32];
+        [v].convert_to_f32_slice(&mut o);
+        o[0]
+    };
+    unary_map_vec_par(vs, layout, one, |src: &[H], dst: &mut [f32]| {
+        src.convert_to_f32_slice(dst)
+    })
+}
+
+/// f32 to half precision (round to nearest even), split over threads (reprpo patch).
+fn narrow_par<H: Copy + Send + Sync + Default>(vs: &[f32], layout: &Layout) -> Vec<H>
+where
+    [H]: HalfFloatSliceExt,
+{
+    let one = |v: f32| {
+        let mut o = [H::default()];
+        o.convert_from_f32_slice(&[v]);
+        o[0]
+    };
+    unary_map_vec_par(vs, layout, one, |src: &[f32], dst: &mut [H]| {
+        dst.convert_from_f32_slice(src)
+    })
+}
+
 impl BackendStorage for CpuStorage {
     type Device = CpuDevice;
 
@@ -1989,7 +2020,7 @@ impl BackendStorage for CpuStorage {
                 Ok(Self::BF16(data))
             }
             (Self::F32(storage), DType::BF16) => {
-                let data = unary_map(storage, layout, bf16::from_f32);
+                let data = narrow_par(storage, layout);
                 Ok(Self::BF16(data))
             }
             (Self::F64(storage), DType::BF16) => {
@@ -2017,7 +2048,7 @@ impl BackendStorage for CpuStorage {
                 Ok(Self::F16(data))
             }
             (Self::F32(storage), DType::F16) => {
-                let data = unary_map(storage, layout, f16::from_f32);
+                let data = narrow_par(storage, layout);
                 Ok(Self::F16(data))
             }
             (Self::F64(storage), DType::F16) => {
@@ -2037,11 +2068,11 @@ impl BackendStorage for CpuStorage {
                 Ok(Self::F32(data))
             }
             (Self::BF16(storage), DType::F32) => {
-                let data = unary_map(storage, layout, |v| v.to_f32());
+                let data = widen_par(storage, layout);
                 Ok(Self::F32(data))
             }
             (Self::F16(storage), DType::F32) => {
-                let data = unary_map(storage, layout, |v| v.to_f32());
+                let data = widen_par(storage, layout);
                 Ok(Self::F32(data))
             }
             (Self::F32(storage), DType::F32) => {
@@ -3089,13 +3120,14 @@ impl BackendStorage for CpuStorage {
     ) -> Result<Self> {
         // no bf16 gemm kernel yet: widen to f32, multiply, narrow back
         if let (Self::BF16(lhs_v), Self::BF16(rhs_v)) = (self, rhs) {
-            let lhs32 = Self::F32(lhs_v.to_f32_vec());
-            let rhs32 = Self::F32(rhs_v.to_f32_vec());
+            let whole = |v: &[bf16]| Layout::contiguous(v.len());
+            let lhs32 = Self::F32(widen_par(lhs_v, &whole(lhs_v)));
+            let rhs32 = Self::F32(widen_par(rhs_v, &whole(rhs_v)));
             let out = MatMul(bmnk).map(&lhs32, lhs_l, &rhs32, rhs_l)?;
             let Self::F32(out_v) = out else {
                 crate::bail!("matmul dtype mismatch")
             };
-            return Ok(Self::BF16(Vec::from_f32_slice(&out_v)));
+            return Ok(Self::BF16(narrow_par(&out_v, &Layout::contiguous(out_v.len()))));
         }
         MatMul(bmnk).map(self, lhs_l, rhs, rhs_l)
     }

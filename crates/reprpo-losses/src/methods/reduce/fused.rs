@@ -194,7 +194,7 @@ fn lane_max<E: RowElem>(x: &[E]) -> E::A {
 #[inline(always)]
 fn row_stats<E: RowElem>(arch: Arch, pre: Pre, x: &[E]) -> (E::A, f64) {
     match pre {
-        Pre::Identity => (E::A::ZERO, lane_sum(x, |v| v * v).to_f64()),
+        Pre::Identity => (E::A::ZERO, crate::fused::rows::sum_sq(x)),
         Pre::LogSoftmax => E::lse_norm(arch, x),
     }
 }
