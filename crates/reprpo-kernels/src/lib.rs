@@ -14,6 +14,9 @@
 //! Every custom op's CPU forward reports itself ([`ran_cpu_kernel`]); [`trace_cpu_kernels`]
 //! collects those names for a closure. Tests use it to assert which custom ops a step would
 //! run on another device: under [`written_out`], only ops that also have a CUDA forward.
+//!
+//! [`simd`] holds the exponential and the softmax row loops the fused kernels share, in explicit
+//! SIMD chosen at run time.
 
 pub mod simd;
 

@@ -55,8 +55,11 @@ impl CustomOp1 for FrozenMatmul {
         let Storage::Cpu(w) = &*guard else {
             candle_core::bail!("{}: weight is not on the CPU", self.name());
         };
-        let wt_l = w_l.transpose(0, 1)?;
-        let y = x.matmul(w, (1, m, n, k), x_l, &wt_l)?;
+        let y = if blocked(x.dtype(), n * k) {
+            half_matmul_t(x, x_l, w, w_l)?
+        } else {
+            x.matmul(w, (1, m, n, k), x_l, &w_l.transpose(0, 1)?)?
+        };
         Ok((y, Shape::from((m, n))))
     }
 
@@ -67,9 +70,73 @@ impl CustomOp1 for FrozenMatmul {
         grad_y: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         // d(x W^T)/dx applied to grad_y: grad_y W. W gets nothing.
-        let w = self.w.get(grad_y.dtype(), grad_y.device())?;
-        Ok(Some(grad_y.matmul(&w.detach())?))
+        let w = self.w.get(grad_y.dtype(), grad_y.device())?.detach();
+        if grad_y.device().is_cpu() && blocked(w.dtype(), w.elem_count()) {
+            return Ok(Some(half_matmul(grad_y, &w)?));
+        }
+        Ok(Some(grad_y.matmul(&w)?))
     }
+}
+
+/// Elements of f32 per block of a bf16 product with a large weight (64 MiB).
+const HALF_BLOCK_ELEMS: usize = 1 << 24;
+
+/// Whether a product with a weight of `elems` elements in `dtype` runs in blocks: candle's CPU
+/// matmul has no bf16 kernel and widens both whole operands to f32, for an 8B model's output
+/// head a 2 GiB temporary per product (f16 has gemm's own kernel).
+fn blocked(dtype: DType, elems: usize) -> bool {
+    dtype == DType::BF16 && elems > HALF_BLOCK_ELEMS
+}
+
+/// `x W^T` for bf16 `x` `[m, k]` and `W` `[n, k]` (contiguous): `x` widened once,
+/// `W` in f32 blocks of rows, the f32 result narrowed once (the same values as candle's
+/// whole-operand widening: one f32 GEMM per output element, one rounding).
+fn half_matmul_t(
+    x: &CpuStorage,
+    x_l: &Layout,
+    w: &CpuStorage,
+    w_l: &Layout,
+) -> candle_core::Result<CpuStorage> {
+    let (m, k) = x_l.shape().dims2()?;
+    let (n, _) = w_l.shape().dims2()?;
+    let Some((w0, _)) = w_l.contiguous_offsets() else {
+        candle_core::bail!("frozen-matmul: weight is not contiguous");
+    };
+    let xf = x.to_dtype(x_l, DType::F32)?;
+    let xf_l = Layout::contiguous((m, k));
+    let rows = (HALF_BLOCK_ELEMS / k.max(1)).clamp(1, n.max(1));
+    let mut out = vec![0f32; m * n];
+    for r0 in (0..n).step_by(rows) {
+        let nb = rows.min(n - r0);
+        let wf = w.to_dtype(
+            &Layout::contiguous_with_offset((nb, k), w0 + r0 * k),
+            DType::F32,
+        )?;
+        let wt_l = Layout::contiguous((nb, k)).transpose(0, 1)?;
+        let CpuStorage::F32(y) = xf.matmul(&wf, (1, m, nb, k), &xf_l, &wt_l)? else {
+            candle_core::bail!("frozen-matmul: f32 product of another dtype");
+        };
+        for (i, row) in y.chunks(nb.max(1)).enumerate() {
+            out[i * n + r0..i * n + r0 + nb].copy_from_slice(row);
+        }
+    }
+    CpuStorage::F32(out).to_dtype(&Layout::contiguous((m, n)), x.dtype())
+}
+
+/// `g W` for bf16 `g` `[m, n]` and `W` `[n, k]`, summed in f32 over blocks of `W`'s
+/// rows and narrowed once (as [`half_matmul_t`]).
+fn half_matmul(g: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let (m, n) = g.dims2()?;
+    let k = w.dim(1)?;
+    let rows = (HALF_BLOCK_ELEMS / k.max(1)).clamp(1, n.max(1));
+    let mut acc = Tensor::zeros((m, k), DType::F32, g.device())?;
+    for r0 in (0..n).step_by(rows) {
+        let nb = rows.min(n - r0);
+        let gb = g.narrow(1, r0, nb)?.to_dtype(DType::F32)?;
+        let wb = w.narrow(0, r0, nb)?.to_dtype(DType::F32)?;
+        acc = (acc + gb.matmul(&wb)?)?;
+    }
+    acc.to_dtype(g.dtype())
 }
 
 /// `x W^T` for `x` `[m, in]` and a frozen `w` `[out, in]`; no gradient flows to `w`.

@@ -523,14 +523,26 @@ impl RandomSource {
         let t = if self.device.is_cpu() {
             let n: usize = shape.iter().product();
             let std = self.std;
-            let v: Vec<f32> = (0..n)
-                .map(|_| {
-                    let u1: f64 = self.rng.random::<f64>().max(1e-300);
-                    let u2: f64 = self.rng.random();
-                    (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-                })
-                .collect();
-            Tensor::from_vec(v, shape, &self.device)?
+            let rng = &mut self.rng;
+            let mut draw = move || -> f32 {
+                let u1: f64 = rng.random::<f64>().max(1e-300);
+                let u2: f64 = rng.random();
+                (std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            };
+            // Half precision is rounded as drawn (as `to_dtype` rounds), so an 8B model's
+            // 2 GiB f32 head is never held beside its bf16 copy.
+            let dev = &self.device;
+            match self.dtype {
+                DType::BF16 => {
+                    let v: Vec<half::bf16> = (0..n).map(|_| half::bf16::from_f32(draw())).collect();
+                    Tensor::from_vec(v, shape, dev)?
+                }
+                DType::F16 => {
+                    let v: Vec<half::f16> = (0..n).map(|_| half::f16::from_f32(draw())).collect();
+                    Tensor::from_vec(v, shape, dev)?
+                }
+                _ => Tensor::from_vec((0..n).map(|_| draw()).collect::<Vec<f32>>(), shape, dev)?,
+            }
         } else {
             Tensor::randn(0f32, self.std as f32, shape, &self.device)?
         };

@@ -94,3 +94,75 @@ fn values_and_input_gradient_match_matmul_and_weight_gets_none() {
         }
     }
 }
+
+/// A bf16 product with a weight over the blocking threshold (2^24 elements: an 8B
+/// model's output head is 2^29): the forward equals candle's whole-operand bf16 matmul bit for
+/// bit (the same f32 GEMM per output element, one rounding), the input gradient is the f32
+/// product `g W` rounded once, up to the blocks' summation order. (f16 has gemm's own kernel
+/// and is not blocked.)
+#[test]
+fn large_bf16_weights_run_in_blocks_with_the_same_values() {
+    let dev = Device::Cpu;
+    let (m, n, k) = (6, 33_000, 520);
+    {
+        let dt = DType::BF16;
+        let x = Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (m, k), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap(),
+        )
+        .unwrap();
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let ours = frozen_matmul(x.as_tensor(), &w).unwrap();
+        // candle's own half-precision matmul (whole operands widened) as the reference.
+        let plain = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let bits = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (a, b) = (bits(&ours), bits(&plain));
+        let same = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.to_bits() == y.to_bits())
+            .count();
+        assert_eq!(
+            same,
+            a.len(),
+            "{dt:?}: forward differs in {} of {}",
+            a.len() - same,
+            a.len()
+        );
+        let g = Tensor::randn(0f32, 1.0, (m, n), &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let grads = (&ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let got = bits(grads.get(x.as_tensor()).unwrap());
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let want = bits(&f(&g).matmul(&f(&w)).unwrap());
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        // One rounding to bf16 (8 bits) / f16 (11 bits) of values up to `scale`.
+        let tol = scale * 8e-3;
+        assert!(
+            err <= tol,
+            "{dt:?}: input gradient off by {err} (scale {scale})"
+        );
+        assert!(
+            grads.get(&w).is_none(),
+            "{dt:?}: the frozen weight got a gradient"
+        );
+    }
+}
