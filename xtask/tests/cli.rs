@@ -238,16 +238,14 @@ fn the_default_run_lowers_its_reroute_distance() {
     );
 }
 
-/// A run of a reference method with a trained transform (issue 17): `eval` on its folder scores
-/// the adapted model and reproduces the training job's held-out scores (the transform acts on
-/// activations inside the loss only; eval accepts the run's `transform.safetensors`).
-#[test]
-fn eval_of_a_transform_run_reproduces_its_training_scores() {
+/// Train a short run with `extra` keys, then `eval` its folder: the adapted model's held-out
+/// scores in the eval table equal the training job's (`summary.json`) within 1e-6, so eval
+/// rebuilt the very model the trainer scored. `marker`: a file the run folder must hold.
+fn eval_reproduces_training_scores(extra: &[&str], marker: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = format!("run.out_dir={}", tmp.path().display());
-    let (ok, out, err) = xtask(&[
+    let mut args = vec![
         "train",
-        "loss=hs-ether-prefvec",
         "sft.steps=0",
         "train.max_steps=2",
         "train.lr=1e-2",
@@ -255,13 +253,15 @@ fn eval_of_a_transform_run_reproduces_its_training_scores() {
         "run.plots=false",
         &out_dir,
         "--no-progress",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = xtask(&args);
     assert!(ok, "{out}{err}");
     let run = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.join("transform.safetensors").is_file())
-        .expect("a run folder with a transform");
+        .find(|p| p.join(marker).is_file())
+        .unwrap_or_else(|| panic!("a run folder with {marker}"));
     let (ok, out, err) = xtask(&[
         "eval",
         "--adapter",
@@ -297,10 +297,29 @@ fn eval_of_a_transform_run_reproduces_its_training_scores() {
             let want = summary[&skey].as_f64().unwrap();
             assert!(
                 (got - want).abs() < 1e-6,
-                "{set} {stat}: eval {got}, training {want}"
+                "{extra:?} {set} {stat}: eval {got}, training {want}"
             );
         }
     }
+}
+
+/// A run of a reference method with a trained transform (issue 17): `eval` on its folder scores
+/// the adapted model and reproduces the training job's held-out scores (the transform acts on
+/// activations inside the loss only; eval accepts the run's `transform.safetensors`).
+#[test]
+fn eval_of_a_transform_run_reproduces_its_training_scores() {
+    eval_reproduces_training_scores(&["loss=hs-ether-prefvec"], "transform.safetensors");
+}
+
+/// A LoRA run on an NF4 base with double quantisation (issue 19): `eval` reads `model.quantize`
+/// from the run's resolved configuration and quantises the base again, bit for bit as the
+/// trainer did, so the held-out scores are the training job's.
+#[test]
+fn eval_of_a_quantised_run_reproduces_its_training_scores() {
+    eval_reproduces_training_scores(
+        &["model.quantize=nf4", "model.double_quant=true"],
+        "summary.json",
+    );
 }
 
 #[test]
