@@ -27,10 +27,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::{max_abs, next_token_loss, quant_dir};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use reprpo_models::quant::read_safetensors;
 use reprpo_models::{ForwardSpec, Llama, LoadOptions, peft};
 use serde_json::Value;
@@ -45,10 +49,6 @@ const TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
-
-fn quant_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/quant")
-}
 
 fn peft_dir() -> PathBuf {
     quant_dir().join("peft_nf4")
@@ -72,17 +72,6 @@ fn fixture() -> Fixture {
         mask: t["attention_mask"].clone(),
         t,
     }
-}
-
-fn max_abs(x: &Tensor) -> f32 {
-    x.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -119,34 +108,6 @@ fn raw_tensors(file: &Path) -> Raw {
 
 fn json(file: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
-}
-
-/// The mean next-token cross-entropy over attended targets (as `qlora_reference.rs`).
-fn next_token_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
-    let t = ids.dim(1).unwrap();
-    let lp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1).unwrap(), D::Minus1).unwrap();
-    let tgt = ids
-        .narrow(1, 1, t - 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .unsqueeze(2)
-        .unwrap();
-    let nll = lp
-        .gather(&tgt, 2)
-        .unwrap()
-        .squeeze(2)
-        .unwrap()
-        .neg()
-        .unwrap();
-    let m = mask
-        .narrow(1, 1, t - 1)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    ((nll * &m).unwrap().sum_all().unwrap()
-        / m.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64)
-        .unwrap()
 }
 
 /// PEFT -> here: PEFT's adapter on the pre-quantised folder gives PEFT's logits; the base alone

@@ -22,11 +22,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
+use common::{max_abs, next_token_loss, quant_dir};
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use reprpo_models::adapter::{AdapterHost, BaseWeight};
 use reprpo_models::quant::{QuantConfig, QuantTensor, QuantType, read_safetensors};
 use reprpo_models::weights::{LazyFiles, TensorSource};
@@ -34,27 +38,12 @@ use reprpo_models::{ForwardSpec, Llama, LoadOptions, peft};
 
 const TOL: f32 = 1e-4;
 
-fn quant_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/quant")
-}
-
 fn qlora_dir() -> PathBuf {
     quant_dir().join("qlora")
 }
 
 fn st(path: PathBuf) -> HashMap<String, Tensor> {
     read_safetensors(&path).unwrap()
-}
-
-fn max_abs(x: &Tensor) -> f32 {
-    x.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// max |a - b| / max |b|.
@@ -77,34 +66,6 @@ fn nf4_dq() -> QuantConfig {
         block_size: 64,
         double_quant: true,
     }
-}
-
-/// The mean next-token cross-entropy over attended targets (module docs).
-fn next_token_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
-    let t = ids.dim(1).unwrap();
-    let lp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1).unwrap(), D::Minus1).unwrap();
-    let tgt = ids
-        .narrow(1, 1, t - 1)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .unsqueeze(2)
-        .unwrap();
-    let nll = lp
-        .gather(&tgt, 2)
-        .unwrap()
-        .squeeze(2)
-        .unwrap()
-        .neg()
-        .unwrap();
-    let m = mask
-        .narrow(1, 1, t - 1)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    ((nll * &m).unwrap().sum_all().unwrap()
-        / m.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64)
-        .unwrap()
 }
 
 /// Worst relative errors of one step: (logits, loss, gradients).

@@ -248,3 +248,39 @@ pub fn after_matches_full<M: CausalLm>(model: &M, ids: &[u32]) -> f32 {
     }
     worst
 }
+
+/// `tests/fixtures/quant` (the bitsandbytes / QLoRA fixtures of `gen_quant_fixtures.py`).
+pub fn quant_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/quant")
+}
+
+/// The mean next-token cross-entropy of `logits` `[B, T, V]` over the attended targets of `ids`
+/// (`mask` `[B, T]`), as PEFT's fixtures compute their QLoRA objective.
+pub fn next_token_loss(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Tensor {
+    let t = ids.dim(1).unwrap();
+    let lp =
+        candle_nn::ops::log_softmax(&logits.narrow(1, 0, t - 1).unwrap(), candle_core::D::Minus1)
+            .unwrap();
+    let tgt = ids
+        .narrow(1, 1, t - 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .unsqueeze(2)
+        .unwrap();
+    let nll = lp
+        .gather(&tgt, 2)
+        .unwrap()
+        .squeeze(2)
+        .unwrap()
+        .neg()
+        .unwrap();
+    let m = mask
+        .narrow(1, 1, t - 1)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    ((nll * &m).unwrap().sum_all().unwrap()
+        / m.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64)
+        .unwrap()
+}

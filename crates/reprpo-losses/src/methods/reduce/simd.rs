@@ -7,44 +7,23 @@
 //! `c ≥ max` in the backward): `reprpo_kernels::simd::exp_nonpos`, tested there.
 
 use pulp::{Arch, Simd, WithSimd};
-use reprpo_kernels::simd::{exp_f32, exp_nonpos};
+use reprpo_kernels::simd::{self, exp_f32, exp_nonpos};
 
-/// `(c, ‖x - c‖²)` of one row, `c = max + ln Σ exp(x - max)`.
-struct LseNorm<'a> {
+/// `‖x - c‖²` of one row.
+struct SqDist<'a> {
     x: &'a [f32],
+    c: f32,
 }
 
-impl WithSimd for LseNorm<'_> {
-    type Output = (f32, f64);
+impl WithSimd for SqDist<'_> {
+    type Output = f64;
 
     #[inline(always)]
-    fn with_simd<S: Simd>(self, s: S) -> (f32, f64) {
+    fn with_simd<S: Simd>(self, s: S) -> f64 {
         let (head, tail) = S::as_simd_f32s(self.x);
-        let mut m = s.splat_f32s(f32::NEG_INFINITY);
-        for &v in head {
-            m = s.max_f32s(m, v);
-        }
-        let mut mx = s.reduce_max_f32s(m);
-        for &v in tail {
-            mx = mx.max(v);
-        }
-        let mv = s.splat_f32s(mx);
-        let zero = s.splat_f32s(0.0);
-        let (mut a0, mut a1) = (zero, zero);
         let (pairs, rest) = head.as_chunks::<2>();
-        for [v0, v1] in pairs {
-            a0 = s.add_f32s(a0, exp_nonpos(s, s.sub_f32s(*v0, mv)));
-            a1 = s.add_f32s(a1, exp_nonpos(s, s.sub_f32s(*v1, mv)));
-        }
-        for &v in rest {
-            a0 = s.add_f32s(a0, exp_nonpos(s, s.sub_f32s(v, mv)));
-        }
-        let mut sum = s.reduce_sum_f32s(s.add_f32s(a0, a1));
-        for &v in tail {
-            sum += exp_f32(v - mx);
-        }
-        let c = mx + sum.ln();
-        let cv = s.splat_f32s(c);
+        let cv = s.splat_f32s(self.c);
+        let zero = s.splat_f32s(0.0);
         let (mut b0, mut b1) = (zero, zero);
         for [v0, v1] in pairs {
             let y0 = s.sub_f32s(*v0, cv);
@@ -58,9 +37,9 @@ impl WithSimd for LseNorm<'_> {
         }
         let mut n2 = f64::from(s.reduce_sum_f32s(s.add_f32s(b0, b1)));
         for &v in tail {
-            n2 += f64::from((v - c) * (v - c));
+            n2 += f64::from((v - self.c) * (v - self.c));
         }
-        (c, n2)
+        n2
     }
 }
 
@@ -101,9 +80,11 @@ impl WithSimd for SoftmaxGrad<'_> {
     }
 }
 
-/// `(c, ‖x - c‖²)` of one f32 row (see [`LseNorm`]).
+/// `(c, ‖x - c‖²)` of one f32 row, `c = max + ln Σ exp(x - max)`.
 pub(crate) fn lse_norm(arch: Arch, x: &[f32]) -> (f32, f64) {
-    arch.dispatch(LseNorm { x })
+    let m = simd::max_f32(arch, x);
+    let c = m + simd::sum_exp(arch, x, m).ln();
+    (c, arch.dispatch(SqDist { x, c }))
 }
 
 /// `dst = w (g - exp(x - c) sg)` over one f32 row.
