@@ -319,6 +319,7 @@ impl SinkMean {
                     .map(|bi| gs[bi * h..(bi + 1) * h].iter().map(|v| v.up()).collect())
                     .collect();
                 let gsum: Vec<E::A> = grow.iter().map(|r| hsum_vec(r)).collect();
+                let shared = shared_rows::<E>(self.pre, &cache.w, &grow, t);
                 let row = |(r, dst): (usize, &mut [E])| {
                     let w = cache.w[r];
                     if w == 0.0 {
@@ -327,11 +328,14 @@ impl SinkMean {
                     let bi = r / t;
                     let (wa, gr) = (E::A::from_f64(w), &grow[bi]);
                     match self.pre {
-                        Pre::Identity => {
-                            for (d, &gv) in dst.iter_mut().zip(gr) {
-                                *d = E::down(wa * gv);
+                        Pre::Identity => match shared[bi].iter().find(|(ws, _)| *ws == w) {
+                            Some((_, same)) => dst.copy_from_slice(same),
+                            None => {
+                                for (d, &gv) in dst.iter_mut().zip(gr) {
+                                    *d = E::down(wa * gv);
+                                }
                             }
-                        }
+                        },
                         Pre::LogSoftmax => {
                             let c = E::A::from_f64(cache.c[r]);
                             let xr = &xs[r * h..(r + 1) * h];
@@ -349,6 +353,42 @@ impl SinkMean {
         })?;
         Tensor::from_vec(gx, x.shape(), x.device())
     }
+}
+
+/// Distinct non-zero row weights per example that [`shared_rows`] precomputes, at most.
+const SHARED_WEIGHTS: usize = 4;
+
+/// For [`Pre::Identity`]: per example, its distinct non-zero row weights `w` with the gradient
+/// row `w G[b]` in the input's dtype, computed once (every counted row of an example with a 0/1
+/// mask has the same weight, so the backward copies one row instead of rounding each element of
+/// each row again). Empty for an example with more than [`SHARED_WEIGHTS`] distinct weights
+/// (fractional masks; computed row by row) and for the log-softmax.
+fn shared_rows<E: RowElem>(
+    pre: Pre,
+    w: &[f64],
+    grow: &[Vec<E::A>],
+    t: usize,
+) -> Vec<Vec<(f64, Vec<E>)>> {
+    grow.iter()
+        .enumerate()
+        .map(|(bi, g)| {
+            let mut ws: Vec<f64> = Vec::new();
+            for &wr in &w[bi * t..(bi + 1) * t] {
+                if wr != 0.0 && !ws.contains(&wr) {
+                    ws.push(wr);
+                }
+            }
+            if pre != Pre::Identity || ws.len() > SHARED_WEIGHTS {
+                return Vec::new();
+            }
+            ws.into_iter()
+                .map(|wr| {
+                    let wa = E::A::from_f64(wr);
+                    (wr, g.iter().map(|&gv| E::down(wa * gv)).collect())
+                })
+                .collect()
+        })
+        .collect()
 }
 
 fn hsum_vec<A: Acc>(v: &[A]) -> A {
