@@ -129,7 +129,8 @@ fn picked_logps(pred: &Tensor, target: &Tensor, acc: DType) -> Result<Tensor> {
 /// The reference ReprPO project's *unshifted* token cross-entropy, `[B, T]` f32:
 /// `nll[b, t] = -log softmax(logits[b, t])[ids[b, t]] * mask[b, t]` (the token scored at its own
 /// position, not the next one; what its `prefvec` and `rank` losses read). Differentiable with
-/// respect to `logits`; [`row_token_logps`] over the `B T` rows (fused on the CPU).
+/// respect to `logits`; [`row_token_logps`] over the `B T` rows on the CPU, composed candle ops
+/// elsewhere.
 pub fn unshifted_nll(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     if ids.dims() != [b, t] {
@@ -139,10 +140,15 @@ pub fn unshifted_nll(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Result<Ten
             logits.dims()
         )));
     }
-    let targets: Vec<u32> = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
-    let lp = row_token_logps(&logits.reshape((b * t, v))?, &targets)?
-        .reshape((b, t))?
-        .to_dtype(DType::F32)?;
+    let lp = if fused_ok(logits) {
+        // The fused row kernel takes its targets on the host (CPU only, as `shifted_logps`).
+        let targets: Vec<u32> = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        row_token_logps(&logits.reshape((b * t, v))?, &targets)?
+            .reshape((b, t))?
+            .to_dtype(DType::F32)?
+    } else {
+        picked_logps(logits, ids, DType::F32)?
+    };
     Ok((lp.neg()? * mask.to_dtype(DType::F32)?)?)
 }
 

@@ -809,6 +809,7 @@ const ALLOWED: &[Allowed] = &[
        only, not training or scoring; left as is)",
     ),
     a(LOGPS, "shifted_logps", "to_vec", 1, "-", "off", CPU_KERNEL),
+    a(LOGPS, "unshifted_nll", "to_vec", 1, "-", "off", CPU_KERNEL),
     a(LOGPS, "bwd", "to_vec", 1, "-", "off", CPU_KERNEL),
     a(
         LOGPS,
