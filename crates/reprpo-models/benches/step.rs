@@ -14,7 +14,7 @@ use std::hint::black_box;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
-use reprpo_models::{ForwardSpec, Llama, LlamaConfig, peft};
+use reprpo_models::{ForwardSpec, Llama, LlamaConfig, llama, peft};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -22,19 +22,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn tiny_model() -> Llama {
     let cfg = LlamaConfig::preset("tiny").unwrap();
     let mut model = Llama::random(cfg, 0.02, 0, DType::F32, &Device::Cpu).unwrap();
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
     peft::add_adapter(
         &mut model,
         "default",
-        peft::AdapterConfig::lora(16, 16.0, &targets),
+        peft::AdapterConfig::lora(16, 16.0, &llama::PROJECTIONS),
         None,
         0,
     )

@@ -16,7 +16,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use reprpo_models::{ForwardSpec, Llama, LlamaConfig, checkpoint, peft};
+use reprpo_models::{ForwardSpec, Llama, LlamaConfig, checkpoint, llama, peft};
 
 fn vm(key: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -38,19 +38,10 @@ fn main() {
     let vocab = cfg.vocab_size;
     let dev = Device::Cpu;
     let mut model = Llama::random(cfg, 0.02, 0, DType::F32, &dev).unwrap();
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
     peft::add_adapter(
         &mut model,
         "default",
-        peft::AdapterConfig::lora(16, 16.0, &targets),
+        peft::AdapterConfig::lora(16, 16.0, &llama::PROJECTIONS),
         None,
         0,
     )

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use reprpo_models::adapter::AdapterHost;
 use reprpo_models::checkpoint;
 use reprpo_models::peft::{self, AdapterConfig};
-use reprpo_models::{CausalLm, ForwardSpec, Llama, LlamaConfig, Phi3};
+use reprpo_models::{CausalLm, ForwardSpec, Llama, LlamaConfig, Phi3, llama};
 use serde_json::Value;
 
 use common::{fixture, max_abs, rel_err};
@@ -38,15 +38,7 @@ fn config(kind: Kind, phi3: bool, dropout: f64) -> AdapterConfig {
     let targets: &[&str] = if phi3 {
         &["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     } else {
-        &[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
+        &llama::PROJECTIONS
     };
     raw.insert("target_modules".into(), serde_json::json!(targets));
     match kind {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use reprpo_models::{ForwardSpec, Llama, peft};
+use reprpo_models::{ForwardSpec, Llama, llama, peft};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -158,20 +158,7 @@ fn lora_dropout_only_in_training() {
 fn lora_initialisations() {
     for gaussian in [false, true] {
         let mut m = Llama::load(&fixture("llama_gqa_rope3"), DType::F32, &Device::Cpu).unwrap();
-        let mut raw = peft::AdapterConfig::lora(
-            4,
-            8.0,
-            &[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-        )
-        .raw;
+        let mut raw = peft::AdapterConfig::lora(4, 8.0, &llama::PROJECTIONS).raw;
         if gaussian {
             raw.insert("init_lora_weights".into(), serde_json::json!("gaussian"));
         }

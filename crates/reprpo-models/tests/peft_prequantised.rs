@@ -36,19 +36,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use reprpo_models::quant::read_safetensors;
-use reprpo_models::{ForwardSpec, Llama, LoadOptions, peft};
+use reprpo_models::{ForwardSpec, Llama, LoadOptions, llama, peft};
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;
-const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 fn peft_dir() -> PathBuf {
     quant_dir().join("peft_nf4")
@@ -209,7 +200,7 @@ fn adapters_made_here_save_as_peft() {
     let stepped = with_adapter(base(), &pdir);
     sgd_step(&stepped, &fx, 0.5);
     let mut fresh = base();
-    let config = peft::AdapterConfig::lora(4, 8.0, &TARGETS);
+    let config = peft::AdapterConfig::lora(4, 8.0, &llama::PROJECTIONS);
     let idx = peft::add_adapter(&mut fresh, "default", config, None, 7).unwrap();
     fresh.adapters.active = Some(idx);
     for (_, var) in peft::adapter_params(&fresh, idx) {
