@@ -34,6 +34,8 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use pulp::{Arch, Simd, WithSimd};
 
+use crate::methods::reduce::simd::sq_dist as sq_dist_f32;
+
 /// The accumulator type of the kernels (`f32` or `f64`).
 pub(crate) trait Acc:
     Copy
@@ -221,33 +223,6 @@ impl WithSimd for Stats4Simd<'_> {
     }
 }
 
-/// `‖x‖²` of an f32 row in explicit SIMD (as [`Stats4Simd`]).
-struct SumSqSimd<'a>(&'a [f32]);
-
-impl WithSimd for SumSqSimd<'_> {
-    type Output = f32;
-
-    #[inline(always)]
-    fn with_simd<S: Simd>(self, s: S) -> f32 {
-        let (xh, xt) = S::as_simd_f32s(self.0);
-        let z = s.splat_f32s(0.0);
-        let (mut a0, mut a1) = (z, z);
-        let (pairs, rest) = xh.as_chunks::<2>();
-        for [v0, v1] in pairs {
-            a0 = s.mul_add_f32s(*v0, *v0, a0);
-            a1 = s.mul_add_f32s(*v1, *v1, a1);
-        }
-        for &v in rest {
-            a0 = s.mul_add_f32s(v, v, a0);
-        }
-        let mut out = s.reduce_sum_f32s(s.add_f32s(a0, a1));
-        for &v in xt {
-            out += v * v;
-        }
-        out
-    }
-}
-
 /// Widened chunks of half-precision rows, short enough to stay in L1.
 const CHUNK: usize = 512;
 
@@ -291,7 +266,7 @@ fn stats4_simd<E: Elem>(x: &[E], y: &[E]) -> Option<[f64; 4]> {
 pub(crate) fn sum_sq<E: Elem>(x: &[E]) -> f64 {
     let arch = Arch::new();
     if let Some(a) = E::as_f32(x) {
-        return f64::from(arch.dispatch(SumSqSimd(a)));
+        return sq_dist_f32(arch, a, 0.0);
     }
     if !E::HALF {
         return lane_sum(x, x, |a, _| a * a).to_f64();
@@ -300,7 +275,7 @@ pub(crate) fn sum_sq<E: Elem>(x: &[E]) -> f64 {
     x.chunks(CHUNK)
         .map(|c| {
             E::widen(c, &mut buf[..c.len()]);
-            f64::from(arch.dispatch(SumSqSimd(&buf[..c.len()])))
+            sq_dist_f32(arch, &buf[..c.len()], 0.0)
         })
         .sum()
 }

@@ -25,7 +25,7 @@ use candle_core::{D, DType, Tensor};
 use crate::error::{LossError, Result};
 
 mod fused;
-mod simd;
+pub(crate) mod simd;
 
 /// The reference's sink threshold, in standard deviations above the row's mean norm.
 pub const SINK_THRESHOLD: f64 = 1.0;

@@ -84,7 +84,13 @@ impl WithSimd for SoftmaxGrad<'_> {
 pub(crate) fn lse_norm(arch: Arch, x: &[f32]) -> (f32, f64) {
     let m = simd::max_f32(arch, x);
     let c = m + simd::sum_exp(arch, x, m).ln();
-    (c, arch.dispatch(SqDist { x, c }))
+    (c, sq_dist(arch, x, c))
+}
+
+/// `‖x - c‖²` of one f32 row (`c = 0`: the squared norm, exactly), sums in f32 lanes, the lanes
+/// and the tail added in f64.
+pub(crate) fn sq_dist(arch: Arch, x: &[f32], c: f32) -> f64 {
+    arch.dispatch(SqDist { x, c })
 }
 
 /// `dst = w (g - exp(x - c) sg)` over one f32 row.
