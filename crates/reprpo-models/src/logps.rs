@@ -275,11 +275,8 @@ pub fn row_token_logps(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
         } else {
             DType::F32
         };
-        let x = logits.to_dtype(acc)?;
-        let ids = Tensor::from_slice(targets, (n, 1), logits.device())?;
-        let m = x.max_keepdim(D::Minus1)?.detach();
-        let lse = (x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?;
-        return Ok((x.gather(&ids, D::Minus1)? - lse)?.squeeze(1)?);
+        let ids = Tensor::from_slice(targets, (1, n), logits.device())?;
+        return Ok(picked_logps(&logits.unsqueeze(0)?, &ids, acc)?.squeeze(0)?);
     }
     Ok(logits.contiguous()?.apply_op1(RowLogps {
         targets: targets.to_vec(),
