@@ -73,6 +73,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+# Shared with the script that writes the folders read here (its directory is on sys.path).
+from gen_quant_fixtures import keep_only, next_token_loss, no_bf16_repack  # noqa: E402
+from gen_quant_fixtures import peft_batch as batch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 QUANT = ROOT / "tests" / "fixtures" / "quant"
 OUT = QUANT / "qlora"
@@ -103,34 +107,6 @@ def dense_tiny_llama() -> transformers.LlamaForCausalLM:
         for p in model.parameters():
             p.normal_(0.0, 0.08) if p.dim() > 1 else p.uniform_(0.8, 1.2)
     return model
-
-
-def keep_only(folder: Path, names: set[str]) -> None:
-    for f in folder.iterdir():
-        if f.name not in names:
-            f.unlink()
-
-
-def no_bf16_repack(model) -> None:
-    for mod in model.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            mod.support_avx512bf16_for_cpu = False
-
-
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.tensor(
-        [[1, 5, 9, 17, 33, 65, 127, 2, 44, 90], [3, 3, 40, 80, 100, 7, 64, 0, 0, 0]], dtype=torch.int64
-    )
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    return ids, mask
-
-
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
-    m = mask[:, 1:].float()
-    return (nll * m).sum() / m.sum()
 
 
 def step(model, ids, mask) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
