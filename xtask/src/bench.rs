@@ -610,7 +610,9 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
 
     let mut state = Default::default();
     let mut times = Vec::with_capacity(a.steps);
-    let mut last_loss = None;
+    // The last step's loss as a number: keeping its tensor would keep that step's whole graph
+    // alive into the next forward (and inflate the peak memory measured).
+    let mut loss = f64::NAN;
     mem.reset()?;
     let total = a.warmup + a.steps;
     for i in 0..total {
@@ -656,12 +658,8 @@ pub(crate) fn bench_train(a: &TrainBench) -> Result<Value> {
         if i >= a.warmup {
             times.push(dt);
         }
-        last_loss = Some(out.loss);
+        loss = f64::from(out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
     }
-    let loss = match last_loss {
-        Some(l) => f64::from(l.to_dtype(DType::F32)?.to_scalar::<f32>()?),
-        None => f64::NAN,
-    };
     let (median, min, max) = stats(&times);
     let tokens = (rows * a.seq) as f64;
     let mut out = json!({
