@@ -68,6 +68,16 @@ phi3_longrope    phi3_mini + rope_scaling {"type": "longrope", short_factor, lon
                  ones; ``allleft_*`` (T=20, rows left-padded 4 and 6) uses long with plain positions and short
                  with cumsum positions (max 15).
 
+phi3_mini variants (phi3_mini/variants.safetensors): the phi3_mini weights with an edited config.json, loaded
+by transformers from a temporary folder, on the base batch (plain positions):
+  sliding_window_5     ``sliding_window = 5``: position q attends to keys k with q - 5 < k <= q
+                       (masking_utils.sliding_window_overlay: kv_idx > q_idx - sliding_window).
+  partial_rotary_half  ``rope_parameters.partial_rotary_factor = 0.5``: RoPE on the first 8 of the 16 features
+                       of each head (inv_freq = 1 / theta^(2i/8), i < 4); features 8..15 pass unrotated.
+Each saves ``<variant>_logits`` [4,20,96] and ``<variant>_hidden_states`` [3,4,20,64]; the script asserts they
+differ from the plain phi3_mini ones at valid positions. Written after the adapters, with the global RNG
+state restored, so no other file depends on them.
+
 Adapters (peft 0.21.2, task_type CAUSAL_LM, all dropouts 0)
 --------
 ``get_peft_model`` on the reloaded base, then EVERY trainable adapter parameter is overwritten in sorted-name
@@ -162,6 +172,12 @@ SHORT_PADDING = [(0, 0), (3, 0), (0, 4), (0, 1)]
 # plain forward (positions 0..19) uses the LONG ones
 ALLLEFT_PADDING = [(4, 0), (6, 0)]
 ADAPTER_ROWS = [2, 3]  # the right-padded rows
+
+# phi3_mini config edits -> phi3_mini/variants.safetensors (see the docstring)
+PHI3_VARIANTS = {
+    "sliding_window_5": lambda c: c.update(sliding_window=5),
+    "partial_rotary_half": lambda c: c["rope_parameters"].update(partial_rotary_factor=0.5),
+}
 
 PHI3_SHORT_FACTOR = [1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 1.1]
 PHI3_LONG_FACTOR = [1.5, 2.5, 1.2, 2.0, 1.0, 2.2, 1.8, 2.4]
@@ -614,6 +630,44 @@ def build_model(name):
           f"max |logits - logits_cumsum_pos| at valid positions {diff:.2e}")
 
 
+def build_phi3_variants():
+    """phi3_mini's weights under each config edit of PHI3_VARIANTS -> phi3_mini/variants.safetensors."""
+    name = "phi3_mini"
+    d = os.path.join(OUT, name)
+    with open(os.path.join(d, "config.json")) as f:
+        base_cfg = json.load(f)
+    ids, mask, plain, _ = make_inputs(3000, SEQ, PADDING)
+    base_logits, base_hidden = forward(load_base(name), ids, mask)
+    saved = load_file(os.path.join(d, "expected.safetensors"))
+    assert torch.equal(base_logits, saved["logits"]) and torch.equal(base_hidden, saved["hidden_states"])
+    valid = mask.bool()
+    rng = torch.get_rng_state()  # from_pretrained may draw initial weights: leave the global RNG as it was
+    tensors = {}
+    for variant, edit in PHI3_VARIANTS.items():
+        cfg = json.loads(json.dumps(base_cfg))
+        edit(cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f)
+            shutil.copy(os.path.join(d, "model.safetensors"), tmp)
+            m = Phi3ForCausalLM.from_pretrained(tmp, attn_implementation="eager", dtype=torch.float32).eval()
+        if variant == "sliding_window_5":
+            assert m.config.sliding_window == 5
+        else:
+            assert m.config.rope_parameters["partial_rotary_factor"] == 0.5
+            assert m.model.rotary_emb.inv_freq.shape == (4,)
+        logits, hidden = forward(m, ids, mask)
+        logits_p, hidden_p = forward(m, ids, mask, plain)
+        assert torch.equal(logits, logits_p) and torch.equal(hidden, hidden_p)
+        apart = (logits[valid] - base_logits[valid]).abs().max().item()
+        assert apart > 0.1, f"{variant}: the edit does not change the logits ({apart})"
+        tensors[f"{variant}_logits"] = logits
+        tensors[f"{variant}_hidden_states"] = hidden
+        print(f"  {name}/variants {variant}: max |logits - phi3_mini logits| at valid positions {apart:.2f}")
+    torch.set_rng_state(rng)
+    save(tensors, os.path.join(d, "variants.safetensors"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # adapters
 # ----------------------------------------------------------------------------------------------------------
@@ -722,8 +776,12 @@ def build_adapter(base_name, name, make_cfg, seed, boft_mode, ids, mask, w, base
 # ----------------------------------------------------------------------------------------------------------
 def rms(x, w, eps): return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
+def rotary_dim_of(cfg):
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return int(hd * cfg["rope_parameters"].get("partial_rotary_factor", 1.0))
+
 def inv_freq_of(cfg, seq_len):
-    rp = cfg["rope_parameters"]; hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    rp = cfg["rope_parameters"]; hd = rotary_dim_of(cfg)
     base = rp["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
     inv = 1.0 / base; scale = 1.0
     if rp["rope_type"] == "llama3":
@@ -744,8 +802,10 @@ def rot(x, cos, sin):
     h = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
 
-def ref_forward(name, ids, mask, pos, lin=None):
+def ref_forward(name, ids, mask, pos, lin=None, edit=None):
     cfg = json.load(open(os.path.join(OUT, name, "config.json"))); W = load_file(os.path.join(OUT, name, "model.safetensors"))
+    if edit: edit(cfg)
+    rd = rotary_dim_of(cfg)
     lin = lin or (lambda n, x: x @ W[n].T)
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]; hd = H // nh
     B, T = ids.shape
@@ -754,6 +814,8 @@ def ref_forward(name, ids, mask, pos, lin=None):
     cos, sin = (ang.cos() * sc)[:, None], (ang.sin() * sc)[:, None]
     x = W["model.embed_tokens.weight"][ids]; hs = [x]
     allowed = (torch.arange(T)[None, :] <= torch.arange(T)[:, None])[None] & mask.bool()[:, None, :]
+    if cfg.get("sliding_window"):
+        allowed = allowed & (torch.arange(T)[None, :] > torch.arange(T)[:, None] - cfg["sliding_window"])[None]
     bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
@@ -763,7 +825,8 @@ def ref_forward(name, ids, mask, pos, lin=None):
         else:
             q, k, v = (lin(p + f"self_attn.{n}_proj.weight", h) for n in "qkv")
         q = q.view(B, T, nh, hd).transpose(1, 2); k = k.view(B, T, nkv, hd).transpose(1, 2); v = v.view(B, T, nkv, hd).transpose(1, 2)
-        q, k = rot(q, cos, sin), rot(k, cos, sin)
+        q = torch.cat([rot(q[..., :rd], cos, sin), q[..., rd:]], -1)
+        k = torch.cat([rot(k[..., :rd], cos, sin), k[..., rd:]], -1)
         k = k.repeat_interleave(nh // nkv, 1); v = v.repeat_interleave(nh // nkv, 1)
         a = ((q @ k.transpose(-1, -2)) * hd ** -0.5 + bias).softmax(-1) @ v
         x = x + lin(p + "self_attn.o_proj.weight", a.transpose(1, 2).reshape(B, T, H))
@@ -862,6 +925,11 @@ def independent_check():
             errs.append(md(l3, exp["allleft_logits_cumsum_pos"]))
             l2, h2 = ref_forward(name, inp["short_input_ids"], inp["short_attention_mask"], inp["short_position_ids"])
             errs.append(md(h2, exp["short_hidden_states"]))
+        if name == "phi3_mini":
+            var = load_file(os.path.join(d, "variants.safetensors"))
+            for variant, edit in PHI3_VARIANTS.items():
+                lv, hv = ref_forward(name, inp["input_ids"], inp["attention_mask"], inp["position_ids"], edit=edit)
+                errs += [md(lv, var[f"{variant}_logits"]), md(hv, var[f"{variant}_hidden_states"])]
         assert max(errs) < 1e-4, (name, errs)
         worst = max(worst, max(errs))
     gworst = 0.0
@@ -937,6 +1005,8 @@ def main():
         if base_name not in shared:
             shared[base_name] = adapter_inputs(base_name)
         build_adapter(base_name, name, make_cfg, seed, boft_mode, *shared[base_name])
+    print("phi3_mini variants")
+    build_phi3_variants()
 
     independent_check()
     print("files")

@@ -49,6 +49,7 @@ fn prepare_default_recipe_to_jsonl_and_parquet_round_trips() {
         .unwrap()
         .pairs;
     assert_eq!(pa.len(), 500);
+    assert_eq!(pb.len(), pa.len(), "pairs read back from Parquet");
     for (x, y) in pa.iter().zip(&pb) {
         assert_eq!(
             (&x.id, &x.prompt, &x.chosen, &x.rejected),

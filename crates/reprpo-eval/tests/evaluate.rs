@@ -98,10 +98,14 @@ fn default_suite_prefix_and_full_agree_and_report_is_written() {
     opts.batch_tokens = 300;
     let full = evaluate(&mut m, &tok, &subjects, &data, &[], "default", &opts).unwrap();
     assert_eq!(prefix.examples.len(), 2 * 20);
+    assert_eq!(full.examples.len(), prefix.examples.len());
     let mut worst: f64 = 0.0;
     for (a, b) in prefix.examples.iter().zip(&full.examples) {
         assert_eq!(a["id"], b["id"]);
-        for (x, y) in logp_fields(a).into_iter().zip(logp_fields(b)) {
+        let (la, lb) = (logp_fields(a), logp_fields(b));
+        assert!(!la.is_empty(), "{}: no log-probabilities", a["id"]);
+        assert_eq!(la.len(), lb.len(), "{}: log-probabilities", a["id"]);
+        for (x, y) in la.into_iter().zip(lb) {
             worst = worst.max((x - y).abs() / y.abs());
         }
     }
@@ -250,9 +254,12 @@ fn auto_mode_mixes_both_paths_and_equals_full() {
     // Full batches report the two short groups at once, then one call per cached group.
     assert_eq!(calls, vec![2, 1, 1, 1]);
     assert_eq!(calls.iter().sum::<usize>(), groups.len());
+    assert_eq!(auto.len(), groups.len());
+    assert_eq!(full.len(), groups.len());
     let mut worst: f64 = 0.0;
     for (g, (a, f)) in groups.iter().zip(auto.iter().zip(&full)) {
         assert_eq!(a.len(), g.seqs.len());
+        assert_eq!(f.len(), g.seqs.len());
         for (x, y) in a.iter().zip(f) {
             assert_eq!(x.tokens, y.tokens);
             worst = worst.max((x.sum - y.sum).abs() / y.sum.abs());

@@ -70,6 +70,13 @@ fn groups(e: &Value) -> (Vec<Group>, Vec<Group>) {
     (mc, pairs)
 }
 
+/// Asserts `got` and `want` have the same, non-zero length: a zip of the two compares nothing
+/// past the shorter one, so a short (or empty) result would otherwise pass.
+fn same_len<A, B>(what: &str, got: &[A], want: &[B]) {
+    assert!(!want.is_empty(), "{what}: nothing to compare");
+    assert_eq!(got.len(), want.len(), "{what}: lengths (ours, reference)");
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
@@ -94,8 +101,12 @@ fn logps_match_transformers_and_peft_for_base_lora_and_boft() {
             };
             let mc_refs: Vec<&Group> = mc.iter().collect();
             let got = score_groups(&model, &mc_refs, &opts, &mut |_| {}).unwrap();
-            for (i, (g, w)) in got.iter().zip(want["mc"].as_array().unwrap()).enumerate() {
-                for (k, (s, wl)) in g.iter().zip(w["logps"].as_array().unwrap()).enumerate() {
+            let want_mc = want["mc"].as_array().unwrap();
+            same_len(&format!("{name} {mode:?} mc"), &got, want_mc);
+            for (i, (g, w)) in got.iter().zip(want_mc).enumerate() {
+                let want_logps = w["logps"].as_array().unwrap();
+                same_len(&format!("{name} {mode:?} mc {i} choices"), g, want_logps);
+                for (k, (s, wl)) in g.iter().zip(want_logps).enumerate() {
                     let r = rel(s.sum, f(wl));
                     worst = worst.max(r);
                     assert!(
@@ -109,12 +120,12 @@ fn logps_match_transformers_and_peft_for_base_lora_and_boft() {
             }
             let pair_refs: Vec<&Group> = pairs.iter().collect();
             let got = score_groups(&model, &pair_refs, &opts, &mut |_| {}).unwrap();
-            for (i, (g, w)) in got
-                .iter()
-                .zip(want["pairs"].as_array().unwrap())
-                .enumerate()
-            {
-                for (s, key) in g.iter().zip(["logp_chosen", "logp_rejected"]) {
+            let want_pairs = want["pairs"].as_array().unwrap();
+            same_len(&format!("{name} {mode:?} pairs"), &got, want_pairs);
+            for (i, (g, w)) in got.iter().zip(want_pairs).enumerate() {
+                let keys = ["logp_chosen", "logp_rejected"];
+                same_len(&format!("{name} {mode:?} pair {i}"), g, &keys);
+                for (s, key) in g.iter().zip(keys) {
                     let r = rel(s.sum, f(&w[key]));
                     worst = worst.max(r);
                     assert!(
@@ -138,12 +149,9 @@ fn scores_match_the_reference_formulas() {
     let beta = f(&e["beta"]);
     for name in ["base", "lora", "boft"] {
         let want = &e["scores"][name];
-        for (it, w) in e["mc"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(want["mc"].as_array().unwrap())
-        {
+        let (items, want_mc) = (e["mc"].as_array().unwrap(), want["mc"].as_array().unwrap());
+        same_len(&format!("{name} mc"), items, want_mc);
+        for (it, w) in items.iter().zip(want_mc) {
             let l: Vec<f64> = w["logps"].as_array().unwrap().iter().map(f).collect();
             let n: Vec<usize> = it["choices"]
                 .as_array()
@@ -158,18 +166,19 @@ fn scores_match_the_reference_formulas() {
             assert_eq!(s.pred as u64, w["pred"].as_u64().unwrap());
             assert_eq!(s.acc, w["acc"].as_bool().unwrap());
             assert_eq!(s.acc_norm, w["acc_norm"].as_bool().unwrap());
-            for (p, wp) in s.probs.iter().zip(w["probs"].as_array().unwrap()) {
+            let want_probs = w["probs"].as_array().unwrap();
+            same_len(&format!("{name} mc probs"), &s.probs, want_probs);
+            for (p, wp) in s.probs.iter().zip(want_probs) {
                 assert!((p - f(wp)).abs() < 1e-12);
             }
         }
         let base = &e["scores"]["base"]["pairs"];
-        for (i, (p, w)) in e["pairs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(want["pairs"].as_array().unwrap())
-            .enumerate()
-        {
+        let (pairs, want_pairs) = (
+            e["pairs"].as_array().unwrap(),
+            want["pairs"].as_array().unwrap(),
+        );
+        same_len(&format!("{name} pairs"), pairs, want_pairs);
+        for (i, (p, w)) in pairs.iter().zip(want_pairs).enumerate() {
             let nw = p["chosen"].as_array().unwrap().len();
             let nl = p["rejected"].as_array().unwrap().len();
             let s = pref_score(f(&w["logp_chosen"]), nw, f(&w["logp_rejected"]), nl).unwrap();

@@ -25,16 +25,38 @@ fn suite(name: &str) -> Suite {
 
 /// Whether the suite's data is present; panics on CI when it is not.
 fn available(s: &Suite) -> bool {
-    if s.datasets.iter().all(|d| source_available(d, &root())) {
+    available_with(s, &[])
+}
+
+/// [`available`], and every file of `extra` (read by the test itself, not through the suite)
+/// present too: the same rule, so that a missing file fails under CI=true instead of skipping.
+fn available_with(s: &Suite, extra: &[&Path]) -> bool {
+    let missing: Vec<String> = s
+        .datasets
+        .iter()
+        .filter(|d| !source_available(d, &root()))
+        .map(|d| d.name.clone())
+        .chain(
+            extra
+                .iter()
+                .filter(|p| !p.is_file())
+                .map(|p| p.display().to_string()),
+        )
+        .collect();
+    if missing.is_empty() {
         return true;
     }
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!(
-            "suite {}: data missing, and CI=true requires ../shared/data",
-            s.name
+            "suite {}: data missing ({}), and CI=true requires ../shared/data",
+            s.name,
+            missing.join(", ")
         );
     }
-    println!("skipped: ../shared/data not present");
+    println!(
+        "skipped: ../shared/data not present ({})",
+        missing.join(", ")
+    );
     false
 }
 
@@ -134,7 +156,7 @@ fn truthfulqa_suite_mc1_mc2_numbered() {
 fn genies_suite_has_the_15_shifts_of_the_paper() {
     let s = suite("genies");
     let path = root().join("../shared/data/genies/distribution_shifts/GENIES.json");
-    if !available(&s) || !path.is_file() {
+    if !available_with(&s, &[&path]) {
         return;
     }
     let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
@@ -170,7 +192,7 @@ fn sycophancy_and_hh_suites_load() {
     for (name, pairs) in [("sycophancy", false), ("hh-harmless", true)] {
         let s = suite(name);
         if !available(&s) {
-            return;
+            continue;
         }
         for d in &s.datasets {
             let l = load_dataset(d, &root(), None).unwrap();

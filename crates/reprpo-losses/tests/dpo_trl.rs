@@ -4,7 +4,10 @@
 //! and `dpo_classic.{json,safetensors}` (TRL 0.23.1's `get_batch_loss_metrics` / `dpo_loss`: cDPO,
 //! `bco_pair`'s running mean, `rpo_alpha`), written by `tests/reference/gen_dpo_fixtures.py`.
 //! Every case is compared in f32: loss, per-example loss (where TRL returns one) and metrics within
-//! 1e-5 relative, gradients w.r.t. every log-prob input within 1e-4 relative. A few types are also
+//! 1e-5 relative, gradients w.r.t. every log-prob input within 1e-4 relative; where TRL's value is
+//! NaN ours must be NaN too (`f_forward_kl_discopop_sft`: TRL's `exp(-x) * sigmoid(x / tau)`
+//! overflows to `inf * 0` in f32 on its first example). The one exception is named: LD-DPO tail
+//! gradients of sequences without a tail, which TRL has no input for. A few types are also
 //! checked against central finite differences in f64.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -110,12 +113,54 @@ fn max_tiny_abs_err(got: &[f64], want: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Same non-empty length, NaN exactly where the expected value is NaN, infinities equal, and every
+/// finite value within `rtol` relative (plus [`ATOL`]). A NaN in TRL's output is a value to
+/// reproduce, not a wildcard: the only entries not compared are the LD-DPO tail gradients TRL has
+/// no input for, and those are removed by [`split_ld_tail_nans`] before this is called.
 fn within(got: &[f64], want: &[f64], rtol: f64) -> bool {
-    got.len() == want.len()
-        && got
-            .iter()
-            .zip(want)
-            .all(|(g, w)| w.is_nan() || (g - w).abs() <= rtol * w.abs() + ATOL)
+    !want.is_empty()
+        && got.len() == want.len()
+        && got.iter().zip(want).all(|(g, w)| {
+            if w.is_nan() {
+                g.is_nan()
+            } else if w.is_infinite() {
+                g == w
+            } else {
+                g.is_finite() && (g - w).abs() <= rtol * w.abs() + ATOL
+            }
+        })
+}
+
+/// LD-DPO's tail gradients: TRL's graph has an input for the tail of a sequence only where the
+/// sequence has one (the longer of its pair), so the fixture writes NaN for the others (see
+/// `gen_dpo_fixtures.py`). Checks that the NaNs sit exactly where the tail input is 0 (and nowhere
+/// else), and returns (ours, TRL's) on the positions that do have a tail, to compare in full.
+fn split_ld_tail_nans(
+    got: &[f64],
+    want: &[f64],
+    tail: &[f64],
+) -> std::result::Result<(Vec<f64>, Vec<f64>), String> {
+    if got.len() != want.len() || tail.len() != want.len() || want.is_empty() {
+        return Err(format!(
+            "lengths: ours {}, TRL {}, tail input {}",
+            got.len(),
+            want.len(),
+            tail.len()
+        ));
+    }
+    let nan_at: Vec<bool> = want.iter().map(|w| w.is_nan()).collect();
+    let no_tail_at: Vec<bool> = tail.iter().map(|t| *t == 0.0).collect();
+    if nan_at != no_tail_at {
+        return Err(format!(
+            "TRL's NaN entries {nan_at:?} are not the sequences without a tail {no_tail_at:?}"
+        ));
+    }
+    Ok(got
+        .iter()
+        .zip(want)
+        .filter(|(_, w)| !w.is_nan())
+        .map(|(g, w)| (*g, *w))
+        .unzip())
 }
 
 #[derive(Default)]
@@ -124,6 +169,8 @@ struct Errors {
     metric: f64,
     grad: f64,
     grad_tiny_abs: f64,
+    /// LD-DPO tail gradients: (entries compared with TRL, NaN entries where TRL has no tail input).
+    ld_tail_entries: (usize, usize),
     failures: Vec<String>,
 }
 
@@ -254,6 +301,21 @@ fn check_file(file: &str) -> Result<Errors> {
                     Some(g) => to_vec(g)?,
                     None => vec![0.0; want.len()],
                 };
+                let (got, want) = if n.ends_with("_tail") {
+                    match split_ld_tail_nans(&got, &want, &to_vec(v.as_tensor())?) {
+                        Ok(kept) => {
+                            errs.ld_tail_entries.0 += kept.1.len();
+                            errs.ld_tail_entries.1 += want.len() - kept.1.len();
+                            kept
+                        }
+                        Err(e) => {
+                            fail(format!("grad {n}: {e}"));
+                            continue;
+                        }
+                    }
+                } else {
+                    (got, want)
+                };
                 errs.grad = errs.grad.max(max_rel_err(&got, &want));
                 errs.grad_tiny_abs = errs.grad_tiny_abs.max(max_tiny_abs_err(&got, &want));
                 if !within(&got, &want, GRAD_RTOL) {
@@ -310,7 +372,53 @@ fn fixtures_hold_the_case_table_and_every_loss_type() -> Result<()> {
 
 #[test]
 fn matches_trl_1_16() -> Result<()> {
-    report("dpo (TRL 1.16.0)", &check_file("dpo")?)
+    let errs = check_file("dpo")?;
+    report("dpo (TRL 1.16.0)", &errs)?;
+    let (compared, nan) = errs.ld_tail_entries;
+    eprintln!("LD-DPO tail gradients: {compared} compared, {nan} NaN (no tail input in TRL)");
+    assert!(
+        compared > 0 && nan > 0,
+        "LD-DPO tail gradients: {compared} compared, {nan} NaN; both must be > 0"
+    );
+    Ok(())
+}
+
+/// The only NaNs in TRL's outputs the comparison does not reproduce: LD-DPO tail gradients of the
+/// sequences that have no tail (the shorter of each pair, or both when the lengths are equal). Each
+/// `ld_alpha` case must hold some, exactly where its tail input is 0; every other NaN (e.g. the
+/// loss of `f_forward_kl_discopop_sft`) must be matched by a NaN of ours (see [`within`]).
+#[test]
+fn ld_alpha_tail_gradients_are_nan_exactly_where_a_sequence_has_no_tail() -> Result<()> {
+    let fx = load("dpo")?;
+    let mut cases = 0;
+    for case in fx.meta["cases"].as_array().context("cases")? {
+        let name = case["name"].as_str().context("name")?;
+        if case["config"].get("ld_alpha").is_none() {
+            continue;
+        }
+        cases += 1;
+        let mut nan = 0;
+        for who in ["policy", "reference"] {
+            for side in ["chosen", "rejected"] {
+                let t = |k: &str| -> Result<Vec<f64>> {
+                    to_vec(
+                        fx.tensors
+                            .get(&format!("{name}.{k}"))
+                            .context(k.to_string())?,
+                    )
+                };
+                let want = t(&format!("grad_{who}_{side}_tail"))?;
+                let tail = t(&format!("{who}_{side}_tail"))?;
+                let (_, kept) = split_ld_tail_nans(&want, &want, &tail)
+                    .map_err(|e| anyhow::anyhow!("{name} {who} {side}: {e}"))?;
+                nan += want.len() - kept.len();
+                assert!(kept.iter().all(|w| w.is_finite()), "{name}: {kept:?}");
+            }
+        }
+        assert!(nan > 0, "{name}: no sequence without a tail");
+    }
+    assert_eq!(cases, 3, "ld_alpha cases in the fixture");
+    Ok(())
 }
 
 #[test]

@@ -40,11 +40,35 @@ fn to_vec(t: &Tensor) -> Result<Vec<f64>> {
 }
 
 /// The largest error over elements: `max(|g - w| - atol, 0) / |w|` (0 within the absolute floor).
+/// Infinite where the lengths differ, where there is nothing to compare, or where an element's
+/// difference is NaN (a NaN of ours or of the reference): `f64::max` drops NaN, and a zip stops
+/// at the shorter side, so without this a short, empty or NaN result would pass any tolerance.
 fn rel_err_atol(got: &[f64], want: &[f64], atol: f64) -> f64 {
+    if got.len() != want.len() || want.is_empty() {
+        return f64::INFINITY;
+    }
     got.iter()
         .zip(want)
-        .map(|(g, w)| ((g - w).abs() - atol).max(0.0) / w.abs().max(1e-30))
+        .map(|(g, w)| match (g - w).abs() {
+            d if d.is_nan() => f64::INFINITY,
+            d => (d - atol).max(0.0) / w.abs().max(1e-30),
+        })
         .fold(0.0, f64::max)
+}
+
+#[test]
+fn rel_err_atol_fails_short_empty_and_nan_results() {
+    let want = [1.0, -2.0, 4.0];
+    assert_eq!(rel_err_atol(&want, &want, 0.0), 0.0);
+    assert!((rel_err_atol(&[1.0, -2.0, 4.4], &want, 0.0) - 0.1).abs() < 1e-12);
+    assert_eq!(rel_err_atol(&want[..2], &want, 0.0), f64::INFINITY);
+    assert_eq!(rel_err_atol(&[], &want, 0.0), f64::INFINITY);
+    assert_eq!(rel_err_atol(&[], &[], 0.0), f64::INFINITY);
+    assert_eq!(
+        rel_err_atol(&[1.0, f64::NAN, 4.0], &want, 0.0),
+        f64::INFINITY
+    );
+    assert_eq!(rel_err_atol(&[1.0], &[f64::NAN], 0.0), f64::INFINITY);
 }
 
 struct Case {

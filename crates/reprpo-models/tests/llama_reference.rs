@@ -166,10 +166,17 @@ fn early_exit_returns_the_same_states() {
     assert!(model.forward(&ids, Some(mask), None, &bad).is_err());
 }
 
-/// bf16 weights and activations: logits within 0.1 absolute + 5% relative of the f32 reference.
-/// bf16 keeps 8 bits of mantissa (relative precision 2^-8 ~ 0.4%); errors compound over 3 layers
-/// of matmuls with 64-96-wide reductions, so a few percent on logits of magnitude ~1-10 is the
-/// expected scale; a wrong mask, RoPE or norm would be off by far more (order 1-10).
+/// Bound on `|logit(bf16 model) - logit(f32 transformers)|` at real positions of
+/// `llama_gqa_rope3` (this is for the bf16 path only; the f32 comparisons above hold 1e-4).
+/// Measured (candle CPU): max |diff| 4.53e-2 over 6336 real logits whose largest |value| is
+/// 3.12 (mean 0.65); relative to the logit it is 4.5e-2 at |logit| >= 1 (and unbounded near 0,
+/// so the bound is absolute). That is ~2.9 bf16 ulps (2^-6) at the largest logits: bf16 rounds
+/// weights and activations to 8 significant bits (unit roundoff 2^-8 ~ 0.4%), compounded over 3
+/// layers. The bound is the measured maximum x 2 (the old one, 0.1 + 5% of |logit|, allowed up
+/// to 0.26, 5.7x the measured error); a wrong mask, RoPE or norm is off by order 1.
+const BF16_LOGIT_ATOL: f32 = 0.09;
+
+/// bf16 weights and activations: logits within [`BF16_LOGIT_ATOL`] of the f32 reference.
 #[test]
 fn bf16_is_close_to_f32_reference() {
     let name = "llama_gqa_rope3";
@@ -185,19 +192,17 @@ fn bf16_is_close_to_f32_reference() {
     assert_eq!(logits.dtype(), DType::BF16);
     let got = logits.to_dtype(DType::F32).unwrap();
     let want = &expected["logits"];
-    let diff = (got - want).unwrap().abs().unwrap();
-    let tol = ((want.abs().unwrap() * 0.05).unwrap() + 0.1).unwrap();
-    let over = diff.gt(&tol).unwrap().to_dtype(DType::F32).unwrap();
-    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-    let n_over: f32 = over
-        .broadcast_mul(&m)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert_eq!(
-        n_over, 0.0,
-        "bf16 logits outside tolerance at {n_over} entries"
+    let (max_diff, max_want) = common::masked_max_abs_diff(&got, want, mask);
+    eprintln!(
+        "{name} bf16 vs f32 reference: max |diff| {max_diff:.3e} at real positions \
+         (max |logit| {max_want:.2}), bound {BF16_LOGIT_ATOL}"
+    );
+    assert!(
+        max_want > 1.0,
+        "logits too small to test the bound: {max_want}"
+    );
+    assert!(
+        max_diff <= BF16_LOGIT_ATOL,
+        "bf16 logits off by {max_diff} > {BF16_LOGIT_ATOL} at a real position"
     );
 }

@@ -23,18 +23,41 @@ pub fn st(path: PathBuf) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
-/// Max |x| of a tensor.
+/// Max |x| of a tensor; infinite when x holds a NaN (candle's `max` skips NaN, so a NaN error
+/// would otherwise pass every bound).
 pub fn max_abs(x: &Tensor) -> f32 {
-    x.abs()
+    let v: Vec<f32> = x
+        .to_dtype(DType::F32)
         .unwrap()
         .flatten_all()
         .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v.iter()
+        .map(|a| if a.is_nan() { f32::INFINITY } else { a.abs() })
+        .fold(0.0, f32::max)
+}
+
+/// Largest `|got - want|` and largest `|want|` over the real positions (`mask` [B, T] is 1) of
+/// `[B, T, V]` logits; NaN in `got` counts as infinitely far.
+pub fn masked_max_abs_diff(got: &Tensor, want: &Tensor, mask: &Tensor) -> (f32, f32) {
+    let (b, t, v) = want.dims3().unwrap();
+    assert_eq!(got.dims(), want.dims());
+    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let mask: Vec<i64> = mask.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(mask.len(), b * t);
+    let (mut max_diff, mut max_want, mut n) = (0f32, 0f32, 0usize);
+    for (i, _) in mask.iter().enumerate().filter(|(_, m)| **m == 1) {
+        for j in i * v..(i + 1) * v {
+            let d = (got[j] - want[j]).abs();
+            max_diff = max_diff.max(if d.is_nan() { f32::INFINITY } else { d });
+            max_want = max_want.max(want[j].abs());
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no real position");
+    (max_diff, max_want)
 }
 
 /// Max |a - b| / max |b|, both over the positions where `mask` (`[B, T]`) is 1.
