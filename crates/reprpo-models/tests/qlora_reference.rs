@@ -34,7 +34,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use reprpo_models::adapter::{AdapterHost, BaseWeight};
 use reprpo_models::quant::{QuantConfig, QuantTensor, QuantType, read_safetensors};
 use reprpo_models::weights::{LazyFiles, TensorSource};
-use reprpo_models::{ForwardSpec, Llama, LoadOptions, peft};
+use reprpo_models::{ForwardSpec, Llama, LoadOptions, checkpoint, peft};
 
 const TOL: f32 = 1e-4;
 
@@ -77,7 +77,13 @@ struct Errors {
 
 /// `model` with the fixture's PEFT adapter active: one forward, the loss and its gradients
 /// against case `case` of `qlora.safetensors`.
-fn qlora_step(mut model: Llama, case: &str) -> Errors {
+fn qlora_step(model: Llama, case: &str) -> Errors {
+    qlora_step_with(model, case, false)
+}
+
+/// [`qlora_step`], with gradient checkpointing when `ckpt` (each block recomputed in the
+/// backward, as PEFT's `prepare_model_for_kbit_training` enables by default).
+fn qlora_step_with(mut model: Llama, case: &str, ckpt: bool) -> Errors {
     let fx = st(qlora_dir().join("qlora.safetensors"));
     let ids = fx["input_ids"].to_dtype(DType::U32).unwrap();
     let mask = &fx["attention_mask"];
@@ -86,6 +92,7 @@ fn qlora_step(mut model: Llama, case: &str) -> Errors {
     model.adapters.active = Some(0);
     let spec = ForwardSpec {
         train: true,
+        checkpoint: ckpt,
         ..ForwardSpec::logits()
     };
     let logits = model
@@ -101,7 +108,7 @@ fn qlora_step(mut model: Llama, case: &str) -> Errors {
     let e_loss = rel_err(&loss.reshape(1).unwrap(), want_loss);
     assert!(e_loss <= TOL, "{case}: loss {loss} vs {want_loss}");
 
-    let grads = loss.backward().unwrap();
+    let grads = checkpoint::backward(&loss).unwrap();
     let params = peft::adapter_params(&model, 0);
     let prefix = format!("{case}.grad.");
     let n_want = fx.keys().filter(|k| k.starts_with(&prefix)).count();
@@ -348,6 +355,19 @@ fn qlora_step_nf4_quantised_at_load_matches_peft() {
         0.0
     );
     qlora_step(model, "nf4");
+}
+
+/// Gradient checkpointing on quantised bases (the QLoRA memory setting: the 8B step of
+/// docs/perf.md runs with it): blocks recomputed in the backward give PEFT's (non-checkpointed)
+/// logits, loss and adapter gradients, on the pre-quantised nf4 folder and on int8 quantised at
+/// load time.
+#[test]
+fn qlora_step_with_gradient_checkpointing_matches_peft() {
+    let folder = quant_dir().join("tiny_llama_bnb_nf4");
+    qlora_step_with(Llama::load_with(&folder, &opts(None)).unwrap(), "nf4", true);
+    let dense = qlora_dir().join("tiny_llama_dense");
+    let model = Llama::load_with(&dense, &opts(Some(QuantConfig::new(QuantType::Int8)))).unwrap();
+    qlora_step_with(model, "int8", true);
 }
 
 /// The dense folder quantised here at load time to LLM.int8 (transformers' `load_in_8bit`; its
