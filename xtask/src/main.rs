@@ -146,7 +146,7 @@ enum DataCmd {
         #[arg(value_name = "key=value")]
         overrides: Vec<String>,
     },
-    /// Regenerate the embedded default data in `datasets/default/`.
+    /// Regenerate the embedded default data in `crates/reprpo-data/embedded/`.
     GenDefault {
         /// Seed (the committed files use the default).
         #[arg(long, default_value_t = default_data::DEFAULT_SEED)]
@@ -351,7 +351,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Data(DataCmd::GenDefault { seed }) => {
-            let dir = root().join("datasets/default");
+            let dir = root().join("crates/reprpo-data/embedded");
             default_data::write_all(&dir, seed)?;
             println!("wrote {}", dir.display());
             Ok(())

@@ -26,7 +26,7 @@
 //! # Determinism
 //!
 //! [`generate`] draws everything from one `rand::rngs::StdRng::seed_from_u64(seed)`, so a seed
-//! fixes the data. The committed files under `datasets/default/` are `generate(DEFAULT_SEED)`;
+//! fixes the data. The committed files under `crates/reprpo-data/embedded/` are `generate(DEFAULT_SEED)`;
 //! a test checks them byte for byte (which also catches a change of `StdRng`'s algorithm in a
 //! new `rand` release). [`write_all`] regenerates them.
 
@@ -57,19 +57,19 @@ pub const MAX_PROMPT_BYTES: usize = 60;
 /// Longest completion (chosen, rejected or MC choice), in bytes, leading space included.
 pub const MAX_COMPLETION_BYTES: usize = 60;
 
-/// The file names under `datasets/default/`, in the order train, test, ood, mc.
+/// The file names under `crates/reprpo-data/embedded/`, in the order train, test, ood, mc.
 pub const FILE_NAMES: [&str; 4] = ["train.jsonl", "test.jsonl", "ood.jsonl", "mc.jsonl"];
 /// The `source.dataset` (and id prefix) of each split, in the order of [`FILE_NAMES`].
 pub const DATASET_NAMES: [&str; 4] = ["default-train", "default-test", "default-ood", "default-mc"];
 
-/// The committed `datasets/default/train.jsonl`, embedded in the binary.
-pub const TRAIN_JSONL: &str = include_str!("../../../datasets/default/train.jsonl");
-/// The committed `datasets/default/test.jsonl`, embedded in the binary.
-pub const TEST_JSONL: &str = include_str!("../../../datasets/default/test.jsonl");
-/// The committed `datasets/default/ood.jsonl`, embedded in the binary.
-pub const OOD_JSONL: &str = include_str!("../../../datasets/default/ood.jsonl");
-/// The committed `datasets/default/mc.jsonl`, embedded in the binary.
-pub const MC_JSONL: &str = include_str!("../../../datasets/default/mc.jsonl");
+/// The committed `crates/reprpo-data/embedded/train.jsonl`, embedded in the binary.
+pub const TRAIN_JSONL: &str = include_str!("../embedded/train.jsonl");
+/// The committed `crates/reprpo-data/embedded/test.jsonl`, embedded in the binary.
+pub const TEST_JSONL: &str = include_str!("../embedded/test.jsonl");
+/// The committed `crates/reprpo-data/embedded/ood.jsonl`, embedded in the binary.
+pub const OOD_JSONL: &str = include_str!("../embedded/ood.jsonl");
+/// The committed `crates/reprpo-data/embedded/mc.jsonl`, embedded in the binary.
+pub const MC_JSONL: &str = include_str!("../embedded/mc.jsonl");
 
 /// In-distribution prompt format; `{r}` is the request.
 pub const TRAIN_FORMAT: &str = "User: {r}\nAssistant:";
@@ -501,7 +501,7 @@ pub fn generate(seed: u64) -> DefaultData {
 }
 
 fn parse_jsonl<T: DeserializeOwned>(name: &str, text: &str) -> Result<Vec<T>> {
-    let file = Path::new("<embedded>/datasets/default").join(name);
+    let file = Path::new("<embedded>/crates/reprpo-data/embedded").join(name);
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())

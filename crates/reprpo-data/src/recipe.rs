@@ -14,7 +14,7 @@
 //! hub = "Anthropic/hh-rlhf"    # a Hugging Face dataset id ...
 //! config = "default"           # ... with its config (default "default")
 //! split = "train"              # ... and split (default "train")
-//! # path = "datasets/default/train.jsonl"  # or a local file, relative to the workspace root
+//! # path = "crates/reprpo-data/embedded/train.jsonl"  # or a local file, relative to the workspace root
 //! ```
 //!
 //! The recipe's name is its file stem. Unknown keys, a missing `converter` or `source`, both or

@@ -28,7 +28,7 @@
 //! # Chat template
 //! With `chat_template = true`, the prompt is rendered as one user message with the generation
 //! prompt and each completion as the rest of the rendered conversation
-//! ([`ChatTemplate::split_prompt_completion`]); the rendered text carries its own special tokens,
+//! ([`crate::chat::ChatTemplate::split_prompt_completion`]); the rendered text carries its own special tokens,
 //! so classic mode adds BOS only if the template did not, and trl-current mode encodes without
 //! special tokens and appends no EOS text (TRL's conversational path).
 //!

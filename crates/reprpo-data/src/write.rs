@@ -141,8 +141,8 @@ pub fn write_pairs(path: &Path, pairs: &[PreferencePair]) -> Result<()> {
     }
 }
 
-/// Write MC items to `.jsonl` or `.parquet` (columns id, prompt, choices: list<utf8>,
-/// correct: list<uint32>, dataset, row).
+/// Write MC items to `.jsonl` or `.parquet` (columns id, prompt, choices: `list<utf8>`,
+/// correct: `list<uint32>`, dataset, row).
 pub fn write_mc(path: &Path, items: &[McItem]) -> Result<()> {
     match Format::from_path(path)? {
         (Format::Jsonl, false) => write_jsonl(path, items),

@@ -22,7 +22,7 @@ use reprpo_data::{McItem, PreferencePair};
 const _: () = assert!(MAX_PROMPT_BYTES + MAX_COMPLETION_BYTES <= 120);
 
 fn default_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../datasets/default")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("embedded")
 }
 
 fn data() -> DefaultData {
@@ -42,7 +42,7 @@ fn committed_files_equal_the_generator_byte_for_byte() {
         let on_disk = std::fs::read_to_string(dir.join(name)).unwrap();
         assert!(
             on_disk == *text,
-            "datasets/default/{name} differs from generate(DEFAULT_SEED); regenerate with \
+            "crates/reprpo-data/embedded/{name} differs from generate(DEFAULT_SEED); regenerate with \
              REPRPO_REGENERATE=1 cargo test -p reprpo-data --test default_data"
         );
     }

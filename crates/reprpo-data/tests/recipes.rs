@@ -74,7 +74,7 @@ fn all_committed_recipes_parse() {
     let d = &all["default"];
     assert_eq!(
         d.source,
-        Source::Path(PathBuf::from("datasets/default/train.jsonl"))
+        Source::Path(PathBuf::from("crates/reprpo-data/embedded/train.jsonl"))
     );
     assert_eq!(d.converter, Converter::Pairs);
     assert_eq!(d.seed, recipe::DEFAULT_RECIPE_SEED);

@@ -7,7 +7,7 @@
 //! - [`suite`]: `datasets/suites/*.toml`, datasets with roles and GENIES shift pairs, and how
 //!   they are scored (this project's way, or [`open_pref_eval`]'s: the reference ReprPO
 //!   project's evaluation);
-//! - [`evaluate`]: base and adapters of one loaded model over a suite;
+//! - [`evaluate`](mod@evaluate): base and adapters of one loaded model over a suite;
 //! - [`table`], [`output`]: the results table (terminal, Markdown, CSV, JSON), per-example JSONL,
 //!   generations, written atomically; [`plot`]: PNG charts.
 

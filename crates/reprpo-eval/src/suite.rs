@@ -245,7 +245,7 @@ fn embedded_recipe(name: &str) -> Option<Recipe> {
     let split = name.strip_prefix("default-").unwrap_or("train");
     let converter = if split == "mc" { "mc" } else { "pairs" };
     let text = format!(
-        "converter = \"{converter}\"\ndescription = \"embedded default data ({split})\"\n[source]\npath = \"datasets/default/{split}.jsonl\"\n"
+        "converter = \"{converter}\"\ndescription = \"embedded default data ({split})\"\n[source]\npath = \"crates/reprpo-data/embedded/{split}.jsonl\"\n"
     );
     Recipe::parse(name, Path::new(EMBEDDED_FILE), &text).ok()
 }

@@ -1,7 +1,7 @@
 //! The fused reroute/retain kernel of the per-position ReprPO losses: one pass over the hidden
 //! states on the CPU, with its own backward, for every variant that compares one position at a
 //! time (`original`, `rr-only`, `direction`, `normalized-mse`, `topk`, `symlog`, `adaptive`, `ldr`;
-//! the per-row arithmetic of each is in [`rows`]).
+//! the per-row arithmetic of each is in `rows`).
 //!
 //! For every position `(l, b, t)` whose chosen token is real the kernel reads the rows
 //! `pi_cho[l,b,t,:]`, `ref_cho[l,b,t,:]` (and `pi_rej[l,b,t,:]` where the rejected token is real
@@ -16,7 +16,7 @@
 //! reference term `ln(‖ref_cho - ref_rej‖ + eps)` is computed per counted row before the op (the
 //! only use of `ref_rej`). Rows at padded positions are never read, so whatever sits there (even
 //! NaN) reaches neither the values nor the gradients, and their gradient is exactly 0. The forward
-//! keeps a few scalars per row (its sums, see [`rows::PairCache`]); the backward reads each counted
+//! keeps a few scalars per row (its sums, see `rows::PairCache`); the backward reads each counted
 //! row once more and writes `a_b ∂d/∂x`.
 //!
 //! Accumulation is in f32 per row (eight independent lanes) for f32, bf16 and f16 inputs and in

@@ -10,7 +10,7 @@ use crate::error::{ModelError, Result};
 
 /// The subset of a Llama `config.json` this crate reads. Unknown keys are ignored here on purpose
 /// (HF configs carry many keys irrelevant to the forward pass); keys that change the maths and
-/// that we do not support are rejected in [`LlamaConfig::validate`].
+/// that we do not support are rejected in [`HfLlamaConfig::validate`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfLlamaConfig {
     /// Model width.

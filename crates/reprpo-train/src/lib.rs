@@ -11,7 +11,7 @@
 //! - [`run`]: the run folder and atomic checkpoints with their manifests;
 //! - [`metrics`]: `metrics.jsonl`, copied into each checkpoint, checked and rebuilt on resume;
 //! - [`memory`]: peak memory in the summary and the log, the memory estimate of `--print-config`;
-//! - [`resume`]: `--resume`: the checkpoint that verifies, the config checked against it, the
+//! - [`resume`](mod@resume): `--resume`: the checkpoint that verifies, the config checked against it, the
 //!   overrides allowed on resume;
 //! - [`trainer`]: the loop, resume, Ctrl-C, SFT stage and summary;
 //! - [`plots`]: PNG charts from `metrics.jsonl`;

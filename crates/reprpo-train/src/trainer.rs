@@ -601,7 +601,7 @@ pub fn train(cfg: &TrainConfig, ctx: &JobContext, resume: Option<&Path>) -> Resu
 }
 
 /// Continue the run of `target` (`RUN` or `RUN/checkpoints/step-N`) with its own configuration
-/// and the `key=value` `overrides` allowed on resume: see [`crate::resume`] for the checks (the
+/// and the `key=value` `overrides` allowed on resume: see [`crate::resume`](mod@crate::resume) for the checks (the
 /// checkpoint's manifest, the configuration's hash) and what may change.
 pub fn resume(ctx: &JobContext, target: &Path, overrides: &[String]) -> Result<Outcome> {
     let r = crate::resume::prepare(target, overrides)?;
