@@ -24,8 +24,9 @@ Base:
   embeddings and head drawn in f32; the full-precision model never exists.
 
 `prepare_model_for_kbit_training` is NOT called: with its defaults it turns on gradient checkpointing (the
-anchor's rows here are without) and input-grad hooks, and its remaining effect (cast non-quantised
-parameters to f32) is a no-op for an f32 base. PEFT: LoRA r 16, alpha 16, dropout 0 on the seven projections.
+anchor's rows here are without; `--grad-ckpt` turns it on the way that function does,
+`gradient_checkpointing_enable(use_reentrant=False)`, which needs no input-grad hook) and input-grad hooks,
+and its remaining effect (cast non-quantised parameters to f32) is a no-op for an f32 base. PEFT: LoRA r 16, alpha 16, dropout 0 on the seven projections.
 
 `--bnb-mode` (how bitsandbytes computes on this CPU):
 * `train` (default): `model.train()` after PEFT, as the anchor's directly-built model is (nn.Module's default).
@@ -178,6 +179,7 @@ def main():
     ap.add_argument("--optim", choices=["adamw", "adamw_8bit"], default="adamw")
     ap.add_argument("--bnb-mode", choices=["train", "default"], default="train")
     ap.add_argument("--tensorwise", action="store_true")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--anchor", default=os.path.join(ROOT, "..", "shared", "anchors", "pytorch_anchor.py"))
     ap.add_argument("--save-only", default="", help=argparse.SUPPRESS)
@@ -217,6 +219,8 @@ def main():
                                    bnb_4bit_compute_dtype=torch.float32)
         model = LlamaForCausalLM.from_pretrained(tmp.name, quantization_config=q, dtype=torch.float32,
                                                  device_map="cpu")
+    if a.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lcfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
     model = get_peft_model(model, lcfg)
     if a.bnb_mode == "train":
@@ -282,7 +286,7 @@ def main():
     out = {
         "bench": "quant-step", "preset": a.preset, "pairs": B, "seq": T, "loss_type": a.loss,
         "quantize": a.quantize, "double_quant": a.double_quant, "optim": a.optim, "bnb_mode": a.bnb_mode,
-        "tensorwise": a.tensorwise, "steps": a.steps, "warmup": a.warmup,
+        "tensorwise": a.tensorwise, "grad_ckpt": a.grad_ckpt, "steps": a.steps, "warmup": a.warmup,
         "step_s_median": statistics.median(ts), "step_s_min": min(ts), "step_s_max": max(ts),
         "loss": float(loss.detach()), "peak_rss_mib": vm("VmHWM"), "peak_rss_after_build_mib": rss_after_build,
         "model_build_s": build_s, "optimizer_state_bytes": opt_state_bytes(opt),

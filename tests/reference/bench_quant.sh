@@ -18,7 +18,9 @@
 #     same ulimit and timeout.
 #
 #   bash tests/reference/bench_quant.sh                       # everything (about an hour on 2 cores)
-#   PARTS="small 8b" bash tests/reference/bench_quant.sh      # PARTS: any of "small default 8b torch8b"
+#   PARTS="small 8b" bash tests/reference/bench_quant.sh      # PARTS: any of "small default 8b torch8b
+#                                                             #   8bckpt torch8bckpt" (the last two: the 8B step
+#                                                             #   with gradient checkpointing, not in the default)
 #   OUT=dir bash ...                                          # the JSON lines and logs (default: target/bench-quant)
 #
 # Before each measurement the script waits until no rustc and no `cargo build|test|clippy|bench` has run for
@@ -90,14 +92,16 @@ run_theirs() { local name=$1; shift
   "$PY" tests/reference/bench_quant.py --threads "$THREADS" --json "$OUT/py_$name.json" "$@" > "$OUT/py_$name.log" 2>&1; }
 ours() { measure "ours $1" run_ours "$@"; }
 theirs() { measure "pytorch $1" run_theirs "$@"; }
-run_ours_8b() { local dt=$1
+# run_ours_8b NAME ARGS...: one 8B step, JSON in rs_8b_NAME.json.
+run_ours_8b() { local name=$1; shift
   ( ulimit -v "$VLIMIT_KIB"; timeout "$T8B" target/release/xtask bench train --shape 8b --pairs 1 --seq 64 \
-      --loss reprpo --quantize nf4 --double-quant --steps 1 --warmup 0 --dtype "$dt" ) \
-    > "$OUT/rs_8b_$dt.json" 2> "$OUT/rs_8b_$dt.log"; }
-run_theirs_8b() {
+      --loss reprpo --quantize nf4 --double-quant --steps 1 --warmup 0 "$@" ) \
+    > "$OUT/rs_8b_$name.json" 2> "$OUT/rs_8b_$name.log"; }
+# run_theirs_8b NAME ARGS...: PyTorch's 8B step, JSON in py_8b_NAME.json (py_8b.json without NAME).
+run_theirs_8b() { local f=py_8b${1:+_$1}; shift || true
   ( ulimit -v "$VLIMIT_KIB"; timeout "$T8B" "$PY" tests/reference/bench_quant.py --threads "$THREADS" \
       --preset 8b --pairs 1 --seq 64 --loss reprpo --quantize nf4 --double-quant --tensorwise --steps 1 \
-      --warmup 0 --json "$OUT/py_8b.json" ) > "$OUT/py_8b.log" 2>&1; }
+      --warmup 0 --json "$OUT/$f.json" "$@" ) > "$OUT/$f.log" 2>&1; }
 
 COMMON=(--pairs "$PAIRS" --seq "$SEQ" --steps "$STEPS" --warmup "$WARMUP")
 if [[ " $PARTS " == *" small "* ]]; then
@@ -120,8 +124,15 @@ fi
 
 if [[ " $PARTS " == *" 8b "* ]]; then
   for dt in bf16 f32; do
-    TRIES=1 measure "ours 8b $dt" run_ours_8b "$dt"
+    TRIES=1 measure "ours 8b $dt" run_ours_8b "$dt" --dtype "$dt"
   done
+fi
+
+# With gradient checkpointing (what PEFT's prepare_model_for_kbit_training switches on by default).
+if [[ " $PARTS " == *" 8bckpt "* ]]; then
+  TRIES=1 measure "ours 8b bf16 ckpt" run_ours_8b bf16_ckpt --dtype bf16 --grad-ckpt
+  TRIES=1 measure "ours 8b bf16 ckpt adamw_8bit" run_ours_8b bf16_ckpt_8bit --dtype bf16 --grad-ckpt \
+    --optim adamw_8bit
 fi
 
 if [[ " $PARTS " == *" default "* ]]; then
@@ -136,9 +147,17 @@ fi
 if [[ " $PARTS " == *" torch8b "* ]]; then
   avail=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
   if [ "$avail" -gt 14 ]; then
-    TRIES=1 measure "pytorch 8b" run_theirs_8b
+    TRIES=1 measure "pytorch 8b" run_theirs_8b ""
   else
     echo "pytorch 8b skipped: MemAvailable ${avail} GiB <= 14 GiB" | tee -a "$OUT/load.txt" >&2
+  fi
+fi
+if [[ " $PARTS " == *" torch8bckpt "* ]]; then
+  avail=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
+  if [ "$avail" -gt 14 ]; then
+    TRIES=1 measure "pytorch 8b ckpt" run_theirs_8b ckpt --grad-ckpt
+  else
+    echo "pytorch 8b ckpt skipped: MemAvailable ${avail} GiB <= 14 GiB" | tee -a "$OUT/load.txt" >&2
   fi
 fi
 
@@ -193,7 +212,10 @@ if any(p for _, p in rows):
 print("\n8B (Llama-3-8B shape, nf4 + double quant, 1 pair x 64 tokens, one ReprPO step):")
 print("| run | build | step | peak RSS after build | peak RSS |")
 print("|---|---|---|---|---|")
-for n, lab in (("rs_8b_bf16", "ours, bf16"), ("rs_8b_f32", "ours, f32"), ("py_8b", "PyTorch (tensorwise), f32")):
+for n, lab in (("rs_8b_bf16", "ours, bf16"), ("rs_8b_f32", "ours, f32"), ("py_8b", "PyTorch (tensorwise), f32"),
+               ("rs_8b_bf16_ckpt", "ours, bf16, gradient checkpointing"),
+               ("rs_8b_bf16_ckpt_8bit", "ours, bf16, gradient checkpointing, adamw_8bit"),
+               ("py_8b_ckpt", "PyTorch (tensorwise), f32, gradient checkpointing")):
     r = get(*n.split("_", 1))
     if r:
         print(f"| {lab} | {r['model_build_s']:.0f} s | {r['step_s_median']:.1f} s | "
