@@ -3,6 +3,25 @@
 //! TRL-compatible tokenisation into padded batches.
 //!
 //! The crate knows nothing of devices or tensors: batches are plain `Vec<u32>` with shapes.
+//!
+//! # Example: reading and tokenising preference pairs
+//!
+//! ```
+//! use reprpo_data::tokenize::{collate_pairs, tokenize_pairs};
+//! use reprpo_data::{Layout, Tok, TokenizeConfig, default_data};
+//!
+//! // The embedded default pairs (any reader or recipe gives the same `PreferencePair`s).
+//! let pairs = default_data::embedded()?.train;
+//! let tok = Tok::byte_level()?;
+//! // TRL 0.9's ("classic") tokenisation: prompt, completion + EOS, length limits.
+//! let tokenized = tokenize_pairs(&tok, &pairs[..4], &TokenizeConfig::default())?;
+//! let refs: Vec<_> = tokenized.pairs.iter().collect();
+//! // Rows 0..4 the chosen sequences, 4..8 the rejected ones; prompts left-padded.
+//! let batch = collate_pairs(&refs, tok.pad, Layout::PromptLeft)?;
+//! assert_eq!(batch.rows, 8);
+//! assert_eq!(batch.input_ids.len(), batch.rows * batch.seq_len);
+//! # Ok::<(), reprpo_data::DataError>(())
+//! ```
 
 pub mod error;
 pub mod read;

@@ -10,6 +10,36 @@
 //! - [`evaluate`](mod@evaluate): base and adapters of one loaded model over a suite;
 //! - [`table`], [`output`]: the results table (terminal, Markdown, CSV, JSON), per-example JSONL,
 //!   generations, written atomically; [`plot`]: PNG charts.
+//!
+//! # Example: scoring a suite
+//!
+//! ```
+//! use std::path::Path;
+//! use candle_core::{DType, Device};
+//! use reprpo_data::Tok;
+//! use reprpo_eval::evaluate::{EvalOptions, Subject, evaluate};
+//! use reprpo_eval::suite::{Suite, load_dataset};
+//! use reprpo_models::{Llama, LlamaConfig};
+//!
+//! // The repository's `datasets/` (suites in `datasets/suites/`); here the `default` suite.
+//! let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+//! let suite = Suite::by_name("default", &root.join("datasets/suites"), &root.join("datasets"))?;
+//! let data = suite
+//!     .datasets
+//!     .iter()
+//!     .map(|d| load_dataset(d, &root, Some(3)))
+//!     .collect::<Result<Vec<_>, _>>()?;
+//! let cfg = LlamaConfig::preset("tiny").ok_or("no such preset")?;
+//! let mut model = Llama::random(cfg, 0.02, 0, DType::F32, &Device::Cpu)?;
+//! // The base first; adapters (loaded with reprpo_models::peft) follow as more subjects.
+//! let subjects = [Subject { label: "base".into(), adapter: None }];
+//! let tok = Tok::byte_level()?;
+//! let report = evaluate(&mut model, &tok, &subjects, &data, &suite.shifts, &suite.name,
+//!     &EvalOptions::default())?;
+//! assert_eq!(report.table.rows.len(), 1);
+//! assert_eq!(report.table.columns.len(), data.len());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod error;
 pub mod evaluate;

@@ -17,6 +17,18 @@
 //!
 //! [`simd`] holds the exponential and the softmax row loops the fused kernels share, in explicit
 //! SIMD chosen at run time.
+//!
+//! # Example
+//!
+//! ```
+//! use candle_core::Device;
+//! use reprpo_kernels::{fused_cpu, written_out};
+//!
+//! assert!(fused_cpu(&Device::Cpu));
+//! // Inside the scope every op on this thread takes the written-out path.
+//! assert!(!written_out(|| fused_cpu(&Device::Cpu)));
+//! assert!(fused_cpu(&Device::Cpu));
+//! ```
 
 pub mod simd;
 
