@@ -166,16 +166,14 @@ fn dpo_sigmoid_dora() {
     check("dpo_sigmoid_dora");
 }
 
-/// Fails: `objective.rs` never fills `DpoInputs::ld_tails`, so `dpo.ld_alpha` is accepted by the
-/// configuration and then stops the first step ("ld_alpha is set but ld_tails is missing").
+/// LD-DPO (`dpo.ld_alpha`): the objective fills `DpoInputs::ld_tails` from the full logits.
 #[test]
 fn ld_alpha_sigmoid_lora() {
     check("ld_alpha_sigmoid_lora");
 }
 
-/// Fails: `objective.rs` never fills `DpoInputs::wpo_log_weights`, so `dpo.use_weighting` is
-/// accepted by the configuration and then stops the first step ("use_weighting is set but
-/// wpo_log_weights is missing").
+/// WPO (`dpo.use_weighting`): the objective fills `DpoInputs::wpo_log_weights` from the full
+/// logits.
 #[test]
 fn wpo_sigmoid_lora() {
     check("wpo_sigmoid_lora");

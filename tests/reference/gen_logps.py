@@ -4,7 +4,7 @@ way TRL computes per-token log-probabilities, and the gradient of a weighted sum
 Run with the pinned models venv (torch 2.15.0, tests/reference/requirements-models.txt at the
 repository root):
 
-    /work/venvs/models/bin/python crates/reprpo-models/tests/reference/gen_logps.py
+    /work/venvs/models/bin/python tests/reference/gen_logps.py
 
 Writes crates/reprpo-models/tests/fixtures/logps.safetensors. Per case `<c>` (`f32_v37`,
 `f32_v130`, `bf16_v130`):
@@ -52,6 +52,6 @@ def case(name, b, t, v, dtype):
 case("f32_v37", 3, 9, 37, torch.float32)
 case("f32_v130", 2, 7, 130, torch.float32)
 case("bf16_v130", 2, 7, 130, torch.bfloat16)
-path = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "logps.safetensors"
+path = pathlib.Path(__file__).resolve().parents[2] / "crates" / "reprpo-models" / "tests" / "fixtures" / "logps.safetensors"
 save_file(out, str(path), metadata={"torch": torch.__version__})
 print(path, sorted(out))
