@@ -182,6 +182,45 @@ pub fn reprpo_step(model: &Llama, t: &Tensors) -> Result<Step> {
     finish(model, out)
 }
 
+/// A random `preset` Llama (`LlamaConfig::preset`: tiny, small, ...) with a LoRA (r 16, alpha
+/// 16, the seven projections, B random so that the policy differs from the reference) and a
+/// batch of `pairs` random pairs of `seq` tokens, the second half of each row the completion:
+/// the timing shape of `src/main.rs --preset`.
+pub fn random_setup(preset: &str, pairs: usize, seq: usize) -> Result<(Llama, Tensors)> {
+    let cfg = reprpo_models::LlamaConfig::preset(preset).context("unknown preset")?;
+    let vocab = cfg.vocab_size;
+    let mut model = Llama::random(cfg, 0.02, 0, DType::F32, &Device::Cpu)?;
+    let lora = peft::AdapterConfig::lora(16, 16.0, &reprpo_models::llama::PROJECTIONS);
+    let idx = peft::add_adapter(&mut model, "policy", lora, None, 0)?;
+    for (name, v) in peft::adapter_params(&model, idx) {
+        if name.contains("lora_B") {
+            v.set(&Tensor::randn(
+                0f32,
+                0.02,
+                v.as_tensor().shape(),
+                &Device::Cpu,
+            )?)?;
+        }
+    }
+    model.adapters.active = Some(idx);
+    let rows = 2 * pairs;
+    let ids: Vec<u32> = (0..rows * seq)
+        .map(|i| ((i as u64 * 2_654_435_761) % vocab as u64) as u32)
+        .collect();
+    let completion: Vec<u8> = (0..rows * seq)
+        .map(|i| u8::from(i % seq >= seq / 2))
+        .collect();
+    let batch = Batch {
+        rows,
+        seq_len: seq,
+        input_ids: ids,
+        attention_mask: vec![1; rows * seq],
+        loss_mask: completion,
+        prompt_cols: seq / 2,
+    };
+    Ok((model, Tensors::new(&batch)?))
+}
+
 /// Peak resident memory of this process (VmHWM, MiB; Linux), if readable.
 pub fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

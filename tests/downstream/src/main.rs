@@ -2,12 +2,16 @@
 //! 20) and prints one JSON line with the peak RSS: built once with stock candle-core (this
 //! crate's own lock file) and once with the workspace's patched copy (`--config
 //! patch.crates-io.candle-core.path=...`), it gives docs/perf.md's stock-against-patched row.
+//!
+//! `reprpo-downstream [N]`: the fixture (tests/fixtures/train: a 3-layer, 32-wide Llama, 4 pairs);
+//! `reprpo-downstream N PRESET PAIRS SEQ`: a random `LlamaConfig::preset` model (e.g. `small 2
+//! 128`) with a LoRA r 16 on the seven projections.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use reprpo_downstream::{
-    Tensors, dpo_step, fixtures, pair_batch, peak_rss_mib, policy, reprpo_step,
+    Tensors, dpo_step, fixtures, pair_batch, peak_rss_mib, policy, random_setup, reprpo_step,
 };
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -16,10 +20,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let n: usize = std::env::args().nth(1).map_or(Ok(20), |s| s.parse())?;
-    let dir = fixtures();
-    let t = Tensors::new(&pair_batch(&dir)?)?;
-    let model = policy(&dir)?;
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = args.get(1).map_or(Ok(20), |s| s.parse())?;
+    let (model, t) = match args.get(2) {
+        Some(preset) => {
+            let pairs = args.get(3).map_or(Ok(2), |s| s.parse())?;
+            let seq = args.get(4).map_or(Ok(128), |s| s.parse())?;
+            random_setup(preset, pairs, seq)?
+        }
+        None => {
+            let dir = fixtures();
+            (policy(&dir)?, Tensors::new(&pair_batch(&dir)?)?)
+        }
+    };
     let mut out = serde_json::Map::new();
     for (name, f) in [
         ("dpo", dpo_step as fn(&_, &_) -> Result<_>),
