@@ -1,4 +1,4 @@
-//! The reprpo command line: `cargo xtask train | eval | data | bench`.
+//! The reprpo command line: `cargo xtask train | eval | data | bench | doctor | sweep`.
 //!
 //! A thin layer over the library crates: it parses arguments, resolves paths against the workspace
 //! root, and prints results. `key=value` overrides are merged over the defaults (and over a config
@@ -7,6 +7,7 @@
 mod bench;
 mod doctor;
 mod eval;
+mod sweep;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -82,6 +83,9 @@ enum Cmd {
     /// Self-check: every computation of a training / eval step on the device against the CPU
     /// (on the CPU: the fused kernels against the written-out ops). Exits 1 on any failure.
     Doctor(doctor::DoctorArgs),
+    /// Seeded sweeps: plan, run (locally or as a Slurm array), report with confidence intervals.
+    #[command(subcommand)]
+    Sweep(sweep::SweepCmd),
 }
 
 #[derive(Subcommand)]
@@ -280,6 +284,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => train::run(a, &root()),
         Cmd::Eval(a) => eval::run(a, &root()),
         Cmd::Doctor(a) => doctor::run(a),
+        Cmd::Sweep(c) => sweep::run(c, &root()),
         Cmd::Data(DataCmd::Prepare { input, out, out_mc }) => {
             if out.is_none() && out_mc.is_none() {
                 bail!("give --out FILE (pairs) and/or --out-mc FILE (multiple-choice items)");
