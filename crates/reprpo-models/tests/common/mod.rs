@@ -60,6 +60,25 @@ pub fn masked_max_abs_diff(got: &Tensor, want: &Tensor, mask: &Tensor) -> (f32, 
     (max_diff, max_want)
 }
 
+/// bf16 logits `got` against the f32 reference `want` at the real positions of `mask`: at most
+/// `bound` apart (absolute), with some logit above 1 in magnitude so that the bound means
+/// something; prints the measured error.
+pub fn assert_bf16_logits(name: &str, got: &Tensor, want: &Tensor, mask: &Tensor, bound: f32) {
+    let (max_diff, max_want) = masked_max_abs_diff(got, want, mask);
+    eprintln!(
+        "{name} bf16 vs f32 reference: max |diff| {max_diff:.3e} at real positions \
+         (max |logit| {max_want:.2}), bound {bound}"
+    );
+    assert!(
+        max_want > 1.0,
+        "logits too small to test the bound: {max_want}"
+    );
+    assert!(
+        max_diff <= bound,
+        "bf16 logits off by {max_diff} > {bound} at a real position"
+    );
+}
+
 /// Max |a - b| / max |b|, both over the positions where `mask` (`[B, T]`) is 1.
 pub fn rel_err_masked(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
     let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
