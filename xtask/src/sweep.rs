@@ -27,7 +27,7 @@ pub enum SweepCmd {
     Plan {
         /// The sweep file (TOML; see datasets/sweeps/).
         file: PathBuf,
-        /// The sweep folder (default: runs/sweeps/<name>).
+        /// The sweep folder (default: runs/sweeps/NAME).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -36,7 +36,7 @@ pub enum SweepCmd {
     Run {
         /// A sweep file or a planned sweep folder.
         target: PathBuf,
-        /// The sweep folder for a sweep file (default: runs/sweeps/<name>).
+        /// The sweep folder for a sweep file (default: runs/sweeps/NAME).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Runs at once (each gets cores / N threads).
@@ -58,7 +58,7 @@ pub enum SweepCmd {
         retry_failed: bool,
     },
     /// Per suite and dataset role: mean ± 95% CI over seeds per configuration and the paired
-    /// difference against the baseline (report/report.md, .csv, .json, <suite>.png).
+    /// difference against the baseline (report/report.md, .csv, .json, SUITE.png).
     Report {
         /// The sweep folder.
         dir: PathBuf,
@@ -67,7 +67,7 @@ pub enum SweepCmd {
     Slurm {
         /// The sweep file.
         file: PathBuf,
-        /// The sweep folder (default: runs/sweeps/<name>).
+        /// The sweep folder (default: runs/sweeps/NAME).
         #[arg(long)]
         out: Option<PathBuf>,
     },

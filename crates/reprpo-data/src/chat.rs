@@ -45,7 +45,7 @@ impl std::fmt::Debug for ChatTemplate {
 /// The most template instructions one rendering may run. A chat template is a program from a
 /// downloaded file: without a bound, nested loops (`range` allows 100000 items each) hang the
 /// job (found by fuzzing). Real templates run a few hundred instructions per message.
-pub const TEMPLATE_FUEL: u64 = 10_000_000;
+pub(crate) const TEMPLATE_FUEL: u64 = 10_000_000;
 
 fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))

@@ -10,6 +10,7 @@ pub type Result<T> = std::result::Result<T, DataError>;
 /// Rows are 1-based record numbers: the line for JSONL, the element for a JSON array, the
 /// record after the header for CSV, the row across all row groups for Parquet.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DataError {
     /// The file could not be opened or read.
     #[error("{}: cannot read", file.display())]

@@ -40,7 +40,7 @@ pub fn local_path(s: &str) -> Option<PathBuf> {
 }
 
 /// Whether `HF_HUB_OFFLINE` asks for offline mode ("1", "true", "yes", "on").
-pub fn offline_from_env() -> bool {
+pub(crate) fn offline_from_env() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .map(|v| {
             matches!(
@@ -54,7 +54,7 @@ pub fn offline_from_env() -> bool {
 /// Whether a repository file is a Parquet shard of `config`/`split`. Both layouts of the
 /// conversion are recognised: `config/split/0000.parquet` and the older
 /// `config/<name>-split[-00000-of-00001].parquet`.
-pub fn is_split_file(file: &str, config: &str, split: &str) -> bool {
+pub(crate) fn is_split_file(file: &str, config: &str, split: &str) -> bool {
     if !file.ends_with(".parquet") {
         return false;
     }

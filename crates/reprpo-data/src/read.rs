@@ -13,6 +13,7 @@ use crate::error::{DataError, Result};
 
 /// Container formats this crate reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Format {
     /// One JSON object per line.
     Jsonl,
@@ -550,7 +551,10 @@ pub fn read_tables(paths: &[PathBuf]) -> Result<Vec<Table>> {
 }
 
 /// Count rows per value of a string field (used by converters that group responses by prompt).
-pub fn group_rows<'a>(table: &'a Table, field: &str) -> Result<BTreeMap<usize, Vec<RowRef<'a>>>> {
+pub(crate) fn group_rows<'a>(
+    table: &'a Table,
+    field: &str,
+) -> Result<BTreeMap<usize, Vec<RowRef<'a>>>> {
     // Keyed by the first row of each group, so iteration keeps file order.
     let mut first: std::collections::HashMap<&'a str, usize> = std::collections::HashMap::new();
     let mut groups: BTreeMap<usize, Vec<RowRef<'a>>> = BTreeMap::new();

@@ -244,7 +244,7 @@ impl Tok {
 
 /// GPT-2's reversible byte-to-unicode table: printable Latin-1 bytes map to themselves, the
 /// others to code points from 256 up, in byte order.
-pub fn byte_chars() -> [char; 256] {
+pub(crate) fn byte_chars() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..=255u8 {

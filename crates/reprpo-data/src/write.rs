@@ -23,7 +23,7 @@ fn werr(path: &Path, e: impl std::fmt::Display) -> DataError {
 
 /// Write `path` atomically: `fill` writes into a temporary file beside it, which is renamed onto
 /// `path` only if `fill` succeeds. On error nothing is left behind.
-pub fn atomic_write(
+pub(crate) fn atomic_write(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
 ) -> Result<()> {

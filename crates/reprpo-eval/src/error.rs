@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong while scoring and reporting.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EvalError {
     /// A tensor operation failed.
     #[error(transparent)]

@@ -119,7 +119,7 @@ pub struct Generation {
 pub struct Report {
     /// The aggregate table.
     pub table: Table,
-    /// One JSON object per (subject, item): see [`mc_record`] and [`pair_record`].
+    /// One JSON object per (subject, item): see `mc_record` and `pair_record`.
     pub examples: Vec<Value>,
     /// Greedy generations side by side.
     pub generations: Vec<Generation>,
@@ -210,7 +210,7 @@ fn window_group(g: &mut Group, max_length: usize) {
 }
 
 /// The per-example record of an MC item.
-pub fn mc_record(model: &str, dataset: &str, item: &McItem, s: &McScore) -> Value {
+pub(crate) fn mc_record(model: &str, dataset: &str, item: &McItem, s: &McScore) -> Value {
     json!({
         "model": model, "dataset": dataset, "id": item.id, "row": item.source.row, "kind": "mc",
         "logps": s.logps, "tokens": s.tokens, "correct_choices": s.correct,
@@ -220,7 +220,7 @@ pub fn mc_record(model: &str, dataset: &str, item: &McItem, s: &McScore) -> Valu
 }
 
 /// The per-example record of a pair (`reward`: an adapter's DPO rewards against the base).
-pub fn pair_record(
+pub(crate) fn pair_record(
     model: &str,
     dataset: &str,
     pair: &PreferencePair,

@@ -102,7 +102,7 @@ fn per_model_examples(report: &Report) -> Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Generations as Markdown: per prompt, a table with one row per model.
-pub fn generations_markdown(gens: &[Generation]) -> String {
+pub(crate) fn generations_markdown(gens: &[Generation]) -> String {
     let esc = |s: &str| s.replace('|', "\\|").replace('\n', "⏎");
     let mut s = String::from("# Greedy generations, with and without each adapter\n");
     for g in gens {

@@ -77,6 +77,7 @@ pub struct BarSeries {
 
 /// Why a chart could not be written.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PlotError {
     /// The embedded font could not be registered with plotters.
     #[error("plot {path}: embedded font unusable: {message}")]

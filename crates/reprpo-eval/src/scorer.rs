@@ -42,6 +42,7 @@ use crate::error::{EvalError, Result};
 /// How log-probabilities are computed (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum ScoreMode {
     /// The prompt once, its KV cache reused for every completion.
     PrefixCache,

@@ -37,6 +37,7 @@ use crate::error::{LossError, Result};
 /// # Shapes
 /// Every per-example loss `l[b]` has shape `[B]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum LossType {
     /// DPO: `l = -ls(x)`. With [`DpoConfig::cdpo`] (TRL <= 0.2x) conservative DPO:
     /// `l = -(1 - eps) ls(x) - eps ls(-x)`.
@@ -173,6 +174,7 @@ impl<'de> Deserialize<'de> for LossType {
 /// The f-divergence regulariser of f-DPO (TRL 1.16's `f_divergence_type`): the map `f` from a
 /// log-ratio `r` to a score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum FDivergenceType {
     /// `f(r) = r` (standard DPO).
     #[default]

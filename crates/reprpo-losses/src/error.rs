@@ -4,6 +4,7 @@ use thiserror::Error;
 
 /// Everything a loss can fail with.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum LossError {
     /// A tensor operation failed (shape, dtype or device mismatch, or a backend error).
     #[error(transparent)]

@@ -83,6 +83,7 @@ use crate::pool;
 /// computed over the hidden dimension per entry unless stated otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum ReprPoVariant {
     /// `d(x, y) = ‖x - y‖` (L2 over the hidden dimension). Also accepted as `reprpo`.
     #[default]

@@ -23,7 +23,7 @@
 //! # Dropout
 //! The recomputation must see the same dropout masks as the forward. Inside a checkpointed block
 //! (and whenever [`ForwardSpec::dropout_seed`] is set) adapter dropout draws its masks from a
-//! generator seeded per block and per draw (see [`block_seed`]), so the recomputation repeats
+//! generator seeded per block and per draw (see `block_seed`), so the recomputation repeats
 //! them exactly; otherwise dropout uses candle's generator as before.
 //!
 //! [`ForwardSpec::checkpoint`]: crate::ForwardSpec::checkpoint
@@ -86,7 +86,7 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// The dropout seed of block `l` in a forward seeded with `seed`: `splitmix64(seed + l)`.
-pub fn block_seed(seed: u64, l: usize) -> u64 {
+pub(crate) fn block_seed(seed: u64, l: usize) -> u64 {
     splitmix64(seed.wrapping_add(l as u64))
 }
 

@@ -52,7 +52,7 @@ use candle_core::Tensor;
 use crate::error::{ModelError, Result};
 
 /// PEFT's prefix of module names in a `PeftModel` (and of its state-dict keys).
-pub const PEFT_PREFIX: &str = "base_model.model.";
+pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Which side of a linear module a tap records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -156,7 +156,7 @@ impl TapRecorder {
 }
 
 /// The decoder block (`model.layers.<l>.`) a module path belongs to.
-pub fn block_of(module: &str) -> Option<usize> {
+pub(crate) fn block_of(module: &str) -> Option<usize> {
     let rest = module.strip_prefix("model.layers.")?;
     rest.split('.').next()?.parse().ok()
 }

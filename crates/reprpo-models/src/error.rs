@@ -7,6 +7,7 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 
 /// Everything that can go wrong loading, converting or running a model.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ModelError {
     /// A tensor operation failed.
     #[error(transparent)]

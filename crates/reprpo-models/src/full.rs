@@ -15,7 +15,7 @@ use crate::checkpoint::param;
 use crate::error::Result;
 
 /// The key suffix of a delta in the saved adapter.
-pub const DELTA_KEY: &str = "full_delta.weight";
+pub(crate) const DELTA_KEY: &str = "full_delta.weight";
 
 /// `W' = W + Δ` for one layer.
 #[derive(Debug)]

@@ -75,7 +75,7 @@ use crate::adapter::{AdapterHost, Ctx};
 use crate::error::{ModelError, Result};
 
 /// The clamp of norms and of direction components (the reference's `eps`).
-pub const EPS: f64 = 1e-12;
+pub(crate) const EPS: f64 = 1e-12;
 
 /// How a module's outputs are pooled over tokens before the direction is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -201,7 +201,7 @@ pub struct Projected {
 
 /// The axis of `dims` that projgrad projects along for a direction of width `h` (`Some(0)`,
 /// `Some(1)`), or `None`: the gradient is left alone. Only 2-D gradients are matched.
-pub fn matched_axis(dims: &[usize], h: usize, weight_dim: WeightDim) -> Option<usize> {
+pub(crate) fn matched_axis(dims: &[usize], h: usize, weight_dim: WeightDim) -> Option<usize> {
     let [first, last] = dims else {
         return None;
     };

@@ -76,7 +76,7 @@ pub struct ForwardSpec {
     /// [`crate::checkpoint::backward`]).
     pub checkpoint: bool,
     /// Draw adapter dropout masks from generators seeded with this value (per block, see
-    /// [`crate::checkpoint::block_seed`]) instead of candle's; a checkpointed forward without it
+    /// `checkpoint::block_seed`) instead of candle's; a checkpointed forward without it
     /// draws a fresh seed.
     pub dropout_seed: Option<u64>,
     /// Side activations to return: inputs or outputs of linear modules (see

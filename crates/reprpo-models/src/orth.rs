@@ -4,7 +4,7 @@
 //! PEFT's names (`boft_R`, `boft_s`, `oft_R.weight`, `hra_u`); the adapted weight is computed
 //! in f32 (f64 for an f64 model) and cast to the model's dtype.
 //!
-//! Every config key of these kinds is listed by [`config_keys`]; values that would change the
+//! Every config key of these kinds is listed by `config_keys`; values that would change the
 //! maths in a way not implemented here are errors naming the key ([`validate`]).
 //!
 //! # BOFT butterfly factors (PEFT's CPU fallback)
@@ -31,7 +31,7 @@ use crate::peft::{AdapterConfig, AdapterKind, KEY_PREFIX};
 
 /// The config keys the orthogonal kind `peft_type` understands (besides the ones `peft.rs`
 /// handles for every kind: targets, layers, and keys that are neutral at their default).
-pub fn config_keys(peft_type: &str) -> Vec<&'static str> {
+pub(crate) fn config_keys(peft_type: &str) -> Vec<&'static str> {
     match peft_type {
         "BOFT" => vec![
             "boft_block_size",

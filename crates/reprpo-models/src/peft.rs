@@ -428,7 +428,7 @@ fn init_lora(
 }
 
 /// alpha / r, or alpha / sqrt(r) with rsLoRA.
-pub fn lora_scale(alpha: f64, r: usize, rslora: bool) -> f64 {
+pub(crate) fn lora_scale(alpha: f64, r: usize, rslora: bool) -> f64 {
     if rslora {
         alpha / (r as f64).sqrt()
     } else {

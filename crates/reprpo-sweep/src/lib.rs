@@ -4,9 +4,9 @@
 //!
 //! - [`spec`]: the sweep file (base config, axes, variants, seeds, baseline, eval suites,
 //!   `[slurm]`); [`search`]: a random search over ranges with a budget and a seed;
-//! - [`plan`]: the file expanded into configurations and runs, each run's configuration resolved
+//! - [`plan`](mod@plan): the file expanded into configurations and runs, each run's configuration resolved
 //!   (so validated) as `cargo xtask train` resolves it, written as `plan.json` + `configs/`;
-//! - [`run_one`]: one run, trained and evaluated in a work folder renamed into `runs/<id>/` when
+//! - [`run_one`](mod@run_one): one run, trained and evaluated in a work folder renamed into `runs/<id>/` when
 //!   it ends, with its `status.json`; done runs are skipped;
 //! - [`local`]: `sweep run`: the runs not done, N child processes at a time, threads divided;
 //! - [`slurm`]: the `sbatch` array script whose tasks are `run-one`;

@@ -128,7 +128,7 @@ fn show(v: &toml::Value) -> String {
 }
 
 /// `label` as a folder name: ASCII letters, digits, `.`, `-` and `_` kept, `=` as `-`, spaces as
-/// `_`, the rest `_`; longer than [`MAX_SLUG`]: cut, with a hash of the whole label.
+/// `_`, the rest `_`; longer than `MAX_SLUG`: cut, with a hash of the whole label.
 pub fn slug(label: &str) -> String {
     let s: String = label
         .chars()

@@ -62,6 +62,7 @@ pub struct TrainConfig {
 /// Where the run goes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RunConfig {
     /// Run name; the folder is `<out_dir>/<name>-<timestamp>`. Default: `<loss>-<adapter>`.
     pub name: Option<String>,
@@ -109,6 +110,7 @@ pub struct ModelConfig {
 /// The data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct DataConfig {
     /// Training datasets: recipe names from `datasets/*.toml`, `default` (embedded), or data
     /// files (`path/to/pairs.jsonl`, `.json`, `.csv`, `.parquet`, optionally `.gz`, with an
@@ -197,6 +199,7 @@ fn follow_training_data(data: &mut DataConfig, explicit: &Figment) {
 /// The adapter (PEFT names are derived from these; see [`AdapterOptions::peft_json`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct AdapterOptions {
     /// `lora`, `dora`, `boft`, `oft`, `hra`, or `full` (full fine-tuning of the targeted linear
     /// layers: a dense delta per layer; embeddings, norms and `lm_head` stay frozen).
@@ -238,6 +241,7 @@ pub struct AdapterOptions {
 /// The optimisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct TrainOptions {
     /// Peak learning rate.
     pub lr: f64,
@@ -295,6 +299,7 @@ pub struct TrainOptions {
 /// before the preference adapter is created; cached by its settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SftStage {
     /// Optimizer steps (0: no SFT stage). Unset: 150 for the random `tiny`/`small` base models
     /// (they know no language yet), 0 for real models.
@@ -634,7 +639,7 @@ fn adapter_preset(kind: &str) -> Result<Value> {
 
 /// `"; did you mean `x`?"` for the nearest candidate (Damerau-Levenshtein distance at most a
 /// third of the word, at least 1), or nothing when none is close.
-pub fn suggest(word: &str, candidates: &[String]) -> String {
+pub(crate) fn suggest(word: &str, candidates: &[String]) -> String {
     let best = candidates
         .iter()
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
@@ -892,7 +897,7 @@ pub fn known_keys() -> Vec<String> {
 
 /// The doc comment of a key's field, from the structs of this file, `method.rs` and
 /// `gradproj.rs` (`dpo.*` and `reprpo.*` are the losses crate's structs: none).
-pub fn key_doc(key: &str) -> Option<&'static str> {
+pub(crate) fn key_doc(key: &str) -> Option<&'static str> {
     use documented::DocumentedFields as _;
     let doc = match key.split_once('.') {
         None => TrainConfig::get_field_docs(key),

@@ -44,7 +44,11 @@ pub fn load_pairs(names: &[String], datasets_dir: &Path, seed: u64) -> Result<Ve
 /// pair, and at least one left to train on; the draw is a permutation from
 /// `StdRng(seed ^ 0x686f_6c64)` ("hold"), independent of the epoch orders, and both parts keep
 /// their original order. Nothing moves for a fraction of 0 or fewer than two pairs.
-pub fn hold_out(pairs: &mut Vec<PreferencePair>, fraction: f64, seed: u64) -> Vec<PreferencePair> {
+pub(crate) fn hold_out(
+    pairs: &mut Vec<PreferencePair>,
+    fraction: f64,
+    seed: u64,
+) -> Vec<PreferencePair> {
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     let n = pairs.len();
@@ -130,7 +134,7 @@ pub fn chosen_batch(pairs: &[&TokenizedPair], pad: u32, device: &Device) -> Resu
 
 /// Collate SFT sequences, right-padded: the chosen completions, or (`both`) the chosen and the
 /// rejected ones (a domain language model that prefers neither).
-pub fn sft_batch(
+pub(crate) fn sft_batch(
     pairs: &[&TokenizedPair],
     both: bool,
     pad: u32,

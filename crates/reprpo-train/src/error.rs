@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong in configuring or running a training job.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TrainError {
     /// A configuration key has a bad value, is unknown, or clashes with another.
     #[error("config key `{key}`: {problem}")]

@@ -53,11 +53,12 @@ use crate::error::{Result, TrainError};
 use crate::objective::BatchLoss;
 
 /// The reference's DPO temperature in both interventions (`compute_gradproj_loss_batch`).
-pub const DPO_BETA: f64 = 0.1;
+pub(crate) const DPO_BETA: f64 = 0.1;
 
 /// The `[projgrad]` table: the reference's `ProjGradConfig` (its defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ProjGradConfig {
     /// Multiplier of the gradient's part orthogonal to the preference direction (the
     /// reference's `β`).
@@ -110,6 +111,7 @@ impl Default for ProjGradConfig {
 /// comes from the reference model's outputs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ProjBpConfig {
     /// Multiplier of the gradient's part orthogonal to the preference direction (the
     /// reference's `β`).
@@ -219,7 +221,7 @@ pub fn preset(name: &str) -> Option<Value> {
 }
 
 /// The doc line of a `projgrad.*` / `projbp.*` key.
-pub fn key_doc(table: &str, field: &str) -> Option<&'static str> {
+pub(crate) fn key_doc(table: &str, field: &str) -> Option<&'static str> {
     use documented::DocumentedFields as _;
     match table {
         "projgrad" => ProjGradConfig::get_field_docs(field).ok(),

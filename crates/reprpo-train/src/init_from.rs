@@ -18,7 +18,7 @@ use crate::error::{Result, TrainError};
 
 /// The adapter options that describe the PEFT adapter in `dir`; `seed`, `reference` and
 /// `init_from` are taken from `base`.
-pub fn loaded_options(dir: &Path, base: &AdapterOptions) -> Result<AdapterOptions> {
+pub(crate) fn loaded_options(dir: &Path, base: &AdapterOptions) -> Result<AdapterOptions> {
     let cfg = AdapterConfig::load(dir).map_err(|e| TrainError::Config {
         key: "adapter.init_from".into(),
         problem: e.to_string(),
@@ -90,7 +90,7 @@ fn orth_options(peft_type: &str, raw: &Map<String, Value>, o: &mut AdapterOption
 /// Check that every `adapter.*` key in `explicit` (those the user set) agrees with `loaded`,
 /// reading the user's value from `resolved` (the configuration before the loaded adapter
 /// replaced its table).
-pub fn check_explicit(
+pub(crate) fn check_explicit(
     explicit: &[String],
     resolved: &AdapterOptions,
     loaded: &AdapterOptions,

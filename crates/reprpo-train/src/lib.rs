@@ -3,7 +3,7 @@
 //! - [`config`]: the layered configuration (defaults < presets < file < env < overrides) and its
 //!   validation;
 //! - [`data`]: dataset names to tokenised pairs and device batches;
-//! - [`init_from`]: the `[adapter]` table of a run started from an existing adapter;
+//! - `init_from` (crate-private): the `[adapter]` table of a run started from an existing adapter;
 //! - [`gradproj`]: the reference ReprPO project's gradient interventions (`projgrad`, `projbp`);
 //! - [`objective`]: one batch through the policy (adapter on) and reference (adapter off) forwards
 //!   and the loss;
@@ -51,7 +51,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod gradproj;
-pub mod init_from;
+pub(crate) mod init_from;
 pub mod memory;
 pub mod method;
 pub mod metrics;

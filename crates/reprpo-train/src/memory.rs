@@ -46,7 +46,7 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
 }
 
 /// The device's `(used, total)` memory in bytes (CUDA: `cuMemGetInfo`); `None` on the CPU.
-pub fn device_memory(dev: &Device) -> Option<(u64, u64)> {
+pub(crate) fn device_memory(dev: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = dev {
         let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
@@ -58,7 +58,7 @@ pub fn device_memory(dev: &Device) -> Option<(u64, u64)> {
 
 /// What can hold the run: the device's total memory on a GPU, the machine's available memory
 /// (`MemAvailable` of `/proc/meminfo`) on the CPU.
-pub fn capacity_bytes(dev: &Device) -> Option<u64> {
+pub(crate) fn capacity_bytes(dev: &Device) -> Option<u64> {
     if let Some((_, total)) = device_memory(dev) {
         return Some(total);
     }
@@ -68,7 +68,7 @@ pub fn capacity_bytes(dev: &Device) -> Option<u64> {
 
 /// The largest device memory seen at the samples so far, and the JSON fields of the memory now.
 #[derive(Debug, Default)]
-pub struct MemoryLog {
+pub(crate) struct MemoryLog {
     device_max: Option<u64>,
 }
 

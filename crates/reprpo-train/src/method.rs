@@ -41,6 +41,7 @@ use crate::trainer::TrainModel;
 /// activations, the `ether` transform, the `prefvec` loss).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct MethodConfig {
     /// The loss on the collected activations: `prefvec`, `rank` or `mse` (options in
     /// `[method.prefvec]`, `[method.rank]`, `[method.mse]`).
@@ -227,7 +228,7 @@ pub fn preset(name: &str) -> Option<Value> {
 }
 
 /// The doc line of a `method.*` key (`f` without the `method.` prefix).
-pub fn key_doc(f: &str) -> Option<&'static str> {
+pub(crate) fn key_doc(f: &str) -> Option<&'static str> {
     use documented::DocumentedFields as _;
     let doc = match f.split_once('.') {
         None => MethodConfig::get_field_docs(f),

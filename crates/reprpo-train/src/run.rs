@@ -70,7 +70,7 @@ pub fn timestamp(unix: u64) -> String {
 }
 
 /// Create a fresh run folder `<out_dir>/<name>-<timestamp>` (with a numeric suffix if taken).
-pub fn new_run_dir(out_dir: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn new_run_dir(out_dir: &Path, name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -135,7 +135,7 @@ pub struct Manifest {
 }
 
 /// SHA-256 of a file, lower-case hex, and its size.
-pub fn sha256_file(path: &Path) -> Result<ManifestEntry> {
+pub(crate) fn sha256_file(path: &Path) -> Result<ManifestEntry> {
     use sha2::Digest;
     let mut file = std::fs::File::open(path).map_err(io(path))?;
     let mut hasher = sha2::Sha256::new();

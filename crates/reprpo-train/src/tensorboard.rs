@@ -181,7 +181,7 @@ pub fn frame(data: &[u8]) -> Vec<u8> {
 }
 
 /// The masked CRC-32C of TFRecords: `((crc >> 15) | (crc << 17)) + 0xa282ead8`.
-pub fn masked_crc(bytes: &[u8]) -> u32 {
+pub(crate) fn masked_crc(bytes: &[u8]) -> u32 {
     let crc = crc32c::crc32c(bytes);
     crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }

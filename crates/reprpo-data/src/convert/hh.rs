@@ -6,7 +6,7 @@ use crate::read::Table;
 use crate::types::PreferencePair;
 
 /// The marker that opens the assistant's turn; the prompt ends right after the last one shared.
-pub const ASSISTANT: &str = "\n\nAssistant:";
+pub(crate) const ASSISTANT: &str = "\n\nAssistant:";
 
 /// Converter `hh-rlhf`: Anthropic/hh-rlhf rows.
 ///
@@ -56,7 +56,7 @@ pub fn hh_rlhf(table: &Table, opts: &ConvertOptions) -> Result<Converted> {
 
 /// Byte offset right after the last [`ASSISTANT`] within the longest common prefix of `a` and
 /// `b`, or `None` when the shared prefix holds no such marker.
-pub fn prompt_end(a: &str, b: &str) -> Option<usize> {
+pub(crate) fn prompt_end(a: &str, b: &str) -> Option<usize> {
     let common = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
     let marker = ASSISTANT.as_bytes();
     a.as_bytes()[..common]

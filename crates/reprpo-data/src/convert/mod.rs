@@ -39,6 +39,7 @@ pub enum TqaTarget {
 
 /// A named converter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Converter {
     /// `pairs`: our own serialised [`PreferencePair`] rows (`id` optional, `prompt`, `chosen`, `rejected`).
     Pairs,

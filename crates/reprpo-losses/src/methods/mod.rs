@@ -76,6 +76,7 @@ pub struct MethodInputs {
 /// The loss of a method, with its reference configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[non_exhaustive]
 pub enum MethodLoss {
     /// The reference's `mse` (a log-distance-ratio loss, see [`mse_loss`]).
     Mse(MseConfig),

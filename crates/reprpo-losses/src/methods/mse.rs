@@ -23,6 +23,7 @@ use crate::error::Result;
 /// The reference's `MSELossConfig` (its defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct MseConfig {
     /// Weight of the retain term (the reference's `α`).
     #[serde(alias = "α")]

@@ -37,6 +37,7 @@ use crate::error::Result;
 /// The reference's `PrefVecLossConfig` (its defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PrefVecConfig {
     /// Clamp of the preference direction's norm.
     pub eps: f64,

@@ -32,6 +32,7 @@ use crate::error::Result;
 /// The reference's `RankLossConfig` (its defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RankConfig {
     /// Weight of the retain sum (the reference's `α`).
     #[serde(alias = "α")]

@@ -68,6 +68,7 @@ pub use fourbit::{DYNAMIC_MAP, FP4_CODE, NF4_CODE, torch_mean_f32};
 /// The quantisation formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum QuantType {
     /// bitsandbytes 4-bit NormalFloat.
     Nf4,

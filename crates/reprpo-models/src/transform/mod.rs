@@ -34,6 +34,7 @@ pub use spectral::{SupprConfig, SvdConfig};
 /// Which transform, with its reference configuration (defaults as the reference's).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[non_exhaustive]
 pub enum TransformConfig {
     /// The identity.
     #[default]

@@ -25,6 +25,7 @@ use crate::error::{ModelError, Result};
 /// The reference's `OrthoConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct OrthoConfig {
     /// `householder` (the only map implemented).
     pub orthogonal_map: String,

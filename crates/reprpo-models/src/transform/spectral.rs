@@ -34,6 +34,7 @@ use crate::error::{ModelError, Result};
 /// The reference's `SVDConfig` (its defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, documented::DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct SvdConfig {
     /// Quantile of the singular values below which they are raised (`≥ 1`: a hard projection).
     pub quantile: f64,

@@ -7,14 +7,14 @@
 //! `quantize_blockwise`): `tests/fixtures/optim8bit/`, `tests/optim8bit.rs`.
 //!
 //! # Blockwise dynamic quantisation
-//! A tensor of `n` elements is cut, in memory order, into blocks of [`BLOCK`] = 256 elements (the
+//! A tensor of `n` elements is cut, in memory order, into blocks of `BLOCK` = 256 elements (the
 //! last one shorter). Each block keeps `absmax = max |x|` (f32) and one u8 code per element,
 //! an index into a sorted 256-entry map: `create_dynamic_map(signed=True)` for the first moment
 //! `m`, `create_dynamic_map(signed=False)` for the second `v` ([`dynamic_map`]).
 //! Dequantised: `x = map[code] * absmax`. Quantised (bitsandbytes' CPU routine, reproduced
 //! exactly): `s = clamp(x * (1 / absmax), -1, 1)`, `i = trunc((s + 1) / 2 * 65535 + 0.5)` (a u16),
 //! `code = lut[i]`, where `lut[i]` is the number of midpoints `(map[k] + map[k+1]) / 2` below
-//! `-1 + 2 i / 65535` (the nearest map entry on a 65536-point grid; [`quantize_lut`]); a block
+//! `-1 + 2 i / 65535` (the nearest map entry on a 65536-point grid; `quantize_lut`); a block
 //! with `absmax = 0` gets code 0 everywhere.
 //!
 //! # The update of an 8-bit tensor (step `t`, 1-based)
@@ -44,7 +44,7 @@ use super::AdamWConfig;
 use crate::error::Result;
 
 /// Elements per quantisation block (bitsandbytes' blockwise optimizers).
-pub const BLOCK: usize = 256;
+pub(crate) const BLOCK: usize = 256;
 
 /// Tensors with fewer elements keep f32 moments (bitsandbytes' `min_8bit_size`).
 pub const MIN_8BIT_SIZE: usize = 4096;
@@ -68,7 +68,7 @@ pub fn dynamic_map(signed: bool) -> [f32; 256] {
 /// The quantisation look-up table of a sorted map, as bitsandbytes' CPU `build_quantize_lut`:
 /// entry `i` is the index of the map entry nearest to `-1 + 2 i / 65535` (the count of midpoints
 /// below it), in f32 arithmetic.
-pub fn quantize_lut(map: &[f32; 256]) -> Vec<u8> {
+pub(crate) fn quantize_lut(map: &[f32; 256]) -> Vec<u8> {
     let mid: Vec<f32> = map.windows(2).map(|w| 0.5f32 * (w[0] + w[1])).collect();
     let mut lut = Vec::with_capacity(LUT_SIZE);
     let mut k = 0usize;
@@ -85,7 +85,7 @@ pub fn quantize_lut(map: &[f32; 256]) -> Vec<u8> {
 
 /// One map on a device: the map (`[256]` f32) and its look-up table (`[65536]` u8).
 #[derive(Debug, Clone)]
-pub struct Codebook {
+pub(crate) struct Codebook {
     map: Tensor,
     lut: Tensor,
 }
@@ -150,7 +150,7 @@ impl Codebook {
 
 /// Both codebooks on one device.
 #[derive(Debug, Clone)]
-pub struct Codebooks {
+pub(crate) struct Codebooks {
     /// Signed, for the first moment.
     pub m: Codebook,
     /// Unsigned, for the second moment.

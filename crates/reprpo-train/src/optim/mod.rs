@@ -67,6 +67,7 @@ pub struct AdamWConfig {
 
 /// The optimizer's kind (the `train.optim` key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum OptimKind {
     /// `"adamw"`: f32 moments, `torch.optim.AdamW`.
     #[default]

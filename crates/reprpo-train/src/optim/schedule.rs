@@ -8,6 +8,7 @@ use crate::error::{Result, TrainError};
 
 /// A learning-rate schedule.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Schedule {
     /// Constant after warm-up.
     Constant,
