@@ -39,12 +39,7 @@ fn check_model(name: &str, config_file: Option<&str>) {
     let hs = &expected["hidden_states"];
     let n_states = hs.dim(0).unwrap();
     assert_eq!(n_states, model.config.num_layers + 1);
-    let spec = ForwardSpec {
-        hidden_layers: (0..n_states as isize).collect(),
-        logits: true,
-        ..Default::default()
-    };
-    let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
+    let out = common::forward_all_states(&model, &ids, mask);
     let err = max_rel_err(out.logits.as_ref().unwrap(), &expected["logits"], mask);
     assert!(err < 1e-4, "{name}: logits rel err {err}");
     for (i, h) in &out.hidden {

@@ -66,12 +66,7 @@ fn check_model(name: &str, config_file: &str) {
     let hs = &expected["hidden_states"];
     let n_states = hs.dim(0).unwrap();
     assert_eq!(n_states, model.config.num_layers + 1);
-    let spec = ForwardSpec {
-        hidden_layers: (0..n_states as isize).collect(),
-        logits: true,
-        ..Default::default()
-    };
-    let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
+    let out = common::forward_all_states(&model, &ids, mask);
     let err = max_rel_err(out.logits.as_ref().unwrap(), &expected["logits"], mask);
     eprintln!("{name} ({config_file}): logits rel err {err:.2e}");
     assert!(err < 1e-4, "{name}: logits rel err {err}");
@@ -461,12 +456,7 @@ fn check_variant(model: &Phi3, variant: &str) {
     let want_hidden = &variants[&format!("{variant}_hidden_states")];
     let n_states = want_hidden.dim(0).unwrap();
     assert_eq!(n_states, model.config.num_layers + 1);
-    let spec = ForwardSpec {
-        hidden_layers: (0..n_states as isize).collect(),
-        logits: true,
-        ..Default::default()
-    };
-    let out = model.forward(&ids, Some(mask), None, &spec).unwrap();
+    let out = common::forward_all_states(model, &ids, mask);
     let logits = out.logits.as_ref().unwrap();
     assert_eq!(logits.dims(), want_logits.dims());
     let err = max_rel_err(logits, want_logits, mask);

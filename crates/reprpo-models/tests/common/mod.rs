@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use reprpo_models::adapter::AdapterHost;
-use reprpo_models::{CausalLm, ForwardSpec, peft};
+use reprpo_models::{CausalLm, ForwardSpec, Output, peft};
 
 /// `tests/fixtures/models/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -58,6 +58,16 @@ pub fn masked_max_abs_diff(got: &Tensor, want: &Tensor, mask: &Tensor) -> (f32, 
     }
     assert!(n > 0, "no real position");
     (max_diff, max_want)
+}
+
+/// Logits and every hidden state (`0..=L`) of one forward over `ids` with `mask`.
+pub fn forward_all_states<M: CausalLm>(model: &M, ids: &Tensor, mask: &Tensor) -> Output {
+    let spec = ForwardSpec {
+        hidden_layers: (0..=model.num_layers() as isize).collect(),
+        logits: true,
+        ..Default::default()
+    };
+    model.forward(ids, Some(mask), None, &spec).unwrap()
 }
 
 /// bf16 logits `got` against the f32 reference `want` at the real positions of `mask`: at most
