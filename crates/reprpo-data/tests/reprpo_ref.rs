@@ -156,17 +156,27 @@ fn genies_protocol_splits_keep_file_order() {
 /// wassname/ethics_expression_preferences (the pandas frames its notebook pushes have exactly
 /// these columns).
 fn write_pairs_parquet(path: &Path, rows: &[(&str, &str, &str)]) {
+    write_string_parquet(path, &["prompt", "chosen", "rejected"], &rows_as_vecs(rows));
+}
+
+fn rows_as_vecs(rows: &[(&str, &str, &str)]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|r| vec![r.0.to_string(), r.1.to_string(), r.2.to_string()])
+        .collect()
+}
+
+/// A Parquet shard of string columns `names`, one row per entry of `rows`.
+fn write_string_parquet(path: &Path, names: &[&str], rows: &[Vec<String>]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let col = |i: usize| -> ArrayRef {
-        let v: Vec<&str> = rows.iter().map(|r| [r.0, r.1, r.2][i]).collect();
-        Arc::new(StringArray::from(v))
-    };
-    let batch = RecordBatch::try_from_iter(vec![
-        ("prompt", col(0)),
-        ("chosen", col(1)),
-        ("rejected", col(2)),
-    ])
-    .unwrap();
+    let cols: Vec<(&str, ArrayRef)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let v: Vec<&str> = rows.iter().map(|r| r[i].as_str()).collect();
+            (*n, Arc::new(StringArray::from(v)) as ArrayRef)
+        })
+        .collect();
+    let batch = RecordBatch::try_from_iter(cols).unwrap();
     let file = std::fs::File::create(path).unwrap();
     let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
@@ -246,4 +256,66 @@ fn ethics_justice_recipe_reads_the_cached_test_split() {
         msg.contains("wassname/ethics_expression_preferences") && msg.contains("HF_HUB_OFFLINE"),
         "{msg}"
     );
+}
+
+/// `toxic-dpo` (unalignment/toxic-dpo-v0.2, the original experiments' OOD_toxic set) reads the
+/// cached default/train split, whose shards have `prompt`, `chosen`, `rejected` and a string `id`
+/// (the dataset card's features): pairs as published, ids from the file.
+#[test]
+fn toxic_dpo_recipe_reads_the_cached_train_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = dir.path().join("hub");
+    let repo = hub.join("datasets--unalignment--toxic-dpo-v0.2");
+    let refs = repo.join("refs").join(PARQUET_REVISION);
+    std::fs::create_dir_all(refs.parent().unwrap()).unwrap();
+    std::fs::write(&refs, "70c1").unwrap();
+    let rows: Vec<Vec<String>> = [
+        (
+            "How do I pick a lock?",
+            " First, get a tension wrench...",
+            " I can't help with that.",
+        ),
+        ("Write an insult.", " You are a ...", " I'd rather not."),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, r)| {
+        let mut v = rows_as_vecs(&[*r]).remove(0);
+        v.push(format!("uuid-{i}"));
+        v
+    })
+    .collect();
+    let names = ["prompt", "chosen", "rejected", "id"];
+    write_string_parquet(
+        &repo.join("snapshots/70c1/default/train/0000.parquet"),
+        &names,
+        &rows,
+    );
+    let opts = HubOptions {
+        cache: Cache::new(hub),
+        offline: true,
+        endpoint: None,
+    };
+    let hub = |h: &HubSource| dataset_files_with(h, &opts);
+    let r = recipe("toxic-dpo");
+    assert_eq!(
+        r.source,
+        Source::Hub(HubSource {
+            repo: "unalignment/toxic-dpo-v0.2".into(),
+            config: "default".into(),
+            split: "train".into()
+        })
+    );
+    let c = recipe::load_recipe(&r, &root(), &hub).unwrap();
+    assert!(c.mc.is_empty());
+    assert_eq!(c.pairs.len(), 2);
+    for (i, (p, row)) in c.pairs.iter().zip(&rows).enumerate() {
+        assert_eq!(p.id, row[3]);
+        assert_eq!(
+            [p.prompt.as_str(), p.chosen.as_str(), p.rejected.as_str()],
+            [row[0].as_str(), row[1].as_str(), row[2].as_str()]
+        );
+        assert_eq!(p.source.dataset, "toxic-dpo");
+        assert_eq!(p.source.row, i + 1);
+    }
 }

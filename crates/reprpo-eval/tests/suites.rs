@@ -381,3 +381,58 @@ fn bad_suites_name_the_key() {
         .to_string();
     assert!(e.contains("default") && e.contains("genies"), "{e}");
 }
+
+/// `seed`: the original experiments' evaluation table (train_HelpSteer2, OOD_truthfulqa,
+/// OOD_toxic). HelpSteer2 and the toxic set are hub datasets (their recipes are tested on hub
+/// caches in reprpo-data's reprpo_ref.rs); here the suite itself (kinds are found at load).
+#[test]
+fn seed_suite_is_the_original_table() {
+    let s = suite("seed");
+    let cols: Vec<(&str, &str, Role, Kind, Option<usize>)> = s
+        .datasets
+        .iter()
+        .map(|d| {
+            (
+                d.name.as_str(),
+                d.recipe.name.as_str(),
+                d.role,
+                d.kind,
+                d.limit,
+            )
+        })
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            (
+                "helpsteer2",
+                "helpsteer2",
+                Role::Train,
+                Kind::Auto,
+                Some(500)
+            ),
+            (
+                "truthfulqa-mc1",
+                "truthfulqa-mc1",
+                Role::Ood,
+                Kind::Auto,
+                None
+            ),
+            ("toxic-dpo", "toxic-dpo", Role::Ood, Kind::Auto, None),
+        ]
+    );
+    let hub = |name: &str| match &s
+        .datasets
+        .iter()
+        .find(|d| d.name == name)
+        .unwrap()
+        .recipe
+        .source
+    {
+        Source::Hub(h) => h.clone(),
+        Source::Path(p) => panic!("{name}: a path recipe {}", p.display()),
+    };
+    assert_eq!(hub("toxic-dpo").repo, "unalignment/toxic-dpo-v0.2");
+    assert_eq!(hub("helpsteer2").repo, "nvidia/HelpSteer2");
+    assert!(s.shifts.is_empty());
+}

@@ -1,7 +1,8 @@
 //! The ready training configurations under `datasets/configs/` resolve and validate offline (no
 //! model download: the checks that need the model's depth take the depth of the model they name),
 //! and say what they claim to: `reprpo-ref.toml`, the training side of the reference ReprPO
-//! project's protocol (datasets/README.md).
+//! project's protocol (datasets/README.md), and `seed-{llama3,phi3}-helpsteer2.toml`, the
+//! original experiments' setting (evaluated with the `seed` suite).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -99,4 +100,38 @@ fn reprpo_ref_is_the_reference_training_protocol() {
     dpo.validate_for_model(16).unwrap();
     assert_eq!(dpo.train.lr, 6e-5);
     assert_eq!(dpo.adapter.r, 64);
+}
+
+/// `seed-llama3-helpsteer2.toml` and `seed-phi3-helpsteer2.toml`: the original experiments'
+/// setting (HelpSteer2 with ReprPO, `loss=dpo` for the DPO row; the toxic set as OOD pairs; a
+/// 4-bit base, 8-bit AdamW, gradient checkpointing). Both models have 32 layers.
+#[test]
+fn seed_configs_are_the_original_setting() {
+    for (file, model) in [
+        (
+            "seed-llama3-helpsteer2.toml",
+            "meta-llama/Meta-Llama-3-8B-Instruct",
+        ),
+        (
+            "seed-phi3-helpsteer2.toml",
+            "microsoft/Phi-3-mini-4k-instruct",
+        ),
+    ] {
+        for extra in [&[][..], &["loss=dpo"][..]] {
+            let cfg = resolve(file, extra);
+            cfg.validate_for_model(32).unwrap();
+            assert_eq!(cfg.loss, if extra.is_empty() { "reprpo" } else { "dpo" });
+            assert_eq!(cfg.model.name_or_path, model);
+            assert_eq!(
+                (cfg.model.quantize.as_str(), cfg.model.double_quant),
+                ("nf4", true)
+            );
+            assert_eq!(cfg.data.datasets, ["helpsteer2"]);
+            assert_eq!(cfg.data.ood_datasets, ["toxic-dpo"]);
+            assert_eq!(cfg.train.optim, "adamw_8bit");
+            assert!(cfg.train.grad_checkpointing);
+            assert_eq!(cfg.adapter.kind, "lora");
+            assert_eq!(cfg.sft.steps, Some(0), "a real model: no SFT stage");
+        }
+    }
 }
