@@ -31,7 +31,7 @@
 //! Outputs go to `--out DIR`, else `<run>/eval/<suite>/` for one run folder, else
 //! `runs/eval/<suite>-<timestamp>/` (see `reprpo_eval::output` for the files).
 
-mod keys;
+pub(crate) mod keys;
 mod source;
 
 use std::path::{Path, PathBuf};
@@ -85,16 +85,16 @@ struct ModelKeys {
 }
 
 /// What will be scored: the adapters, the base and how it was chosen.
-struct Plan {
-    sources: Vec<Source>,
-    model: ModelConfig,
+pub(crate) struct Plan {
+    pub(crate) sources: Vec<Source>,
+    pub(crate) model: ModelConfig,
     /// Where the base comes from, for the first line of output.
-    base_from: String,
-    notes: Vec<String>,
+    pub(crate) base_from: String,
+    pub(crate) notes: Vec<String>,
 }
 
 /// Whether an override sets a `[model]` key.
-fn is_model_key(kv: &str) -> bool {
+pub(crate) fn is_model_key(kv: &str) -> bool {
     let key = kv.split_once('=').map_or(kv, |(k, _)| k).trim();
     key == "model" || key.starts_with("model.")
 }
@@ -234,11 +234,11 @@ fn base_model(sources: &[Source], model_kvs: &[String]) -> Result<(ModelConfig, 
     Ok((model, from))
 }
 
-/// Adapters, base and notes from the arguments.
-fn plan(a: &EvalArgs, root: &Path, model_kvs: &[String]) -> Result<Plan> {
+/// Adapters (`--adapter` arguments), base and notes.
+pub(crate) fn plan(adapters: &[String], root: &Path, model_kvs: &[String]) -> Result<Plan> {
     let mut notes = Vec::new();
-    let mut sources = Vec::with_capacity(a.adapters.len());
-    for arg in &a.adapters {
+    let mut sources = Vec::with_capacity(adapters.len());
+    for arg in adapters {
         sources.push(source::open(arg)?);
     }
     let overridden = names_model(model_kvs);
@@ -268,7 +268,7 @@ fn plan(a: &EvalArgs, root: &Path, model_kvs: &[String]) -> Result<Plan> {
 
 /// The run configuration the model is loaded from: the first run's (its `[data]` gives the
 /// tokenisation), else the defaults, with the chosen `[model]`.
-fn load_config(p: &Plan) -> TrainConfig {
+pub(crate) fn load_config(p: &Plan) -> TrainConfig {
     let mut cfg = p
         .sources
         .iter()
@@ -279,7 +279,10 @@ fn load_config(p: &Plan) -> TrainConfig {
 }
 
 /// Load the base (with the SFT stage folded in) and every adapter; the subjects to score.
-fn load(p: &Plan, cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Vec<Subject>)> {
+pub(crate) fn load(
+    p: &Plan,
+    cfg: &TrainConfig,
+) -> Result<(Box<dyn TrainModel>, Tok, Vec<Subject>)> {
     let (mut model, tok, _device) = reprpo_train::trainer::load_model(cfg)
         .with_context(|| format!("loading the base model (from {})", p.base_from))?;
     if let Some(sft) = p.sources.first().and_then(|s| s.sft.as_ref()) {
@@ -307,14 +310,14 @@ fn load(p: &Plan, cfg: &TrainConfig) -> Result<(Box<dyn TrainModel>, Tok, Vec<Su
 
 /// The suite to score: `--suite` (or `default` without `--data`) with the `--data` datasets
 /// added, or those alone.
-fn suite_with_data(a: &EvalArgs, root: &Path) -> Result<Suite> {
+pub(crate) fn suite_with_data(suite: Option<&str>, data: &[String], root: &Path) -> Result<Suite> {
     let cwd = std::env::current_dir().context("the working directory")?;
     let datasets = root.join("datasets");
-    let mut extra = Vec::with_capacity(a.data.len());
-    for d in &a.data {
+    let mut extra = Vec::with_capacity(data.len());
+    for d in data {
         extra.push(DatasetSpec::from_arg(d, &cwd, &datasets)?);
     }
-    let mut suite = match (&a.suite, extra.is_empty()) {
+    let mut suite = match (suite, extra.is_empty()) {
         (None, false) => return Ok(Suite::adhoc(extra)?),
         (Some(s), _) => load_suite(s, root)?,
         (None, true) => load_suite("default", root)?,
@@ -354,22 +357,29 @@ fn load_suite(arg: &str, root: &Path) -> Result<Suite> {
     )
 }
 
-/// Where the report goes: `--out`, else the one run folder's `eval/<suite>/`, else
-/// `runs/eval/<suite>-<timestamp>/`.
-fn out_dir(a: &EvalArgs, p: &Plan, root: &Path, suite: &str) -> PathBuf {
-    if let Some(o) = &a.out {
-        return o.clone();
+/// Where the outputs of `job` (`eval`, `analyze`) go: `--out`, else the one run folder's
+/// `<job>/<suite>/`, else `runs/<job>/<suite>-<timestamp>/`.
+pub(crate) fn out_dir(
+    out: Option<&Path>,
+    p: &Plan,
+    root: &Path,
+    job: &str,
+    suite: &str,
+) -> PathBuf {
+    if let Some(o) = out {
+        return o.to_path_buf();
     }
     if let [one] = p.sources.as_slice()
         && one.run.is_some()
     {
-        return one.dir.join("eval").join(suite);
+        return one.dir.join(job).join(suite);
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    root.join("runs/eval")
+    root.join("runs")
+        .join(job)
         .join(format!("{suite}-{}", reprpo_train::run::timestamp(now)))
 }
 
@@ -433,10 +443,10 @@ fn fill_max_length(opts: &mut EvalOptions, model: &ModelConfig) -> Result<()> {
 pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
     let (model_kvs, eval_kvs): (Vec<String>, Vec<String>) =
         a.overrides.iter().cloned().partition(|kv| is_model_key(kv));
-    let p = plan(&a, root, &model_kvs)?;
+    let p = plan(&a.adapters, root, &model_kvs)?;
     let cfg = load_config(&p);
     let mut opts = eval_options(&a, &cfg, &eval_kvs)?;
-    let suite = suite_with_data(&a, root)?;
+    let suite = suite_with_data(a.suite.as_deref(), &a.data, root)?;
     println!(
         "base model: {} (from {})",
         p.model.name_or_path, p.base_from
@@ -462,7 +472,7 @@ pub fn run(a: EvalArgs, root: &Path) -> Result<()> {
         &suite.name,
         &opts,
     )?;
-    let out = out_dir(&a, &p, root, &suite.name);
+    let out = out_dir(a.out.as_deref(), &p, root, "eval", &suite.name);
     let written = reprpo_eval::output::write_report(&out, &report)?;
     print_report(&report, &out, &written);
     Ok(())

@@ -4,6 +4,7 @@
 //! root, and prints results. `key=value` overrides are merged over the defaults (and over a config
 //! file where one is given) with figment, so an unknown or mistyped key is an error that names it.
 
+mod analyze;
 mod bench;
 mod doctor;
 mod eval;
@@ -83,6 +84,9 @@ enum Cmd {
     /// Self-check: every computation of a training / eval step on the device against the CPU
     /// (on the CPU: the fused kernels against the written-out ops). Exits 1 on any failure.
     Doctor(doctor::DoctorArgs),
+    /// Hidden-state analysis: how chosen and rejected differ, layer by layer, base against
+    /// adapters (pictures, probe, principal directions).
+    Analyze(analyze::AnalyzeArgs),
     /// Seeded sweeps: plan, run (locally or as a Slurm array), report with confidence intervals.
     #[command(subcommand)]
     Sweep(sweep::SweepCmd),
@@ -283,6 +287,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train(a) => train::run(a, &root()),
         Cmd::Eval(a) => eval::run(a, &root()),
+        Cmd::Analyze(a) => analyze::run(a, &root()),
         Cmd::Doctor(a) => doctor::run(a),
         Cmd::Sweep(c) => sweep::run(c, &root()),
         Cmd::Data(DataCmd::Prepare { input, out, out_mc }) => {

@@ -9,7 +9,9 @@
 //!   project's evaluation);
 //! - [`evaluate`](mod@evaluate): base and adapters of one loaded model over a suite;
 //! - [`table`], [`output`]: the results table (terminal, Markdown, CSV, JSON), per-example JSONL,
-//!   generations, written atomically; [`plot`]: PNG charts.
+//!   generations, written atomically; [`plot`]: PNG charts;
+//! - [`analyze`](mod@analyze): hidden-state analysis (consistency of the preference direction,
+//!   principal directions, a linear probe and its transfer, pictures by neuron and by token).
 //!
 //! # Example: scoring a suite
 //!
@@ -41,6 +43,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod analyze;
 pub mod error;
 pub mod evaluate;
 pub mod open_pref_eval;

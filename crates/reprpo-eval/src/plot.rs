@@ -14,9 +14,13 @@
 //! written: it shows the title and the words "no data", so a run's plot folder always has
 //! the expected files.
 //!
+//! [`heatmap`] draws grids of values (the hidden-state analysis' pictures) with the same frame.
+//!
 //! Writes are atomic: a chart is drawn to a temporary `.png` file in the target directory and
 //! renamed over the target, and on any failure the temporary file is removed, so the target
 //! is either the complete new chart or untouched.
+
+pub mod heatmap;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

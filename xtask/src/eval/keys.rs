@@ -1,4 +1,4 @@
-//! The key list of `cargo xtask eval --help`, generated from the config structs themselves: one
+//! The key lists of `cargo xtask eval --help` and `cargo xtask analyze --help`, generated from the config structs themselves: one
 //! `key = default  # doc` line per key, the defaults from the structs' `Default` impls (through
 //! serde, so they cannot drift), the doc from the first sentence of the field's `///` comment in
 //! the struct's source (compiled into the binary with `include_str!`).
@@ -10,6 +10,7 @@ use reprpo_train::TrainConfig;
 use serde_json::Value;
 
 const EVALUATE_RS: &str = include_str!("../../../crates/reprpo-eval/src/evaluate.rs");
+const ANALYZE_RS: &str = include_str!("../../../crates/reprpo-eval/src/analyze/mod.rs");
 const TOKENIZE_RS: &str = include_str!("../../../crates/reprpo-data/src/tokenize.rs");
 const CONFIG_RS: &str = include_str!("../../../crates/reprpo-train/src/config.rs");
 
@@ -96,5 +97,33 @@ pub fn help() -> String {
             &|k| model.get(k).cloned()
         ),
         section("Evaluation", "", &eval_v, &eval_doc),
+    )
+}
+
+/// The key list for `analyze --help`.
+pub fn analyze_help() -> String {
+    let model = field_docs(CONFIG_RS, "ModelConfig");
+    let analyze = field_docs(ANALYZE_RS, "AnalyzeOptions");
+    let tok = field_docs(TOKENIZE_RS, "TokenizeConfig");
+    let to_value = |x: Result<Value, serde_json::Error>| x.unwrap_or(Value::Null);
+    let model_v = to_value(serde_json::to_value(TrainConfig::default().model));
+    let opts_v = to_value(serde_json::to_value(
+        reprpo_eval::analyze::AnalyzeOptions::default(),
+    ));
+    let doc = |k: &str| match k.split_once('.') {
+        Some(("tokenize", f)) => tok.get(f).cloned(),
+        _ => analyze.get(k).cloned(),
+    };
+    format!(
+        "Keys (key=value, after the options) with their defaults:\n\n{}\n{}\n\
+         tokenize.* defaults to the first run folder's [data] tokenisation (the values above are \
+         the library's). Lists are TOML: layers=[4,8,-1] top_k=[1,3].",
+        section(
+            "Base model (model.*; default: the adapters' own base)",
+            "model.",
+            &model_v,
+            &|k| model.get(k).cloned()
+        ),
+        section("Analysis", "", &opts_v, &doc),
     )
 }
