@@ -206,6 +206,22 @@ fn sycophancy_and_hh_suites_load() {
 /// The reference ReprPO project's protocol: train (first 750 pairs), test, oos, rnd, scored as
 /// open_pref_eval scores them. The GENIES columns load from the real files (skipped where absent,
 /// except with CI=true); `rnd` is a hub dataset (tested offline in reprpo-data's reprpo_ref.rs).
+/// A suite's datasets as (name, recipe, role, kind, limit).
+fn columns(s: &Suite) -> Vec<(&str, &str, Role, Kind, Option<usize>)> {
+    s.datasets
+        .iter()
+        .map(|d| {
+            (
+                d.name.as_str(),
+                d.recipe.name.as_str(),
+                d.role,
+                d.kind,
+                d.limit,
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn reprpo_ref_suite_is_the_reference_protocol() {
     let s = suite("reprpo-ref");
@@ -217,19 +233,7 @@ fn reprpo_ref_suite_is_the_reference_protocol() {
             max_length: 1024
         }
     );
-    let cols: Vec<(&str, &str, Role, Kind, Option<usize>)> = s
-        .datasets
-        .iter()
-        .map(|d| {
-            (
-                d.name.as_str(),
-                d.recipe.name.as_str(),
-                d.role,
-                d.kind,
-                d.limit,
-            )
-        })
-        .collect();
+    let cols = columns(&s);
     assert_eq!(
         cols,
         [
@@ -388,19 +392,7 @@ fn bad_suites_name_the_key() {
 #[test]
 fn seed_suite_is_the_original_table() {
     let s = suite("seed");
-    let cols: Vec<(&str, &str, Role, Kind, Option<usize>)> = s
-        .datasets
-        .iter()
-        .map(|d| {
-            (
-                d.name.as_str(),
-                d.recipe.name.as_str(),
-                d.role,
-                d.kind,
-                d.limit,
-            )
-        })
-        .collect();
+    let cols = columns(&s);
     assert_eq!(
         cols,
         [
