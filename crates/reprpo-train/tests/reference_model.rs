@@ -100,15 +100,8 @@ fn logged(run_dir: &Path) -> Vec<BTreeMap<String, Value>> {
 }
 
 fn trl_case(reference: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join("reference_model.json")).unwrap();
-    let all: Value = serde_json::from_str(&text).unwrap();
-    all["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["reference"] == reference)
-        .unwrap_or_else(|| panic!("no case {reference} in reference_model.json"))
-        .clone()
+    let all = common::train_fixture_json("reference_model.json");
+    common::find_case(&all, "reference", reference, "reference_model.json")
 }
 
 /// Runs the TRL case's overrides and compares every metric of every step.

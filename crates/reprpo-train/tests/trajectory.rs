@@ -31,6 +31,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,18 +49,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn fixture() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("trajectory.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    common::train_fixture_json("trajectory.json")
 }
 
 fn case(all: &Value, name: &str) -> Value {
-    all["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name} in trajectory.json"))
-        .clone()
+    common::find_case(all, "name", name, "trajectory.json")
 }
 
 /// The fixture's pairs as a `pairs` file in `dir`.

@@ -113,3 +113,23 @@ pub fn logged_steps(run: &Path) -> Vec<u64> {
         })
         .collect()
 }
+
+/// `tests/fixtures/train/<name>` parsed as JSON.
+pub fn train_fixture_json(name: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/train")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The entry of `all["cases"]` whose `key` is `value` (`file` names the fixture in the panic).
+pub fn find_case(all: &serde_json::Value, key: &str, value: &str, file: &str) -> serde_json::Value {
+    all["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[key] == value)
+        .unwrap_or_else(|| panic!("no case with {key} = {value} in {file}"))
+        .clone()
+}
