@@ -21,38 +21,60 @@ fn werr(path: &Path, e: impl std::fmt::Display) -> DataError {
     }
 }
 
-/// Write `path` atomically: `fill` writes into a temporary file beside it, which is renamed onto
-/// `path` only if `fill` succeeds. On error nothing is left behind.
-pub(crate) fn atomic_write(
+/// A failed atomic write: the file or folder at fault (the target, its folder) and why.
+#[derive(Debug)]
+pub struct WriteFailure {
+    /// The target file, or its folder when that could not be created.
+    pub path: std::path::PathBuf,
+    /// The underlying error.
+    pub source: std::io::Error,
+}
+
+/// The one atomic write of the workspace: `fill` writes into a temporary file beside `path`
+/// (the folder is created if missing), which is synced and renamed onto `path` only if `fill`
+/// succeeds; on any error the temporary file is removed and `path` is untouched. `io_err` turns
+/// an I/O failure (the path at fault, the error) into the caller's error type.
+pub fn atomic_write_with<E>(
     path: &Path,
-    fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
-) -> Result<()> {
+    fill: impl FnOnce(&mut std::fs::File) -> std::result::Result<(), E>,
+    io_err: impl Fn(&Path, std::io::Error) -> E,
+) -> std::result::Result<(), E> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(dir).map_err(|source| DataError::Write {
-        file: dir.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let mut tmp = temp_builder()
         .tempfile_in(dir)
-        .map_err(|source| DataError::Write {
-            file: path.to_path_buf(),
-            source,
-        })?;
+        .map_err(|e| io_err(path, e))?;
     fill(tmp.as_file_mut())?;
-    tmp.as_file_mut()
-        .sync_all()
-        .map_err(|source| DataError::Write {
-            file: path.to_path_buf(),
-            source,
-        })?;
-    tmp.persist(path).map_err(|e| DataError::Write {
-        file: path.to_path_buf(),
-        source: e.error,
-    })?;
+    tmp.as_file_mut().sync_all().map_err(|e| io_err(path, e))?;
+    tmp.persist(path).map_err(|e| io_err(path, e.error))?;
     Ok(())
+}
+
+/// Write `bytes` to `path` atomically (see [`atomic_write_with`]).
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::result::Result<(), WriteFailure> {
+    let failure = |p: &Path, source| WriteFailure {
+        path: p.to_path_buf(),
+        source,
+    };
+    atomic_write_with(
+        path,
+        |f| f.write_all(bytes).map_err(|e| failure(path, e)),
+        failure,
+    )
+}
+
+/// [`atomic_write_with`] with this crate's error ([`DataError::Write`]).
+pub(crate) fn atomic_write(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
+) -> Result<()> {
+    atomic_write_with(path, fill, |p, source| DataError::Write {
+        file: p.to_path_buf(),
+        source,
+    })
 }
 
 /// A temporary-file builder whose files get the mode a plain `File::create` would give: 0666

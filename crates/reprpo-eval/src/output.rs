@@ -18,26 +18,16 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::error::{EvalError, Result, io};
+use crate::error::{EvalError, Result};
 use crate::evaluate::{Generation, Report};
 use crate::plot::{BarSeries, bar_chart};
 
-/// Write `bytes` to `path` atomically (temporary file beside it, then rename).
+/// Write `bytes` to `path` atomically (temporary file beside it, then rename; the workspace's
+/// one implementation, [`reprpo_data::write::write_file_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    if let Err(e) = std::fs::write(&tmp, bytes) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(&tmp)(e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(path)(e)
+    reprpo_data::write::write_file_atomic(path, bytes).map_err(|f| EvalError::Io {
+        path: f.path,
+        source: f.source,
     })
 }
 

@@ -25,20 +25,10 @@ pub fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
 }
 
 /// Write `bytes` to `path` atomically: a temporary file beside it, then a rename; the folder is
-/// created if missing. On failure the temporary file is removed and `path` is untouched.
+/// created if missing. On failure the temporary file is removed and `path` is untouched
+/// ([`reprpo_data::write::write_file_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    let tmp = temp_sibling(path, "tmp");
-    if let Err(e) = std::fs::write(&tmp, bytes) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(&tmp)(e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(path)(e)
-    })
+    reprpo_data::write::write_file_atomic(path, bytes).map_err(|f| io(&f.path)(f.source))
 }
 
 /// Write `value` as pretty JSON (with a final newline) to `path` atomically.

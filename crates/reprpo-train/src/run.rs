@@ -28,23 +28,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TrainError, io};
 
 /// Write `bytes` to `path` atomically (temporary file in the same folder, then rename; the
-/// temporary file is removed on failure).
+/// temporary file is removed on failure; [`reprpo_data::write::write_file_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let written = std::fs::write(&tmp, bytes)
-        .map_err(io(&tmp))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
-    if written.is_err() {
-        // Best effort: no partial `.NAME.tmp` is left behind (the write error is reported).
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    reprpo_data::write::write_file_atomic(path, bytes).map_err(|f| io(&f.path)(f.source))
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC for a Unix time.
