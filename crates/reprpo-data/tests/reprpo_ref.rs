@@ -280,9 +280,12 @@ fn toxic_dpo_recipe_reads_the_cached_train_split() {
     .iter()
     .enumerate()
     .map(|(i, r)| {
-        let mut v = rows_as_vecs(&[*r]).remove(0);
-        v.push(format!("uuid-{i}"));
-        v
+        vec![
+            r.0.to_string(),
+            r.1.to_string(),
+            r.2.to_string(),
+            format!("uuid-{i}"),
+        ]
     })
     .collect();
     let names = ["prompt", "chosen", "rejected", "id"];
