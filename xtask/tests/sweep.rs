@@ -155,6 +155,13 @@ fn check_runs(dir: &Path) {
             (loss, seed, seed)
         );
         assert!(run.join("train/summary.json").is_file(), "{id}");
+        // The training job's summary names the run folder where it ended up, not the work folder.
+        let named = json(&run.join("train/summary.json"))["run_dir"].clone();
+        assert_eq!(
+            Path::new(named.as_str().unwrap()),
+            run.join("train"),
+            "{id}"
+        );
         assert!(run.join("eval/default/table.json").is_file(), "{id}");
     }
     let left: Vec<_> = std::fs::read_dir(dir.join("runs"))

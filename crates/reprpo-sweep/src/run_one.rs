@@ -145,7 +145,7 @@ pub fn run_one(dir: &Path, index: usize, jobs: &dyn Jobs, retry_failed: bool) ->
     let started = now();
     let clock = Instant::now();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        execute(&plan, cfg, &work, jobs)
+        execute(&plan, cfg, &work, &done, jobs)
     }))
     .unwrap_or_else(|p| Err(format!("panicked: {}", panic_text(&p))));
     let error = match outcome {
@@ -241,6 +241,7 @@ fn execute(
     plan: &Plan,
     mut cfg: TrainConfig,
     work: &Path,
+    done: &Path,
     jobs: &dyn Jobs,
 ) -> std::result::Result<bool, String> {
     cfg.run.out_dir = work.join("out");
@@ -251,12 +252,29 @@ fn execute(
     let train = work.join("train");
     std::fs::rename(&trained, &train).map_err(|e| format!("{}: {e}", trained.display()))?;
     let _ = std::fs::remove_dir(work.join("out"));
+    relocate_summary(&train, &done.join("train"))?;
     for suite in &plan.eval.suites {
         let out = work.join("eval").join(&suite.name);
         jobs.eval(&train, suite, &plan.eval.options, &out)
             .map_err(|e| format!("eval suite {}: {}", suite.name, chain(&*e)))?;
     }
     Ok(true)
+}
+
+/// The training job's `summary.json` names its run folder (`run_dir`), which `run_one` moves to
+/// `runs/<id>/train/`: point it there (a summary without the key is left as it is).
+fn relocate_summary(train: &Path, fin: &Path) -> std::result::Result<(), String> {
+    let path = train.join("summary.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let Some(slot) = v.get_mut("run_dir") else {
+        return Ok(());
+    };
+    *slot = fin.display().to_string().into();
+    write_json(&path, &v).map_err(|e| e.to_string())
 }
 
 /// An error and its causes, `: `-separated (causes already in the message are not repeated).
