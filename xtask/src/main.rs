@@ -379,8 +379,28 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// A closed stdout (`cargo xtask ... | head`) ends the process quietly with the status a shell
+/// reports for SIGPIPE (128 + 13), as other command-line tools end, where Rust's `println!` would
+/// panic; every other panic goes to the default hook.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if payload.starts_with("failed printing to stdout") && payload.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
     keep_freed_memory();
+    quiet_broken_pipe();
     let cli = Cli::parse();
     // Every job runs on a thread of candle's CPU pool (`Device::with_context`): the parallel parts
     // of each op (GEMM, the fused row ops, candle's elementwise ops through the vendored patch)

@@ -359,3 +359,22 @@ fn print_config_estimates_memory_and_warns_when_it_cannot_fit() {
         "{err}"
     );
 }
+
+/// A reader that goes away (`cargo xtask ... | head`) ends the process quietly with SIGPIPE's
+/// status, not a panic message.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["train", "--list-presets"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .env("RUST_BACKTRACE", "0")
+        .spawn()
+        .unwrap();
+    // Close the read end before the child writes: its first write fails with EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
