@@ -96,12 +96,13 @@ pub fn run(cmd: SweepCmd, root: &Path) -> Result<()> {
 /// Plan `file` into `out` (default `runs/sweeps/<name>`, absolute); print the runs.
 fn plan_cmd(file: &Path, out: Option<PathBuf>, root: &Path) -> Result<PathBuf> {
     let spec = SweepSpec::load(file)?;
-    let ctx = PlanContext {
-        datasets_dir: root.join("datasets"),
-    };
-    let planned = reprpo_sweep::plan(&spec, &ctx)?;
     let dir = out.unwrap_or_else(|| PathBuf::from("runs/sweeps").join(&spec.name));
     let dir = std::path::absolute(&dir).with_context(|| dir.display().to_string())?;
+    let ctx = PlanContext {
+        datasets_dir: root.join("datasets"),
+        sweep_dir: Some(dir.clone()),
+    };
+    let planned = reprpo_sweep::plan(&spec, &ctx)?;
     reprpo_sweep::write_plan(&dir, &planned)?;
     print_plan(&dir, &planned.plan);
     Ok(dir)
@@ -188,7 +189,14 @@ fn run_cmd(
         c
     };
     let stop = stop_flag()?;
-    let summary = run_local(&dir, &opts, &command, &stop, &mut |line| println!("{line}"))?;
+    let mut summary = run_local(&dir, &opts, &command, &stop, &mut |line| println!("{line}"))?;
+    // A TPE search grows the plan once a round has finished: plan again and run the new trials.
+    while !stop.load(Ordering::SeqCst) && summary.left == 0 && grows(&dir, root)? {
+        let more = run_local(&dir, &opts, &command, &stop, &mut |line| println!("{line}"))?;
+        summary.ok += more.ok;
+        summary.failed += more.failed;
+        summary.left = more.left;
+    }
     println!(
         "{} ok, {} failed, {} skipped (done before), {} not run",
         summary.ok, summary.failed, summary.skipped, summary.left
@@ -205,6 +213,19 @@ fn run_cmd(
         );
     }
     Ok(())
+}
+
+/// For a TPE search: plan the folder again from its sweep file (the next round, when every run
+/// has finished); whether runs were added.
+fn grows(dir: &Path, root: &Path) -> Result<bool> {
+    let plan = reprpo_sweep::read_plan(dir)?;
+    let spec = SweepSpec::load(&plan.sweep_file)?;
+    if spec.search.as_ref().is_none_or(|s| s.tpe.is_none()) {
+        return Ok(false);
+    }
+    let before = plan.runs.len();
+    let after = plan_cmd(&plan.sweep_file, Some(dir.to_path_buf()), root)?;
+    Ok(reprpo_sweep::read_plan(&after)?.runs.len() > before)
 }
 
 /// The index from the argument, else `SLURM_ARRAY_TASK_ID`.

@@ -322,4 +322,73 @@ fn the_ready_sweeps_plan_and_validate_offline() {
     assert_eq!((genies.loss.as_str(), genies.train.lr), ("dpo", 6e-5));
     let script = std::fs::read_to_string(t.join("genies-unhelpful-alpaca/sweep.sbatch")).unwrap();
     assert!(script.contains("#SBATCH --gres=gpu:1\n") && script.contains("--array=0-19%8\n"));
+    // The TPE sweep plans its 8 random startup trials at 2 seeds (TPE's rounds need results).
+    let file = sweeps.join("default-reprpo-tpe.toml").display().to_string();
+    let d = t.join("tpe").display().to_string();
+    let (ok, out, err) = xtask_in(t, &["sweep", "plan", &file, "--out", &d], &env);
+    assert!(ok, "{out}{err}");
+    let plan = json(&t.join("tpe/plan.json"));
+    assert_eq!(plan["configs"].as_array().unwrap().len(), 8);
+    assert_eq!(plan["runs"].as_array().unwrap().len(), 16);
+    let first = TrainConfig::from_toml_file(
+        &t.join("tpe/configs")
+            .join(format!("{}.toml", plan["runs"][0]["id"].as_str().unwrap())),
+    )
+    .unwrap();
+    assert_eq!(first.loss, "reprpo");
+    assert!(
+        (1e-4..=3e-2).contains(&first.train.lr),
+        "{}",
+        first.train.lr
+    );
+}
+
+/// `[search] method = "tpe"`: one `sweep run` runs the random startup, plans TPE's round from
+/// the results, runs it, and stops at the budget; the report has every trial.
+#[test]
+fn a_tpe_sweep_runs_its_rounds_in_one_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let file = tiny_sweep(t);
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("seeds = 2\nbaseline = \"dpo\"", "seeds = 1")
+        .replace("[axes]\nloss = [\"dpo\", \"reprpo\"]\n", "")
+        .replace(
+            "[eval]",
+            "[search]\nmethod = \"tpe\"\nbudget = 3\nstartup = 2\nbatch = 1\n\
+             objective = { suite = \"default\", dataset = \"default-test\" }\n\
+             [search.space]\n\"train.lr\" = { log_uniform = [1e-5, 1e-3] }\n\n[eval]",
+        );
+    std::fs::write(&file, text).unwrap();
+    let dir = t.join("sweep");
+    let (ok, out, err) = xtask_in(
+        t,
+        &[
+            "sweep",
+            "run",
+            &file.display().to_string(),
+            "--out",
+            &dir.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(ok, "{out}\n{err}");
+    let plan = json(&dir.join("plan.json"));
+    let ids: Vec<&str> = plan["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids[2].starts_with("trial-02"), "{ids:?}");
+    for id in &ids {
+        assert_eq!(
+            json(&dir.join("runs").join(id).join("status.json"))["status"],
+            "ok"
+        );
+    }
+    let report = std::fs::read_to_string(dir.join("report/report.md")).unwrap();
+    assert!(report.contains("trial-02"), "{report}");
 }

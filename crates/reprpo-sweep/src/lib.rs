@@ -3,7 +3,8 @@
 //! A sweep folder is a plan plus runs; `run-one INDEX` is the unit everything else calls:
 //!
 //! - [`spec`]: the sweep file (base config, axes, variants, seeds, baseline, eval suites,
-//!   `[slurm]`); [`search`]: a random search over ranges with a budget and a seed;
+//!   `[slurm]`); [`search`]: a random search over ranges with a budget and a seed, or
+//!   [`tpe`]'s rounds of proposals from the results so far;
 //! - [`plan`](mod@plan): the file expanded into configurations and runs, each run's configuration resolved
 //!   (so validated) as `cargo xtask train` resolves it, written as `plan.json` + `configs/`;
 //! - [`run_one`](mod@run_one): one run, trained and evaluated in a work folder renamed into `runs/<id>/` when
@@ -44,6 +45,7 @@ pub mod search;
 pub mod slurm;
 pub mod spec;
 pub mod stats;
+pub mod tpe;
 
 pub use error::{Result, SweepError};
 pub use plan::{Plan, PlanContext, Planned, PlannedRun, plan, read_plan, write_plan};

@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, folder_err, io, key_err};
 use crate::fsx::{read_json, write_atomic, write_json};
+use crate::results::{Measure, RunResult, TRAIN_JOB, run_measures};
+use crate::search::Search;
 use crate::spec::{EvalSpec, Metric, SlurmSpec, SweepSpec};
+use crate::tpe::{Objective, Point, Tpe};
 
 /// The plan file's format version.
 pub const PLAN_VERSION: u32 = 1;
@@ -101,6 +104,9 @@ pub struct PlannedRun {
 pub struct PlanContext {
     /// The `datasets/` folder (suites are in `datasets/suites/`).
     pub datasets_dir: PathBuf,
+    /// The sweep folder the plan goes to, whose finished runs a TPE search reads to propose its
+    /// next round (`None`, or a folder without runs: the startup trials only).
+    pub sweep_dir: Option<PathBuf>,
 }
 
 /// A plan with every run's resolved configuration (TOML), in run order.
@@ -194,23 +200,34 @@ fn combos(axes: &[(String, Vec<toml::Value>)]) -> Vec<Vec<usize>> {
     out
 }
 
-fn drafts(spec: &SweepSpec) -> Result<Vec<Draft>> {
+/// The variants' indices (`[None]` without variants).
+fn variant_indices(spec: &SweepSpec) -> Vec<Option<usize>> {
+    if spec.variants.is_empty() {
+        vec![None]
+    } else {
+        (0..spec.variants.len()).map(Some).collect()
+    }
+}
+
+fn drafts(spec: &SweepSpec, ctx: &PlanContext) -> Result<Vec<Draft>> {
     let f = &spec.file;
     let mut base = Vec::with_capacity(spec.base_keys.len());
     for (k, v) in &spec.base_keys {
         base.push(origin(f, k, v, format!("base.\"{k}\""))?);
     }
-    let variants: Vec<Option<usize>> = if spec.variants.is_empty() {
-        vec![None]
-    } else {
-        (0..spec.variants.len()).map(Some).collect()
+    let points = match &spec.search {
+        None => None,
+        Some(s) => Some(match &s.tpe {
+            None => s.draws(),
+            Some(t) => tpe_points(spec, &base, s, t, ctx)?,
+        }),
     };
-    let trials: Vec<Option<Trial>> = match &spec.search {
+    let trials: Vec<Option<Trial>> = match points {
         None => vec![None],
-        Some(s) => s.draws().into_iter().enumerate().map(Some).collect(),
+        Some(p) => p.into_iter().enumerate().map(Some).collect(),
     };
     let mut out = Vec::new();
-    for v in variants {
+    for v in variant_indices(spec) {
         for combo in combos(&spec.axes) {
             for trial in &trials {
                 out.push(draft(spec, &base, v, &combo, trial.clone())?);
@@ -218,6 +235,115 @@ fn drafts(spec: &SweepSpec) -> Result<Vec<Draft>> {
         }
     }
     Ok(out)
+}
+
+/// TPE's trials: the random startup points, then a round of proposals each time every run of
+/// every trial so far has finished in the sweep folder (see `tpe.rs`). A trial without a finite
+/// value (its runs failed) is told as the worst value of the others, so TPE leaves a region
+/// where training diverges; with no finite value at all, nothing is told (TPE's prior).
+fn tpe_points(
+    spec: &SweepSpec,
+    base: &[Origin],
+    s: &Search,
+    t: &Tpe,
+    ctx: &PlanContext,
+) -> Result<Vec<Point>> {
+    let o = &t.objective;
+    if o.suite != TRAIN_JOB && !spec.eval.suites.iter().any(|x| x.name == o.suite) {
+        return Err(key_err(
+            &spec.file,
+            "search.objective.suite",
+            format!(
+                "`{}` is neither `{TRAIN_JOB}` nor a suite of `[eval] suites`",
+                o.suite
+            ),
+        ));
+    }
+    let mut points: Vec<Point> = s.draws().into_iter().take(t.startup).collect();
+    let Some(dir) = &ctx.sweep_dir else {
+        return Ok(points);
+    };
+    let mut round = 1;
+    while points.len() < s.budget {
+        let mut history = Vec::with_capacity(points.len());
+        let mut failed = Vec::new();
+        for (k, p) in points.iter().enumerate() {
+            match trial_value(spec, base, (k, p.clone()), o, dir)? {
+                None => return Ok(points),
+                Some(Some(v)) => history.push((p.clone(), v)),
+                Some(None) => failed.push(p.clone()),
+            }
+        }
+        // A failed trial (diverged, non-finite) marks a bad region: told as the worst value seen.
+        let worst =
+            history
+                .iter()
+                .map(|(_, v)| *v)
+                .reduce(if o.maximize { f64::min } else { f64::max });
+        if let Some(w) = worst {
+            history.extend(failed.into_iter().map(|p| (p, w)));
+        }
+        let n = t.batch.min(s.budget - points.len());
+        let new = crate::tpe::propose(s, t, &history, n, round)
+            .map_err(|e| key_err(&spec.file, "search", e))?;
+        points.extend(new);
+        round += 1;
+    }
+    Ok(points)
+}
+
+/// A trial's objective: `None` while one of its runs is not finished, then the mean of its
+/// runs' finite values (`Some(None)` when there is none: every run failed or was not finite).
+fn trial_value(
+    spec: &SweepSpec,
+    base: &[Origin],
+    trial: Trial,
+    o: &Objective,
+    dir: &Path,
+) -> Result<Option<Option<f64>>> {
+    let mut values = Vec::new();
+    for v in variant_indices(spec) {
+        for combo in combos(&spec.axes) {
+            let d = draft(spec, base, v, &combo, Some(trial.clone()))?;
+            let name = slug(&label(spec, &d));
+            for seed in &spec.seeds {
+                let id = format!("{name}-s{seed}");
+                match run_measures(dir, &id, &spec.eval.suites, spec.metric) {
+                    RunResult::Missing => return Ok(None),
+                    RunResult::Failed(_) => {}
+                    RunResult::Ok(m) => values.push(objective_of(spec, &id, &m, o)?),
+                }
+            }
+        }
+    }
+    let finite: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+    Ok(Some(
+        (!finite.is_empty()).then(|| finite.iter().sum::<f64>() / finite.len() as f64),
+    ))
+}
+
+/// The objective's value among a run's measures; an error naming what the run has.
+fn objective_of(spec: &SweepSpec, id: &str, m: &[Measure], o: &Objective) -> Result<f64> {
+    m.iter()
+        .find(|x| x.suite == o.suite && x.dataset == o.dataset)
+        .map(|x| x.value)
+        .ok_or_else(|| {
+            let have: Vec<String> = m
+                .iter()
+                .filter(|x| x.suite == o.suite)
+                .map(|x| x.dataset.clone())
+                .collect();
+            key_err(
+                &spec.file,
+                "search.objective.dataset",
+                format!(
+                    "run `{id}` has no dataset `{}` in suite `{}` (it has: {})",
+                    o.dataset,
+                    o.suite,
+                    have.join(", ")
+                ),
+            )
+        })
 }
 
 /// One configuration's overrides: base, variant, axes, search point.
@@ -446,7 +572,7 @@ fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) {
 /// Expand, check and resolve `spec` into a plan (nothing is written).
 pub fn plan(spec: &SweepSpec, ctx: &PlanContext) -> Result<Planned> {
     check_eval(spec, ctx)?;
-    let drafts = drafts(spec)?;
+    let drafts = drafts(spec, ctx)?;
     let labels: Vec<String> = drafts.iter().map(|d| label(spec, d)).collect();
     let base_of = baselines(spec, &drafts, &labels)?;
     let mut configs = Vec::with_capacity(drafts.len());

@@ -19,7 +19,7 @@ use crate::error::{Result, folder_err};
 use crate::fsx::read_json;
 use crate::plan::{Plan, PlannedRun};
 use crate::run_one::{State, run_dir, status_of};
-use crate::spec::Metric;
+use crate::spec::{Metric, SuiteRef};
 
 /// The pseudo-suite of the training job's own evaluation.
 pub const TRAIN_JOB: &str = "train-job";
@@ -48,28 +48,37 @@ pub enum RunResult {
     Missing,
 }
 
-/// Read the result of `run`.
+/// Read the result of `run` (a run trained with another configuration than the plan gives it
+/// is failed).
 pub fn read_run(dir: &Path, plan: &Plan, run: &PlannedRun) -> RunResult {
-    let Some(status) = status_of(dir, &run.id) else {
-        return RunResult::Missing;
-    };
-    if status.config_hash != run.config_hash {
+    if let Some(status) = status_of(dir, &run.id)
+        && status.config_hash != run.config_hash
+    {
         return RunResult::Failed(format!(
             "trained with another configuration (hash {}, the plan has {})",
             status.config_hash, run.config_hash
         ));
     }
+    run_measures(dir, &run.id, &plan.eval.suites, plan.metric)
+}
+
+/// The values of run `id` of the sweep folder `dir`: the training job's and those of each eval
+/// suite of `suites`.
+pub fn run_measures(dir: &Path, id: &str, suites: &[SuiteRef], metric: Metric) -> RunResult {
+    let Some(status) = status_of(dir, id) else {
+        return RunResult::Missing;
+    };
     if status.status == State::Failed {
         return RunResult::Failed(status.error.unwrap_or_else(|| "failed".into()));
     }
-    let folder = run_dir(dir, &run.id);
-    let mut out = match train_job(&folder.join("train/summary.json"), plan.metric) {
+    let folder = run_dir(dir, id);
+    let mut out = match train_job(&folder.join("train/summary.json"), metric) {
         Ok(m) => m,
         Err(e) => return RunResult::Failed(e.to_string()),
     };
-    for s in &plan.eval.suites {
+    for s in suites {
         let path = folder.join("eval").join(&s.name).join("table.json");
-        match suite_values(&path, &s.name, plan.metric) {
+        match suite_values(&path, &s.name, metric) {
             Ok(m) => out.extend(m),
             Err(e) => return RunResult::Failed(e.to_string()),
         }

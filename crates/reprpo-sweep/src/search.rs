@@ -1,4 +1,5 @@
-//! Random search: `budget` points drawn from ranges with a seed, each point one more
+//! Search: `budget` points drawn from ranges with a seed (`method = "random"`, the default), or
+//! proposed by TPE from the results so far (`method = "tpe"`, see `tpe.rs`), each point one more
 //! configuration (crossed with the variants and axes, and run at every seed).
 //!
 //! ```toml
@@ -15,7 +16,8 @@
 //! Draws come from SplitMix64 (a fixed, portable generator: the same seed draws the same points
 //! on every machine and with every version of this crate's dependencies), keys in alphabetical
 //! order; a float is rounded to 3 significant digits, so a run's label shows the value it trains
-//! with. No TPE: each point is drawn independently of the results.
+//! with. Random points are drawn independently of the results; TPE's startup trials are the
+//! first random draws.
 
 use std::path::Path;
 
@@ -43,6 +45,8 @@ pub struct Search {
     pub seed: u64,
     /// Key and range, keys in alphabetical order.
     pub space: Vec<(String, Range)>,
+    /// `method = "tpe"`: its settings (`None`: random search).
+    pub tpe: Option<crate::tpe::Tpe>,
 }
 
 /// SplitMix64 (Steele, Lea and Flood 2014; the reference `splitmix64.c`).
@@ -71,7 +75,7 @@ impl SplitMix64 {
 }
 
 /// `x` to 3 significant digits.
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     format!("{x:.2e}").parse().unwrap_or(x)
 }
 
@@ -192,11 +196,12 @@ pub fn parse(file: &Path, raw: Option<toml::Table>, taken: &[String]) -> Result<
             ));
         }
     };
+    let tpe = parse_method(file, &mut t, budget)?;
     if let Some(k) = t.keys().next() {
         return Err(key_err(
             file,
             format!("search.{k}"),
-            "unknown key (budget, seed, space)",
+            "unknown key (method, budget, seed, space, and for tpe: startup, batch, objective)",
         ));
     }
     let mut out = Vec::with_capacity(space.len());
@@ -215,7 +220,112 @@ pub fn parse(file: &Path, raw: Option<toml::Table>, taken: &[String]) -> Result<
         budget,
         seed,
         space: out,
+        tpe,
     }))
+}
+
+/// An integer key of `[search]` at least 1 (`default` when absent).
+fn positive(file: &Path, t: &mut toml::Table, key: &str, default: usize) -> Result<usize> {
+    match t.remove(key) {
+        None => Ok(default),
+        Some(toml::Value::Integer(n)) if n >= 1 => Ok(n as usize),
+        Some(_) => Err(key_err(
+            file,
+            format!("search.{key}"),
+            "must be an integer >= 1",
+        )),
+    }
+}
+
+/// `method` and, for `tpe`, `startup`, `batch` and `objective`.
+fn parse_method(
+    file: &Path,
+    t: &mut toml::Table,
+    budget: usize,
+) -> Result<Option<crate::tpe::Tpe>> {
+    let method = t.remove("method");
+    match method.as_ref().map(|m| m.as_str()) {
+        None | Some(Some("random")) => {
+            for k in ["startup", "batch", "objective"] {
+                if t.contains_key(k) {
+                    return Err(key_err(
+                        file,
+                        format!("search.{k}"),
+                        "is a TPE setting: give method = \"tpe\"",
+                    ));
+                }
+            }
+            return Ok(None);
+        }
+        Some(Some("tpe")) => {}
+        _ => {
+            return Err(key_err(
+                file,
+                "search.method",
+                "must be \"random\" or \"tpe\"",
+            ));
+        }
+    }
+    let startup = positive(file, t, "startup", budget.min(10))?;
+    if startup > budget {
+        return Err(key_err(
+            file,
+            "search.startup",
+            format!("{startup} random trials is more than the budget of {budget}"),
+        ));
+    }
+    let batch = positive(file, t, "batch", 1)?;
+    let objective = parse_objective(file, t.remove("objective"))?;
+    Ok(Some(crate::tpe::Tpe {
+        startup,
+        batch,
+        objective,
+    }))
+}
+
+/// `objective = { suite = "...", dataset = "...", goal = "max" | "min" }`.
+fn parse_objective(file: &Path, v: Option<toml::Value>) -> Result<crate::tpe::Objective> {
+    let at = "search.objective";
+    let need = "TPE needs objective = { suite = \"train-job\" or an eval suite, dataset = \
+                \"...\", goal = \"max\" or \"min\" }";
+    let Some(toml::Value::Table(mut o)) = v else {
+        return Err(key_err(file, at, need));
+    };
+    let mut text = |k: &str| match o.remove(k) {
+        Some(toml::Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+        None => Ok(None),
+        Some(_) => Err(key_err(
+            file,
+            format!("{at}.{k}"),
+            "must be a non-empty string",
+        )),
+    };
+    let (Some(suite), Some(dataset)) = (text("suite")?, text("dataset")?) else {
+        return Err(key_err(file, at, need));
+    };
+    let maximize = match text("goal")?.as_deref() {
+        None | Some("max") => true,
+        Some("min") => false,
+        Some(g) => {
+            return Err(key_err(
+                file,
+                format!("{at}.goal"),
+                format!("`{g}`: must be \"max\" or \"min\""),
+            ));
+        }
+    };
+    if let Some(k) = o.keys().next() {
+        return Err(key_err(
+            file,
+            format!("{at}.{k}"),
+            "unknown key (suite, dataset, goal)",
+        ));
+    }
+    Ok(crate::tpe::Objective {
+        suite,
+        dataset,
+        maximize,
+    })
 }
 
 #[cfg(test)]
@@ -241,6 +351,7 @@ mod tests {
                 ("b".into(), Range::Int(1, 3)),
                 ("c".into(), Range::Choice(vec!["x".into(), "y".into()])),
             ],
+            tpe: None,
         };
         let d = s.draws();
         assert_eq!(d, s.draws());

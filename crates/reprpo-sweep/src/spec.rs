@@ -74,7 +74,7 @@ pub struct SweepSpec {
     pub metric: Metric,
     /// `sweep slurm`'s resources.
     pub slurm: SlurmSpec,
-    /// A random search over ranges (`[search]`, see `search.rs`).
+    /// A random or TPE search over ranges (`[search]`, see `search.rs` and `tpe.rs`).
     pub search: Option<crate::search::Search>,
 }
 

@@ -11,6 +11,7 @@ use reprpo_sweep::{PlanContext, Planned, SweepSpec, plan, write_plan};
 fn ctx() -> PlanContext {
     PlanContext {
         datasets_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets"),
+        sweep_dir: None,
     }
 }
 

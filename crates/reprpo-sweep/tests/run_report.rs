@@ -152,6 +152,7 @@ fn planned(dir: &Path, text: &str) -> PathBuf {
     let spec = SweepSpec::load(&file).unwrap();
     let ctx = PlanContext {
         datasets_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets"),
+        sweep_dir: None,
     };
     let out = dir.join("sweep");
     write_plan(&out, &plan(&spec, &ctx).unwrap()).unwrap();
