@@ -32,7 +32,7 @@
 //!   plain prompts (41.0 against 42.1).
 
 use candle_core::{DType, Device, Tensor};
-use reprpo_data::tokenize::{Group, Layout, Seq, collate};
+use reprpo_data::tokenize::{Batch, Group, Layout, Seq, collate};
 use reprpo_models::logps::{CountedRows, row_logps, token_logps};
 use reprpo_models::{CausalLm, ForwardSpec, KvCache};
 use serde::{Deserialize, Serialize};
@@ -274,18 +274,9 @@ fn run_batch<M: CausalLm + ?Sized>(
         return Ok(vec![0.0; b.rows]);
     }
     let (rows, t) = (b.rows, b.seq_len);
-    // The positions whose logits are needed: t - 1 for every counted token t. Only those rows of
-    // the final hidden states are projected onto the vocabulary (the prompt's other positions and
-    // the padding never are), which is most of the vocabulary projection's work saved on short
-    // answers after longer prompts.
-    let counted = CountedRows::new(&b.input_ids, rows, t, |i| b.loss_mask[i] > 0);
-    let mut sums = vec![0.0; rows];
-    if counted.pick.is_empty() {
-        return Ok(sums);
-    }
     let shape = (rows, t);
-    let ids = Tensor::from_vec(b.input_ids, shape, dev)?;
-    let mask = Tensor::from_vec(b.attention_mask, shape, dev)?;
+    let ids = Tensor::from_vec(b.input_ids.clone(), shape, dev)?;
+    let mask = Tensor::from_vec(b.attention_mask.clone(), shape, dev)?;
     let last = model.num_layers();
     let spec = ForwardSpec {
         hidden_layers: vec![last as isize],
@@ -298,11 +289,30 @@ fn run_batch<M: CausalLm + ?Sized>(
         .find(|(i, _)| *i == last)
         .map(|(_, h)| h)
         .ok_or_else(|| EvalError::Invalid("the forward returned no final hidden state".into()))?;
+    completion_sums(model, &normed, &b)
+}
+
+/// Each row's summed completion log-probability from the final hidden states `normed`
+/// (`[rows, T, hidden]`, hidden state `L`) of the batch `b`. Only the positions whose logits are
+/// needed (`t - 1` for every counted token `t`) are projected onto the vocabulary (the prompt's
+/// other positions and the padding never are), which is most of the vocabulary projection's
+/// work saved on short answers after longer prompts.
+pub(crate) fn completion_sums<M: CausalLm + ?Sized>(
+    model: &M,
+    normed: &Tensor,
+    b: &Batch,
+) -> Result<Vec<f64>> {
+    let (rows, t) = (b.rows, b.seq_len);
+    let counted = CountedRows::new(&b.input_ids, rows, t, |i| b.loss_mask[i] > 0);
+    let mut sums = vec![0.0; rows];
+    if counted.pick.is_empty() {
+        return Ok(sums);
+    }
     let hdim = normed.dim(2)?;
     let n = counted.pick.len();
     let sel = normed
         .reshape((rows * t, hdim))?
-        .index_select(&Tensor::from_slice(&counted.pick, n, dev)?, 0)?;
+        .index_select(&Tensor::from_slice(&counted.pick, n, model.device())?, 0)?;
     let logits = model.project(&sel)?;
     for (lp, &r) in row_logps(&logits, &counted.targets)?
         .into_iter()

@@ -3,7 +3,8 @@
 //!
 //! For each subject (the base, then each adapter) and each pair dataset, [`collect()`] runs the
 //! pairs through the model once (chosen and rejected rows of one padded batch, hidden states at
-//! the chosen layers and the logits) and keeps, per layer, every pair's chosen and rejected hidden
+//! the chosen layers and the final one, projected onto the vocabulary at the completion
+//! positions only) and keeps, per layer, every pair's chosen and rejected hidden
 //! states averaged over the completion tokens (the tokens ReprPO trains on), the DPO
 //! log-probability margin `log pi(y_c|x) - log pi(y_r|x)` of the analysed model, and the
 //! per-token states of the first few pairs. [`layer_stats`] turns one layer of that into the
@@ -28,7 +29,7 @@ use reprpo_data::tokenize::{self, Layout, TokenizeConfig, TokenizedPair};
 use reprpo_data::{PreferencePair, Tok};
 use reprpo_models::adapter::AdapterHost;
 use reprpo_models::llama::ForwardSpec;
-use reprpo_models::{CausalLm, logps};
+use reprpo_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -274,19 +275,26 @@ fn run_pairs<M: CausalLm + ?Sized>(
     let ids = Tensor::from_vec(b.input_ids.clone(), (rows, t), dev)?;
     let att = Tensor::from_vec(b.attention_mask.clone(), (rows, t), dev)?;
     let loss = Tensor::from_vec(b.loss_mask.clone(), (rows, t), dev)?;
+    // The chosen layers, then the final hidden state (for the log-probabilities) if not among them.
+    let last = model.num_layers();
+    let mut asked: Vec<isize> = layers.iter().map(|&l| l as isize).collect();
+    if !layers.contains(&last) {
+        asked.push(last as isize);
+    }
     let spec = ForwardSpec {
-        hidden_layers: layers.iter().map(|&l| l as isize).collect(),
-        logits: true,
+        hidden_layers: asked,
         ..Default::default()
     };
     let o = model.forward(&ids, Some(&att), None, &spec)?;
-    let logits = o
-        .logits
-        .ok_or_else(|| EvalError::Invalid("the forward returned no logits".into()))?;
-    let sums: Vec<f32> = logps::token_logps(&logits, &ids, &loss)?.sum.to_vec1()?;
+    let normed = o
+        .hidden
+        .iter()
+        .find(|(i, _)| *i == last)
+        .map(|(_, h)| h)
+        .ok_or_else(|| EvalError::Invalid("the forward returned no final hidden state".into()))?;
+    let sums = crate::scorer::completion_sums(model, normed, &b)?;
     let n = pairs.len();
-    out.margin
-        .extend((0..n).map(|i| f64::from(sums[i]) - f64::from(sums[n + i])));
+    out.margin.extend((0..n).map(|i| sums[i] - sums[n + i]));
     let first_new = out.tokens.len();
     for id in ids_of.iter().take(keep_tokens) {
         out.tokens.push(PairTokens {
@@ -294,7 +302,7 @@ fn run_pairs<M: CausalLm + ?Sized>(
             ..Default::default()
         });
     }
-    for (li, (_, h)) in o.hidden.iter().enumerate() {
+    for (li, (_, h)) in o.hidden.iter().take(layers.len()).enumerate() {
         let pooled = masked_mean(h, &loss)?;
         out.pooled[li].chosen.extend_from_slice(&pooled[..n]);
         out.pooled[li].rejected.extend_from_slice(&pooled[n..]);
