@@ -279,8 +279,8 @@ impl PairLoss {
         if cache.len() != rows {
             candle_core::bail!("fused-reprpo: backward without its forward");
         }
-        let mut gc = vec![E::zero(); len];
-        let mut gr = vec![E::zero(); len];
+        let mut gc = E::zeros(len);
+        let mut gr = E::zeros(len);
         with_data::<E, _>(pc, |pcs| {
             with_data::<E, _>(pr, |prs| {
                 with_data::<E, _>(rc, |rcs| {

@@ -67,7 +67,7 @@ impl MaskedMeanPool {
     /// `[L, B, T, H]` gradient from the pooled gradient `g` (`[L, B, H]`, f64 on the host).
     fn bwd_typed<E: Elem>(&self, g: &[f64], blocks: usize) -> Vec<E> {
         let (t, h) = (self.t, self.h);
-        let mut gx = vec![E::zero(); blocks * t * h];
+        let mut gx = E::zeros(blocks * t * h);
         let fill = |k: usize, dst: &mut [E]| {
             let bi = k % self.b;
             let row: Vec<E> = g[k * h..(k + 1) * h]

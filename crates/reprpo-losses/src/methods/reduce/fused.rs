@@ -310,7 +310,7 @@ impl SinkMean {
         let Some(cache) = cache.as_ref() else {
             candle_core::bail!("sink-token-mean: backward without its forward");
         };
-        let mut gx = vec![E::zero(); b * t * h];
+        let mut gx = E::zeros(b * t * h);
         let par = gx.len() >= PAR_MIN_ELEMS;
         let arch = Arch::new();
         with_data::<E, _>(g, |gs| {
