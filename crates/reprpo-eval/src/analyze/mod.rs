@@ -27,9 +27,9 @@ pub mod stats;
 use candle_core::{D, DType, IndexOp, Tensor};
 use reprpo_data::tokenize::{self, Layout, TokenizeConfig, TokenizedPair};
 use reprpo_data::{PreferencePair, Tok};
+use reprpo_models::CausalLm;
 use reprpo_models::adapter::AdapterHost;
 use reprpo_models::llama::ForwardSpec;
-use reprpo_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
