@@ -6,6 +6,8 @@
 //! the adapter made active and not.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -16,7 +18,7 @@ use reprpo_eval::evaluate::Subject;
 use reprpo_eval::scorer::{ScoreMode, ScoreOptions, score_groups};
 use reprpo_eval::suite::{Items, Suite, load_dataset};
 use reprpo_models::adapter::AdapterHost;
-use reprpo_models::{CausalLm, ForwardSpec, Llama, LlamaConfig, peft};
+use reprpo_models::{CausalLm, ForwardSpec, Llama};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -38,24 +40,8 @@ fn pairs(limit: usize) -> Vec<PreferencePair> {
     }
 }
 
-/// The tiny random Llama with a random (so not identity) LoRA.
 fn model() -> (Llama, usize) {
-    let cfg = LlamaConfig::preset("tiny").unwrap();
-    let mut m = Llama::random(cfg, 0.02, 0, DType::F32, &Device::Cpu).unwrap();
-    let idx = peft::add_adapter(
-        &mut m,
-        "a",
-        peft::AdapterConfig::lora(4, 8.0, &["q_proj", "v_proj", "down_proj"]),
-        None,
-        0,
-    )
-    .unwrap();
-    for (_, v) in peft::adapter_params(&m, idx) {
-        let shape = v.as_tensor().shape().clone();
-        v.set(&Tensor::randn(0f32, 0.2, shape, &Device::Cpu).unwrap())
-            .unwrap();
-    }
-    (m, idx)
+    common::lora_model()
 }
 
 /// One sequence alone: the completion positions' states at `layers`, `[layer][token][hidden]`.

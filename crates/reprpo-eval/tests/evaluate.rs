@@ -3,9 +3,11 @@
 //! same evaluation on the written-out path that other devices take.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use reprpo_data::Tok;
 use reprpo_data::tokenize::{self, Layout, TokenizeConfig};
 use reprpo_eval::evaluate::{EvalOptions, Subject, evaluate};
@@ -13,30 +15,14 @@ use reprpo_eval::output::write_report;
 use reprpo_eval::scorer::ScoreMode;
 use reprpo_eval::suite::{Items, Suite, load_dataset};
 use reprpo_models::logps::token_logps;
-use reprpo_models::{ForwardSpec, Llama, LlamaConfig, peft};
+use reprpo_models::{ForwardSpec, Llama};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The tiny default model with a LoRA whose weights are random (a fresh LoRA is the identity).
 fn model() -> (Llama, usize) {
-    let cfg = LlamaConfig::preset("tiny").unwrap();
-    let mut m = Llama::random(cfg, 0.02, 0, DType::F32, &Device::Cpu).unwrap();
-    let idx = peft::add_adapter(
-        &mut m,
-        "a",
-        peft::AdapterConfig::lora(4, 8.0, &["q_proj", "v_proj", "down_proj"]),
-        None,
-        0,
-    )
-    .unwrap();
-    for (_, v) in peft::adapter_params(&m, idx) {
-        let shape = v.as_tensor().shape().clone();
-        v.set(&Tensor::randn(0f32, 0.2, shape, &Device::Cpu).unwrap())
-            .unwrap();
-    }
-    (m, idx)
+    common::lora_model()
 }
 
 /// The default suite's datasets, `limit` items each.

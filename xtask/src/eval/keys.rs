@@ -73,57 +73,52 @@ fn section(title: &str, prefix: &str, v: &Value, doc: &dyn Fn(&str) -> Option<St
     s
 }
 
-/// The key list for `eval --help` (clap's `after_help`).
-pub fn help() -> String {
+/// The key list of a job: the base model's keys, then the job's own options (`title`), whose
+/// defaults are `opts` and whose docs are the fields of `pub struct {name}` in `src`
+/// (`tokenize.*` from `TokenizeConfig`), then `tail`.
+fn keys_help(title: &str, src: &str, name: &str, opts: Value, tail: &str) -> String {
     let model = field_docs(CONFIG_RS, "ModelConfig");
-    let eval = field_docs(EVALUATE_RS, "EvalOptions");
+    let own = field_docs(src, name);
     let tok = field_docs(TOKENIZE_RS, "TokenizeConfig");
-    let to_value = |x: Result<Value, serde_json::Error>| x.unwrap_or(Value::Null);
-    let model_v = to_value(serde_json::to_value(TrainConfig::default().model));
-    let eval_v = to_value(serde_json::to_value(EvalOptions::default()));
-    let eval_doc = |k: &str| match k.split_once('.') {
+    let model_v = serde_json::to_value(TrainConfig::default().model).unwrap_or(Value::Null);
+    let doc = |k: &str| match k.split_once('.') {
         Some(("tokenize", f)) => tok.get(f).cloned(),
-        _ => eval.get(k).cloned(),
+        _ => own.get(k).cloned(),
     };
     format!(
-        "Keys (key=value, after the options) with their defaults:\n\n{}\n{}\n\
-         tokenize.* defaults to the first run folder's [data] tokenisation (the values above are \
-         the library's), and its length limits apply only with truncation=\"training\"; \
-         max_length (unset) becomes the model's max_position_embeddings.",
+        "Keys (key=value, after the options) with their defaults:\n\n{}\n{}\n{tail}",
         section(
             "Base model (model.*; default: the adapters' own base)",
             "model.",
             &model_v,
             &|k| model.get(k).cloned()
         ),
-        section("Evaluation", "", &eval_v, &eval_doc),
+        section(title, "", &opts, &doc),
+    )
+}
+
+/// The key list for `eval --help` (clap's `after_help`).
+pub fn help() -> String {
+    keys_help(
+        "Evaluation",
+        EVALUATE_RS,
+        "EvalOptions",
+        serde_json::to_value(EvalOptions::default()).unwrap_or(Value::Null),
+        "tokenize.* defaults to the first run folder's [data] tokenisation (the values above are \
+         the library's), and its length limits apply only with truncation=\"training\"; \
+         max_length (unset) becomes the model's max_position_embeddings.",
     )
 }
 
 /// The key list for `analyze --help`.
 pub fn analyze_help() -> String {
-    let model = field_docs(CONFIG_RS, "ModelConfig");
-    let analyze = field_docs(ANALYZE_RS, "AnalyzeOptions");
-    let tok = field_docs(TOKENIZE_RS, "TokenizeConfig");
-    let to_value = |x: Result<Value, serde_json::Error>| x.unwrap_or(Value::Null);
-    let model_v = to_value(serde_json::to_value(TrainConfig::default().model));
-    let opts_v = to_value(serde_json::to_value(
-        reprpo_eval::analyze::AnalyzeOptions::default(),
-    ));
-    let doc = |k: &str| match k.split_once('.') {
-        Some(("tokenize", f)) => tok.get(f).cloned(),
-        _ => analyze.get(k).cloned(),
-    };
-    format!(
-        "Keys (key=value, after the options) with their defaults:\n\n{}\n{}\n\
-         tokenize.* defaults to the first run folder's [data] tokenisation (the values above are \
+    keys_help(
+        "Analysis",
+        ANALYZE_RS,
+        "AnalyzeOptions",
+        serde_json::to_value(reprpo_eval::analyze::AnalyzeOptions::default())
+            .unwrap_or(Value::Null),
+        "tokenize.* defaults to the first run folder's [data] tokenisation (the values above are \
          the library's). Lists are TOML: layers=[4,8,-1] top_k=[1,3].",
-        section(
-            "Base model (model.*; default: the adapters' own base)",
-            "model.",
-            &model_v,
-            &|k| model.get(k).cloned()
-        ),
-        section("Analysis", "", &opts_v, &doc),
     )
 }
