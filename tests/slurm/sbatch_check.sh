@@ -36,6 +36,8 @@ TIMES=()
 phase_done() { TIMES+=("$(printf '%-14s %7s s' "$1" "$(secs "$2" "$(now)")")"); }
 
 [[ -x $XTASK_ARG ]] || fail "no xtask binary at $XTASK_ARG (build it: cargo build -p xtask)"
+# Absolute, since the phases below work in other folders.
+XTASK_ARG=$(realpath "$XTASK_ARG")
 command -v python3 >/dev/null || skip "python3 is needed (free ports, JSON checks)"
 
 # ---------------------------------------------------------------------------------------- 1
