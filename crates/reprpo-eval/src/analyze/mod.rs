@@ -213,16 +213,18 @@ pub fn layer_stats(
     let sample = stats::sample_differences(&p.chosen);
     let align = stats::alignment(&pref);
     let probe = probe::fit(&p.chosen, &p.rejected, opts.probe_c)?;
-    let score = |dataset: &str, q: &Pooled| {
-        let m = probe.pair_margins(&q.chosen, &q.rejected);
-        ProbeScore {
-            dataset: dataset.to_string(),
-            accuracy: probe.accuracy(&q.chosen, &q.rejected),
-            pair_accuracy: m.iter().filter(|x| **x > 0.0).count() as f64 / m.len().max(1) as f64,
-        }
+    let score = |dataset: &str, q: &Pooled, m: &[f64]| ProbeScore {
+        dataset: dataset.to_string(),
+        accuracy: probe.accuracy(&q.chosen, &q.rejected),
+        pair_accuracy: m.iter().filter(|x| **x > 0.0).count() as f64 / m.len().max(1) as f64,
     };
-    let mut scores = vec![score(name, p)];
-    scores.extend(others.iter().map(|(n, q)| score(n, q)));
+    let train_margins = probe.pair_margins(&p.chosen, &p.rejected);
+    let mut scores = vec![score(name, p, &train_margins)];
+    scores.extend(
+        others
+            .iter()
+            .map(|(n, q)| score(n, q, &probe.pair_margins(&q.chosen, &q.rejected))),
+    );
     Ok(LayerStats {
         layer,
         pairs: pref.len(),
@@ -234,17 +236,15 @@ pub fn layer_stats(
         separation: mean_norm(&pref) / mean_norm(&sample),
         probe: scores,
         alignment_vs_margin: stats::pearson(&align, margin),
-        probe_vs_margin: stats::pearson(&probe.pair_margins(&p.chosen, &p.rejected), margin),
+        probe_vs_margin: stats::pearson(&train_margins, margin),
     })
 }
 
-/// Rows of `h` (`[rows, T, hidden]`) averaged over the positions where `mask` (`[rows, T]`) is 1.
-fn masked_mean(h: &Tensor, mask: &Tensor) -> Result<Vec<Vec<f64>>> {
-    let h = h.to_dtype(DType::F32)?;
-    let m = mask.to_dtype(DType::F32)?;
-    let sum = h.broadcast_mul(&m.unsqueeze(D::Minus1)?)?.sum(1)?;
-    let count = m.sum_keepdim(1)?.clamp(1f32, f32::MAX)?;
-    let mean = sum.broadcast_div(&count)?.to_dtype(DType::F64)?;
+/// Rows of `h` (`[rows, T, hidden]`) averaged over the positions where the mask is 1: `m` the mask
+/// as f32 `[rows, T, 1]`, `count` its row sums (at least 1) `[rows, 1]`.
+fn masked_mean(h: &Tensor, m: &Tensor, count: &Tensor) -> Result<Vec<Vec<f64>>> {
+    let sum = h.to_dtype(DType::F32)?.broadcast_mul(m)?.sum(1)?;
+    let mean = sum.broadcast_div(count)?.to_dtype(DType::F64)?;
     Ok(mean.to_vec2::<f64>()?)
 }
 
@@ -274,7 +274,10 @@ fn run_pairs<M: CausalLm + ?Sized>(
     let (rows, t) = (b.rows, b.seq_len);
     let ids = Tensor::from_vec(b.input_ids.clone(), (rows, t), dev)?;
     let att = Tensor::from_vec(b.attention_mask.clone(), (rows, t), dev)?;
-    let loss = Tensor::from_vec(b.loss_mask.clone(), (rows, t), dev)?;
+    // The completion mask as f32 and its row sums, once for every layer's pooling.
+    let m = Tensor::from_vec(b.loss_mask.clone(), (rows, t), dev)?.to_dtype(DType::F32)?;
+    let count = m.sum_keepdim(1)?.clamp(1f32, f32::MAX)?;
+    let m = m.unsqueeze(D::Minus1)?;
     // The chosen layers, then the final hidden state (for the log-probabilities) if not among them.
     let last = model.num_layers();
     let mut asked: Vec<isize> = layers.iter().map(|&l| l as isize).collect();
@@ -303,7 +306,7 @@ fn run_pairs<M: CausalLm + ?Sized>(
         });
     }
     for (li, (_, h)) in o.hidden.iter().take(layers.len()).enumerate() {
-        let pooled = masked_mean(h, &loss)?;
+        let pooled = masked_mean(h, &m, &count)?;
         out.pooled[li].chosen.extend_from_slice(&pooled[..n]);
         out.pooled[li].rejected.extend_from_slice(&pooled[n..]);
         for (k, pt) in out.tokens[first_new..].iter_mut().enumerate() {
