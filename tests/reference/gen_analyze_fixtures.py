@@ -23,6 +23,10 @@ Per layer, with p_i = c_i - r_i and, for i < h = n // 2, s_i = c_i - c_{i+h} and
                                      on the training and the transfer dataset
   alignment_vs_margin / probe_vs_margin   numpy.corrcoef with the margins
   by_h                               mean over pairs of |p_i|, |s_i|, |t_i| per neuron
+Per case, `token_pairs`: two pairs' per-token states (5 tokens per completion, per layer: the pair's
+pooled state plus noise, drawn from a second generator so that the data above is unchanged) and the
+by_token values: with u = sum_i p_i / |sum_i p_i|, a = mean_i c_i.u, b = mean_i r_i.u, each token's
+(x.u - (a + b) / 2) / ((a - b) / 2) per layer (-1 at the mean rejected projection, +1 at the chosen).
 """
 
 import json
@@ -119,6 +123,24 @@ def layer(chosen, rejected, margin, t_chosen, t_rejected):
     }
 
 
+def by_token(layer_data, rng, n_pairs=2, n_tokens=5):
+    out = []
+    for i in range(n_pairs):
+        pair = {"id": f"pair{i}", "chosen": [], "rejected": [], "expected": {"chosen": [], "rejected": []}}
+        for l in layer_data:
+            c, r = np.array(l["train"]["chosen"]), np.array(l["train"]["rejected"])
+            total = (c - r).sum(axis=0)
+            u = total / np.linalg.norm(total)
+            a, b = (c @ u).mean(), (r @ u).mean()
+            mid, half = (a + b) / 2, (a - b) / 2
+            for side, pooled in (("chosen", c[i]), ("rejected", r[i])):
+                toks = pooled + 0.5 * rng.normal(size=(n_tokens, len(u)))
+                pair[side].append(toks.tolist())
+                pair["expected"][side].append(((toks @ u - mid) / half).tolist())
+        out.append(pair)
+    return out
+
+
 def case(seed, n, d, n_transfer):
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=d)
@@ -140,7 +162,8 @@ def case(seed, n, d, n_transfer):
                 "expected": expected,
             }
         )
-    return {"pairs": n, "hidden": d, "layers": layers}
+    token_pairs = by_token(layers, np.random.default_rng(seed + 100))
+    return {"pairs": n, "hidden": d, "layers": layers, "token_pairs": token_pairs}
 
 
 def main():

@@ -6,12 +6,15 @@
 //! within 1e-9 absolute (f64 sums in a different order); the probe's coefficients and intercept
 //! within 1e-6 of the largest coefficient (both solvers stop at a gradient near 1e-12, the
 //! coefficients of a nearly separable problem are large and flat in some directions); the
-//! accuracies to rounding (the same rows on the same side of 0); the by_h profiles within 1e-12.
+//! accuracies to rounding (the same rows on the same side of 0); the by_h profiles and the
+//! by_token projections within 1e-12 (relative for the latter: they are divided by a half gap).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 
-use reprpo_eval::analyze::{AnalyzeOptions, Pooled, layer_stats, pictures, probe, stats};
+use reprpo_eval::analyze::{
+    AnalyzeOptions, Collected, PairTokens, Pooled, layer_stats, pictures, probe, stats,
+};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -170,7 +173,7 @@ fn by_h_profiles_match_numpy() {
                 }
             }
             // The picture's panels are those profiles, sorted by A1-B1 and scaled by mean A1-A2.
-            let c = reprpo_eval::analyze::Collected {
+            let c = Collected {
                 layers: vec![li],
                 pooled: vec![p],
                 ..Default::default()
@@ -181,6 +184,61 @@ fn by_h_profiles_match_numpy() {
             sorted.sort_by(|a, b| b.total_cmp(a));
             for (x, y) in panels[0].rows[0].iter().zip(&sorted) {
                 close("by_h panel", *x, y / norm, 1e-12);
+            }
+        }
+    }
+}
+
+/// The by_token panels: per pair and completion, each token's projection on the layer's unit mean
+/// preference direction, centred on the midpoint of the mean chosen and rejected projections and
+/// divided by their half gap.
+#[test]
+fn by_token_panels_match_numpy() {
+    let f = fixture();
+    for (case, c) in f["cases"].as_object().expect("cases") {
+        let layers = c["layers"].as_array().expect("layers");
+        let pairs = c["token_pairs"].as_array().expect("token_pairs");
+        let states = |p: &Value, side: &str| -> Vec<Vec<Vec<f64>>> {
+            p[side]
+                .as_array()
+                .expect("layers")
+                .iter()
+                .map(rows)
+                .collect()
+        };
+        let collected = Collected {
+            layers: (0..layers.len()).collect(),
+            pooled: layers.iter().map(|l| pooled(&l["train"])).collect(),
+            tokens: pairs
+                .iter()
+                .map(|p| PairTokens {
+                    id: p["id"].as_str().expect("id").to_string(),
+                    chosen: states(p, "chosen"),
+                    rejected: states(p, "rejected"),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let panels = pictures::by_token_panels(&collected);
+        assert_eq!(panels.len(), 2 * pairs.len(), "{case}: two panels per pair");
+        for (pi, p) in pairs.iter().enumerate() {
+            for (si, side) in ["chosen", "rejected"].iter().enumerate() {
+                let panel = &panels[2 * pi + si];
+                assert!(panel.title.contains(side), "{case}: {}", panel.title);
+                let want: Vec<Vec<f64>> = p["expected"][*side]
+                    .as_array()
+                    .expect("layers")
+                    .iter()
+                    .map(vec)
+                    .collect();
+                assert_eq!(panel.rows.len(), want.len(), "{case}: one row per layer");
+                for (li, (g, w)) in panel.rows.iter().zip(&want).enumerate() {
+                    assert_eq!(g.len(), w.len(), "{case}: one value per token");
+                    for (t, (x, y)) in g.iter().zip(w).enumerate() {
+                        let what = format!("{case}.pair{pi}.{side}.layer{li}.token{t}");
+                        close(&what, *x, *y, 1e-12 * y.abs().max(1.0));
+                    }
+                }
             }
         }
     }

@@ -133,6 +133,11 @@ fn show(v: &toml::Value) -> String {
     }
 }
 
+/// A run's folder name: its configuration's [`slug`] and its seed (`<slug>-s<seed>`).
+fn run_id(label: &str, seed: u64) -> String {
+    format!("{}-s{seed}", slug(label))
+}
+
 /// `label` as a folder name: ASCII letters, digits, `.`, `-` and `_` kept, `=` as `-`, spaces as
 /// `_`, the rest `_`; longer than `MAX_SLUG`: cut, with a hash of the whole label.
 pub fn slug(label: &str) -> String {
@@ -305,9 +310,9 @@ fn trial_value(
     for v in variant_indices(spec) {
         for combo in combos(&spec.axes) {
             let d = draft(spec, base, v, &combo, Some(trial.clone()))?;
-            let name = slug(&label(spec, &d));
-            for seed in &spec.seeds {
-                let id = format!("{name}-s{seed}");
+            let name = label(spec, &d);
+            for &seed in &spec.seeds {
+                let id = run_id(&name, seed);
                 match run_measures(dir, &id, &spec.eval.suites, spec.metric) {
                     RunResult::Missing => return Ok(None),
                     RunResult::Failed(_) => {}
@@ -609,7 +614,7 @@ pub fn plan(spec: &SweepSpec, ctx: &PlanContext) -> Result<Planned> {
             let toml_text = resolve(spec, &origins, &overrides, &c.label)?;
             runs.push(PlannedRun {
                 index: runs.len(),
-                id: format!("{}-s{seed}", slug(&c.label)),
+                id: run_id(&c.label, seed),
                 config: c.index,
                 label: c.label.clone(),
                 seed,
