@@ -1,7 +1,7 @@
-"""Loads the adapters that reprpo saved (crates/reprpo-models/tests/peft_export.rs) with PEFT 0.21.2
+"""Loads the adapters that reprpo saved (crates/reprpo-models/tests/all/peft_export.rs) with PEFT 0.21.2
 and checks PEFT computes the same logits as reprpo did (real positions, relative to max |logit|).
 
-    REPRPO_EXPORT_DIR=/tmp/rust_adapters cargo test -p reprpo-models --test peft_export -- --ignored
+    REPRPO_EXPORT_DIR=/tmp/rust_adapters cargo test -p reprpo-models --test all peft_export:: -- --ignored
     /work/venvs/models/bin/python tests/reference/check_rust_adapters.py /tmp/rust_adapters
 """
 
@@ -21,7 +21,7 @@ mask = inp["attention_mask"].bool()
 worst = 0.0
 # PEFT's CPU path forces boft_n_butterfly_factor to 1 (it needs its fbd_cuda extension for more),
 # so it cannot load a factor-2 BOFT adapter on a CPU-only machine; checked against our own
-# factor-2 reference instead (tests/orth_reference.rs).
+# factor-2 reference instead (tests/all/orth_reference.rs).
 CPU_IMPOSSIBLE = {"boft_nbf2_reference"}
 for kind in sorted(os.listdir(root)):
     if kind in CPU_IMPOSSIBLE and not torch.cuda.is_available():

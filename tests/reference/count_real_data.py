@@ -1,5 +1,5 @@
 r"""Writes tests/fixtures/data/convert_real_expected.json: the counts and first rows that
-crates/reprpo-data/tests/convert_real.rs expects the converters to give on the real files in
+crates/reprpo-data/tests/all/convert_real.rs expects the converters to give on the real files in
 ../shared/data, computed here straight from the raw rows (Python stdlib only: json, csv, gzip; none
 of these files is Parquet), following each dataset's documented structure (../shared/data/SOURCES.md)
 and not our converters' code.
@@ -200,7 +200,7 @@ def sycophancy(data, bio):
 def build(data):
     return {
         "_about": ("Written by tests/reference/count_real_data.py from ../shared/data (python3, stdlib only), "
-                   "straight from the raw rows; read by crates/reprpo-data/tests/convert_real.rs. Regenerate "
+                   "straight from the raw rows; read by crates/reprpo-data/tests/all/convert_real.rs. Regenerate "
                    "with `python3 tests/reference/count_real_data.py` when a data file changes."),
         "truthfulqa_mc_task": truthfulqa_mc_task(data),
         "truthfulqa_csv": truthfulqa_csv(data),

@@ -1,5 +1,5 @@
 """Writes tests/fixtures/analyze/stats.json: the numbers of `cargo xtask analyze` computed by NumPy
-and scikit-learn on fixed mean-pooled hidden states, for crates/reprpo-eval/tests/analyze_reference.rs.
+and scikit-learn on fixed mean-pooled hidden states, for crates/reprpo-eval/tests/all/analyze_reference.rs.
 
     python3 -m venv /tmp/analyze-venv && /tmp/analyze-venv/bin/pip install -r tests/reference/requirements-analyze.txt
     /tmp/analyze-venv/bin/python tests/reference/gen_analyze_fixtures.py

@@ -1,5 +1,5 @@
 """Writes tests/fixtures/losses/: inputs, losses, metrics and gradients of the DPO family of losses as
-computed by TRL's OWN code, for crates/reprpo-losses/tests/dpo_trl.rs.
+computed by TRL's OWN code, for crates/reprpo-losses/tests/all/dpo_trl.rs.
 
 Two steps, each in its own pinned environment (see requirements-losses.txt):
 

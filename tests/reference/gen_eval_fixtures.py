@@ -1,6 +1,6 @@
 r"""Writes tests/fixtures/eval/: a tiny random Llama, a LoRA and a BOFT adapter on it (PEFT format), and the
 per-choice log-probabilities that transformers + PEFT compute for a few multiple-choice items and preference
-pairs, with the scores derived from them, for the Rust evaluation tests (crates/reprpo-eval/tests/reference.rs).
+pairs, with the scores derived from them, for the Rust evaluation tests (crates/reprpo-eval/tests/all/reference.rs).
 
     /work/venvs/models/bin/python tests/reference/gen_eval_fixtures.py
 

@@ -1,4 +1,4 @@
-"""Reference values for `reprpo_models::logps` (tests/logps.rs): torch's log_softmax + gather, the
+"""Reference values for `reprpo_models::logps` (tests/all/logps.rs): torch's log_softmax + gather, the
 way TRL computes per-token log-probabilities, and the gradient of a weighted sum of them.
 
 Run with the pinned models venv (torch 2.15.0, tests/reference/requirements-models.txt at the

@@ -1,7 +1,7 @@
 r"""Writes tests/fixtures/open_pref_eval/: a tiny random Llama and what open_pref_eval @ 0c7f3a3 (the evaluation
 of the reference ReprPO project, `reprpo/training.py` at bd9ae63 calls its `evaluate_model`) makes of a few
 preference pairs with it: the token ids of its tokenisation and, per pair, the chosen and rejected scores,
-the probability and the correct flag. For crates/reprpo-eval/tests/open_pref_eval.rs, which checks the
+the probability and the correct flag. For crates/reprpo-eval/tests/all/open_pref_eval.rs, which checks the
 `open-pref-eval` scoring of reprpo-eval against it.
 
     /work/venvs/reprpo-ref/bin/python tests/reference/gen_open_pref_eval_fixtures.py

@@ -1,5 +1,5 @@
 """Writes tests/fixtures/optim8bit/: five steps of bitsandbytes' 8-bit AdamW (`bnb.optim.AdamW8bit`) on CPU
-tensors, for crates/reprpo-train/tests/optim8bit.rs.
+tensors, for crates/reprpo-train/tests/all/optim8bit.rs.
 
     /work/venvs/bnb-optim/bin/python tests/reference/gen_optim8bit_fixtures.py
 

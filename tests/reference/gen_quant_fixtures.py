@@ -42,7 +42,7 @@ Writes, under tests/fixtures/quant/:
 
 Checking an adapter saved by reprpo with PEFT (the "here -> PEFT" direction of ``peft_nf4``):
 
-    REPRPO_EXPORT_DIR=/tmp/rust_qlora cargo test -p reprpo-models --test peft_prequantised
+    REPRPO_EXPORT_DIR=/tmp/rust_qlora cargo test -p reprpo-models --test all peft_prequantised::
     /work/venvs/bnb/bin/python tests/reference/gen_quant_fixtures.py --check-rust-adapters /tmp/rust_qlora
 
 loads every adapter folder under that directory with ``PeftModel.from_pretrained`` on the pre-quantised

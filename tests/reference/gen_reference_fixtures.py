@@ -1,6 +1,6 @@
 """Writes tests/fixtures/train/reference_model.json: the first optimizer steps of DPO (sigmoid) from a
 non-trivial LoRA adapter (`adapter.init_from`) with TRL 1.16.0's two references, for
-crates/reprpo-train/tests/reference_model.rs (`adapter.reference`).
+crates/reprpo-train/tests/all/reference_model.rs (`adapter.reference`).
 
     /work/venvs/cur/bin/python tests/reference/gen_reference_fixtures.py
 

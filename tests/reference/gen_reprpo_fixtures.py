@@ -1,5 +1,5 @@
 """Writes tests/fixtures/losses/reprpo.{safetensors,json}: inputs, losses, diagnostics and gradients of
-the ReprPO family of losses, for crates/reprpo-losses/tests/reprpo_reference.rs.
+the ReprPO family of losses, for crates/reprpo-losses/tests/all/reprpo_reference.rs.
 
 An independent plain-PyTorch implementation of the formulas of issue 4 ("ReprPO family", points 1-3)
 with the choices documented in crates/reprpo-losses/src/reprpo.rs where the issue leaves them open

@@ -1,5 +1,5 @@
 """Writes tests/fixtures/sweep/stats.json: the statistics of `cargo xtask sweep report`, computed by
-SciPy, for crates/reprpo-sweep/tests/stats_reference.rs.
+SciPy, for crates/reprpo-sweep/tests/all/stats_reference.rs.
 
     /tmp/sweep-venv/bin/python tests/reference/gen_sweep_stats_fixtures.py
 

@@ -1,6 +1,6 @@
 r"""Writes the side-activation ("tap") fixtures of the models crate: tests/fixtures/methods/tiny_llama/ (a tiny
 random Llama and a PEFT LoRA adapter on it), tests/fixtures/methods/taps.safetensors and
-tests/fixtures/methods/taps.json, for crates/reprpo-models/tests/collect.rs.
+tests/fixtures/methods/taps.json, for crates/reprpo-models/tests/all/collect.rs.
 
 What it records comes from the reference ReprPO project itself (wassname/repr-preference-optimization at
 bd9ae63, "side" mode): its layer parser ``parse_collection_layers`` and its module selection

@@ -1,6 +1,6 @@
 """Writes tests/fixtures/train/: a tiny random Llama, two non-trivial PEFT adapters, four preference pairs
 and the loss and metrics of the FIRST training step at learning rate 0 as computed by the Python references,
-for crates/reprpo-train/tests/train_reference.rs.
+for crates/reprpo-train/tests/all/train_reference.rs.
 
     /work/venvs/cur/bin/python tests/reference/gen_train_fixtures.py
 
@@ -15,7 +15,7 @@ model/       LlamaForCausalLM from a fixed LlamaConfig (vocab 259, hidden 32, 3 
              float32, `save_pretrained` (config.json + model.safetensors). tokenizer.json and
              tokenizer_config.json are NOT written here: they are the project's byte-level tokenizer
              (`reprpo_data::Tok::byte_level()`, ids 0 <pad>, 1 <s>, 2 </s>, 3..258 the bytes), written once by
-             `cargo test -p reprpo-train --test train_reference -- --ignored write_fixture_tokenizer`, and this
+             `cargo test -p reprpo-train --test all train_reference:: -- --ignored write_fixture_tokenizer`, and this
              script tokenises with that same tokenizer.json through the `tokenizers` library.
 lora/        PEFT LoRA (r=4, lora_alpha=8, every linear layer of the decoder, dropout 0) with lora_A, lora_B
              overwritten by 0.2 N(0, 1) (B is not zero: the policy differs from the reference).

@@ -1,6 +1,6 @@
 """Writes tests/fixtures/train/trajectory.json and trajectory_adapters.safetensors: whole training trajectories
 (every optimizer step's logged values, and the adapter after the last step) of the reference trainers, for
-crates/reprpo-train/tests/trajectory.rs, which runs the Rust trainer with the same settings.
+crates/reprpo-train/tests/all/trajectory.rs, which runs the Rust trainer with the same settings.
 
     /work/venvs/cur/bin/python tests/reference/gen_trajectory_fixtures.py
 

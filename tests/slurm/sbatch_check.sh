@@ -7,7 +7,7 @@
 #      that needs root and apt (exit 2 otherwise: "cannot check here");
 #   2. daemons: a private munged (own key and socket), slurmctld and slurmd run from a
 #      slurm.conf written into a temp folder (SLURM_CONF), until `sinfo` shows the node idle;
-#   3. array job: the tiny 2 configurations x 2 seeds sweep of xtask/tests/sweep.rs
+#   3. array job: the tiny 2 configurations x 2 seeds sweep of xtask/tests/all/sweep.rs
 #      (`a_small_sweep_runs_as_array_tasks_resumes_and_reports`) is planned, `sweep slurm`
 #      writes sweep.sbatch, `sbatch` runs it; every run's status.json says ok and every
 #      array task left its log; submitting the same script again skips every run and changes
@@ -192,7 +192,7 @@ phase_done "daemons up" "$t0"
 say "$(sbatch --version) cluster up: $(sinfo -h -o '%P %a %D %t %c CPUs %m MB')"
 
 # ---------------------------------------------------------------------------------------- 3
-# The data and sweep file of `tiny_sweep` (xtask/tests/sweep.rs): the first 8 pairs of the
+# The data and sweep file of `tiny_sweep` (xtask/tests/all/sweep.rs): the first 8 pairs of the
 # embedded default's default-test and default-ood recipes, DPO vs ReprPO, 2 seeds, 2 steps.
 t0=$(now)
 cd "$T"

@@ -22,7 +22,7 @@
 //!    summed log-probabilities and the counts above.
 //!
 //! Checked against open_pref_eval's own code on a tiny Llama
-//! (`tests/reference/gen_open_pref_eval_fixtures.py`, `tests/open_pref_eval.rs`).
+//! (`tests/reference/gen_open_pref_eval_fixtures.py`, `tests/all/open_pref_eval.rs`).
 //!
 //! # Differences that remain
 //! - open_pref_eval left-pads the prompts of a batch and transformers numbers positions from 0

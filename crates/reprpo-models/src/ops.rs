@@ -6,7 +6,7 @@
 //! candle's own fused ops (`candle_nn::ops::rms_norm`, `softmax_last_dim`, `rotary_emb::rope`)
 //! have no backward and silently drop gradients (`../shared/docs/candle-notes.md`); the
 //! written-out differentiable versions (kept here as `*_slow`, the reference in
-//! `tests/ops.rs`) cost many small ops and temporaries, each kept alive for the backward. Each
+//! `tests/all/ops.rs`) cost many small ops and temporaries, each kept alive for the backward. Each
 //! op below computes the same values in one pass over its rows (f32 and f64 on the CPU) and has
 //! its `bwd` written out. Other devices and dtypes use the `*_slow` version (same values, same
 //! gradients), so every path keeps working.

@@ -6,7 +6,7 @@
 //! A paired difference against a baseline is the same interval over `d_i = x_i - b_i`, seed by
 //! seed (as `scipy.stats.ttest_rel(x, b).confidence_interval(L)`): the seed fixes the data order,
 //! the SFT stage and the adapter's init, so the pairs share their noise. With one value there is
-//! no interval. Checked against SciPy in `tests/stats_reference.rs`.
+//! no interval. Checked against SciPy in `tests/all/stats_reference.rs`.
 
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, StudentsT};

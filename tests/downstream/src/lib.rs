@@ -2,7 +2,7 @@
 //! candle-core: read and tokenise preference pairs (reprpo-data), load a tiny Llama and a PEFT
 //! LoRA adapter (reprpo-models), and run one DPO and one ReprPO step with backward
 //! (reprpo-losses). The values are checked in `tests/steps.rs` against the fixtures that the
-//! workspace's own trainer test (`crates/reprpo-train/tests/train_reference.rs`) compares with
+//! workspace's own trainer test (`crates/reprpo-train/tests/all/train_reference.rs`) compares with
 //! TRL and PyTorch: `tests/fixtures/train/`, written by `tests/reference/gen_train_fixtures.py`.
 //!
 //! `src/main.rs` times the same two steps (`docs/perf.md`: stock against patched candle-core).

@@ -1,6 +1,6 @@
 //! The statistics of the hidden-state analysis, in f64 on mean-pooled hidden states (one row per
 //! pair, one column per neuron), each written so that NumPy / scikit-learn give the same number
-//! (`tests/reference/gen_analyze_fixtures.py`, checked in `tests/analyze_reference.rs`).
+//! (`tests/reference/gen_analyze_fixtures.py`, checked in `tests/all/analyze_reference.rs`).
 //!
 //! With `c_i`, `r_i` the chosen and rejected states of pair `i` (of `n`):
 //! - preference directions `p_i = c_i - r_i` ("A1-B1"); sample directions

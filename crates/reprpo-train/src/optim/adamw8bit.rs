@@ -4,7 +4,7 @@
 //!
 //! Checked against bitsandbytes 0.50.2 on CPU tensors (its `cpu` kernels
 //! `optimizer_update_8bit_blockwise` / `optimizer_update_32bit` and its native CPU
-//! `quantize_blockwise`): `tests/fixtures/optim8bit/`, `tests/optim8bit.rs`.
+//! `quantize_blockwise`): `tests/fixtures/optim8bit/`, `tests/all/optim8bit.rs`.
 //!
 //! # Blockwise dynamic quantisation
 //! A tensor of `n` elements is cut, in memory order, into blocks of `BLOCK` = 256 elements (the
