@@ -85,11 +85,7 @@ fn fused_ok(t: &Tensor) -> bool {
 }
 
 /// The contiguous data of a CPU storage as a slice of `T`.
-pub(crate) fn data<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [T]> {
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!("{op}: input is not contiguous");
     };

@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ModelError, Result};
 
 mod ether;
-mod halfmm;
 mod hra;
 mod ortho;
 mod spectral;
@@ -237,18 +236,12 @@ pub fn tensors(t: &dyn ActTransform) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
-/// `x` `[..., d]` times `m` `[d, e]` (a per-token linear map), in `x`'s dtype (bf16 / f16 on
-/// the CPU through the tiled product of [`halfmm`], without full-size f32 copies).
+/// `x` `[..., d]` times `m` `[d, e]` (a per-token linear map), in `x`'s dtype.
 pub(crate) fn tokens_matmul(x: &Tensor, m: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let d = dims[dims.len() - 1];
     let rows = x.elem_count() / d.max(1);
-    let (x2, m) = (x.reshape((rows, d))?, m.to_dtype(x.dtype())?);
-    let y = if halfmm::applies(&x2) {
-        halfmm::matmul_tall(&x2, &m)?
-    } else {
-        x2.matmul(&m)?
-    };
+    let y = x.reshape((rows, d))?.matmul(&m.to_dtype(x.dtype())?)?;
     let mut out = dims;
     let last = out.len() - 1;
     out[last] = m.dim(1)?;
