@@ -5,7 +5,6 @@
 mod analyze_collect;
 mod analyze_reference;
 mod common;
-mod evaluate;
 mod open_pref_eval;
 mod output;
 mod plot;

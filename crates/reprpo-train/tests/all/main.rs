@@ -21,4 +21,3 @@ mod stops;
 mod tensorboard;
 mod train_reference;
 mod trajectory;
-mod written_out;

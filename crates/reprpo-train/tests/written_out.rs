@@ -8,7 +8,8 @@
 
 use std::path::Path;
 
-use crate::common;
+#[path = "all/common/mod.rs"]
+mod common;
 
 use candle_core::Device;
 use reprpo_train::TrainConfig;
@@ -27,6 +28,12 @@ fn config(out: &Path, extra: &[&str]) -> TrainConfig {
 /// path. The job runs on a thread of candle's pool, as in `xtask`, so `train`'s own
 /// `with_context` stays on this thread and the thread-local switch and trace cover it.
 fn traced_job(extra: &[&str], written_out: bool) -> Vec<&'static str> {
+    // One job at a time: a pool thread that waits inside a job may run another test's queued job
+    // (rayon's work stealing), which would then see this job's thread-local switch and trace.
+    static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_JOB
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), extra);
     let ctx = common::ctx(false);

@@ -3,7 +3,8 @@
 //! same evaluation on the written-out path that other devices take.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::common;
+#[path = "all/common/mod.rs"]
+mod common;
 
 use std::path::{Path, PathBuf};
 
