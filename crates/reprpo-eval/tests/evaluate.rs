@@ -41,20 +41,6 @@ fn default_suite(limit: usize) -> Vec<reprpo_eval::suite::Loaded> {
         .collect()
 }
 
-/// The base (no adapter) and the LoRA adapter `idx`.
-fn base_and_lora(idx: usize) -> [Subject; 2] {
-    [
-        Subject {
-            label: "base".into(),
-            adapter: None,
-        },
-        Subject {
-            label: "lora".into(),
-            adapter: Some(idx),
-        },
-    ]
-}
-
 fn logp_fields(e: &serde_json::Value) -> Vec<f64> {
     if let Some(a) = e["logps"].as_array() {
         a.iter().map(|x| x.as_f64().unwrap()).collect()
@@ -71,7 +57,7 @@ fn default_suite_prefix_and_full_agree_and_report_is_written() {
     let (mut m, idx) = model();
     let tok = Tok::byte_level().unwrap();
     let data = default_suite(5);
-    let subjects = base_and_lora(idx);
+    let subjects = common::base_and_lora(idx);
     let mut opts = EvalOptions {
         mc_mode: ScoreMode::PrefixCache,
         pair_mode: ScoreMode::PrefixCache,
@@ -264,7 +250,7 @@ fn written_out_evaluation_runs_device_ops_and_scores_the_same() {
     let (mut m, idx) = model();
     let tok = Tok::byte_level().unwrap();
     let data = default_suite(4);
-    let subjects = base_and_lora(idx);
+    let subjects = common::base_and_lora(idx);
     for mode in [ScoreMode::PrefixCache, ScoreMode::Full] {
         let opts = EvalOptions {
             mc_mode: mode,

@@ -14,7 +14,6 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use reprpo_data::tokenize::{self, TokenizeConfig};
 use reprpo_data::{PreferencePair, Tok};
 use reprpo_eval::analyze::{AnalyzeOptions, analyze, collect};
-use reprpo_eval::evaluate::Subject;
 use reprpo_eval::scorer::{ScoreMode, ScoreOptions, score_groups};
 use reprpo_eval::suite::{Items, Suite, load_dataset};
 use reprpo_models::adapter::AdapterHost;
@@ -148,16 +147,7 @@ fn analyze_switches_the_adapter_per_subject_and_leaves_it_off() {
     let (mut m, idx) = model();
     let tok = Tok::byte_level().unwrap();
     let data = vec![("default".to_string(), pairs(6))];
-    let subjects = [
-        Subject {
-            label: "base".into(),
-            adapter: None,
-        },
-        Subject {
-            label: "lora".into(),
-            adapter: Some(idx),
-        },
-    ];
+    let subjects = common::base_and_lora(idx);
     let opts = AnalyzeOptions::default();
     let a = analyze(&mut m, &tok, &subjects, &data, &[2], &opts).unwrap();
     m.adapter_set_mut().active = Some(idx);

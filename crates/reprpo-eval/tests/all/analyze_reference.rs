@@ -225,12 +225,7 @@ fn by_token_panels_match_numpy() {
             for (si, side) in ["chosen", "rejected"].iter().enumerate() {
                 let panel = &panels[2 * pi + si];
                 assert!(panel.title.contains(side), "{case}: {}", panel.title);
-                let want: Vec<Vec<f64>> = p["expected"][*side]
-                    .as_array()
-                    .expect("layers")
-                    .iter()
-                    .map(vec)
-                    .collect();
+                let want = rows(&p["expected"][*side]);
                 assert_eq!(panel.rows.len(), want.len(), "{case}: one row per layer");
                 for (li, (g, w)) in panel.rows.iter().zip(&want).enumerate() {
                     assert_eq!(g.len(), w.len(), "{case}: one value per token");

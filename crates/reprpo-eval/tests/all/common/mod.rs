@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
+use reprpo_eval::evaluate::Subject;
 use reprpo_models::{Llama, LlamaConfig, peft};
 
 /// The tiny default model with a LoRA whose weights are random (a fresh LoRA is the identity);
@@ -24,4 +25,18 @@ pub fn lora_model() -> (Llama, usize) {
             .unwrap();
     }
     (m, idx)
+}
+
+/// The base (no adapter) and the LoRA adapter `idx`.
+pub fn base_and_lora(idx: usize) -> [Subject; 2] {
+    [
+        Subject {
+            label: "base".into(),
+            adapter: None,
+        },
+        Subject {
+            label: "lora".into(),
+            adapter: Some(idx),
+        },
+    ]
 }
